@@ -1,0 +1,31 @@
+"""Step-3 (StepFun, arXiv 2507.19427) as a native transformers model.
+
+Importing this package registers `step3_text` and `step3_vl` with transformers' Auto classes, so that
+`AutoModelForCausalLM.from_pretrained(path)` loads an official Step-3 checkpoint.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
+from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3VLForCausalLM
+from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
+
+AutoConfig.register(Step3Config.model_type, Step3Config, exist_ok=True)
+AutoConfig.register(Step3VisionConfig.model_type, Step3VisionConfig, exist_ok=True)
+AutoConfig.register(Step3VLConfig.model_type, Step3VLConfig, exist_ok=True)
+AutoModel.register(Step3Config, Step3Model, exist_ok=True)
+AutoModelForCausalLM.register(Step3Config, Step3ForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(Step3VLConfig, Step3VLForCausalLM, exist_ok=True)
+
+__all__ = [
+    "Step3Config",
+    "Step3VisionConfig",
+    "Step3VLConfig",
+    "Step3PreTrainedModel",
+    "Step3Model",
+    "Step3ForCausalLM",
+    "Step3VLForCausalLM",
+    "ParameterCounts",
+    "count_parameters",
+    "kv_cache_bytes_per_token",
+]

@@ -1,0 +1,514 @@
+"""Step-3 language model for transformers: Multi-Matrix Factorization Attention (MFA) + MoE.
+
+Read top to bottom: rotary helpers, eager attention, RMSNorm, MFA attention, dense MLP, routed experts, router,
+MoE block, decoder layer, pretrained base, model, causal-LM heads, checkpoint conversion.
+
+Each decoder layer exposes its two halves, `attention_block` (everything that touches the KV cache) and
+`ffn_block` (dense MLP or MoE), so that Attention-FFN Disaggregation can run them in different processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_step3 import Step3Config, Step3VLConfig
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; 5.17 (still on
+# many GPU images) uses the old name. Everything below speaks `cache` and converts at these two boundaries.
+_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input (neox-style RoPE)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE over the full head dimension of queries `[B, Hq, S, D]` and keys `[B, Hkv, S, D]`."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`[B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]`; used by the eager path only, never stored in the cache."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class Step3RMSNorm(nn.Module):
+    """RMSNorm with fp32 statistics and a plain (not 1 + w) weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class Step3RotaryEmbedding(nn.Module):
+    def __init__(self, config: Step3Config):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: Step3Config, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE over all `head_dim` dimensions with base `rope_theta`."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+class Step3Attention(nn.Module):
+    """Multi-Matrix Factorization Attention.
+
+    The query is factorised through a low-rank bottleneck, `q = wq(inter_norm(q_proj(h)))`, and all query heads
+    share `num_attention_groups` key/value heads (one in the release). The cache stores only those shared heads;
+    the attention interface (eager, sdpa, flex, flash, paged) broadcasts them over the query heads.
+    """
+
+    def __init__(self, config: Step3Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_attention_groups
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        self.q_proj = nn.Linear(config.hidden_size, config.share_q_dim, bias=False)
+        self.inter_norm = Step3RMSNorm(config.share_q_dim, eps=config.rms_norm_eps)
+        self.wq = nn.Linear(config.share_q_dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.wq(self.inter_norm(self.q_proj(hidden_states))).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class Step3MLP(nn.Module):
+    """SwiGLU MLP: the dense layers and the shared expert of MoE layers."""
+
+    def __init__(self, config: Step3Config, intermediate_size: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@use_experts_implementation
+class Step3Experts(nn.Module):
+    """Routed SwiGLU experts as 3-D tensors; `config._experts_implementation` picks eager, batched_mm or grouped_mm."""
+
+    def __init__(self, config: Step3Config):
+        super().__init__()
+        self.num_experts = config.moe_num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class Step3TopKRouter(nn.Module):
+    """Softmax router in fp32 over all experts, then top-k; renormalised only when `norm_expert_weight`."""
+
+    def __init__(self, config: Step3Config):
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.num_experts = config.moe_num_experts
+        self.norm_expert_weight = config.norm_expert_weight
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)
+        router_probs = F.softmax(router_logits, dtype=torch.float32, dim=-1)
+        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.norm_expert_weight:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+class Step3SparseMoeBlock(nn.Module):
+    """Routed experts plus the always-on shared expert: `y = sum_j w_j E_{i_j}(h) + S(h)`."""
+
+    def __init__(self, config: Step3Config):
+        super().__init__()
+        self.gate = Step3TopKRouter(config)
+        self.experts = Step3Experts(config)
+        self.shared_expert = Step3MLP(config, intermediate_size=config.share_expert_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        _, top_k_weights, top_k_index = self.gate(hidden_states)
+        routed = self.experts(hidden_states, top_k_index, top_k_weights)
+        return (routed + self.shared_expert(hidden_states)).reshape(shape)
+
+
+class Step3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer split into its two disaggregable halves, `attention_block` and `ffn_block`."""
+
+    def __init__(self, config: Step3Config, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.is_moe_layer = layer_idx in config.moe_layer_indices
+        self.self_attn = Step3Attention(config, layer_idx)
+        if self.is_moe_layer:
+            self.mlp = Step3SparseMoeBlock(config)
+        else:
+            self.mlp = Step3MLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def attention_block(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """`x + o_proj(MFA(input_layernorm(x)))`: the half that owns the KV cache."""
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        return hidden_states + attn_output
+
+    def ffn_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`x + FFN(post_attention_layernorm(x))`, FFN being the dense MLP or the MoE block: stateless."""
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        hidden_states = self.attention_block(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        return self.ffn_block(hidden_states)
+
+
+class Step3PreTrainedModel(PreTrainedModel):
+    config: Step3Config
+    config_class = Step3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Step3DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # data-dependent expert loop in the eager experts path
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(Step3TopKRouter, index=0),
+        "hidden_states": Step3DecoderLayer,
+        "attentions": Step3Attention,
+    }
+    # The official VL checkpoint keeps the vision tower beside the text weights; the language model skips it.
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^vit_downsampler\d*\.", r"^vit_large_projector\."]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
+        if isinstance(module, Step3Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Step3TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class Step3Model(Step3PreTrainedModel):
+    def __init__(self, config: Step3Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [Step3DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Step3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{_CACHE_NAME: cache},
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_NAME: cache})
+
+
+class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
+    """Step-3 language model with its (untied) LM head, loading the official text-only layout."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: Step3Config | Step3VLConfig):
+        super().__init__(config)
+        text_config = config.get_text_config()
+        self.model = Step3Model(text_config)
+        self.vocab_size = text_config.vocab_size
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            **{_CACHE_NAME: outputs[_CACHE_NAME]},
+        )
+
+
+class Step3VLForCausalLM(Step3ForCausalLM):
+    """The language model of an official `step3_vl` checkpoint; its vision tensors are skipped at load time."""
+
+    config: Step3VLConfig
+    config_class = Step3VLConfig
+
+
+# Official layout -> module layout: the MoE router, experts and shared expert live under `mlp`, and the per-expert
+# gate and up projections (already stacked per layer, expert-major) are fused into `gate_up_proj`.
+# `save_pretrained` runs these in reverse, so checkpoints are written back in the official layout.
+_OFFICIAL_CHECKPOINT_MAPPING = [
+    WeightRenaming(source_patterns=r"\.moe\.gate\.weight", target_patterns=".mlp.gate.weight"),
+    WeightRenaming(source_patterns=r"\.moe\.down_proj\.weight", target_patterns=".mlp.experts.down_proj"),
+    WeightRenaming(source_patterns=r"\.share_expert\.", target_patterns=".mlp.shared_expert."),
+    WeightConverter(
+        source_patterns=[r"moe.gate_proj.weight", r"moe.up_proj.weight"],
+        target_patterns=r"mlp.experts.gate_up_proj",
+        operations=[Concatenate(dim=1)],
+    ),
+]
+register_checkpoint_conversion_mapping("step3_text", _OFFICIAL_CHECKPOINT_MAPPING, overwrite=True)
+
+
+__all__ = ["Step3PreTrainedModel", "Step3Model", "Step3ForCausalLM", "Step3VLForCausalLM"]

@@ -1,0 +1,115 @@
+"""Small random checkpoints in the official Step-3 layout, for tests, examples and smoke runs.
+
+They are written exactly as the released model is (sharded safetensors with an index, official tensor names,
+fused 3-D expert tensors, the `step3_vl` config with `text_config` and vision tensors beside the text ones, or a
+bare `step3_text` config), so everything that loads them exercises the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint_layout import official_tensor_shapes
+from .configuration_step3 import Step3Config, Step3VLConfig
+
+TINY_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_attention_groups=1,
+    head_dim=16,
+    share_q_dim=32,
+    moe_layers_enum="1,2",
+    moe_num_experts=6,
+    moe_top_k=2,
+    moe_intermediate_size=24,
+    share_expert_dim=24,
+    max_position_embedding=512,
+    max_seq_len=512,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# Stand-ins for the vision tower's tensors, which the language model must skip.
+_TINY_VISION_TENSORS = {
+    "vision_model.embeddings.patch_embedding.weight": (8, 3, 14, 14),
+    "vision_model.transformer.layers.0.self_attn.qkv_proj.weight": (24, 8),
+    "vit_downsampler.weight": (8, 8, 2, 2),
+    "vit_downsampler2.weight": (8, 8, 3, 3),
+    "vit_large_projector.weight": (64, 16),
+}
+
+
+def random_official_state_dict(
+    config: Step3Config, *, std: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random tensors under their official names; norms are around 1 so that they matter in the math."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in official_tensor_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensor = std * torch.randn(shape, generator=generator)
+        state[name] = tensor.to(dtype)
+    return state
+
+
+def write_official_checkpoint(
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config: Step3Config | Step3VLConfig,
+    *,
+    num_shards: int = 3,
+    with_vision: bool | None = None,
+) -> Path:
+    """Write `state_dict` as sharded safetensors + `model.safetensors.index.json` + `config.json`, in the layout
+    of the official release (`with_vision` defaults to True for a `step3_vl` config)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = dict(state_dict)
+    if with_vision if with_vision is not None else isinstance(config, Step3VLConfig):
+        generator = torch.Generator().manual_seed(1)
+        dtype = next(iter(state.values())).dtype
+        for name, shape in _TINY_VISION_TENSORS.items():
+            state[name] = torch.randn(shape, generator=generator).to(dtype)
+
+    names = list(state)
+    shard_names = [names[i::num_shards] for i in range(num_shards)]
+    weight_map, total_size = {}, 0
+    for index, shard in enumerate(shard_names):
+        filename = f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+        tensors = {name: state[name].contiguous() for name in shard}
+        save_file(tensors, path / filename, metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = filename
+            total_size += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    config_dict = config.to_dict()
+    if isinstance(config, Step3VLConfig):
+        config_dict["architectures"] = ["Step3VLForConditionalGeneration"]
+        config_dict["text_config"]["architectures"] = ["Step3TextForCausalLM"]
+    else:
+        config_dict["architectures"] = ["Step3TextForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    return path
+
+
+def write_tiny_checkpoint(
+    path: str | Path, *, vl: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> Path:
+    """A tiny random Step-3 checkpoint in the official layout (`vl=True`: the `step3_vl` wrapper)."""
+    text_config = Step3Config(**{**TINY_CONFIG, **overrides})
+    config = Step3VLConfig(text_config=text_config, image_token_id=3) if vl else text_config
+    state = random_official_state_dict(text_config, seed=seed, dtype=dtype)
+    return write_official_checkpoint(path, state, config)
