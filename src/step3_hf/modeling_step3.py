@@ -358,6 +358,22 @@ class Step3PreTrainedModel(PreTrainedModel):
     # The official VL checkpoint keeps the vision tower beside the text weights; the language model skips it.
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^vit_downsampler\d*\.", r"^vit_large_projector\."]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers initialises missing tensors randomly and only reports it; a Step-3 checkpoint that lacks a
+        # tensor is broken, so refuse to return a partly random model.
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {shown}. Refusing to initialise "
+                "them randomly; `step3-inspect <checkpoint>` lists every missing or mis-shaped tensor by its "
+                "official name."
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
@@ -493,6 +509,14 @@ class Step3VLForCausalLM(Step3ForCausalLM):
 
     config: Step3VLConfig
     config_class = Step3VLConfig
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        logger.warning(
+            "Loading the Step-3 language model of a `step3_vl` checkpoint: the vision tower's tensors "
+            "(vision_model.*, vit_downsampler*.*, vit_large_projector.*) are skipped."
+        )
+        return super().from_pretrained(*args, **kwargs)
 
 
 # Official layout -> module layout: the MoE router, experts and shared expert live under `mlp`, and the per-expert

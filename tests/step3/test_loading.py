@@ -1,0 +1,115 @@
+"""Loading and saving the official layout: round trips, shards, dtypes, device maps, clear errors, sizes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import step3_hf  # noqa: F401
+from step3_hf import Step3Config, Step3ForCausalLM, Step3VLConfig, Step3VLForCausalLM, count_parameters
+from step3_hf.checkpoint_layout import official_tensor_shapes
+from step3_hf.tiny_checkpoint import (
+    TINY_CONFIG,
+    random_official_state_dict,
+    write_official_checkpoint,
+    write_tiny_checkpoint,
+)
+
+IDS = torch.tensor([[1, 5, 9, 200, 31, 7], [1, 2, 3, 4, 5, 6]])
+
+
+def saved_tensors(path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+@pytest.mark.parametrize("vl", [True, False], ids=["step3_vl", "step3_text"])
+def test_auto_classes_pick_the_right_model(tmp_path, vl):
+    write_tiny_checkpoint(tmp_path, vl=vl)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, Step3VLConfig if vl else Step3Config)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(model) is (Step3VLForCausalLM if vl else Step3ForCausalLM)
+
+
+def test_vision_tensors_are_skipped_with_a_message(tmp_path, caplog):
+    write_tiny_checkpoint(tmp_path, vl=True)
+    assert any(name.startswith("vision_model.") for name in saved_tensors(tmp_path))
+    with caplog.at_level("WARNING"):
+        _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert "vision tower's tensors" in caplog.text and "skipped" in caplog.text
+
+
+@pytest.mark.parametrize("vl", [True, False], ids=["step3_vl", "step3_text"])
+def test_save_writes_official_layout_and_reloads_identically(tmp_path, vl):
+    write_tiny_checkpoint(tmp_path / "src", vl=vl)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    model.save_pretrained(tmp_path / "out", max_shard_size="40KB")
+
+    text_config = model.config.get_text_config()
+    assert saved_tensors(tmp_path / "out") == official_tensor_shapes(text_config)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # sharded
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    official_text = saved["text_config"] if vl else saved
+    assert saved["model_type"] == ("step3_vl" if vl else "step3_text")
+    for key in ("num_attention_groups", "share_q_dim", "share_expert_dim", "max_position_embedding",
+                "moe_num_experts", "moe_top_k", "norm_expert_weight", "rope_theta"):
+        assert key in official_text, key
+    assert official_text["moe_layers_enum"] == "1,2"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_dtype_auto_keeps_bf16_and_device_map_auto_splits_at_decoder_layers(tmp_path):
+    write_tiny_checkpoint(tmp_path, vl=True, dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").eval()
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    # A memory budget that fits the embedding and one layer forces accelerate to place (and offload) the rest.
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype="auto", device_map="auto", max_memory={"cpu": "260KB"}, offload_folder=tmp_path / "offload"
+    ).eval()
+    placed = model.hf_device_map
+    assert placed["model.layers.0"] == "cpu" and placed["model.layers.3"] == "disk"
+    assert not any(name.count(".") > 2 for name in placed), placed  # never inside a Step3DecoderLayer
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=0, atol=0)
+
+
+def test_missing_tensor_is_an_error_naming_it(tmp_path):
+    config = Step3Config(**TINY_CONFIG)
+    state = random_official_state_dict(config)
+    del state["model.layers.3.post_attention_layernorm.weight"]
+    write_official_checkpoint(tmp_path, state, config)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.post_attention_layernorm\.weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_tensor_is_an_error(tmp_path):
+    config = Step3Config(**TINY_CONFIG)
+    state = random_official_state_dict(config)
+    state["model.layers.0.self_attn.wq.weight"] = torch.zeros(10, config.share_q_dim)
+    write_official_checkpoint(tmp_path, state, config)
+    with pytest.raises(Exception, match="mismatch|MISMATCH|ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_full_size_model_on_meta_device_has_the_published_size():
+    config = Step3Config()
+    with torch.device("meta"):
+        model = Step3ForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    counts = count_parameters(config)
+    assert total == counts.total
+    assert round(total / 1e9, 1) == 316.3
+    assert 37.5e9 < counts.activated < 38.5e9
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert experts == counts.routed_experts
