@@ -20,7 +20,14 @@ class ParameterCounts:
     """Parameters of all routed experts."""
 
     def __str__(self) -> str:
-        return f"{self.total / 1e9:.1f}B parameters, {self.activated / 1e9:.1f}B activated per token"
+        return f"{_human(self.total)} parameters, {_human(self.activated)} activated per token"
+
+
+def _human(count: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)
 
 
 def count_parameters(config: Step3Config) -> ParameterCounts:
