@@ -15,6 +15,8 @@ from transformers.modeling_rope_utils import RopeParameters
 
 # Layers 4..59 of the released 61-layer model are MoE; 0-3 and 60 are dense.
 _RELEASED_MOE_LAYERS = ",".join(str(i) for i in range(4, 60))
+# Our class -> the name the official loaders register for the same weights.
+_OFFICIAL_ARCHITECTURES = {"Step3ForCausalLM": "Step3TextForCausalLM"}
 
 
 def _parse_layer_indices(value: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -165,6 +167,9 @@ class Step3Config(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
+        # vLLM and SGLang pick their implementation by the official architecture name.
+        if output.get("architectures"):
+            output["architectures"] = [_OFFICIAL_ARCHITECTURES.get(a, a) for a in output["architectures"]]
         # The official loaders read `rope_theta` and `rope_scaling`, not `rope_parameters`.
         output["rope_theta"] = self.rope_parameters["rope_theta"]
         output.setdefault("rope_scaling", None)

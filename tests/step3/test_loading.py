@@ -63,6 +63,8 @@ def test_save_writes_official_layout_and_reloads_identically(tmp_path, vl):
                 "moe_num_experts", "moe_top_k", "norm_expert_weight", "rope_theta"):
         assert key in official_text, key
     assert official_text["moe_layers_enum"] == "1,2"
+    if not vl:
+        assert saved["architectures"] == ["Step3TextForCausalLM"]  # the name vLLM / SGLang dispatch on
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
