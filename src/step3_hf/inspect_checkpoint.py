@@ -1,0 +1,433 @@
+"""`step3-inspect`: check a Step-3 checkpoint directory against its config without loading any weights.
+
+Only `config.json`, the optional `model.safetensors.index.json` and the JSON header at the start of each
+safetensors file are read, so inspecting the ~640 GB official release takes well under a second. The report
+gives the parameter counts and KV-cache size the config implies, the dtypes on disk, and every missing,
+unexpected or wrong-shape tensor against the official layout (`checkpoint_layout.official_tensor_shapes`).
+
+Exit codes: 0 the checkpoint matches its config, 1 any mismatch, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub.errors import StrictDataclassError
+
+from .checkpoint_layout import is_vision_tensor, official_tensor_shapes
+from .configuration_step3 import Step3Config, Step3VLConfig
+from .parameters import count_parameters, kv_cache_bytes_per_token
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+CONFIG_CLASSES: dict[str, type[Step3Config] | type[Step3VLConfig]] = {
+    Step3VLConfig.model_type: Step3VLConfig,
+    Step3Config.model_type: Step3Config,
+}
+# The safetensors format caps its header at 100 MB; a bigger length means the file is not safetensors.
+MAX_HEADER_BYTES = 100_000_000
+# Bytes per element of the safetensors dtypes, to cross-check each header entry's byte range against its shape.
+DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+class CheckpointError(Exception):
+    """The directory cannot be inspected at all (exit code 2): no config, no weights, unreadable files."""
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as its safetensors header describes it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one safetensors file."""
+
+    file: str
+    tensors: list[TensorHeader]
+    data_bytes_needed: int
+    """End of the last tensor's byte range, per the header."""
+    data_bytes_present: int
+    """Bytes the file actually holds after the header; fewer than needed means an incomplete download."""
+
+    @property
+    def truncation(self) -> str | None:
+        if self.data_bytes_present < self.data_bytes_needed:
+            return (
+                f"{self.file} is truncated: its header needs {self.data_bytes_needed} data bytes, "
+                f"the file has {self.data_bytes_present}"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    name: str
+    expected: tuple[int, ...]
+    found: tuple[int, ...]
+    file: str
+
+
+@dataclass(frozen=True)
+class DtypeUsage:
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ConfigSummary:
+    """What the config alone implies: parameter counts and KV-cache bytes per token."""
+
+    total_parameters: int
+    activated_parameters: int
+    routed_expert_parameters: int
+    kv_cache_bytes_per_token_bf16: int
+    kv_cache_bytes_per_token_fp8: int
+    num_hidden_layers: int
+    num_moe_layers: int
+
+
+@dataclass
+class InspectionReport:
+    path: str
+    model_type: str
+    files: list[str]
+    sharded: bool
+    config: ConfigSummary
+    text_tensors: int
+    """Language-model tensors found in the checkpoint (vision tensors excluded)."""
+    text_parameters: int
+    """Sum of numel over those tensors, from their header shapes."""
+    vision_tensors_skipped: int
+    dtypes: dict[str, DtypeUsage]
+    """Every tensor on disk, vision included, by safetensors dtype."""
+    missing: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Expected name -> expected shape, for tensors the checkpoint lacks."""
+    unexpected: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    wrong_shape: list[ShapeMismatch] = field(default_factory=list)
+    file_problems: list[str] = field(default_factory=list)
+    """Index/shard disagreements and files shorter than their headers say (an incomplete download)."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape or self.file_problems)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        # JSON has no tuples; lists keep the shapes comparable after a round trip.
+        data["missing"] = {name: list(shape) for name, shape in self.missing.items()}
+        data["unexpected"] = {name: list(shape) for name, shape in self.unexpected.items()}
+        data["wrong_shape"] = [
+            {"name": m.name, "expected": list(m.expected), "found": list(m.found), "file": m.file}
+            for m in self.wrong_shape
+        ]
+        return data
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_safetensors_header(path: Path) -> ShardHeader:
+    """Parse the header of one safetensors file: an 8-byte little-endian length, then that much JSON.
+
+    The data section is never read; only the file size is compared with the byte ranges the header claims.
+    """
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path.name}: {file_size} bytes is too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+            raise CheckpointError(
+                f"{path.name}: header length {header_len} exceeds the file ({file_size} bytes); "
+                f"not a safetensors file or truncated inside the header"
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path.name}: header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    tensors = [_tensor_header(path.name, name, entry) for name, entry in header.items()]
+    return ShardHeader(
+        file=path.name,
+        tensors=tensors,
+        data_bytes_needed=max((entry["data_offsets"][1] for entry in header.values()), default=0),
+        data_bytes_present=file_size - 8 - header_len,
+    )
+
+
+def _tensor_header(file: str, name: str, entry: Any) -> TensorHeader:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)) or end < begin:
+            raise ValueError
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}: {entry!r}") from err
+    tensor = TensorHeader(name=name, dtype=str(dtype), shape=shape, nbytes=end - begin, file=file)
+    itemsize = DTYPE_BYTES.get(tensor.dtype)
+    if itemsize is not None and tensor.nbytes != tensor.numel * itemsize:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} ({tensor.dtype}, shape {shape}) spans {tensor.nbytes} bytes, "
+            f"expected {tensor.numel * itemsize}"
+        )
+    return tensor
+
+
+def load_config(directory: Path) -> Step3Config | Step3VLConfig:
+    """Build the config class named by `model_type`; every invalid field becomes a `CheckpointError`."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {directory}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object")
+    model_type = raw.get("model_type")
+    config_class = CONFIG_CLASSES.get(model_type)
+    if config_class is None:
+        raise CheckpointError(
+            f"{config_path}: model_type {model_type!r} is not a Step-3 config (expected 'step3_vl' or 'step3_text')"
+        )
+    # Step3VLConfig would silently drop a foreign `text_config.model_type`; a llama text config is not Step-3.
+    text_config = raw.get("text_config")
+    text_type = text_config.get("model_type") if isinstance(text_config, dict) else None
+    if config_class is Step3VLConfig and text_type not in (None, Step3Config.model_type):
+        raise CheckpointError(f"{config_path}: text_config has model_type {text_type!r}, expected 'step3_text'")
+    # `model_type` is a class attribute; passing it as a field would be redundant at best.
+    fields = {key: value for key, value in raw.items() if key != "model_type"}
+    try:
+        return config_class(**fields)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise CheckpointError(f"invalid {config_path}: {err}") from err
+
+
+def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files `from_pretrained` would read, and the index's weight map when sharded.
+
+    Like transformers, a single `model.safetensors` wins over an index.
+    """
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE], None
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        found = sorted(p.name for p in directory.glob("*.safetensors"))
+        extra = f" (found only {', '.join(found)})" if found else ""
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}{extra}")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path} has no usable weight_map: {err!r}") from err
+    if not weight_map:
+        raise CheckpointError(f"{index_path} lists no tensors")
+    files = []
+    for file in sorted(set(weight_map.values())):
+        if not (directory / file).is_file():
+            example = next(name for name, f in weight_map.items() if f == file)
+            raise CheckpointError(f"{INDEX_FILE} names shard {file} (e.g. for {example}), which is not in {directory}")
+        files.append(directory / file)
+    return files, weight_map
+
+
+# -------------------------------------------------------------------------------------------- comparing
+
+
+def summarize_config(config: Step3Config | Step3VLConfig) -> ConfigSummary:
+    """Parameter counts and KV-cache bytes per token implied by a config; no checkpoint needed."""
+    text = config.get_text_config()
+    counts = count_parameters(text)
+    return ConfigSummary(
+        total_parameters=counts.total,
+        activated_parameters=counts.activated,
+        routed_expert_parameters=counts.routed_experts,
+        kv_cache_bytes_per_token_bf16=kv_cache_bytes_per_token(text, 2),
+        kv_cache_bytes_per_token_fp8=kv_cache_bytes_per_token(text, 1),
+        num_hidden_layers=text.num_hidden_layers,
+        num_moe_layers=len(text.moe_layer_indices),
+    )
+
+
+def index_problems(tensors: list[TensorHeader], weight_map: dict[str, str]) -> list[str]:
+    """Where the index and the shards disagree; a loader trusting the index would miss these tensors."""
+    located = {(t.name, t.file) for t in tensors}
+    problems = [
+        f"{INDEX_FILE} maps {name} to {file}, which does not contain it"
+        for name, file in sorted(weight_map.items())
+        if (name, file) not in located
+    ]
+    problems += [
+        f"{t.file} holds {t.name}, which {INDEX_FILE} does not map to that file"
+        for t in tensors
+        if weight_map.get(t.name) != t.file
+    ]
+    return problems
+
+
+def compare_tensors(
+    config: Step3Config | Step3VLConfig,
+    tensors: list[TensorHeader],
+    *,
+    path: str = "",
+    files: list[str] | None = None,
+    sharded: bool = False,
+) -> InspectionReport:
+    """Check tensor headers against the official layout of `config` (header-level API, no files needed)."""
+    expected = official_tensor_shapes(config.get_text_config())
+    dtypes: dict[str, DtypeUsage] = {}
+    for t in tensors:
+        usage = dtypes.get(t.dtype, DtypeUsage(0, 0))
+        dtypes[t.dtype] = DtypeUsage(usage.tensors + 1, usage.bytes + t.nbytes)
+
+    report = InspectionReport(
+        path=path,
+        model_type=config.model_type,
+        files=list(files or []),
+        sharded=sharded,
+        config=summarize_config(config),
+        text_tensors=0,
+        text_parameters=0,
+        vision_tensors_skipped=0,
+        dtypes=dict(sorted(dtypes.items())),
+    )
+    seen: dict[str, TensorHeader] = {}
+    for t in tensors:
+        if is_vision_tensor(t.name):
+            report.vision_tensors_skipped += 1
+            continue
+        if t.name in seen:
+            report.file_problems.append(f"{t.name} is stored twice: in {seen[t.name].file} and {t.file}")
+            continue
+        seen[t.name] = t
+        report.text_tensors += 1
+        report.text_parameters += t.numel
+        if t.name not in expected:
+            report.unexpected[t.name] = t.shape
+        elif t.shape != expected[t.name]:
+            report.wrong_shape.append(ShapeMismatch(t.name, expected[t.name], t.shape, t.file))
+    report.missing = {name: shape for name, shape in expected.items() if name not in seen}
+    return report
+
+
+def inspect_checkpoint(directory: str | Path) -> InspectionReport:
+    """Inspect a checkpoint directory from its config and safetensors headers; raises `CheckpointError`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    config = load_config(directory)
+    files, weight_map = checkpoint_files(directory)
+    shards = [read_safetensors_header(file) for file in files]
+    tensors = [t for shard in shards for t in shard.tensors]
+    report = compare_tensors(
+        config, tensors, path=str(directory), files=[f.name for f in files], sharded=weight_map is not None
+    )
+    if weight_map is not None:
+        report.file_problems += index_problems(tensors, weight_map)
+    report.file_problems += [problem for shard in shards if (problem := shard.truncation)]
+    return report
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def _human(count: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}{unit}"
+    return f"{count:g}{' ' + unit if unit else ''}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def format_report(report: InspectionReport) -> str:
+    c = report.config
+    layout = f"{len(report.files)} shard(s) + index" if report.sharded else report.files[0]
+    lines = [
+        f"Step-3 checkpoint {report.path}",
+        f"  config            {report.model_type}, {c.num_hidden_layers} layers ({c.num_moe_layers} MoE)",
+        f"  files             {layout}",
+        f"  parameters        {_human(c.total_parameters)} total ({c.total_parameters:,})",
+        f"  activated/token   {_human(c.activated_parameters)} ({c.activated_parameters:,}); "
+        f"routed experts {_human(c.routed_expert_parameters)}",
+        f"  KV cache/token    {c.kv_cache_bytes_per_token_bf16:,} B bf16, {c.kv_cache_bytes_per_token_fp8:,} B fp8",
+        f"  text tensors      {report.text_tensors:,} holding {report.text_parameters:,} parameters",
+        f"  vision tensors    {report.vision_tensors_skipped:,} skipped",
+        "  dtypes            "
+        + ", ".join(f"{d}: {u.tensors:,} tensors, {_human(u.bytes, 'B')}" for d, u in report.dtypes.items()),
+    ]
+    if report.missing:
+        lines.append(f"  MISSING ({len(report.missing)}):")
+        lines += [f"    {name}  expected {_shape(shape)}" for name, shape in report.missing.items()]
+    if report.wrong_shape:
+        lines.append(f"  WRONG SHAPE ({len(report.wrong_shape)}):")
+        lines += [
+            f"    {m.name}  expected {_shape(m.expected)}, found {_shape(m.found)} in {m.file}"
+            for m in report.wrong_shape
+        ]
+    if report.unexpected:
+        lines.append(f"  UNEXPECTED ({len(report.unexpected)}):")
+        lines += [f"    {name}  {_shape(shape)}" for name, shape in report.unexpected.items()]
+    if report.file_problems:
+        lines.append(f"  FILE PROBLEMS ({len(report.file_problems)}):")
+        lines += [f"    {problem}" for problem in report.file_problems]
+    if report.ok:
+        lines.append("  result            OK: every tensor matches the config")
+    else:
+        count = len(report.missing) + len(report.wrong_shape) + len(report.unexpected) + len(report.file_problems)
+        lines.append(f"  result            MISMATCH: {count} problem(s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="step3-inspect",
+        description="Check a Step-3 checkpoint directory against its config.json from safetensors headers only "
+        "(no weights are loaded). Exit 0: matches; 1: mismatch; 2: unusable input.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="directory with config.json and safetensors files")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable JSON object")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        if args.json:
+            print(json.dumps({"path": str(args.checkpoint), "ok": False, "error": str(err)}))
+        else:
+            print(f"step3-inspect: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
