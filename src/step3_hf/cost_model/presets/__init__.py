@@ -1,0 +1,1 @@
+"""Built-in model configs (published config.json fields) for the cost model."""
