@@ -133,6 +133,15 @@ class InspectionReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.wrong_shape or self.file_problems)
 
+    def problems(self) -> list[str]:
+        """One line per problem, naming the tensor (official name) or file."""
+        return (
+            [f"missing {name} {_shape(shape)}" for name, shape in self.missing.items()]
+            + [f"wrong shape {m.name}: expected {_shape(m.expected)}, found {_shape(m.found)}" for m in self.wrong_shape]
+            + [f"unexpected {name} {_shape(shape)}" for name, shape in self.unexpected.items()]
+            + self.file_problems
+        )
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["ok"] = self.ok

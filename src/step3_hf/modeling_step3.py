@@ -10,7 +10,9 @@ Each decoder layer exposes its two halves, `attention_block` (everything that to
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_step3 import Step3Config, Step3VLConfig
+from .inspect_checkpoint import CheckpointError, inspect_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -338,6 +341,23 @@ class Step3DecoderLayer(GradientCheckpointingLayer):
         return self.ffn_block(hidden_states)
 
 
+def _check_local_checkpoint(path) -> None:
+    """Raise `ValueError` listing every missing, mis-shaped or unexpected tensor of a local Step-3 checkpoint."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(path, "config.json").is_file():
+        return  # a hub id or a config-less folder: transformers resolves it, the post-load check still applies
+    try:
+        report = inspect_checkpoint(path)
+    except CheckpointError:
+        return  # not a safetensors checkpoint of ours (e.g. .bin files): transformers reports its own errors
+    if not report.ok:
+        problems = report.problems()
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(
+            f"{path} does not match its config ({len(problems)} problem(s)); `step3-inspect {path}` shows the "
+            f"full report:\n  {shown}"
+        )
+
+
 class Step3PreTrainedModel(PreTrainedModel):
     config: Step3Config
     config_class = Step3Config
@@ -359,11 +379,15 @@ class Step3PreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^vit_downsampler\d*\.", r"^vit_large_projector\."]
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         # transformers initialises missing tensors randomly and only reports it; a Step-3 checkpoint that lacks a
-        # tensor is broken, so refuse to return a partly random model.
+        # tensor is broken, so refuse to return a partly random model. A local directory is checked up front from
+        # its safetensors headers, which names every bad tensor by its official name.
+        _check_local_checkpoint(pretrained_model_name_or_path)
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
         missing = sorted(loading_info["missing_keys"])
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

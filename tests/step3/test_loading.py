@@ -86,21 +86,37 @@ def test_dtype_auto_keeps_bf16_and_device_map_auto_splits_at_decoder_layers(tmp_
         torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=0, atol=0)
 
 
-def test_missing_tensor_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize(
+    "tensor", ["model.layers.3.post_attention_layernorm.weight", "model.layers.1.moe.up_proj.weight"]
+)
+def test_missing_tensor_is_an_error_naming_it(tmp_path, tensor):
     config = Step3Config(**TINY_CONFIG)
     state = random_official_state_dict(config)
-    del state["model.layers.3.post_attention_layernorm.weight"]
+    del state[tensor]
     write_official_checkpoint(tmp_path, state, config)
-    with pytest.raises(ValueError, match=r"model\.layers\.3\.post_attention_layernorm\.weight"):
+    with pytest.raises(ValueError, match="missing " + tensor.replace(".", r"\.")):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_wrong_shape_tensor_is_an_error(tmp_path):
+def test_wrong_shape_tensor_is_an_error_naming_it(tmp_path):
     config = Step3Config(**TINY_CONFIG)
     state = random_official_state_dict(config)
     state["model.layers.0.self_attn.wq.weight"] = torch.zeros(10, config.share_q_dim)
     write_official_checkpoint(tmp_path, state, config)
-    with pytest.raises(Exception, match="mismatch|MISMATCH|ignore_mismatched_sizes"):
+    with pytest.raises(ValueError, match=r"wrong shape model\.layers\.0\.self_attn\.wq\.weight: expected \(128, 32\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_refused_after_loading_too(tmp_path, monkeypatch):
+    """The post-load check (hub paths, where no header pre-check runs) refuses a partly random model."""
+    import step3_hf.modeling_step3 as modeling
+
+    monkeypatch.setattr(modeling, "_check_local_checkpoint", lambda path: None)
+    config = Step3Config(**TINY_CONFIG)
+    state = random_official_state_dict(config)
+    del state["model.norm.weight"]
+    write_official_checkpoint(tmp_path, state, config)
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) of Step3ForCausalLM: model\.norm\.weight"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
