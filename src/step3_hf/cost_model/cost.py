@@ -91,4 +91,4 @@ def min_active_experts(spec: ModelSpec | Any, card: Card, stage_ms: float = STAG
     spec = model_spec(spec)
     s = min_sparsity(card, spec.hidden_size, spec.num_layers, stage_ms)
     f = spec.ffn
-    return (f.experts + f.shared_experts) * s - f.shared_experts
+    return max(0.0, (f.experts + f.shared_experts) * s - f.shared_experts)

@@ -1,0 +1,250 @@
+"""``step3-cost``: decoding cost per 1M tokens, AFD plans and minimum MoE sparsity.
+
+    step3-cost [cost] [--models step3 deepseek-v3 ...] [--contexts 8k 32k] [--json] [--plot FILE.png]
+    step3-cost plan [--model step3] [--attention-card H800] [--ffn-card H800] [--contexts 4k 8k] [--json]
+    step3-cost sparsity [--model step3] [--json]
+
+Models are preset names or config.json paths/folders; ``--hardware-file`` adds cards (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .accounting import PRESETS, Quantization, model_spec
+from .cost import cost_report, min_active_experts, min_sparsity
+from .hardware import Card, load_cards
+from .planner import PlanAssumptions, plan_afd
+
+__all__ = ["main", "parse_context", "plot_costs"]
+
+PLOT_CONTEXTS = tuple(4096 * 2**i for i in range(6))  # 4K .. 128K
+
+
+def parse_context(text: str) -> int:
+    """'8k' / '8K' -> 8192, '128k' -> 131072, '5000' -> 5000."""
+    t = text.strip().lower()
+    try:
+        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"context {text!r} is not a number of tokens like 8192 or 8k") from None
+
+
+def _ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hardware-file", action="append", default=[], metavar="JSON",
+                   help="extra cards (one object or a list with name, price_per_hour_usd, bf16_flops, "
+                        "fp8_flops, memory_bandwidth, nics_per_server, nic_gbps)")
+    p.add_argument("--weight-bits", type=int, default=8, help="weight storage bits (default 8, as the report)")
+    p.add_argument("--kv-bits", type=int, default=8, help="KV-cache storage bits (default 8, as the report)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="step3-cost", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command")
+
+    c = sub.add_parser("cost", help="per-token figures and USD per 1M decoded tokens (report Tables 2, 3, 6)")
+    c.add_argument("--models", nargs="+", default=list(PRESETS), metavar="MODEL",
+                   help=f"presets ({', '.join(PRESETS)}) or config.json paths")
+    c.add_argument("--contexts", nargs="+", type=parse_context, default=[8192, 32768], metavar="N")
+    c.add_argument("--hardware", nargs="+", default=None, metavar="CARD", help="cards to compare (default: all)")
+    c.add_argument("--plot", metavar="FILE.png", help="also draw cost per 1M tokens vs context (4K..128K)")
+    _common(c)
+
+    p = sub.add_parser("plan", help="AFD deployment plan (attention:FFN instances, micro-batch, network)")
+    p.add_argument("--model", default="step3")
+    p.add_argument("--attention-card", default="H800")
+    p.add_argument("--ffn-card", default="H800")
+    p.add_argument("--contexts", nargs="+", type=parse_context, default=[4096, 8192, 16384, 32768], metavar="N")
+    p.add_argument("--tpot-ms", type=float, default=50.0)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--gpus-per-instance", type=int, default=8)
+    p.add_argument("--ffn-bandwidth-efficiency", type=float, default=0.5)
+    p.add_argument("--micro-batch", type=int, default=None, help="fix tokens per micro-batch")
+    _common(p)
+
+    s = sub.add_parser("sparsity", help="minimum MoE sparsity per card for a 3-stage pipeline (report Table 7)")
+    s.add_argument("--model", default="step3")
+    s.add_argument("--hardware", nargs="+", default=None, metavar="CARD")
+    _common(s)
+    return ap
+
+
+def _cards(args: argparse.Namespace, names: Sequence[str] | None) -> dict[str, Card]:
+    cards = load_cards(args.hardware_file)
+    if not names:
+        return cards
+    unknown = [n for n in names if n not in cards]
+    if unknown:
+        raise SystemExit(f"step3-cost: unknown card(s) {', '.join(unknown)}; known: {', '.join(cards)}")
+    return {n: cards[n] for n in names}
+
+
+def _quant(args: argparse.Namespace) -> Quantization:
+    return Quantization(weight_bytes=args.weight_bits / 8, kv_bytes=args.kv_bits / 8)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _cost_records(models: Sequence[str], contexts: Sequence[int], cards: dict[str, Card],
+                  quant: Quantization) -> list[dict[str, Any]]:
+    out = []
+    for m in models:
+        spec = model_spec(m)
+        sparsity = spec.ffn.sparsity
+        for ctx in contexts:
+            r = cost_report(spec, ctx, cards, quant)
+            out.append({
+                "model": spec.name,
+                "context": ctx,
+                "attention_family": spec.attention.family,
+                "per_token": {k: v for k, v in r.per_token.to_dict().items() if k not in ("model", "context")},
+                "attention_usd_per_1m": r.attention,
+                "ffn_usd_per_1m": r.ffn,
+                "single_card_usd_per_1m": r.single,
+                "afd_usd_per_1m": r.afd,
+                "afd_pair": {"attention": r.afd_attention_card, "ffn": r.afd_ffn_card},
+                "moe_sparsity": sparsity,
+                "min_sparsity": {n: min_sparsity(c, spec.hidden_size, spec.num_layers) for n, c in cards.items()},
+            })
+    return out
+
+
+def _cost_table(records: list[dict[str, Any]], cards: Sequence[str]) -> str:
+    lines = []
+    for ctx in dict.fromkeys(r["context"] for r in records):
+        rows = [r for r in records if r["context"] == ctx]
+        lines.append(f"Per decoded token at {_ctx_label(ctx)} context ({ctx} tokens); 8-bit weights/KV unless set")
+        lines.append(f"  {'model':<18}{'family':<7}{'KV bytes':>10}{'attn FLOPs':>12}{'linear FLOPs':>14}"
+                     f"{'FFN FLOPs':>11}{'act. params':>13}{'FLOP/B':>8}")
+        for r in rows:
+            t = r["per_token"]
+            lines.append(f"  {r['model']:<18}{r['attention_family']:<7}{t['kv_bytes']:>10.3g}"
+                         f"{t['attention_flops']:>12.3g}{t['linear_flops']:>14.3g}{t['ffn_flops']:>11.3g}"
+                         f"{t['activated_params'] / 1e9:>12.1f}B{t['arithmetic_intensity']:>8.0f}")
+        head = "".join(f"{c:>7}" for c in cards)
+        lines.append(f"USD per 1M decoded tokens at {_ctx_label(ctx)}")
+        lines.append(f"  {'model':<18}| attention{' ' * max(0, 7 * len(cards) - 9)}| FFN{' ' * max(0, 7 * len(cards) - 3)}"
+                     f"| {'AFD':>6}  pair (attention+FFN)")
+        lines.append(f"  {'':<18}|{head}|{head}|")
+        for r in rows:
+            a = "".join(f"{r['attention_usd_per_1m'][c]:>7.3f}" for c in cards)
+            f = "".join(f"{r['ffn_usd_per_1m'][c]:>7.3f}" for c in cards)
+            pair = r["afd_pair"]
+            lines.append(f"  {r['model']:<18}|{a}|{f}| {r['afd_usd_per_1m']:>6.3f}  {pair['attention']}+{pair['ffn']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
+               quant: Quantization = Quantization(), contexts: Sequence[int] = PLOT_CONTEXTS) -> None:
+    """Cost per 1M decoded tokens vs context: one panel per card (attention + FFN on it) and one for AFD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(cards) + ["AFD"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3), sharey=True)
+    axes = list(axes) if len(panels) > 1 else [axes]
+    xs = [c / 1024 for c in contexts]
+    for m in models:
+        spec = model_spec(m)
+        reports = [cost_report(spec, c, cards, quant) for c in contexts]
+        for ax, panel in zip(axes, panels):
+            ys = [r.afd if panel == "AFD" else r.single[panel] for r in reports]
+            ax.plot(xs, ys, marker="o", ms=3, label=spec.name)
+    for ax, panel in zip(axes, panels):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{int(x)}K" for x in xs], fontsize=7)
+        ax.set_title(panel if panel != "AFD" else "AFD (cheapest A + cheapest F)", fontsize=9)
+        ax.set_xlabel("context", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("USD per 1M decoded tokens")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan_table(plans: list[Any]) -> str:
+    p0 = plans[0]
+    lines = [f"AFD plan for {p0.model}: attention on {p0.attention_card}, FFN on {p0.ffn_card}; "
+             f"stage budget {p0.stage_budget_us:.0f} us per layer",
+             f"  {'context':>8}{'shape':>8}{'A:F':>6}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
+             f"{'net us':>8}{'A->F MB':>9}{'F->A MB':>9}{'FFN NIC GB/s':>14}{'tok/s/GPU':>10}{'KV GB/GPU':>10}  fits"]
+    for p in plans:
+        lines.append(
+            f"  {_ctx_label(p.context):>8}{p.shape:>8}{p.ratio:>6.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
+            f"{p.attention_time_us:>9.0f}{p.ffn_time_us:>8.0f}{p.network_time_us:>8.0f}"
+            f"{p.a2f_bytes_per_layer / 1e6:>9.1f}{p.f2a_bytes_per_layer / 1e6:>9.1f}"
+            f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
+            f"{p.kv_bytes_per_attention_gpu / 1e9:>10.0f}  {'yes' if p.fits else 'no'}")
+    if not p0.ffn_efficient:
+        lines.append(f"  FFN not compute-bound: the network caps a micro-batch at {p0.micro_batch} tokens, "
+                     f"below B_MoE = {p0.min_efficient_micro_batch} (model sparser than the card's minimum)")
+    lines.append("  (roofline kernels; memory capacity is not checked -- see KV GB/GPU)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("cost", "plan", "sparsity", "-h", "--help"):
+        argv = ["cost", *argv]  # `step3-cost` alone prints the report-style comparison
+    args = _parser().parse_args(argv)
+    quant = _quant(args)
+
+    if args.command == "cost":
+        cards = _cards(args, args.hardware)
+        records = _cost_records(args.models, args.contexts, cards, quant)
+        print(json.dumps(records, indent=2) if args.json else _cost_table(records, list(cards)), end="")
+        if args.json:
+            print()
+        if args.plot:
+            plot_costs(args.models, cards, args.plot, quant)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+
+    if args.command == "plan":
+        cards = _cards(args, [args.attention_card, args.ffn_card])
+        assumptions = PlanAssumptions(tpot_ms=args.tpot_ms, stages=args.stages,
+                                      gpus_per_instance=args.gpus_per_instance,
+                                      ffn_bandwidth_efficiency=args.ffn_bandwidth_efficiency,
+                                      micro_batch=args.micro_batch)
+        plans = [plan_afd(args.model, cards[args.attention_card], cards[args.ffn_card], c, assumptions, quant)
+                 for c in args.contexts]
+        print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else _plan_table(plans))
+        return 0
+
+    cards = _cards(args, args.hardware)
+    spec = model_spec(args.model)
+    rows = [{"card": n, "min_sparsity": min_sparsity(c, spec.hidden_size, spec.num_layers),
+             "min_active_experts": min_active_experts(spec, c) if spec.ffn.moe_layers else None}
+            for n, c in cards.items()]
+    if args.json:
+        print(json.dumps({"model": spec.name, "hidden_size": spec.hidden_size, "num_layers": spec.num_layers,
+                          "moe_sparsity": spec.ffn.sparsity, "cards": rows}, indent=2))
+    else:
+        s = spec.ffn.sparsity
+        print(f"Minimum MoE sparsity for a 3-stage AFD pipeline, H={spec.hidden_size}, L={spec.num_layers} "
+              f"({spec.name} sparsity: {'dense' if s is None else f'{s:.3f}'})")
+        for r in rows:
+            extra = "" if r["min_active_experts"] is None else f"  (>= {r['min_active_experts']:.1f} routed experts)"
+            ok = "" if s is None else ("  ok" if s >= r["min_sparsity"] else "  too sparse")
+            print(f"  {r['card']:<8}{r['min_sparsity']:.3f}{extra}{ok}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
