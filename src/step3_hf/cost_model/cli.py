@@ -178,7 +178,7 @@ def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
 # ----------------------------------------------------------------------------- plan
 
 
-def _plan_table(plans: list[Any]) -> str:
+def _plan_table(plans: list[Any], fixed: bool = False) -> str:
     p0 = plans[0]
     lines = [f"AFD plan for {p0.model}: attention on {p0.attention_card}, FFN on {p0.ffn_card}; "
              f"stage budget {p0.stage_budget_us:.0f} us per layer",
@@ -192,8 +192,10 @@ def _plan_table(plans: list[Any]) -> str:
             f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
             f"{p.kv_bytes_per_attention_gpu / 1e9:>10.0f}  {'yes' if p.fits else 'no'}")
     if not p0.ffn_efficient:
-        lines.append(f"  FFN not compute-bound: the network caps a micro-batch at {p0.micro_batch} tokens, "
-                     f"below B_MoE = {p0.min_efficient_micro_batch} (model sparser than the card's minimum)")
+        why = ("fixed by --micro-batch" if fixed else
+               "the most the FFN servers' NICs carry per stage: the model is sparser than the card's minimum")
+        lines.append(f"  FFN not compute-bound: {p0.micro_batch} tokens per micro-batch < B_MoE = "
+                     f"{p0.min_efficient_micro_batch} ({why})")
     lines.append("  (roofline kernels; memory capacity is not checked -- see KV GB/GPU)")
     return "\n".join(lines) + "\n"
 
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       micro_batch=args.micro_batch)
         plans = [plan_afd(args.model, cards[args.attention_card], cards[args.ffn_card], c, assumptions, quant)
                  for c in args.contexts]
-        print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else _plan_table(plans))
+        print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else _plan_table(plans, args.micro_batch is not None))
         return 0
 
     cards = _cards(args, args.hardware)
