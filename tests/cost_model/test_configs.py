@@ -119,6 +119,8 @@ def test_missing_fields_are_named():
         model_spec({"model_type": "x", "num_hidden_layers": 2})
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         model_spec("no-such-model")
+    with pytest.raises(ValueError, match="context must be at least 1"):
+        per_token("step3", 0)
 
 
 def test_cost_model_imports_without_torch_or_transformers():

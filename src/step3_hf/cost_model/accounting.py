@@ -302,6 +302,8 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
 
 def per_token(model: Any, context: int, quant: Quantization = Quantization()) -> PerToken:
     """Per-decoded-token figures at ``context`` tokens of context (report Tables 2 and 3)."""
+    if context < 1:
+        raise ValueError(f"context must be at least 1 token, got {context}")
     spec = model_spec(model)
     a, f, L = spec.attention, spec.ffn, spec.num_layers
     kv = L * context * a.kv_elements_per_layer * quant.kv_bytes
