@@ -222,3 +222,20 @@ def test_fx(name):
     torch.testing.assert_close(out[eval_nodes[-1]], model(x))
     fx_feats = timm.create_model(name, features_only=True, feature_cls='fx').eval()
     assert len(fx_feats(x)) == len(fx_feats.feature_info.channels())
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(stem_type='deep', avg_down=True), dict(down_kernel_size=3), dict(block_args=dict(attn_layer='se')),
+    dict(output_stride=16), dict(a=1.5, drop_block_rate=0.1),
+])
+@pytest.mark.parametrize('name', ['quotient_resnet18', 'quotient_resnet50'])
+def test_timm_resnet_options_inherited(name, kwargs):
+    q = timm.create_model(name, **kwargs)
+    r = timm.create_model(name.replace('quotient_', ''), **{k: v for k, v in kwargs.items() if k != 'a'})
+    assert sum(p.numel() for p in q.parameters()) == sum(p.numel() for p in r.parameters())
+    assert {m.a for m in q.modules() if isinstance(m, QuotientActivation)} == {kwargs.get('a', 2.0)}
+    out = q(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    if 'output_stride' in kwargs:
+        assert q.forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 4  # 64 / 16
