@@ -27,14 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_aa, create_attn, create_classifier, get_device_dtype
-from timm.models import ResNet
+from timm.layers import DropPath, create_aa, create_attn, create_classifier, get_device_dtype
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
-from timm.models.resnet import BasicBlock
-from timm.layers import DropPath
+from timm.models.resnet import BasicBlock, ResNet
 
 __all__ = [
     'QuotientActivation', 'QuotientBasicBlock', 'QuotientBottleneck', 'CifarResNet', 'QuotientResNet',
@@ -298,8 +296,10 @@ class CifarResNet(nn.Module):
         a = _check_a(a)
         if not (isinstance(width_mult, numbers.Real) and width_mult > 0):
             raise ValueError(f'width_mult must be a positive number, got width_mult={width_mult!r}')
-        if len(layers) != len(channels) or any(int(n) < 1 for n in layers):
-            raise ValueError(f'layers must give a positive block count per stage of {channels}, got layers={layers!r}')
+        if len(channels) != 3 or len(layers) != 3 or any(int(n) < 1 for n in layers):
+            raise ValueError(
+                f'CifarResNet has 3 stages: layers and channels need 3 entries each (layers >= 1), '
+                f'got layers={layers!r}, channels={channels!r}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

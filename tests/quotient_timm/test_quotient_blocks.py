@@ -1,5 +1,4 @@
 """The quotient activation and blocks against float64 re-computations written here from the paper's formulas."""
-import math
 
 import numpy as np
 import pytest
@@ -177,3 +176,12 @@ def test_cifar_zero_init_makes_first_stage_identity():
     stem, s1 = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
     torch.testing.assert_close(s1, stem)
     assert (stem > 0).all() and (stem < 2).all()  # q_a stem with a = 2
+
+
+@pytest.mark.parametrize('kwargs,word', [
+    (dict(width_mult=0), 'width_mult'), (dict(width_mult=-1.0), 'width_mult'),
+    (dict(layers=(3, 3)), 'layers'), (dict(layers=(3, 0, 3)), 'layers'),
+])
+def test_cifar_net_rejects_bad_shape_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        timm.create_model('quotient_resnet20_cifar', **kwargs)

@@ -5,7 +5,7 @@ import torch
 
 from quotient_timm.data import DatasetNotFoundError, augment_batch, load_dataset, normalize_batch, split_train_val
 
-from quotient_datasets import bright_dark_images, write_cifar10, write_fashion_mnist
+from quotient_datasets import write_cifar10, write_fashion_mnist
 
 
 def test_cifar10_pixels_and_labels(tmp_path):

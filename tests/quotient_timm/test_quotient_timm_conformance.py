@@ -1,7 +1,6 @@
 """timm conformance for the quotient models, mirroring the checks of timm's tests/test_models.py."""
 import pytest
 import torch
-import torch.nn as nn
 import timm
 from timm.layers import DropPath
 from timm.models import model_entrypoint

@@ -78,3 +78,16 @@ def test_missing_data_and_bad_flags_give_clear_errors(tmp_path, capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, '-m', 'quotient_timm.train', '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and '--milestones' in r.stdout and 'fashion_mnist' in r.stdout
+
+
+def test_console_script_when_installed(tiny_fashion_mnist, tmp_path):
+    from pathlib import Path
+    script = Path(sys.executable).parent / 'quotient-train'
+    if not script.exists():
+        pytest.skip('package not installed with its console scripts')
+    out = tmp_path / 'run'
+    r = subprocess.run([str(script), '--model', 'quotient_resnet20_cifar', '--dataset', 'fashion_mnist',
+                        '--data-dir', str(tiny_fashion_mnist), '--epochs', '1', '--batch-size', '64',
+                        '--output', str(out), '--no-progress'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 'test' in r.stdout and (out / 'best.safetensors').is_file()
