@@ -120,7 +120,7 @@ def _load_svhn(root: Path) -> ImageSplits:
     try:
         from scipy.io import loadmat
     except ImportError as e:
-        raise ImportError('reading SVHN .mat files needs scipy: pip install scipy') from e
+        raise ImportError('reading SVHN .mat files needs scipy: pip install "step3-hf[svhn]"') from e
 
     def read(f: str) -> Tuple[torch.Tensor, torch.Tensor]:
         m = loadmat(str(folder / f))
