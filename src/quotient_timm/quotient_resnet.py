@@ -481,6 +481,11 @@ class QuotientResNet(ResNet):
         self.a = a
         self.act1 = QuotientActivation(a)
 
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        # timm < 1.0.31 keeps the old pooling's width here (e.g. after switching to 'catavgmax').
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     return build_model_with_cfg(
