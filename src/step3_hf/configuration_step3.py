@@ -5,7 +5,6 @@ the official loaders (vLLM, SGLang, the hub's remote code); `attribute_map` expo
 generic code looks for (`num_key_value_heads`, `max_position_embeddings`, `num_experts`, ...).
 """
 
-from __future__ import annotations
 
 from typing import Any
 
@@ -16,7 +15,7 @@ from transformers.modeling_rope_utils import RopeParameters
 # Layers 4..59 of the released 61-layer model are MoE; 0-3 and 60 are dense.
 _RELEASED_MOE_LAYERS = ",".join(str(i) for i in range(4, 60))
 # Our class -> the name the official loaders register for the same weights.
-_OFFICIAL_ARCHITECTURES = {"Step3ForCausalLM": "Step3TextForCausalLM"}
+_OFFICIAL_ARCHITECTURES = {"Step3ForCausalLM": "Step3TextForCausalLM", "Step3VLForCausalLM": "Step3TextForCausalLM"}
 
 
 def _parse_layer_indices(value: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -162,6 +161,10 @@ class Step3Config(PreTrainedConfig):
                 f"`moe_layers_enum` names layers {bad} outside the model's {self.num_hidden_layers} layers "
                 f"(`num_hidden_layers`)"
             )
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}")
         if self.hidden_act != "silu":
             raise ValueError(f"`hidden_act` must be 'silu' (Step-3 uses SwiGLU everywhere), got {self.hidden_act!r}")
 
@@ -228,6 +231,11 @@ class Step3VLConfig(PreTrainedConfig):
         if self.text_config is None:
             self.text_config = Step3Config()
         elif isinstance(self.text_config, dict):
+            text_type = self.text_config.get("model_type", Step3Config.model_type)
+            if text_type != Step3Config.model_type:
+                raise ValueError(
+                    f"`text_config.model_type` must be {Step3Config.model_type!r} in a step3_vl config, got {text_type!r}"
+                )
             self.text_config = Step3Config(**{k: v for k, v in self.text_config.items() if k != "model_type"})
         if self.vision_config is None:
             self.vision_config = Step3VisionConfig()

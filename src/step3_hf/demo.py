@@ -23,8 +23,8 @@ def run(out: Path, attn_implementation: str, max_new_tokens: int) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", attn_implementation=attn_implementation)
     config = model.config.get_text_config()
-    print(f"loaded {type(model).__name__}: {count_parameters(config)}, "
-          f"KV cache {kv_cache_bytes_per_token(config)} B/token in bf16")
+    kv_bytes = kv_cache_bytes_per_token(config, model.dtype.itemsize)
+    print(f"loaded {type(model).__name__} ({model.dtype}): {count_parameters(config)}, KV cache {kv_bytes} B/token")
 
     pad = config.pad_token_id
     prompts = [[1, 17, 33, 90, 4, 5], [1, 200]]
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attn-implementation", default="sdpa", help="eager, sdpa, flex_attention, ...")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.out is not None:
         run(args.out, args.attn_implementation, args.max_new_tokens)
         return

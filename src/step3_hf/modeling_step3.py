@@ -344,11 +344,13 @@ class Step3DecoderLayer(GradientCheckpointingLayer):
 def _check_local_checkpoint(path) -> None:
     """Raise `ValueError` listing every missing, mis-shaped or unexpected tensor of a local Step-3 checkpoint."""
     if not isinstance(path, (str, os.PathLike)) or not Path(path, "config.json").is_file():
-        return  # a hub id or a config-less folder: transformers resolves it, the post-load check still applies
+        return  # a hub id: transformers resolves it, and the post-load check still applies
+    if not any(Path(path).glob("*.safetensors")):
+        return  # no safetensors files (e.g. .bin weights): there are no headers to read up front
     try:
         report = inspect_checkpoint(path)
-    except CheckpointError:
-        return  # not a safetensors checkpoint of ours (e.g. .bin files): transformers reports its own errors
+    except CheckpointError as err:
+        raise ValueError(f"{path} is not a usable Step-3 checkpoint: {err}") from err
     if not report.ok:
         problems = report.problems()
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -388,14 +390,14 @@ class Step3PreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        missing = sorted(loading_info["missing_keys"])
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(
-                f"The checkpoint lacks {len(missing)} tensor(s) of {cls.__name__}: {shown}. Refusing to initialise "
-                "them randomly; `step3-inspect <checkpoint>` lists every missing or mis-shaped tensor by its "
-                "official name."
-            )
+        for kind in ("missing", "unexpected"):
+            keys = sorted(loading_info[f"{kind}_keys"])
+            if keys:
+                shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+                raise ValueError(
+                    f"{len(keys)} {kind} tensor(s) loading {cls.__name__}: {shown}. Refusing to return a partly "
+                    "random or mismatched model; `step3-inspect <checkpoint>` lists every tensor by its official name."
+                )
         return (model, loading_info) if output_loading_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -541,6 +543,20 @@ class Step3VLForCausalLM(Step3ForCausalLM):
             "(vision_model.*, vit_downsampler*.*, vit_large_projector.*) are skipped."
         )
         return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Only the language model was loaded, so a `step3_vl` file would promise a vision tower that is not there:
+        # write the official text-only layout (`step3_text`, `Step3TextForCausalLM`) that vLLM and SGLang load.
+        logger.warning(
+            "Saving the Step-3 language model in the official text-only layout (`step3_text` config); the vision "
+            "tower was not loaded and is not written."
+        )
+        vl_config = self.config
+        self.config = vl_config.get_text_config()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = vl_config
 
 
 # Official layout -> module layout: the MoE router, experts and shared expert live under `mlp`, and the per-expert

@@ -108,3 +108,30 @@ def test_official_vl_file_loads_and_saves_back_in_official_form(tmp_path):
 def test_bad_fields_raise_value_error_naming_the_field(fields, named):
     with pytest.raises(ValueError, match=named):
         Step3Config(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+        ({"attention_dropout": 1.5}, "attention_dropout"),
+    ],
+)
+def test_out_of_range_fields_raise_value_error_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        Step3Config(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"norm_expert_weight": "false"}, "norm_expert_weight"), ({"share_q_dim": 2048.0}, "share_q_dim")],
+)
+def test_wrongly_typed_fields_are_refused_naming_the_field(fields, named):
+    # A string "false" would be truthy and silently renormalise the router.
+    with pytest.raises(Exception, match=named):
+        Step3Config(**fields)
+
+
+def test_vl_config_refuses_a_foreign_text_config():
+    with pytest.raises(ValueError, match="text_config.model_type"):
+        Step3VLConfig(text_config={"model_type": "llama", "hidden_size": 64})

@@ -82,6 +82,14 @@ def test_continuous_batching_equals_generate(model):
         assert result.generated_tokens == greedy(model, torch.tensor([prompt]))[0].tolist()
 
 
+def test_top_k_one_sampling_is_greedy(model):
+    ids, mask = left_pad(PROMPTS)
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=1, temperature=0.7, pad_token_id=PAD)
+    with torch.no_grad():
+        sampled = model.generate(ids, attention_mask=mask, generation_config=config, eos_token_id=None)
+    assert sampled[:, ids.shape[1] :].tolist() == greedy(model, ids, mask).tolist()
+
+
 def test_sampling_is_seeded_and_respects_processors(model):
     ids, mask = left_pad(PROMPTS)
     config = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=5, temperature=0.8, pad_token_id=PAD)

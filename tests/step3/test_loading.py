@@ -56,17 +56,19 @@ def test_save_writes_official_layout_and_reloads_identically(tmp_path, vl):
     text_config = model.config.get_text_config()
     assert saved_tensors(tmp_path / "out") == official_tensor_shapes(text_config)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # sharded
+    # Only the language model exists in memory, so both forms are written as the official text-only checkpoint,
+    # under the architecture name vLLM / SGLang dispatch on.
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
-    official_text = saved["text_config"] if vl else saved
-    assert saved["model_type"] == ("step3_vl" if vl else "step3_text")
+    assert saved["model_type"] == "step3_text" and saved["architectures"] == ["Step3TextForCausalLM"]
     for key in ("num_attention_groups", "share_q_dim", "share_expert_dim", "max_position_embedding",
                 "moe_num_experts", "moe_top_k", "norm_expert_weight", "rope_theta"):
-        assert key in official_text, key
-    assert official_text["moe_layers_enum"] == "1,2"
-    if not vl:
-        assert saved["architectures"] == ["Step3TextForCausalLM"]  # the name vLLM / SGLang dispatch on
+        assert key in saved, key
+    assert saved["moe_layers_enum"] == "1,2"
+    assert not any(value is None and key.startswith("max_position") for key, value in saved.items())
+    assert type(model.config) is (Step3VLConfig if vl else Step3Config)  # the model's own config is unchanged
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is Step3ForCausalLM
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
@@ -116,7 +118,24 @@ def test_missing_tensor_is_refused_after_loading_too(tmp_path, monkeypatch):
     state = random_official_state_dict(config)
     del state["model.norm.weight"]
     write_official_checkpoint(tmp_path, state, config)
-    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) of Step3ForCausalLM: model\.norm\.weight"):
+    with pytest.raises(ValueError, match=r"1 missing tensor\(s\) loading Step3ForCausalLM: model\.norm\.weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_an_error_naming_it(tmp_path):
+    config = Step3Config(**TINY_CONFIG)
+    state = random_official_state_dict(config)
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(config.head_dim)
+    write_official_checkpoint(tmp_path, state, config)
+    with pytest.raises(ValueError, match=r"unexpected model\.layers\.0\.self_attn\.q_norm\.weight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_shard_is_an_error_naming_the_file(tmp_path):
+    write_tiny_checkpoint(tmp_path, vl=False)
+    shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=shard.name):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

@@ -46,6 +46,30 @@ def test_logits_match_float64_reference(checkpoint, attention, experts):
     assert relative_error(logits, step3_logits(state, config, input_ids)) < 1e-5
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_cached_decoding_matches_float64_reference(checkpoint, attention, cache_implementation):
+    """Prefill 5 tokens, then decode one token at a time through the cache; every step's logits must equal the
+    reference's logits for the whole sequence so far."""
+    from transformers import DynamicCache, StaticCache
+
+    path, config, state = checkpoint
+    model = load(path, attn_implementation=attention)
+    input_ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(11))
+    reference = step3_logits(state, config, input_ids)
+    if cache_implementation == "static":
+        cache = StaticCache(config=model.config, max_cache_len=16)
+    else:
+        cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids[:, :5], cache=cache, use_cache=True)
+        assert relative_error(out.logits, reference[:, :5]) < 1e-5
+        for step in range(5, 9):
+            out = model(input_ids[:, step : step + 1], cache=cache, use_cache=True,
+                        position_ids=torch.full((2, 1), step))
+            assert relative_error(out.logits[:, -1], reference[:, step]) < 1e-5, step
+
+
 def test_every_official_tensor_lands_in_the_model(checkpoint):
     path, config, state = checkpoint
     params = load(path).state_dict()
