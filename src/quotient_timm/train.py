@@ -180,7 +180,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.width_mult is not None:
         model_kwargs['width_mult'] = args.width_mult
     model_kwargs.update(num_classes=data.num_classes, in_chans=data.in_chans)
-    model = timm.create_model(args.model, **model_kwargs)
+    try:
+        model = timm.create_model(args.model, **model_kwargs)
+    except TypeError as e:  # a --model-arg the model's constructor does not take
+        raise ValueError(f'--model {args.model} does not accept {sorted(model_kwargs)}: {e}') from e
     cfg = model.pretrained_cfg
     mean, std = list(cfg.get('mean')), list(cfg.get('std'))
     if len(mean) != data.in_chans:

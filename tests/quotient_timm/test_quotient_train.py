@@ -75,6 +75,13 @@ def test_missing_data_and_bad_flags_give_clear_errors(tmp_path, capsys):
         main(['--dataset', 'imagenet', '--output', str(tmp_path)])
 
 
+def test_model_arg_the_model_does_not_take_is_a_clear_error(tiny_cifar10, tmp_path, capsys):
+    rc = main(['--model', 'quotient_resnet20_cifar', '--model-arg', 'no_such_arg=1', '--dataset', 'cifar10',
+               '--data-dir', str(tiny_cifar10), '--epochs', '1', '--output', str(tmp_path / 'o'), '--no-progress'])
+    assert rc == 2
+    assert 'no_such_arg' in capsys.readouterr().err
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, '-m', 'quotient_timm.train', '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and '--milestones' in r.stdout and 'fashion_mnist' in r.stdout
