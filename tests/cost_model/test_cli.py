@@ -61,8 +61,9 @@ def test_hardware_file_adds_a_card(tmp_path, capsys):
     assert costs["HALF-H800"] == pytest.approx(costs["H800"] / 2)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "X", "price_per_hour_usd": 1.0}))
-    with pytest.raises(ValueError, match="missing bf16_flops, memory_bandwidth"):
-        main(["--hardware-file", str(bad)])
+    capsys.readouterr()
+    assert main(["--hardware-file", str(bad)]) == 2
+    assert "missing bf16_flops, memory_bandwidth" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown card"):
         main(["--hardware", "B200"])
 
@@ -91,3 +92,9 @@ def test_sparsity_table_7(capsys):
         ["H800", "0.058"], ["H20", "0.007"], ["A800", "0.031"], ["910B", "0.034"]]
     ds = json.loads(run(capsys, "sparsity", "--model", "deepseek-v3", "--json"))
     assert round(ds["cards"][0]["min_active_experts"]) == 14
+
+
+@pytest.mark.parametrize("argv, named", [(["--models", "nonexist"], "nonexist"), (["--contexts", "0"], "context")])
+def test_bad_arguments_exit_2_with_a_message(capsys, argv, named):
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err

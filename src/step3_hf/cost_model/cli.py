@@ -205,6 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in ("cost", "plan", "sparsity", "-h", "--help"):
         argv = ["cost", *argv]  # `step3-cost` alone prints the report-style comparison
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError) as err:  # unknown model or card, unreadable file, invalid context or config
+        print(f"step3-cost: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     quant = _quant(args)
 
     if args.command == "cost":
