@@ -482,6 +482,8 @@ class QuotientResNet(ResNet):
         self.act1 = QuotientActivation(a)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is None:  # keep the current pooling (timm < 1.0.31 would reset it to 'avg')
+            global_pool = self.global_pool.pool_type
         super().reset_classifier(num_classes, global_pool)
         # timm < 1.0.31 keeps the old pooling's width here (e.g. after switching to 'catavgmax').
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
