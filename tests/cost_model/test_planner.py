@@ -1,5 +1,6 @@
 """AFD planner: stage budget, FFN sizing, micro-batch, attention:FFN ratio and network traffic."""
 
+import dataclasses
 import math
 
 import pytest
@@ -90,3 +91,16 @@ def test_tighter_tpot_means_smaller_stage(cards):
     assert fast.ffn_instances > 2  # weights must stream in half the time
     with pytest.raises(ValueError, match="ffn_bandwidth_efficiency"):
         hopper(cards, 8192, ffn_bandwidth_efficiency=0)
+
+
+def test_kv_capacity_is_checked_against_the_attention_card():
+    cards = builtin_cards()
+    plan = plan_afd("step3", cards["H800"], cards["H800"], 4096)
+    # In-flight tokens per attention GPU x context x KV bytes per token (61 layers x 512 B in 8 bits).
+    per_gpu = plan.total_batch / (plan.attention_instances * 8) * 4096 * 61 * 512
+    assert plan.kv_bytes_per_attention_gpu == pytest.approx(per_gpu)
+    assert plan.kv_fits_memory is (per_gpu <= 80e9)
+    roomy = dataclasses.replace(cards["H800"], memory_bytes=10 * per_gpu)
+    assert plan_afd("step3", roomy, cards["H800"], 4096).kv_fits_memory is True
+    unknown = dataclasses.replace(cards["H800"], memory_bytes=None)
+    assert plan_afd("step3", unknown, cards["H800"], 4096).kv_fits_memory is None

@@ -183,21 +183,27 @@ def _plan_table(plans: list[Any], fixed: bool = False) -> str:
     lines = [f"AFD plan for {p0.model}: attention on {p0.attention_card}, FFN on {p0.ffn_card}; "
              f"stage budget {p0.stage_budget_us:.0f} us per layer",
              f"  {'context':>8}{'shape':>8}{'A:F':>6}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
-             f"{'net us':>8}{'A->F MB':>9}{'F->A MB':>9}{'FFN NIC GB/s':>14}{'tok/s/GPU':>10}{'KV GB/GPU':>10}  fits"]
+             f"{'net us':>8}{'A->F MB':>9}{'F->A MB':>9}{'FFN NIC GB/s':>14}{'tok/s/GPU':>10}{'KV GB/GPU':>10}"
+             f"{'KV fits':>8}  fits"]
     for p in plans:
         lines.append(
             f"  {_ctx_label(p.context):>8}{p.shape:>8}{p.ratio:>6.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
             f"{p.attention_time_us:>9.0f}{p.ffn_time_us:>8.0f}{p.network_time_us:>8.0f}"
             f"{p.a2f_bytes_per_layer / 1e6:>9.1f}{p.f2a_bytes_per_layer / 1e6:>9.1f}"
             f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
-            f"{p.kv_bytes_per_attention_gpu / 1e9:>10.0f}  {'yes' if p.fits else 'no'}")
+            f"{p.kv_bytes_per_attention_gpu / 1e9:>10.0f}{_yes_no(p.kv_fits_memory):>8}  {_yes_no(p.fits)}")
     if not p0.ffn_efficient:
         why = ("fixed by --micro-batch" if fixed else
                "the most the FFN servers' NICs carry per stage: the model is sparser than the card's minimum")
         lines.append(f"  FFN not compute-bound: {p0.micro_batch} tokens per micro-batch < B_MoE = "
                      f"{p0.min_efficient_micro_batch} ({why})")
-    lines.append("  (roofline kernels; memory capacity is not checked -- see KV GB/GPU)")
+    lines.append("  (fits: every stage within the budget at roofline speed, FFN compute-bound; KV fits: the in-flight"
+                 " KV alone within the attention card's memory, weights not counted)")
     return "\n".join(lines) + "\n"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "?" if value is None else ("yes" if value else "no")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

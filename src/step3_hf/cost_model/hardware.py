@@ -26,6 +26,7 @@ class Card:
     nics_per_server: int = 8
     nic_gbps: float = 400.0  # one NIC, gigabits/s
     gpus_per_server: int = 8
+    memory_bytes: float | None = None  # HBM capacity; None: unknown, capacity is not checked
     description: str = ""
 
     def peak_flops(self, eight_bit: bool = True) -> float:

@@ -78,6 +78,7 @@ class AFDPlan:
     fits: bool  # every stage within budget and the FFN compute-bound
     tokens_per_s_per_gpu: float
     kv_bytes_per_attention_gpu: float  # KV of all in-flight sequences, per attention GPU
+    kv_fits_memory: bool | None  # that KV within the attention card's memory (None: capacity unknown)
 
     @property
     def shape(self) -> str:
@@ -147,6 +148,7 @@ def plan_afd(model: Any, attention_card: Card, ffn_card: Card, context: int,
 
     efficient = batch >= min_efficient
     kv_per_token = spec.num_layers * a.kv_elements_per_layer * quant.kv_bytes
+    kv_per_gpu = batch * p.stages / (n_att * g) * context * kv_per_token
     return AFDPlan(
         model=spec.name,
         context=context,
@@ -171,5 +173,7 @@ def plan_afd(model: Any, attention_card: Card, ffn_card: Card, context: int,
         network_time_us=net_t * 1e6,
         fits=efficient and max(att_t, ffn_t, net_t) <= budget * (1 + 1e-9),
         tokens_per_s_per_gpu=batch * p.stages / (p.tpot_ms * 1e-3 * g * (n_att + n_ffn)),
-        kv_bytes_per_attention_gpu=batch * p.stages / (n_att * g) * context * kv_per_token,
+        kv_bytes_per_attention_gpu=kv_per_gpu,
+        # KV alone (weights and activations come on top): a lower bound on what the attention GPU must hold.
+        kv_fits_memory=None if attention_card.memory_bytes is None else kv_per_gpu <= attention_card.memory_bytes,
     )
