@@ -23,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .checkpoint_layout import is_vision_tensor, official_tensor_shapes
 from .configuration_step3 import Step3Config, Step3VLConfig
-from .parameters import count_parameters, kv_cache_bytes_per_token
+from .parameters import count_parameters, human_count, kv_cache_bytes_per_token
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -367,13 +367,6 @@ def inspect_checkpoint(directory: str | Path) -> InspectionReport:
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def _human(count: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
-        if count >= scale:
-            return f"{count / scale:.1f}{suffix}{unit}"
-    return f"{count:g}{' ' + unit if unit else ''}"
-
-
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -385,14 +378,14 @@ def format_report(report: InspectionReport) -> str:
         f"Step-3 checkpoint {report.path}",
         f"  config            {report.model_type}, {c.num_hidden_layers} layers ({c.num_moe_layers} MoE)",
         f"  files             {layout}",
-        f"  parameters        {_human(c.total_parameters)} total ({c.total_parameters:,})",
-        f"  activated/token   {_human(c.activated_parameters)} ({c.activated_parameters:,}); "
-        f"routed experts {_human(c.routed_expert_parameters)}",
+        f"  parameters        {human_count(c.total_parameters)} total ({c.total_parameters:,})",
+        f"  activated/token   {human_count(c.activated_parameters)} ({c.activated_parameters:,}); "
+        f"routed experts {human_count(c.routed_expert_parameters)}",
         f"  KV cache/token    {c.kv_cache_bytes_per_token_bf16:,} B bf16, {c.kv_cache_bytes_per_token_fp8:,} B fp8",
         f"  text tensors      {report.text_tensors:,} holding {report.text_parameters:,} parameters",
         f"  vision tensors    {report.vision_tensors_skipped:,} skipped",
         "  dtypes            "
-        + ", ".join(f"{d}: {u.tensors:,} tensors, {_human(u.bytes, 'B')}" for d, u in report.dtypes.items()),
+        + ", ".join(f"{d}: {u.tensors:,} tensors, {human_count(u.bytes, 'B')}" for d, u in report.dtypes.items()),
     ]
     if report.missing:
         lines.append(f"  MISSING ({len(report.missing)}):")

@@ -20,14 +20,15 @@ class ParameterCounts:
     """Parameters of all routed experts."""
 
     def __str__(self) -> str:
-        return f"{_human(self.total)} parameters, {_human(self.activated)} activated per token"
+        return f"{human_count(self.total)} parameters, {human_count(self.activated)} activated per token"
 
 
-def _human(count: int) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+def human_count(count: float, unit: str = "") -> str:
+    """`316.3B` for parameters; with a unit, `794.5KB` / `1.2GB` (G, not B, for 1e9 of a unit)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
         if count >= scale:
-            return f"{count / scale:.1f}{suffix}"
-    return str(count)
+            return f"{count / scale:.1f}{suffix}{unit}"
+    return f"{count:g}{' ' + unit if unit else ''}"
 
 
 def count_parameters(config: Step3Config) -> ParameterCounts:
