@@ -66,7 +66,21 @@ class QuotientActivation(nn.Module):
         return f'a={self.a}'
 
 
-class QuotientBasicBlock(nn.Module):
+class _QuotientBlock(nn.Module):
+    """What both quotient blocks do after their branch: y = shortcut * q_a(branch)."""
+
+    def merge(self, shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.quot(x)
+        if self.drop_path is not None:
+            # A dropped sample gets ratio 1 (identity), the multiplicative analogue of a dropped
+            # residual; kept samples get 1 + (q - 1) / keep_prob, so the expected ratio is unchanged.
+            x = self.drop_path(x - 1.0) + 1.0
+        if self.downsample is not None:
+            shortcut = self.quot(self.downsample(shortcut))
+        return shortcut * x
+
+
+class QuotientBasicBlock(_QuotientBlock):
     """Basic quotient block: y = shortcut * q_a(BN2(conv3x3(ReLU(BN1(conv3x3(x)))))).
 
     The shortcut is x, or q_a(downsample(x)) where the shape changes. Layer names match timm's
@@ -144,18 +158,10 @@ class QuotientBasicBlock(nn.Module):
         if self.se is not None:
             x = self.se(x)
 
-        x = self.quot(x)
-        if self.drop_path is not None:
-            # A dropped sample gets ratio 1 (identity), the multiplicative analogue of a dropped
-            # residual; kept samples get 1 + (q - 1) / keep_prob, so the expected ratio is unchanged.
-            x = self.drop_path(x - 1.0) + 1.0
-
-        if self.downsample is not None:
-            shortcut = self.quot(self.downsample(shortcut))
-        return shortcut * x
+        return self.merge(shortcut, x)
 
 
-class QuotientBottleneck(nn.Module):
+class QuotientBottleneck(_QuotientBlock):
     """Bottleneck quotient block: y = shortcut * q_a(BN3(conv1x1(ReLU(BN2(conv3x3(ReLU(BN1(conv1x1(x))))))))).
 
     Layer names match timm's `Bottleneck`.
@@ -238,15 +244,7 @@ class QuotientBottleneck(nn.Module):
         if self.se is not None:
             x = self.se(x)
 
-        x = self.quot(x)
-        if self.drop_path is not None:
-            # A dropped sample gets ratio 1 (identity), the multiplicative analogue of a dropped
-            # residual; kept samples get 1 + (q - 1) / keep_prob, so the expected ratio is unchanged.
-            x = self.drop_path(x - 1.0) + 1.0
-
-        if self.downsample is not None:
-            shortcut = self.quot(self.downsample(shortcut))
-        return shortcut * x
+        return self.merge(shortcut, x)
 
 
 BlockType = Union[Type[BasicBlock], Type[QuotientBasicBlock]]
