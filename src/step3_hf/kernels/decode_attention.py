@@ -1,0 +1,375 @@
+"""Split-KV (flash-decoding) attention for a few new query tokens per sequence against a KV cache, in Triton.
+
+MFA shares one key and one value head among all 64 query heads, so a decode step is `[64 heads x new tokens]`
+queries against one stream of K/V. Each program folds all query heads of its KV head (times the new tokens) into
+the M dimension of one tensor-core tile and reads its slice of the cache exactly once; the cache is cut into
+`num_splits` slices so that small batches with long contexts still fill every multiprocessor, and a second pass
+merges the slices' partial results by their log-sum-exp. The cache may be bf16/fp16/fp32, or float8 e4m3 with one
+float32 scale per cached token (see `float8_kv_cache.py`).
+
+The Triton functions are wrapped by `triton.jit` lazily, on the first call, once per `TRITON_INTERPRET` setting:
+`triton.jit` reads that variable when it wraps a function, and tests run the kernels on the CPU through Triton's
+interpreter in the same process that may already have imported this package.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import weakref
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without Triton; only this kernel needs it
+    triton = None
+    tl = None
+
+__all__ = [
+    "decode_attention",
+    "default_num_splits",
+    "kernel_available",
+    "interpreter_enabled",
+    "kv_bounds_from_mask",
+]
+
+# Partial results are float32; a split narrower than this many cache positions is not worth its merge traffic.
+_MIN_POSITIONS_PER_SPLIT = 256
+# Programs to aim for per multiprocessor when choosing the split count (measured on the H200, see docs).
+_PROGRAMS_PER_SM = 2
+_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernel_available(device: torch.device | str) -> bool:
+    """Whether `decode_attention` can run on tensors of `device`: Triton on CUDA, or its interpreter on CPU."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not interpreter_enabled()
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def _split_kv_attention(
+    Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, OUT, PART_OUT, PART_LSE,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vsb, stride_vsh, stride_vsn,
+    stride_mb, stride_mt, stride_mn,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    num_kv_heads, q_len, qk_scale_log2, num_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
+    split = tl.program_id(0)
+    seq_head = tl.program_id(1)
+    b = seq_head // num_kv_heads
+    kv_head = seq_head % num_kv_heads
+
+    # Row m of the tile is query head `kv_head * GROUP + m // q_len` at new token `m % q_len`.
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < GROUP * q_len
+    head = kv_head * GROUP + offs_m // q_len
+    tok = offs_m % q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    # Tensor-core operands: the query's dtype (a float8 cache is widened tile by tile), or float32 where the
+    # interpreter's bf16 dot is wrong (seen with Triton 3.8).
+    compute_dtype = tl.float32 if DOT_F32 else q.dtype
+    q = q.to(compute_dtype)
+
+    # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N.
+    start = tl.load(KV_START + b)
+    end = tl.load(KV_END + b)
+    chunk = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k.to(compute_dtype)))
+        if IS_FP8:
+            k_scale = tl.load(K_SCALE + b * stride_ksb + kv_head * stride_ksh + offs_n * stride_ksn, mask=n_ok, other=0.0)
+            scores = scores * k_scale[None, :]
+        scores = scores * qk_scale_log2
+        keep = row_ok[:, None] & n_ok[None, :]
+        if HAS_MASK:
+            allowed = tl.load(
+                MASK + b * stride_mb + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn,
+                mask=keep,
+                other=0,
+            )
+            keep = keep & (allowed != 0)
+        if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
+            keep = keep & (offs_n[None, :] <= end - q_len + tok[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if IS_FP8:  # P @ (s_v * V) == (P * s_v) @ V: scale the probabilities' columns instead of V's rows
+            v_scale = tl.load(V_SCALE + b * stride_vsb + kv_head * stride_vsh + offs_n * stride_vsn, mask=n_ok, other=0.0)
+            p = p * v_scale[None, :]
+        if DOT_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(compute_dtype), v.to(compute_dtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        tl.store(
+            OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + offs_d[None, :] * stride_od,
+            out.to(OUT.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+        rows = GROUP * q_len
+        part = (seq_head * num_splits + split) * rows
+        tl.store(PART_OUT + (part + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(PART_LSE + part + offs_m, lse, mask=row_ok)
+
+
+def _merge_splits(
+    PART_OUT, PART_LSE, OUT,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    num_kv_heads, q_len, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One program per query row: weight each split's partial output by exp(lse_split - lse_total) and sum."""
+    row = tl.program_id(0)
+    seq_head = tl.program_id(1)
+    b = seq_head // num_kv_heads
+    kv_head = seq_head % num_kv_heads
+    head = kv_head * GROUP + row // q_len
+    tok = row % q_len
+    rows = GROUP * q_len
+
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    part = (seq_head * num_splits + offs_s) * rows + row
+    lse = tl.load(PART_LSE + part, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2(lse - lse_max)
+    total = tl.sum(weight, 0)
+    weight = weight / tl.where(total > 0.0, total, 1.0)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    partial = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(partial * weight[:, None], 0)
+    tl.store(
+        OUT + b * stride_ob + head * stride_oh + tok * stride_ot + offs_d * stride_od,
+        out.to(OUT.dtype.element_ty),
+        mask=d_ok,
+    )
+
+
+@functools.cache
+def _compiled_kernels(interpret: bool):
+    """`triton.jit` picks the compiler or the interpreter when it wraps a function, so wrap once per mode."""
+    del interpret  # part of the cache key only: `triton.jit` reads TRITON_INTERPRET itself
+    return triton.jit(_split_kv_attention), triton.jit(_merge_splits)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so that the tests cross split boundaries
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str) -> int:
+    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
+    programs = batch_size * num_kv_heads
+    wanted = math.ceil(_PROGRAMS_PER_SM * _num_sms(torch.device(device)) / programs)
+    return max(1, min(wanted, math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)))
+
+
+# One remembered mask -> bounds pair: every layer of a forward pass gets the same mask tensor, so the bounds are
+# computed once per step. `_version` changes on any in-place write, so a reused buffer is never served stale.
+_last_bounds: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
+
+
+def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last cache position any new token of each sequence may attend to: `[B]` int32 each.
+
+    `mask` is boolean `[B, 1 or Hkv, q_len, kv_len]` (True = attend), as transformers' `sdpa_mask` builds it. The
+    kernel visits only `[start, end)` and applies the mask exactly inside it; this skips left padding and the
+    unwritten tail of a static cache. Computed on the device: no host synchronisation.
+    """
+    global _last_bounds
+    if _last_bounds is not None:
+        ref, version, start, end = _last_bounds
+        if ref() is mask and version == mask._version:
+            return start, end
+    allowed = mask.any(dim=1).any(dim=1)  # [B, kv_len]
+    kv_len = allowed.shape[-1]
+    as_int = allowed.to(torch.int8)
+    start = torch.argmax(as_int, dim=-1).to(torch.int32)  # argmax returns the first maximum
+    end = (kv_len - torch.argmax(as_int.flip(-1), dim=-1)).to(torch.int32)
+    _last_bounds = (weakref.ref(mask), mask._version, start, end)
+    return start, end
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of a few new tokens per sequence against a KV cache; returns `[B, q_len, Hq, D]` like transformers.
+
+    Args:
+        query: `[B, Hq, q_len, D]` (any strides).
+        key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
+            with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale).
+        scale: softmax scale, `D ** -0.5` by default.
+        attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
+            for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
+            each sequence's valid range and attend causally.
+        kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`), instead of a mask.
+        num_splits: cache slices per sequence and KV head (default: enough to fill the device).
+        block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, ...).
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention needs Triton (`pip install triton`)")
+    if not kernel_available(query.device):
+        raise RuntimeError(
+            f"decode_attention runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {query.device}"
+        )
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(f"query/key/value must be 4-D [B, H, S, D], got {query.shape}, {key.shape}, {value.shape}")
+    batch, num_heads, q_len, head_dim = query.shape
+    _, num_kv_heads, kv_len, _ = key.shape
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[-1] != head_dim:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query {tuple(query.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if key.dtype not in _CACHE_DTYPES or value.dtype != key.dtype:
+        raise ValueError(f"unsupported cache dtypes {key.dtype}/{value.dtype}; expected one of {_CACHE_DTYPES}")
+    if query.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"unsupported query dtype {query.dtype}")
+    is_fp8 = key.dtype == torch.float8_e4m3fn
+    if is_fp8:
+        if key_scale is None or value_scale is None:
+            raise ValueError("a float8 cache needs `key_scale` and `value_scale` ([B, Hkv, kv_len] float32)")
+        for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
+            if s.shape != key.shape[:3] or s.dtype != torch.float32:
+                raise ValueError(f"`{name}` must be float32 {tuple(key.shape[:3])}, got {s.dtype} {tuple(s.shape)}")
+    elif key.dtype != query.dtype:
+        raise ValueError(f"query dtype {query.dtype} differs from the cache's {key.dtype}")
+    if attention_mask is not None and kv_lengths is not None:
+        raise ValueError("pass either `attention_mask` or `kv_lengths`, not both")
+    group = num_heads // num_kv_heads
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    if block_m > 256:
+        raise ValueError(f"{group} query heads per KV head x {q_len} new tokens exceeds one 256-row tile")
+
+    device = query.device
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or attention_mask.shape[-2:] != (q_len, kv_len):
+            raise ValueError(
+                f"`attention_mask` must be boolean [B, 1, {q_len}, {kv_len}], got {attention_mask.dtype} "
+                f"{tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.expand(batch, -1, -1, -1)[:, 0]
+        if attention_mask.shape[1] != 1:  # one mask per head: the kernel takes the head-shared form only
+            if not torch.equal(attention_mask, attention_mask[:, :1].expand_as(attention_mask)):
+                raise ValueError("`attention_mask` must be the same for every head")
+        kv_start, kv_end = kv_bounds_from_mask(attention_mask)
+    else:
+        mask = None
+        if kv_lengths is not None:
+            kv_end = kv_lengths.to(device=device, dtype=torch.int32)
+        else:
+            kv_end = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+        kv_start = torch.zeros_like(kv_end)
+
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, kv_len, device)
+    num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
+    out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
+    out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
+    rows = group * q_len
+    if num_splits > 1:
+        part_out = torch.empty(batch * num_kv_heads * num_splits * rows * head_dim, dtype=torch.float32, device=device)
+        part_lse = torch.empty(batch * num_kv_heads * num_splits * rows, dtype=torch.float32, device=device)
+    else:
+        part_out = part_lse = out  # unused
+    dummy = kv_end  # stands in for absent optional pointers
+    k_scale = key_scale if is_fp8 else dummy
+    v_scale = value_scale if is_fp8 else dummy
+    ks_strides = key_scale.stride() if is_fp8 else (0, 0, 0)
+    vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
+    m_strides = mask.stride() if mask is not None else (0, 0, 0)
+    scale = head_dim**-0.5 if scale is None else scale
+
+    attention_kernel, merge_kernel = _compiled_kernels(interpreter_enabled())
+    attention_kernel[(num_splits, batch * num_kv_heads)](
+        query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
+        part_out, part_lse,
+        *query.stride(), *key.stride(), *value.stride(), *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
+        num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
+        GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
+        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8,
+        SINGLE_SPLIT=num_splits == 1, DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        merge_kernel[(rows, batch * num_kv_heads)](
+            part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        )  # fmt: skip
+    return out
