@@ -1,5 +1,31 @@
-"""Fast decoding kernels for Step-3: split-KV decode attention (Triton) and its transformers integration."""
+"""Fast Step-3 decoding: a Triton split-KV decode-attention kernel, a float8 KV cache, and their transformers hookup.
+
+Importing this package registers `attn_implementation="mfa_decode"` with transformers.
+"""
 
 from .decode_attention import decode_attention, default_num_splits, interpreter_enabled, kernel_available
+from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
+from .transformers_attention import (
+    MAX_DECODE_TOKENS,
+    MFA_DECODE_ATTENTION,
+    decode_kernel_preferred,
+    mfa_decode_attention_forward,
+    register,
+)
 
-__all__ = ["decode_attention", "default_num_splits", "interpreter_enabled", "kernel_available"]
+register()
+
+__all__ = [
+    "decode_attention",
+    "default_num_splits",
+    "interpreter_enabled",
+    "kernel_available",
+    "Float8KV",
+    "Float8StaticCache",
+    "Float8StaticLayer",
+    "quantize_float8",
+    "MAX_DECODE_TOKENS",
+    "MFA_DECODE_ATTENTION",
+    "decode_kernel_preferred",
+    "mfa_decode_attention_forward",
+]

@@ -1,0 +1,97 @@
+"""A static KV cache stored as float8 e4m3 with one float32 scale per cached token and head.
+
+Decoding reads the whole cache every step, so halving its bytes nearly halves the attention time. Each new key
+(value) row is scaled by `amax(|row|) / 448` (448 being e4m3's largest finite value) and rounded to e4m3; the
+decode kernel widens the bytes tile by tile and applies the scales to the scores (keys) and to the probabilities
+(values), so the cache is never dequantised in memory. Calls the kernel does not take (prefill) see the
+dequantised cache.
+
+    cache = Float8StaticCache(model.config, max_cache_len=4096)
+    model.generate(**inputs, past_key_values=cache)  # needs attn_implementation="mfa_decode"
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, StaticLayer
+
+__all__ = ["Float8KV", "Float8StaticLayer", "Float8StaticCache", "quantize_float8"]
+
+FLOAT8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
+
+
+class Float8KV(NamedTuple):
+    """A float8 cache tensor and its scales: `data` `[B, H, S, D]` e4m3, `scale` `[B, H, S]` float32."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.data.to(torch.float32) * self.scale[..., None]).to(dtype)
+
+
+def quantize_float8(states: torch.Tensor) -> Float8KV:
+    """Per-row (last dimension) symmetric e4m3 quantisation of `[..., D]` states."""
+    amax = states.detach().abs().amax(dim=-1).to(torch.float32)
+    scale = torch.clamp(amax, min=torch.finfo(torch.float32).tiny) / FLOAT8_MAX
+    data = (states.to(torch.float32) / scale[..., None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    return Float8KV(data, scale)
+
+
+class Float8StaticLayer(StaticLayer):
+    """`StaticLayer` whose keys and values are float8 e4m3 plus per-token scales; `update` returns `Float8KV`s."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
+        self.values = torch.zeros((*shape, self.v_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
+        self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[Float8KV, Float8KV]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_tokens = key_states.shape[-2]
+        positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(new_tokens)
+        stores = ((key_states, self.keys, self.key_scales), (value_states, self.values, self.value_scales))
+        for states, data, scales in stores:
+            quantized = quantize_float8(states)
+            # index_copy_ has no float8 kernel: copy the bytes.
+            data.view(torch.uint8).index_copy_(2, positions, quantized.data.view(torch.uint8))
+            scales.index_copy_(2, positions, quantized.scale)
+        return Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales)
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.view(torch.uint8).zero_()
+            self.values.view(torch.uint8).zero_()
+            self.key_scales.zero_()
+            self.value_scales.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            self.keys = self.keys.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn)
+            self.values = self.values.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn)
+            self.key_scales = self.key_scales.index_select(0, beam_idx)
+            self.value_scales = self.value_scales.index_select(0, beam_idx)
+
+
+class Float8StaticCache(Cache):
+    """Static cache of `max_cache_len` tokens per layer in float8 e4m3 (half the bytes of bf16)."""
+
+    def __init__(self, config: PreTrainedConfig, max_cache_len: int):
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[Float8StaticLayer(max_cache_len=max_cache_len) for _ in range(num_layers)])

@@ -1,0 +1,82 @@
+"""`attn_implementation="mfa_decode"`: the split-KV decode kernel for decode steps, SDPA for everything else.
+
+Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask builder, its
+`AttentionMaskInterface`, so `from_pretrained(..., attn_implementation="mfa_decode")` and `generate()` use it with
+dynamic, static and `Float8StaticCache` caches. Each call takes the kernel only when the kernel computes exactly
+what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolean (or no) mask shared by the
+heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`). Step-3 models pick it by default where
+`decode_kernel_preferred()` holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .decode_attention import decode_attention, kernel_available, triton
+from .float8_kv_cache import Float8KV
+
+__all__ = ["MFA_DECODE_ATTENTION", "MAX_DECODE_TOKENS", "decode_kernel_preferred", "mfa_decode_attention_forward"]
+
+MFA_DECODE_ATTENTION = "mfa_decode"
+# New tokens per sequence that still count as decoding (speculative drafts, a few tokens of chunked input); above
+# this the call is compute-bound and SDPA's prefill kernels are the right tool.
+MAX_DECODE_TOKENS = 4
+# Calls whose kwargs ask for something the kernel does not do.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def decode_kernel_preferred() -> bool:
+    """Whether Step-3 defaults to `mfa_decode`: Triton present and a CUDA device with bf16 (compute capability 8+)."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    cache = key.data if isinstance(key, Float8KV) else key
+    return (
+        kernel_available(query.device)
+        and query.shape[2] <= MAX_DECODE_TOKENS
+        and query.shape[1] // cache.shape[1] * query.shape[2] <= 256
+        and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and cache.dtype in (query.dtype, torch.float8_e4m3fn)
+        and (dropout == 0.0 or not module.training)
+        and not (torch.is_grad_enabled() and query.requires_grad)
+        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1))
+        and not kwargs.get("output_attentions", False)
+        and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
+    )
+
+
+def mfa_decode_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | Float8KV,
+    value: torch.Tensor | Float8KV,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: `query` `[B, Hq, q, D]`, cache `[B, Hkv, kv, D]` -> `([B, q, Hq, D], None)`."""
+    if _kernel_takes(module, query, key, attention_mask, dropout, kwargs):
+        if isinstance(key, Float8KV):
+            out = decode_attention(
+                query, key.data, value.data, scale=scaling, attention_mask=attention_mask,
+                key_scale=key.scale, value_scale=value.scale,
+            )  # fmt: skip
+        else:
+            out = decode_attention(query, key, value, scale=scaling, attention_mask=attention_mask)
+        return out, None
+    if isinstance(key, Float8KV):
+        key, value = key.dequantize(query.dtype), value.dequantize(query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register() -> None:
+    """Make `attn_implementation="mfa_decode"` known to transformers (idempotent)."""
+    AttentionInterface.register(MFA_DECODE_ATTENTION, mfa_decode_attention_forward)
+    AttentionMaskInterface.register(MFA_DECODE_ATTENTION, sdpa_mask)

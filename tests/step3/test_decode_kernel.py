@@ -1,0 +1,184 @@
+"""Split-KV decode attention against a float64 reference: on CPU through Triton's interpreter, and on CUDA.
+
+`TRITON_INTERPRET=1` only takes effect if it is set before Triton is first imported, and other test modules import
+step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter,
+`test_cpu_cases_under_triton_interpreter` re-runs this file in a fresh interpreter-mode subprocess, and the cases
+themselves run here only on CUDA.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from step3_hf.kernels import (
+    Float8StaticCache,
+    decode_attention,
+    interpreter_enabled,
+    quantize_float8,
+)
+
+INTERPRETED = interpreter_enabled()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
+if INTERPRETED:
+    DEVICES = ["cpu"]
+else:
+    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_cpu_cases_under_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stdout[-4000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def reference_attention(query, key, value, scale, allowed):
+    """float64 softmax attention; `allowed` `[B, q, kv]` bool; returns `[B, q, Hq, D]`."""
+    group = query.shape[1] // key.shape[1]
+    key = key.double().repeat_interleave(group, dim=1)
+    value = value.double().repeat_interleave(group, dim=1)
+    scores = (query.double() @ key.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1))  # a row with nothing allowed attends to nothing (output 0)
+    return (probs @ value).transpose(1, 2)
+
+
+def relative_error(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def random_case(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_len, heads, head_dim, generator=generator).transpose(1, 2)  # transformers' strides
+    key = torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator)
+    value = torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator)
+    return [t.to(device=device, dtype=dtype) for t in (query, key, value)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_ragged_lengths_and_split_boundaries(device, dtype, num_splits):
+    # kv_len 200 with block 64 and 3 or 8 splits puts split edges inside and between blocks; lengths 1, 64, 65
+    # and 200 hit a single position, a block edge, one past it, and the full cache.
+    query, key, value = random_case(4, 16, 2, 1, 200, 32, dtype, device, seed=num_splits)
+    lengths = torch.tensor([200, 1, 65, 64])
+    out = decode_attention(query, key, value, kv_lengths=lengths.to(device), num_splits=num_splits)
+    allowed = torch.arange(200)[None, None, :] < lengths[:, None, None]
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, allowed)
+    assert out.shape == (4, 1, 16, 32) and out.dtype == dtype
+    assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len", [2, 3])
+def test_several_new_tokens_attend_causally_at_the_end(device, q_len):
+    query, key, value = random_case(2, 8, 1, q_len, 150, 64, torch.float32, device, seed=q_len)
+    lengths = torch.tensor([150, 70])
+    out = decode_attention(query, key, value, kv_lengths=lengths.to(device), num_splits=2, scale=0.3)
+    positions = torch.arange(150)
+    last_allowed = lengths[:, None] - q_len + torch.arange(q_len)[None, :]  # [B, q]
+    allowed = positions[None, None, :] <= last_allowed[:, :, None]
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 0.3, allowed)
+    assert relative_error(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_boolean_mask_left_padding_and_static_tail(device, num_splits):
+    # Left padding (rows start at 0, 30, 97), an unwritten static-cache tail (rows end at 160, 140, 100), causal
+    # over two new tokens, and random holes: the kernel must follow the mask exactly.
+    query, key, value = random_case(3, 8, 1, 2, 192, 32, torch.float32, device, seed=7)
+    positions = torch.arange(192)
+    starts, ends = torch.tensor([0, 30, 97]), torch.tensor([160, 140, 100])
+    allowed = (positions >= starts[:, None, None]) & (positions < ends[:, None, None] - 1 + torch.arange(2)[:, None])
+    allowed &= torch.rand(3, 2, 192, generator=torch.Generator().manual_seed(3)) > 0.2
+    mask = allowed[:, None].to(device)
+    out = decode_attention(query, key, value, attention_mask=mask, num_splits=num_splits)
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, allowed)
+    assert relative_error(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_row_gives_zeros(device):
+    query, key, value = random_case(2, 4, 1, 1, 80, 16, torch.float32, device, seed=1)
+    mask = torch.ones(2, 1, 1, 80, dtype=torch.bool)
+    mask[1] = False
+    out = decode_attention(query, key, value, attention_mask=mask.to(device), num_splits=2)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits):
+    query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
+    key8, value8 = quantize_float8(key), quantize_float8(value)
+    assert key8.data.dtype == torch.float8_e4m3fn and key8.scale.shape == (3, 1, 130)
+    lengths = torch.tensor([130, 5, 64])
+    out = decode_attention(
+        query, key8.data, value8.data, key_scale=key8.scale, value_scale=value8.scale,
+        kv_lengths=lengths.to(device), num_splits=num_splits,
+    )  # fmt: skip
+    allowed = torch.arange(130)[None, None, :] < lengths[:, None, None]
+    dequantised = [t.data.cpu().double() * t.scale.cpu().double()[..., None] for t in (key8, value8)]
+    ref = reference_attention(query.cpu(), *dequantised, 64**-0.5, allowed)
+    assert relative_error(out.cpu(), ref) < 1e-2
+    # ... and stays within float8's rounding of the unquantised cache.
+    exact = reference_attention(query.cpu(), key.cpu(), value.cpu(), 64**-0.5, allowed)
+    assert relative_error(out.cpu(), exact) < 8e-2
+
+
+def test_quantize_float8_round_trip_within_e4m3_precision():
+    states = torch.randn(2, 1, 33, 64) * torch.logspace(-3, 3, 33)[None, None, :, None]
+    quantized = quantize_float8(states)
+    restored = quantized.dequantize(torch.float64)
+    error = (restored - states.double()).abs() / states.double().abs().amax(-1, keepdim=True)
+    assert error.max().item() <= 2**-4  # e4m3 keeps 3 mantissa bits: half-ulp <= 1/16 of the row's amax
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_clear_errors(device):
+    query, key, value = random_case(1, 8, 1, 1, 16, 16, torch.float32, device, seed=0)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(query, key.expand(1, 3, 16, 16), value.expand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="key_scale"):
+        decode_attention(query, key.to(torch.float8_e4m3fn), value.to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="boolean"):
+        decode_attention(query, key, value, attention_mask=torch.zeros(1, 1, 1, 16, device=device))
+    with pytest.raises(ValueError, match="either"):
+        decode_attention(query, key, value, attention_mask=torch.ones(1, 1, 1, 16, dtype=torch.bool, device=device),
+                         kv_lengths=torch.tensor([16], device=device))
+
+
+def test_cpu_without_interpreter_is_refused():
+    if INTERPRETED:
+        pytest.skip("this process runs the interpreter")
+    query, key, value = random_case(1, 8, 1, 1, 16, 16, torch.float32, "cpu", seed=0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        decode_attention(query, key, value)
+
+
+def test_float8_static_cache_stores_e4m3_and_scales():
+    config = type("C", (), {"get_text_config": lambda self, decoder=True: type("T", (), {"num_hidden_layers": 2})()})()
+    cache = Float8StaticCache(config, max_cache_len=10)
+    key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
+    stored_key, stored_value = cache.update(key, value, layer_idx=0)
+    assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
+    torch.testing.assert_close(stored_key.dequantize(torch.float32)[:, :, :3], key, rtol=0.07, atol=0.0)
+    torch.testing.assert_close(stored_value.dequantize(torch.float32)[:, :, :3], value, rtol=0.07, atol=0.0)
+    assert (stored_key.scale[:, :, 3:] == 0).all()
+    assert int(cache.get_seq_length(0)) == 3
+    cache.update(torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16), layer_idx=0)
+    assert int(cache.get_seq_length(0)) == 4
