@@ -182,3 +182,104 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     assert int(cache.get_seq_length(0)) == 3
     cache.update(torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16), layer_idx=0)
     assert int(cache.get_seq_length(0)) == 4
+
+
+# --- through transformers: `attn_implementation="mfa_decode"` in generate() ---
+
+PROMPTS = [[1, 17, 33, 90, 4, 5, 6], [1, 200], [1, 8, 9, 10, 77]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from step3_hf.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("decode_kernel"), seed=3)
+
+
+def load(checkpoint, attention, device, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation=attention, dtype=dtype)
+    model = model.to(device).eval()
+    with torch.no_grad():  # larger weights, so that greedy continuations vary from token to token
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach the kernel, so that a silent fall back to SDPA cannot pass for the kernel."""
+    from step3_hf.kernels import transformers_attention
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(transformers_attention, "decode_attention", counted)
+    return calls
+
+
+def left_padded_batch(device):
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=device)
+    return ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_generate_matches_sdpa_with_left_padding(checkpoint, device, cache_implementation, kernel_calls):
+    from transformers import GenerationConfig
+
+    ids, mask = left_padded_batch(device)
+    config = GenerationConfig(
+        max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache_implementation,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    outputs = {}
+    for attention in ("sdpa", "mfa_decode"):
+        with torch.no_grad():
+            outputs[attention] = load(checkpoint, attention, device).generate(
+                ids, attention_mask=mask, generation_config=config
+            )
+    assert outputs["mfa_decode"].sequences.tolist() == outputs["sdpa"].sequences.tolist()
+    for ours, theirs in zip(outputs["mfa_decode"].scores, outputs["sdpa"].scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert len(kernel_calls) == 4 * 7 and all(shape[2] == 1 for shape in kernel_calls)  # 4 layers x 7 decode steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatch):
+    from transformers import GenerationConfig
+
+    from step3_hf.kernels import transformers_attention
+
+    ids, mask = left_padded_batch(device)
+    config = GenerationConfig(
+        max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    model = load(checkpoint, "mfa_decode", device)
+
+    def generate(cache):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, generation_config=config, past_key_values=cache)
+
+    cache = Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 6)
+    with_kernel = generate(cache)
+    assert cache.layers[0].keys.dtype == torch.float8_e4m3fn
+    assert len(kernel_calls) == 4 * 5
+    # The same float8 cache dequantised in memory and read by SDPA gives the same tokens and logits.
+    monkeypatch.setattr(transformers_attention, "MAX_DECODE_TOKENS", 0)
+    dequantised = generate(Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 6))
+    assert len(kernel_calls) == 4 * 5
+    assert with_kernel.sequences.tolist() == dequantised.sequences.tolist()
+    for ours, theirs in zip(with_kernel.logits, dequantised.logits):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # And float8 rounding moves the first decode step's logits only a little from the bf16-free static cache.
+    full = generate(None)
+    first_full, first_fp8 = full.logits[1].double(), with_kernel.logits[1].double()
+    assert ((first_fp8 - first_full).norm() / first_full.norm()).item() < 0.1
