@@ -1,0 +1,179 @@
+"""The attention side of a disaggregated Step-3: a `GenerationMixin` model whose layers keep only their
+attention half (plus the post-attention norm and the MoE router) and hand the FFN half to the FFN ranks.
+
+`generate()` runs on it unchanged -- sampling, logits processors, stopping criteria, left padding -- because
+only the decoder-layer loop differs from `Step3ForCausalLM`: it is `pipeline.run_layers`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..checkpoint_layout import official_tensor_shapes
+from ..configuration_step3 import Step3Config
+from ..modeling_step3 import (
+    _CACHE_NAME,
+    Step3DecoderLayer,
+    Step3PreTrainedModel,
+    Step3RMSNorm,
+    Step3RotaryEmbedding,
+)
+from .checkpoint import CheckpointReader, role_of_tensor
+from .exchange import AttentionExchange
+from .pipeline import run_layers
+from .placement import Role
+from .timing import PhaseTimer
+from .wire import WireFormat
+
+
+def attention_module_name(official_name: str) -> str:
+    """Official tensor name -> this model's parameter name (only the MoE router moves: it is `layer.router`)."""
+    return official_name.replace(".moe.gate.weight", ".router.weight")
+
+
+def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:
+    # The FFN half is built on the meta device only to be dropped: no expert memory is ever allocated here.
+    with torch.device("meta"):
+        layer = Step3DecoderLayer(config, layer_idx)
+    router = layer.mlp.gate if layer.is_moe_layer else None
+    del layer.mlp
+    layer.router = router
+    return layer
+
+
+class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
+    """Embedding, attention layers, norms, routers and LM head of Step-3; build with `from_checkpoint` (reads
+    only these tensors) or `from_random`, then `connect` it to the FFN ranks."""
+
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: Step3Config):
+        super().__init__(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.model.layers = nn.ModuleList(_attention_half(config, i) for i in range(config.num_hidden_layers))
+        self.model.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.model.rotary_emb = Step3RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.exchange: AttentionExchange | None = None
+        self.micro_batches = 3
+        self.wire = WireFormat.FP8
+        self.timer = PhaseTimer(torch.device("cpu"))
+        self.post_init()
+
+    # ----- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def _empty(cls, config: Step3Config, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.to(dtype)
+        model.model.rotary_emb = Step3RotaryEmbedding(config).to(device)  # its buffers were on meta
+        model.set_attn_implementation(attn_implementation)
+        model.timer = PhaseTimer(torch.device(device))
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls, reader: CheckpointReader, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ) -> "Step3AFDAttentionForCausalLM":
+        """Read exactly the attention-side tensors of an official checkpoint."""
+        config = reader.config
+        model = cls._empty(config, torch.device(device), dtype, attn_implementation)
+        params = dict(model.named_parameters())
+        expected = {
+            attention_module_name(n) for n in official_tensor_shapes(config) if role_of_tensor(n) is Role.ATTENTION
+        }
+        if expected != set(params):
+            raise RuntimeError(f"attention-side parameters do not match the checkpoint layout: "
+                               f"{sorted(expected ^ set(params))[:8]}")
+        with torch.no_grad():
+            for name in official_tensor_shapes(config):
+                if role_of_tensor(name) is Role.ATTENTION:
+                    params[attention_module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(reader.path)
+        except OSError:  # no generation_config.json: derive it from the top-level (possibly step3_vl) config
+            model.generation_config = GenerationConfig.from_model_config(reader.full_config)
+        return model
+
+    @classmethod
+    def from_random(
+        cls, config: Step3Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+        std: float = 0.02, attn_implementation: str = "sdpa", seed: int = 0,
+    ) -> "Step3AFDAttentionForCausalLM":
+        """Random weights (for benchmarks of real layer widths without a checkpoint)."""
+        model = cls._empty(config, torch.device(device), dtype, attn_implementation)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std, generator=generator)
+        return model
+
+    def connect(self, exchange: AttentionExchange, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+        self.exchange, self.micro_batches, self.wire = exchange, micro_batches, WireFormat(wire)
+        return self
+
+    # ----- forward ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if self.exchange is None:
+            raise RuntimeError("this attention-side model is not connected to FFN ranks: call `connect(exchange)` "
+                               "or build it through `step3_hf.afd.start(...).attention_model()`")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{_CACHE_NAME: cache},
+        )
+        self.timer.start_step()
+        hidden_states = run_layers(
+            self.model.layers,
+            inputs_embeds,
+            position_embeddings=self.model.rotary_emb(inputs_embeds, position_ids=position_ids),
+            attention_mask=causal_mask,
+            cache=cache,
+            exchange=self.exchange,
+            micro_batches=self.micro_batches,
+            wire=self.wire,
+            timer=self.timer,
+            position_ids=position_ids,
+        )
+        hidden_states = self.model.norm(hidden_states)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        self.timer.end_step()
+        return CausalLMOutputWithPast(logits=logits, **{_CACHE_NAME: cache})

@@ -1,0 +1,158 @@
+"""The FFN side of a disaggregated Step-3: the dense MLPs, shared experts and (a range of) routed experts,
+and the serve loop that runs them on whatever the attention ranks send.
+
+With several FFN ranks, each owns a contiguous range of experts (`Step3Experts` in transformers' expert-parallel
+mode: tokens routed elsewhere get the sentinel id and weight 0, and grouped_mm skips them) and a slice of the
+intermediate channels of every dense MLP and shared expert; its output is a partial sum.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..configuration_step3 import Step3Config
+from ..modeling_step3 import Step3Experts, Step3MLP
+from .checkpoint import CheckpointReader
+from .exchange import FFNExchange
+from .placement import Placement
+from .timing import PhaseTimer
+
+
+class FFNLayerShard(nn.Module):
+    """One layer's FFN half on one FFN rank; `forward` returns this rank's (partial) `FFN(x)`, no residual."""
+
+    def __init__(self, config: Step3Config, layer_idx: int, placement: Placement, ffn_index: int):
+        super().__init__()
+        self.is_moe_layer = layer_idx in config.moe_layer_indices
+        self.split = placement.ffn_ranks > 1
+        if not self.is_moe_layer:
+            c0, c1 = placement.channel_range(ffn_index, config.intermediate_size)
+            self.mlp = Step3MLP(config, intermediate_size=c1 - c0)
+            return
+        c0, c1 = placement.channel_range(ffn_index, config.share_expert_dim)
+        self.shared_expert = Step3MLP(config, intermediate_size=c1 - c0)
+        self.first_expert, last = placement.expert_range(ffn_index, config.moe_num_experts)
+        self.experts = Step3Experts(config)
+        local = last - self.first_expert
+        self.experts.num_experts = local
+        self.experts.gate_up_proj = nn.Parameter(torch.empty(local, 2 * config.moe_intermediate_size, config.hidden_size))
+        self.experts.down_proj = nn.Parameter(torch.empty(local, config.hidden_size, config.moe_intermediate_size))
+        self.experts._is_expert_parallel = self.split
+
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor | None, top_k_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self.is_moe_layer:
+            return self.mlp(hidden)
+        if self.split:
+            local = top_k_index - self.first_expert
+            elsewhere = (local < 0) | (local >= self.experts.num_experts)
+            top_k_index = local.masked_fill(elsewhere, self.experts.num_experts)
+            top_k_weights = top_k_weights.masked_fill(elsewhere, 0.0)
+        return self.experts(hidden, top_k_index, top_k_weights) + self.shared_expert(hidden)
+
+
+def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
+    """(module name, [(official name, slice index)], concat dim) of every tensor this FFN rank owns."""
+    moe = set(config.moe_layer_indices)
+    for layer in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{layer}.", f"layers.{layer}."
+        if layer in moe:
+            mlp_src, mlp_dst, width = src + "share_expert.", dst + "shared_expert.", config.share_expert_dim
+        else:
+            mlp_src, mlp_dst, width = src + "mlp.", dst + "mlp.", config.intermediate_size
+        channels = slice(*placement.channel_range(ffn_index, width))
+        yield mlp_dst + "gate_proj.weight", [(mlp_src + "gate_proj.weight", (channels,))]
+        yield mlp_dst + "up_proj.weight", [(mlp_src + "up_proj.weight", (channels,))]
+        yield mlp_dst + "down_proj.weight", [(mlp_src + "down_proj.weight", (slice(None), channels))]
+        if layer in moe:
+            experts = (slice(*placement.expert_range(ffn_index, config.moe_num_experts)),)
+            yield dst + "experts.gate_up_proj", [(src + "moe.gate_proj.weight", experts), (src + "moe.up_proj.weight", experts)]
+            yield dst + "experts.down_proj", [(src + "moe.down_proj.weight", experts)]
+
+
+class Step3FFNShard(nn.Module):
+    """All layers' FFN halves owned by one FFN rank."""
+
+    def __init__(self, config: Step3Config, placement: Placement, ffn_index: int):
+        super().__init__()
+        config = copy.deepcopy(config)
+        # grouped_mm: what `from_pretrained` picks for Step-3, and the implementation that skips EP sentinels.
+        config._experts_implementation = "grouped_mm"
+        self.config = config
+        self.placement = placement
+        self.ffn_index = ffn_index
+        self.layers = nn.ModuleList(
+            FFNLayerShard(config, i, placement, ffn_index) for i in range(config.num_hidden_layers)
+        )
+
+    @classmethod
+    def _empty(cls, config, placement, ffn_index, device, dtype) -> "Step3FFNShard":
+        with torch.device("meta"):
+            shard = cls(config, placement, ffn_index)
+        return shard.to_empty(device=device).to(dtype).eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls, reader: CheckpointReader, placement: Placement, ffn_index: int, *,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> "Step3FFNShard":
+        """Read exactly this rank's FFN tensors (its experts, its MLP channels) from an official checkpoint."""
+        shard = cls._empty(reader.config, placement, ffn_index, device, dtype)
+        params = dict(shard.named_parameters())
+        loaded = set()
+        with torch.no_grad():
+            for module_name, sources in _ffn_tensors(reader.config, placement, ffn_index):
+                parts = [reader.read(name, dtype=dtype, device=device, index=index) for name, index in sources]
+                params[module_name].copy_(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+                loaded.add(module_name)
+        if loaded != set(params):
+            raise RuntimeError(f"FFN shard parameters not loaded: {sorted(set(params) - loaded)[:8]}")
+        return shard
+
+    @classmethod
+    def from_random(
+        cls, config: Step3Config, placement: Placement, ffn_index: int, *, device="cpu", dtype=torch.bfloat16,
+        std: float = 0.02, seed: int = 1,
+    ) -> "Step3FFNShard":
+        shard = cls._empty(config, placement, ffn_index, device, dtype)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for param in shard.parameters():
+                param.normal_(0.0, std, generator=generator)
+        return shard
+
+    def forward(self, layer: int, hidden, top_k_index=None, top_k_weights=None) -> torch.Tensor:
+        return self.layers[layer](hidden, top_k_index, top_k_weights)
+
+
+@torch.no_grad()
+def serve(shard: Step3FFNShard, exchange: FFNExchange, timer: PhaseTimer) -> None:
+    """Answer the attention ranks until every one of them has said it is done.
+
+    Each round takes the next message of every running attention rank; those for the same layer (normally
+    all of them: the attention ranks run the same schedule) are concatenated and computed as one batch.
+    """
+    while not exchange.finished:
+        arrivals = exchange.receive_round()
+        if not arrivals:
+            continue
+        timer.start_step()
+        by_layer = defaultdict(list)
+        for arrival in arrivals:
+            by_layer[arrival.layer].append(arrival)
+        for layer, group in by_layer.items():
+            with timer.phase("ffn"):
+                hidden = torch.cat([a.hidden for a in group])
+                routed = group[0].top_k_index is not None
+                top_k_index = torch.cat([a.top_k_index for a in group]) if routed else None
+                top_k_weights = torch.cat([a.top_k_weights for a in group]) if routed else None
+                out = shard(layer, hidden, top_k_index, top_k_weights)
+            for arrival, part in zip(group, out.split([a.hidden.shape[0] for a in group])):
+                exchange.respond(arrival, part)
+        timer.end_step()
+    exchange.close()
