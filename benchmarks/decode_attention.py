@@ -1,0 +1,214 @@
+"""Decode attention on Step-3 shapes: our split-KV kernel (bf16 and float8 cache) vs PyTorch SDPA vs flash-attn.
+
+One new token per sequence, 64 query heads sharing 1 KV head of dim 256. Effective bandwidth = cache bytes read /
+time (the bytes any kernel must read at least); the ceiling is a device-to-device copy measured in the same run
+(bytes read + written / time). Every variant is first checked against a float64 reference on a small batch.
+
+    python benchmarks/decode_attention.py                  # the table
+    python benchmarks/decode_attention.py --sweep          # launch-parameter sweep first (block, warps, stages, splits)
+    python benchmarks/decode_attention.py --json out.json  # also write every number
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from step3_hf.kernels import decode_attention, default_num_splits, quantize_float8
+
+HEADS, KV_HEADS, HEAD_DIM = 64, 1, 256
+BATCHES = (1, 8, 32, 128)
+CONTEXTS = (1024, 4096, 16384, 65536)
+ROTATE_BYTES = 512 << 20  # inputs rotated through this many bytes so that L2 (60 MB) cannot serve repeats
+
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 4 GiB: bytes read + written per second."""
+    src = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * (1 << 32) / (ms * 1e-3)
+
+
+def timed_per_call(fn, inputs: list, reps: int = 20) -> float:
+    """Median seconds per call of `fn(*inputs[i])`, cycling through `inputs`, replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in inputs:  # warm up (compiles) outside the graph
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in inputs:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / len(inputs))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(batch: int, context: int, copies: int, seed: int = 0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    sets = []
+    for _ in range(copies):
+        query = torch.randn(batch, 1, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
+        key = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
+        value = torch.randn_like(key)
+        sets.append((query.transpose(1, 2), key, value))
+    return sets
+
+
+def reference(query, key, value, scale):
+    key = key.double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    value = value.double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    probs = ((query.double() @ key.transpose(-1, -2)) * scale).softmax(-1)
+    return (probs @ value).transpose(1, 2)
+
+
+def variants(**launch):
+    scale = HEAD_DIM**-0.5
+
+    def ours(q, k, v):
+        return decode_attention(q, k, v, scale=scale, **launch)
+
+    def ours_fp8(q, k8, v8):
+        return decode_attention(q, k8.data, v8.data, scale=scale, key_scale=k8.scale, value_scale=v8.scale, **launch)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).transpose(1, 2)
+
+    found = {"ours bf16": (ours, False), "ours fp8": (ours_fp8, True), "SDPA enable_gqa": (sdpa, False)}
+    if flash_attn_with_kvcache is not None:
+
+        def flash(q, k, v):  # flash-attn wants [B, S, H, D]
+            return flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+
+        found["flash_attn_with_kvcache"] = (flash, False)
+    return found
+
+
+def check_correctness() -> None:
+    (query, key, value), = make_inputs(3, 3000, 1, seed=1)
+    ref = reference(query, key, value, HEAD_DIM**-0.5)
+    for name, (fn, fp8) in variants().items():
+        k, v = (quantize_float8(key), quantize_float8(value)) if fp8 else (key, value)
+        out = fn(query, k, v)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        limit = 6e-2 if fp8 else 1e-2
+        print(f"check {name:26s} rel. error vs float64 {err:.2e} (limit {limit})")
+        assert err < limit, name
+
+
+def run_table(bandwidth: float, args) -> list[dict]:
+    rows = []
+    for batch, context in itertools.product(args.batches, args.contexts):
+        kv_bytes = batch * KV_HEADS * context * HEAD_DIM * 2 * 2
+        copies = max(1, min(32, math.ceil(ROTATE_BYTES / kv_bytes)))
+        inputs = make_inputs(batch, context, copies)
+        row = {"batch": batch, "context": context, "kv_MiB": kv_bytes / 2**20,
+               "splits": default_num_splits(batch, KV_HEADS, context, "cuda")}  # fmt: skip
+        for name, (fn, fp8) in variants().items():
+            args_list = [(q, quantize_float8(k), quantize_float8(v)) if fp8 else (q, k, v) for q, k, v in inputs]
+            seconds = timed_per_call(fn, args_list)
+            read = kv_bytes / 2 * (1 + 8 / HEAD_DIM) if fp8 else kv_bytes  # fp8 bytes + one fp32 scale per row
+            row[name] = {"us": seconds * 1e6, "TBps": read / seconds / 1e12}
+            del args_list
+        rows.append(row)
+        del inputs
+        torch.cuda.empty_cache()
+        cells = "  ".join(f"{n}: {row[n]['us']:8.1f} us {row[n]['TBps']:5.2f} TB/s" for n in variants())
+        print(f"B={batch:4d} ctx={context:6d}  {cells}", flush=True)
+    return rows
+
+
+def sweep(args) -> list[dict]:
+    """Time launch parameters on a few shapes; print the best per shape and cache dtype."""
+    results = []
+    shapes = [(1, 65536), (8, 16384), (32, 32768), (128, 4096), (128, 16384)]
+    for batch, context in shapes:
+        (query, key, value), = make_inputs(batch, context, 1)
+        k8, v8 = quantize_float8(key), quantize_float8(value)
+        default = default_num_splits(batch, KV_HEADS, context, "cuda")
+        split_choices = sorted({max(1, default // 2), default, default * 2})
+        for fp8 in (False, True):
+            best = None
+            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_choices):
+                launch = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+                fn, _ = variants(**launch)["ours fp8" if fp8 else "ours bf16"]
+                try:
+                    seconds = timed_per_call(fn, [(query, k8, v8) if fp8 else (query, key, value)], reps=10)
+                except Exception as err:  # e.g. out of shared memory for this block/stage combination
+                    results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "error": str(err)[:200]})
+                    continue
+                read = batch * context * HEAD_DIM * 2 * (1 if fp8 else 2)
+                results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "us": seconds * 1e6,
+                                "TBps": read / seconds / 1e12})  # fmt: skip
+                if best is None or seconds < best[0]:
+                    best = (seconds, launch)
+            print(f"sweep B={batch} ctx={context} {'fp8' if fp8 else 'bf16'}: best {best[1]} "
+                  f"{best[0] * 1e6:.1f} us (default splits {default})", flush=True)  # fmt: skip
+        del query, key, value, k8, v8
+        torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="sweep launch parameters before the table")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    parser.add_argument("--json", help="write all numbers to this file")
+    args = parser.parse_args()
+
+    device = torch.cuda.get_device_name()
+    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"flash_attn: {'yes' if flash_attn_with_kvcache is not None else 'not installed'}")
+    bandwidth = copy_bandwidth()
+    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
+    check_correctness()
+    sweep_rows = sweep(args) if args.sweep else []
+    rows = run_table(bandwidth, args)
+
+    names = list(variants())
+    print(f"\nDecode attention, Step-3 shapes ({HEADS} q heads, {KV_HEADS} KV head, d={HEAD_DIM}), one new token;")
+    print(f"effective TB/s = cache bytes / time; ceiling (copy) {bandwidth / 1e12:.2f} TB/s\n")
+    print("| batch | context | KV MiB | " + " | ".join(f"{n} us (TB/s)" for n in names) + " | ours/SDPA | fp8/bf16 |")
+    print("|---" * (5 + len(names)) + "|")
+    for row in rows:
+        cells = " | ".join(f"{row[n]['us']:.1f} ({row[n]['TBps']:.2f})" for n in names)
+        speedup = row["SDPA enable_gqa"]["us"] / row["ours bf16"]["us"]
+        fp8_speedup = row["ours bf16"]["us"] / row["ours fp8"]["us"]
+        print(f"| {row['batch']} | {row['context']} | {row['kv_MiB']:.0f} | {cells} | {speedup:.2f}x | {fp8_speedup:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "platform": platform.platform(), "torch": torch.__version__,
+                       "triton": triton.__version__, "copy_TBps": bandwidth / 1e12, "rows": rows,
+                       "sweep": sweep_rows}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
