@@ -148,7 +148,7 @@ def run_table(bandwidth: float, args) -> list[dict]:
 def sweep(args) -> list[dict]:
     """Time launch parameters on a few shapes; print the best per shape and cache dtype."""
     results = []
-    shapes = [(1, 65536), (8, 16384), (32, 32768), (128, 4096), (128, 16384)]
+    shapes = [(1, 65536), (32, 32768), (128, 16384)]
     for batch, context in shapes:
         (query, key, value), = make_inputs(batch, context, 1)
         k8, v8 = quantize_float8(key), quantize_float8(value)
@@ -156,11 +156,11 @@ def sweep(args) -> list[dict]:
         split_choices = sorted({max(1, default // 2), default, default * 2})
         for fp8 in (False, True):
             best = None
-            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_choices):
+            for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3), split_choices):
                 launch = dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
                 fn, _ = variants(**launch)["ours fp8" if fp8 else "ours bf16"]
                 try:
-                    seconds = timed_per_call(fn, [(query, k8, v8) if fp8 else (query, key, value)], reps=10)
+                    seconds = timed_per_call(fn, [(query, k8, v8) if fp8 else (query, key, value)], reps=5)
                 except Exception as err:  # e.g. out of shared memory for this block/stage combination
                     results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "error": str(err)[:200]})
                     continue
