@@ -113,28 +113,26 @@ def generate_share(rank: AFDRank, args: argparse.Namespace) -> list[dict]:
     return completions
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["AFD timing (per step, prefill excluded; busy = share of the attention rank's step wall time)"]
-    ranks = [r for r in rows if "rank" in r]
-    attention = [r for r in ranks if r["role"] == "attention"]
-    step_ms = max((r.get("wall_ms", 0.0) for r in attention), default=0.0)
-    lines.append(f"{'rank':<20}{'steps':>7}{'wall ms':>10}{'attn ms':>10}{'wait ms':>10}{'ffn ms':>10}{'busy':>8}")
+def timing_table(report: list[dict]) -> str:
+    """Each rank's mean step (attention: one forward, prefill excluded; FFN: one round of messages) and the
+    share of its run it was busy computing."""
+    ranks = [r for r in report if "rank" in r]
+    lines = [
+        "AFD timing per rank (ms per step; busy = compute time / elapsed time of the run)",
+        f"{'rank':<22}{'steps':>7}{'step ms':>10}{'attention':>11}{'wait FFN':>10}{'FFN':>9}{'busy':>7}",
+    ]
     for r in ranks:
-        busy_ms = r.get("attention_ms", 0.0) + r.get("ffn_ms", 0.0)
-        per_step = busy_ms if r["role"] == "attention" else r.get("busy_s", 0.0) * 1e3 / max(
-            sum(a.get("steps", 0) + 1 for a in attention) / max(len(attention), 1), 1)
+        busy = r["busy_s"] / r["elapsed_s"] if r.get("elapsed_s") else 0.0
         lines.append(
-            f"{r['name']:<20}{r.get('steps', 0):>7}{r.get('wall_ms', 0.0):>10.2f}{r.get('attention_ms', 0.0):>10.2f}"
-            f"{r.get('wait_ms', 0.0):>10.2f}{r.get('ffn_ms', 0.0) if r['role'] == 'attention' else per_step:>10.2f}"
-            f"{(per_step / step_ms if step_ms else 0.0):>8.0%}"
+            f"{r['name']:<22}{r['steps']:>7}{r.get('wall_ms', 0.0):>10.2f}{r.get('attention_ms', 0.0):>11.2f}"
+            f"{r.get('wait_ms', 0.0):>10.2f}{r.get('ffn_ms', 0.0):>9.2f}{busy:>7.0%}"
         )
-    for r in attention:
-        lines.append(f"{r['name']}: wire bytes/token/layer (mean over layers): to FFN "
-                     f"{r['bytes_to_ffn_per_token_layer']:.0f}, from FFN {r['bytes_from_ffn_per_token_layer']:.0f}")
-    expected = rows[-1].get("expected_bytes_per_token_layer", {})
-    if expected:
-        lines.append(f"wire format: MoE layer {expected['moe_to_ffn']} B to FFN, dense layer {expected['dense_to_ffn']} B,"
-                     f" {expected['from_ffn']} B back (all FFN ranks)")
+    for r in ranks:
+        if "bytes_to_ffn_per_token_layer" in r:
+            lines.append(
+                f"{r['name']}: wire bytes per token per layer (mean over layers, all FFN ranks): "
+                f"{r['bytes_to_ffn_per_token_layer']:.0f} to FFN, {r['bytes_from_ffn_per_token_layer']:.0f} back"
+            )
     return "\n".join(lines)
 
 
@@ -164,7 +162,7 @@ def main(argv=None) -> int:
                 Path(args.output).write_text(text)
             else:
                 sys.stdout.write(text)
-            print(_table(report), flush=True)
+            print(timing_table(report), flush=True)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Every message from an attention rank to an FFN rank is a 4-integer header `[kind, layer, tokens, wire]`
 followed (for `FORWARD`) by one dispatch buffer (see `wire.py`); the FFN rank answers each `FORWARD` with one
-combine tensor `[tokens, hidden]`. Messages between two ranks are matched in order, so no ids are needed.
+combine tensor `[tokens, hidden]`. Messages between two ranks are matched in order, so no ids are needed. Dispatches and answers
+travel in two process groups of their own, so that (on NCCL, where each group has its own stream) an answer
+never queues behind a posted receive of the next dispatch.
 An attention rank keeps several micro-batches in flight: `dispatch` only posts the sends and the receive of
 the answer, `combine` waits for it.
 
@@ -13,6 +15,8 @@ would serialise the pipeline); there the process group's timeout and NCCL's watc
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +29,19 @@ from .wire import DispatchLayout, WireFormat, decode_dispatch, encode_dispatch
 
 FORWARD, DONE = 1, 2
 HEADER_FIELDS = 4
+
+
+@dataclass(frozen=True)
+class ExchangeGroups:
+    """The two process groups of the exchange (every rank of the launch is in both)."""
+
+    dispatch: dist.ProcessGroup  # attention -> FFN: headers and dispatch buffers
+    combine: dist.ProcessGroup  # FFN -> attention: results
+
+    @classmethod
+    def create(cls, timeout: timedelta) -> "ExchangeGroups":
+        """Collective: every rank calls it once, in the same order."""
+        return cls(dispatch=dist.new_group(timeout=timeout), combine=dist.new_group(timeout=timeout))
 
 
 class PeerLostError(RuntimeError):
@@ -43,16 +60,17 @@ class WireCounters:
 class _Link:
     """Point-to-point messages of one rank with bounded waits (see module docstring)."""
 
-    def __init__(self, placement: Placement, rank: int, device: torch.device, timeout_s: float):
+    def __init__(self, placement: Placement, rank: int, device: torch.device, timeout_s: float, groups: "ExchangeGroups"):
         self.placement = placement
+        self.groups = groups
         self.rank = rank
         self.device = device
         self.timeout_s = timeout_s
         self.bounded = dist.get_backend() == "gloo"
         self._sends: list[tuple[dist.Work, int, torch.Tensor]] = []  # in flight; the tensor must stay alive
 
-    def send(self, tensor: torch.Tensor, peer: int) -> None:
-        self._sends.append((dist.isend(tensor, peer), peer, tensor))
+    def send(self, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
+        self._sends.append((dist.isend(tensor, peer, group=group), peer, tensor))
         if len(self._sends) > 64:
             self.flush_sends(keep=32)
 
@@ -95,10 +113,10 @@ class AttentionExchange:
     """The attention rank's end: dispatch normed hidden states (+ routing) to every FFN rank, sum what returns."""
 
     def __init__(
-        self, placement: Placement, rank: int, *, hidden_size: int, dtype: torch.dtype, device: torch.device,
-        timeout_s: float,
+        self, placement: Placement, rank: int, groups: "ExchangeGroups", *, hidden_size: int, dtype: torch.dtype,
+        device: torch.device, timeout_s: float,
     ):
-        self.link = _Link(placement, rank, device, timeout_s)
+        self.link = _Link(placement, rank, device, timeout_s, groups)
         self.ffn_ranks = placement.ffn_rank_ids
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -118,10 +136,10 @@ class AttentionExchange:
         header = self.link.header(FORWARD, layer, tokens, wire.code)
         results, works = [], []
         for peer in self.ffn_ranks:
-            self.link.send(header, peer)
-            self.link.send(payload, peer)
+            self.link.send(header, peer, self.link.groups.dispatch)
+            self.link.send(payload, peer, self.link.groups.dispatch)
             result = torch.empty(tokens, self.hidden_size, dtype=self.dtype, device=self.link.device)
-            works.append(dist.irecv(result, peer))
+            works.append(dist.irecv(result, peer, group=self.link.groups.combine))
             results.append(result)
         self.counters.bytes_to_ffn += payload.numel() * len(self.ffn_ranks)
         self.counters.bytes_from_ffn += tokens * self.hidden_size * self.dtype.itemsize * len(self.ffn_ranks)
@@ -143,7 +161,7 @@ class AttentionExchange:
         self.closed = True
         done = self.link.header(DONE)
         for peer in self.ffn_ranks:
-            self.link.send(done, peer)
+            self.link.send(done, peer, self.link.groups.dispatch)
         self.link.flush_sends()
 
 
@@ -159,49 +177,126 @@ class Arrival:
 
 
 class FFNExchange:
-    """The FFN rank's end: one round takes the next message of every attention rank still running."""
+    """The FFN rank's end. A round takes the messages that have arrived by the time the first one does, so
+    attention ranks at the same layer are computed as one batch and none waits for another.
+
+    gloo completes a receive only inside `wait`, so on gloo one thread per attention rank receives its messages
+    into a queue; on NCCL every running attention rank has a header receive posted and the loop polls them.
+    """
 
     def __init__(
-        self, placement: Placement, rank: int, *, hidden_size: int, top_k: int, moe_layers: set[int],
-        dtype: torch.dtype, device: torch.device, timeout_s: float,
+        self, placement: Placement, rank: int, groups: "ExchangeGroups", *, hidden_size: int, top_k: int,
+        moe_layers: set[int], dtype: torch.dtype, device: torch.device, timeout_s: float,
     ):
-        self.link = _Link(placement, rank, device, timeout_s)
+        self.link = _Link(placement, rank, device, timeout_s, groups)
         self.running = placement.attention_rank_ids
         self.hidden_size = hidden_size
         self.top_k = top_k
         self.moe_layers = moe_layers
         self.dtype = dtype
+        self._headers: dict[int, tuple[torch.Tensor, dist.Work]] = {}  # NCCL: posted header receives
+        self._inbox: queue.Queue = queue.Queue()  # gloo: (source, Arrival | None for done | PeerLostError)
+        if self.link.bounded:
+            for source in self.running:
+                threading.Thread(target=self._listen, args=(source,), daemon=True).start()
 
     @property
     def finished(self) -> bool:
         return not self.running
 
-    def receive_round(self) -> list[Arrival]:
-        headers = {}
+    def _post_header(self, source: int) -> tuple[torch.Tensor, dist.Work]:
+        header = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.link.device)
+        return header, dist.irecv(header, source, group=self.link.groups.dispatch)
+
+    def _payload(self, source: int, header: torch.Tensor):
+        """After a header: `None` for DONE, else the dispatch layout and its posted receive."""
+        kind, layer, tokens, wire = header.tolist()
+        if kind == DONE:
+            return None
+        if kind != FORWARD:
+            raise RuntimeError(f"AFD: unknown message kind {kind} from {self.link.placement.describe(source)}")
+        top_k = self.top_k if layer in self.moe_layers else 0
+        layout = DispatchLayout(tokens, self.hidden_size, top_k, WireFormat.from_code(wire), self.dtype)
+        payload = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.link.device)
+        return layer, layout, payload, dist.irecv(payload, source, group=self.link.groups.dispatch)
+
+    def _listen(self, source: int) -> None:
+        """gloo: receive `source`'s messages in order until it is done or lost. An idle attention rank is not an
+        error here; the main loop's timeout decides when silence means a stall."""
+        try:
+            while True:
+                header, work = self._post_header(source)
+                work.wait(timedelta(days=1))
+                message = self._payload(source, header)
+                if message is None:
+                    self._inbox.put((source, None))
+                    return
+                layer, layout, payload, work = message
+                self.link.wait(work, source, "send its hidden states")
+                self._inbox.put((source, Arrival(source, layer, *decode_dispatch(payload, layout))))
+        except Exception as err:  # a closed connection: hand it to the main loop, which names the peer
+            if not isinstance(err, PeerLostError):
+                err = PeerLostError(
+                    f"AFD {self.link.placement.describe(self.link.rank)}: lost {self.link.placement.describe(source)}"
+                    f" -- {str(err).splitlines()[0]}"
+                )
+            self._inbox.put((source, err))
+
+    def _silence(self, waited: float) -> PeerLostError:
+        names = ", ".join(self.link.placement.describe(r) for r in self.running)
+        return PeerLostError(
+            f"AFD {self.link.placement.describe(self.link.rank)}: no attention rank sent anything for {waited:.1f} s "
+            f"(timeout {self.link.timeout_s:g} s); still expected: {names}. They died, stalled, or stopped without "
+            "closing."
+        )
+
+    def _take(self, source: int, item) -> Arrival | None:
+        if isinstance(item, Exception):
+            raise item
+        if item is None:
+            self.running = [r for r in self.running if r != source]
+        return item
+
+    def _receive_queued(self) -> list[Arrival]:
+        try:
+            first = [self._inbox.get(timeout=self.link.timeout_s)]
+        except queue.Empty:
+            raise self._silence(self.link.timeout_s) from None
+        while not self._inbox.empty():
+            first.append(self._inbox.get_nowait())
+        return [a for a in (self._take(source, item) for source, item in first) if a is not None]
+
+    def _receive_polled(self) -> list[Arrival]:
         for source in self.running:
-            header = torch.empty(HEADER_FIELDS, dtype=torch.int64, device=self.link.device)
-            headers[source] = (header, dist.irecv(header, source))
+            if source not in self._headers:
+                self._headers[source] = self._post_header(source)
+        started, spins = time.monotonic(), 0
+        while not (ready := [r for r in self.running if self._headers[r][1].is_completed()]):
+            if time.monotonic() - started > self.link.timeout_s:
+                raise self._silence(time.monotonic() - started)
+            spins += 1
+            time.sleep(0 if spins < 1000 else 1e-4)
         pending = []
-        for source, (header, work) in headers.items():
-            self.link.wait(work, source, "send its next layer")
-            kind, layer, tokens, wire = header.tolist()
-            if kind == DONE:
-                self.running = [r for r in self.running if r != source]
+        for source in ready:
+            header, work = self._headers.pop(source)
+            work.wait()
+            message = self._payload(source, header)
+            if message is None:
+                self._take(source, None)
                 continue
-            if kind != FORWARD:
-                raise RuntimeError(f"AFD: unknown message kind {kind} from {self.link.placement.describe(source)}")
-            top_k = self.top_k if layer in self.moe_layers else 0
-            layout = DispatchLayout(tokens, self.hidden_size, top_k, WireFormat.from_code(wire), self.dtype)
-            payload = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.link.device)
-            pending.append((source, layer, layout, payload, dist.irecv(payload, source)))
+            pending.append((source, *message))
+            self._headers[source] = self._post_header(source)
         arrivals = []
         for source, layer, layout, payload, work in pending:
-            self.link.wait(work, source, "send its hidden states")
+            work.wait()
             arrivals.append(Arrival(source, layer, *decode_dispatch(payload, layout)))
         return arrivals
 
+    def receive_round(self) -> list[Arrival]:
+        return self._receive_queued() if self.link.bounded else self._receive_polled()
+
     def respond(self, arrival: Arrival, result: torch.Tensor) -> None:
-        self.link.send(result.contiguous(), arrival.source)
+        self.link.send(result.contiguous(), arrival.source, self.link.groups.combine)
 
     def close(self) -> None:
         self.link.flush_sends()

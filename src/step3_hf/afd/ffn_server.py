@@ -134,8 +134,8 @@ class Step3FFNShard(nn.Module):
 def serve(shard: Step3FFNShard, exchange: FFNExchange, timer: PhaseTimer) -> None:
     """Answer the attention ranks until every one of them has said it is done.
 
-    Each round takes the next message of every running attention rank; those for the same layer (normally
-    all of them: the attention ranks run the same schedule) are concatenated and computed as one batch.
+    Each round takes what has arrived; messages for the same layer (attention ranks run the same schedule, so
+    usually those of every rank) are concatenated and computed as one batch.
     """
     while not exchange.finished:
         arrivals = exchange.receive_round()
@@ -143,16 +143,21 @@ def serve(shard: Step3FFNShard, exchange: FFNExchange, timer: PhaseTimer) -> Non
             continue
         timer.start_step()
         by_layer = defaultdict(list)
-        for arrival in arrivals:
-            by_layer[arrival.layer].append(arrival)
-        for layer, group in by_layer.items():
+        for position, arrival in enumerate(arrivals):
+            by_layer[arrival.layer].append(position)
+        results: list[torch.Tensor | None] = [None] * len(arrivals)
+        for layer, positions in by_layer.items():
+            group = [arrivals[p] for p in positions]
             with timer.phase("ffn"):
                 hidden = torch.cat([a.hidden for a in group])
                 routed = group[0].top_k_index is not None
                 top_k_index = torch.cat([a.top_k_index for a in group]) if routed else None
                 top_k_weights = torch.cat([a.top_k_weights for a in group]) if routed else None
                 out = shard(layer, hidden, top_k_index, top_k_weights)
-            for arrival, part in zip(group, out.split([a.hidden.shape[0] for a in group])):
-                exchange.respond(arrival, part)
+            for position, part in zip(positions, out.split([a.hidden.shape[0] for a in group])):
+                results[position] = part
+        # Answer in arrival order: each attention rank matches its answers to its dispatches by order alone.
+        for arrival, result in zip(arrivals, results):
+            exchange.respond(arrival, result)
         timer.end_step()
     exchange.close()

@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from .attention_model import Step3AFDAttentionForCausalLM
 from .checkpoint import CheckpointReader
-from .exchange import AttentionExchange, FFNExchange
+from .exchange import AttentionExchange, ExchangeGroups, FFNExchange
 from .ffn_server import Step3FFNShard, serve
 from .placement import Placement, Role
 from .timing import PhaseTimer
-from .wire import WireFormat, wire_bytes_per_token
+from .wire import WireFormat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +67,7 @@ class AFDRank:
     device: torch.device
     dtype: torch.dtype
     reader: CheckpointReader
+    groups: ExchangeGroups
     timer: PhaseTimer = field(init=False)
     exchange: AttentionExchange | FFNExchange | None = None
     _model: torch.nn.Module | None = None
@@ -94,7 +95,7 @@ class AFDRank:
             model.timer = self.timer
             config = self.reader.config
             self.exchange = AttentionExchange(
-                self.placement, self.rank, hidden_size=config.hidden_size, dtype=self.dtype, device=self.device,
+                self.placement, self.rank, self.groups, hidden_size=config.hidden_size, dtype=self.dtype, device=self.device,
                 timeout_s=self.settings.timeout_s,
             )
             self._model = model.connect(
@@ -113,7 +114,7 @@ class AFDRank:
             )
             config = self.reader.config
             self.exchange = FFNExchange(
-                self.placement, self.rank, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+                self.placement, self.rank, self.groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
                 moe_layers=set(config.moe_layer_indices), dtype=self.dtype, device=self.device,
                 timeout_s=self.settings.timeout_s,
             )
@@ -134,27 +135,17 @@ class AFDRank:
             dist.barrier()
 
     def report(self) -> list[dict] | None:
-        """Collective: every rank's timing and wire counters, returned on rank 0 (None elsewhere)."""
-        config = self.reader.config
-        mine = {"rank": self.rank, "name": self.name, "role": self.role.value, **self.timer.summary(skip_first=1)}
-        mine["busy_s"] = sum(sum(s.phases_s.values()) for s in self.timer.steps)
+        """Collective: every rank's timing and wire counters, returned on rank 0 (None elsewhere). An attention
+        rank tells the FFN ranks it is done first (they stop serving once every attention rank has)."""
+        self.close()
+        prefill = 1 if self.role is Role.ATTENTION else 0
+        mine = {"rank": self.rank, "name": self.name, "role": self.role.value, **self.timer.summary(prefill)}
         if isinstance(self.exchange, AttentionExchange):
             c = self.exchange.counters
             mine["bytes_to_ffn_per_token_layer"] = c.bytes_to_ffn / max(c.token_layers, 1)
             mine["bytes_from_ffn_per_token_layer"] = c.bytes_from_ffn / max(c.token_layers, 1)
         gathered = [None] * self.placement.world_size if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
-        if self.rank == 0:
-            moe_share = len(config.moe_layer_indices) / config.num_hidden_layers
-            to_ffn, back = wire_bytes_per_token(
-                config.hidden_size, config.moe_top_k, WireFormat(self.settings.wire), self.dtype, self.placement.ffn_ranks
-            )
-            dense_to_ffn, _ = wire_bytes_per_token(
-                config.hidden_size, 0, WireFormat(self.settings.wire), self.dtype, self.placement.ffn_ranks
-            )
-            gathered.append({"expected_bytes_per_token_layer": {
-                "moe_to_ffn": to_ffn, "dense_to_ffn": dense_to_ffn, "from_ffn": back, "moe_layer_share": moe_share,
-            }})
         return gathered
 
     def close(self) -> None:
@@ -217,4 +208,5 @@ def start(settings: AFDSettings) -> AFDRank:
     _check_same_settings(settings, rank, world_size)
     reader = CheckpointReader(settings.model)
     placement.check_model(reader.config)
-    return AFDRank(settings, rank, placement, device, dtype, reader)
+    groups = ExchangeGroups.create(timedelta(seconds=settings.startup_timeout_s))
+    return AFDRank(settings, rank, placement, device, dtype, reader, groups)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+IDLE_PHASES = ("wait",)  # waiting for the other side is not work
+
 
 @dataclass
 class StepTimes:
@@ -24,9 +26,13 @@ class PhaseTimer:
     steps: list[StepTimes] = field(default_factory=list)
     _open: list[tuple[str, object, object]] = field(default_factory=list)
     _step_start: float | None = None
+    first_start: float | None = None  # perf_counter of the first step, to measure the busy share of a run
+    last_end: float | None = None
 
     def start_step(self) -> None:
         self._step_start = time.perf_counter()
+        if self.first_start is None:
+            self.first_start = self._step_start
 
     @contextmanager
     def phase(self, name: str):
@@ -44,7 +50,8 @@ class PhaseTimer:
     def end_step(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - (self._step_start or time.perf_counter())
+        self.last_end = time.perf_counter()
+        wall = self.last_end - (self._step_start or self.last_end)
         phases: dict[str, float] = {}
         for name, start, end in self._open:
             seconds = start.elapsed_time(end) / 1e3 if self.device.type == "cuda" else end - start
@@ -54,12 +61,17 @@ class PhaseTimer:
         self.steps.append(StepTimes(wall, phases))
 
     def summary(self, skip_first: int = 0) -> dict[str, float]:
-        """Mean wall time and busy time per phase over the steps (decode steps: skip the prefill)."""
+        """Mean wall and per-phase time of the steps after the first `skip_first` (the prefill), and over the
+        whole run the busy time (all phases but waiting) and the elapsed time from the first step's start to the last's end."""
+        if not self.steps:
+            return {"steps": 0, "busy_s": 0.0, "elapsed_s": 0.0}
+        busy = sum(t for s in self.steps for name, t in s.phases_s.items() if name not in IDLE_PHASES)
         steps = self.steps[skip_first:] or self.steps
-        if not steps:
-            return {"steps": 0}
         names = sorted({name for step in steps for name in step.phases_s})
-        out = {"steps": len(steps), "wall_ms": 1e3 * sum(s.wall_s for s in steps) / len(steps)}
+        out = {
+            "steps": len(steps), "wall_ms": 1e3 * sum(s.wall_s for s in steps) / len(steps),
+            "busy_s": busy, "elapsed_s": self.last_end - self.first_start,
+        }
         for name in names:
             out[f"{name}_ms"] = 1e3 * sum(s.phases_s.get(name, 0.0) for s in steps) / len(steps)
         return out

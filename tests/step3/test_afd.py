@@ -1,0 +1,258 @@
+"""Attention-FFN Disaggregation on CPU with gloo: the split of the weights and the wire format in process,
+then real multi-process launches against single-process `generate` (several checks per launch: process
+start-up dominates the time)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import step3_hf  # noqa: F401
+from step3_hf.afd import Placement, Role, Step3AFDAttentionForCausalLM, Step3FFNShard, WireFormat
+from step3_hf.afd.checkpoint import CheckpointReader, role_of_tensor
+from step3_hf.afd.placement import even_split
+from step3_hf.afd.wire import DispatchLayout, decode_dispatch, encode_dispatch, wire_bytes_per_token
+from step3_hf.checkpoint_layout import official_tensor_shapes
+from step3_hf.tiny_checkpoint import write_tiny_checkpoint
+
+from afd_launch import PYTHON, REPO, finish, launch
+from afd_worker import NEW_TOKENS, PAD, PROMPTS, SAMPLING, SCENARIOS, SEED, left_pad
+
+WORKER = str(REPO / "tests" / "step3" / "afd_worker.py")
+FP8_LOGIT_TOLERANCE = 0.05  # max |logit difference| / max |logit|, FP8 wire vs unquantised, teacher-forced
+LAUNCH_TIMEOUT = 150
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("afd"), vl=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
+
+
+def reference_generate(model, prompts, sample=False):
+    ids, mask = left_pad(prompts)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD,
+                             eos_token_id=None, **(SAMPLING if sample else {"do_sample": False}))
+    return out[:, ids.shape[1]:]
+
+
+# ----- in process ---------------------------------------------------------------------------------------------
+def test_every_official_tensor_belongs_to_exactly_one_side(checkpoint):
+    config = CheckpointReader(checkpoint).config
+    sides = {name: role_of_tensor(name) for name in official_tensor_shapes(config)}
+    assert sides["model.layers.1.moe.gate.weight"] is Role.ATTENTION  # the router runs before the exchange
+    assert sides["model.layers.1.moe.up_proj.weight"] is Role.FFN
+    assert sides["model.layers.0.mlp.down_proj.weight"] is Role.FFN
+    assert sides["model.layers.1.share_expert.gate_proj.weight"] is Role.FFN
+    assert sides["lm_head.weight"] is sides["model.layers.3.self_attn.wq.weight"] is Role.ATTENTION
+
+
+@pytest.mark.parametrize("ffn_ranks", [1, 2, 4])
+def test_each_side_reads_and_holds_only_its_own_tensors(checkpoint, reference, ffn_ranks):
+    config = CheckpointReader(checkpoint).config
+    shapes = official_tensor_shapes(config)
+    numel = {role: sum(math.prod(s) for n, s in shapes.items() if role_of_tensor(n) is role) for role in Role}
+
+    reader = CheckpointReader(checkpoint)
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(reader)
+    assert sum(p.numel() for p in attention.parameters()) == numel[Role.ATTENTION] == reader.elements_read
+    assert all(role_of_tensor(n) is Role.ATTENTION for n in reader.names_read)
+
+    placement = Placement(1, ffn_ranks)
+    shard_params = 0
+    x = torch.randn(7, config.hidden_size)
+    for layer_idx, layer in enumerate(reference.model.layers):
+        partial_sum = 0
+        for index in range(ffn_ranks):
+            reader = CheckpointReader(checkpoint)
+            shard = Step3FFNShard.from_checkpoint(reader, placement, index)
+            assert all(role_of_tensor(n) is Role.FFN for n in reader.names_read)
+            assert sum(p.numel() for p in shard.parameters()) == reader.elements_read
+            if layer_idx == 0:
+                shard_params += reader.elements_read
+            routing = reference.model.layers[layer_idx].mlp.gate(x)[1:] if layer.is_moe_layer else (None, None)
+            partial_sum = partial_sum + shard(layer_idx, x, routing[1], routing[0])
+        # partial sums over FFN ranks = the FFN of the single-process model
+        torch.testing.assert_close(partial_sum, layer.mlp(x), rtol=1e-5, atol=1e-6)
+    assert shard_params == numel[Role.FFN]  # the FFN ranks together hold every FFN weight exactly once
+    assert numel[Role.ATTENTION] + numel[Role.FFN] == sum(p.numel() for p in reference.parameters())
+
+
+def test_even_split_covers_every_item_once():
+    for size, parts in [(48, 1), (48, 5), (7, 7), (10, 3)]:
+        ranges = [even_split(size, parts, i) for i in range(parts)]
+        assert [r[0] for r in ranges[1:]] == [r[1] for r in ranges[:-1]] and ranges[0][0] == 0 and ranges[-1][1] == size
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_launch_that_does_not_add_up_is_refused():
+    with pytest.raises(ValueError, match=r"--attention-ranks 2 \+ --ffn-ranks 1 = 3 ranks, but the launch started 2"):
+        Placement.for_world(2, 1, world_size=2)
+    with pytest.raises(ValueError, match="at least one rank of each role"):
+        Placement(2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_wire_round_trip(dtype, top_k):
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(5, 64, generator=generator) * torch.logspace(-3, 2, 5)[:, None]).to(dtype)
+    ids = torch.randint(0, 48, (5, top_k), generator=generator) if top_k else None
+    weights = torch.rand(5, top_k, generator=generator).to(dtype) if top_k else None
+    for wire in WireFormat:
+        buffer = encode_dispatch(hidden, ids, weights, wire)
+        layout = DispatchLayout(5, 64, top_k, wire, dtype)
+        assert buffer.dtype == torch.uint8 and buffer.numel() == layout.nbytes
+        back, back_ids, back_weights = decode_dispatch(buffer, layout)
+        if top_k:
+            assert torch.equal(back_ids, ids) and torch.equal(back_weights, weights)
+        if wire is WireFormat.RAW:
+            assert torch.equal(back, hidden)
+        else:  # e4m3: 3 mantissa bits -> relative error <= 2^-4 per value, plus the subnormal step of the row's scale
+            x = hidden.double()
+            scale = x.abs().amax(-1, keepdim=True) / 448
+            assert ((back.double() - x).abs() <= 2**-4 * x.abs() + 2**-10 * scale + 1e-2 * x.abs() * (dtype == torch.bfloat16)).all()
+
+
+def test_wire_bytes_per_token_match_step3_report():
+    # Step-3: H = 7168, top-3. FP8 hidden + fp32 scale + 3 x (int32 id + fp32 weight) out, bf16 back: ~3H bytes.
+    out, back = wire_bytes_per_token(7168, 3, WireFormat.FP8, torch.bfloat16)
+    assert (out, back) == (7168 + 4 + 24, 2 * 7168)
+
+
+# ----- launches -----------------------------------------------------------------------------------------------
+def run_worker_launch(checkpoint, tmp_path, attention_ranks, ffn_ranks, teacher=None):
+    world = attention_ranks + ffn_ranks
+    argv = [PYTHON, WORKER, str(checkpoint), str(tmp_path), str(attention_ranks), str(ffn_ranks)]
+    if teacher is not None:
+        argv.append(str(teacher))
+    with launch(lambda rank: argv, world) as procs:
+        results = finish(procs, LAUNCH_TIMEOUT)
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def gather(saved, name, attention_ranks, key="tokens"):
+    parts = sorted((s[name]["first"], s[name][key]) for s in saved[:attention_ranks] if s[name][key].shape[0])
+    return torch.cat([p for _, p in parts])
+
+
+def teacher_batch(reference):
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        out = reference.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=PAD, eos_token_id=None)
+        full_mask = torch.cat([mask, torch.ones(len(PROMPTS), NEW_TOKENS, dtype=mask.dtype)], dim=1)
+        logits = reference(out, attention_mask=full_mask).logits
+    return {"input_ids": out, "attention_mask": full_mask}, logits
+
+
+@pytest.mark.parametrize("attention_ranks,ffn_ranks", [(2, 1), (1, 2)])
+def test_launch_matches_single_process_generate(checkpoint, reference, tmp_path, attention_ranks, ffn_ranks):
+    teacher, reference_logits = teacher_batch(reference)
+    torch.save(teacher, tmp_path / "teacher.pt")
+    saved = run_worker_launch(checkpoint, tmp_path, attention_ranks, ffn_ranks, tmp_path / "teacher.pt")
+    greedy = reference_generate(reference, PROMPTS)
+
+    # Unquantised wire in fp32: the same greedy tokens as one process, for 1, 2 and 3 micro-batches.
+    for name in ("raw_mb1", "raw_mb2", "raw_mb3"):
+        assert gather(saved, name, attention_ranks).tolist() == greedy.tolist(), name
+    raw_logits = gather(saved, "teacher_raw", attention_ranks, key="logits")
+    torch.testing.assert_close(raw_logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+    # FP8 wire: logits within the stated tolerance (teacher-forced, so both see the same sequences).
+    fp8_logits = gather(saved, "teacher_fp8", attention_ranks, key="logits")
+    valid = teacher["attention_mask"].bool()
+    error = (fp8_logits - reference_logits).abs()[valid].max() / reference_logits[valid].abs().max()
+    agreement = (fp8_logits.argmax(-1) == reference_logits.argmax(-1))[valid].float().mean().item()
+    fp8_tokens = gather(saved, "fp8_mb3", attention_ranks)
+    generated_agreement = (fp8_tokens == greedy).float().mean().item()
+    print(f"\nFP8 wire ({attention_ranks}A+{ffn_ranks}F): max |logit error| / max |logit| = {error:.4f}; "
+          f"teacher-forced argmax agreement {agreement:.1%}; generated-token agreement {generated_agreement:.1%}")
+    assert 0 < error <= FP8_LOGIT_TOLERANCE
+    assert agreement >= 0.9
+
+    # Sampling through generate()'s logits warpers: with one attention rank the random stream is the same.
+    if attention_ranks == 1:
+        assert gather(saved, "sample_mb3", 1).tolist() == reference_generate(reference, PROMPTS, sample=True).tolist()
+
+    # Each side held only its own weights; the FFN ranks batched what the attention ranks sent.
+    attention_numel = sum(s["parameters"] for s in saved[:attention_ranks]) / attention_ranks
+    ffn_numel = sum(s["parameters"] for s in saved[attention_ranks:])
+    assert attention_numel + ffn_numel == sum(p.numel() for p in reference.parameters())
+    report = {r["name"]: r for r in saved[0]["report"]}
+    assert all(r["steps"] > 0 and 0 < r["busy_s"] <= r["elapsed_s"] for r in report.values())
+
+
+def cli(checkpoint, prompts, attention_ranks, ffn_ranks, *extra):
+    return [PYTHON, "-m", "step3_hf.afd", "--model", str(checkpoint), "--attention-ranks", str(attention_ranks),
+            "--ffn-ranks", str(ffn_ranks), "--prompts", str(prompts), *map(str, extra)]
+
+
+def test_torchrun_cli_1a1f_prints_completions_and_timing(checkpoint, reference, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        torchrun + cli(checkpoint, prompts, 1, 1, "--max-new-tokens", NEW_TOKENS, "--wire", "raw")[1:],
+        cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    completions = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [c["completion_ids"] for c in completions] == reference_generate(reference, PROMPTS).tolist()
+    assert any("AFD timing per rank" in line for line in lines)
+    assert any("rank 1 (ffn 0)" in line for line in lines) and any("bytes per token per layer" in line for line in lines)
+
+
+def test_killing_the_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    timeout = 10
+    argv = cli(checkpoint, prompts, 1, 1, "--max-new-tokens", 400, "--timeout", timeout, "--progress")
+    with launch(lambda rank: argv, 2) as (attention, ffn):
+        deadline = time.monotonic() + 60
+        for line in attention.stderr:  # wait until generation is under way
+            if "step 5" in line or time.monotonic() > deadline:
+                break
+        ffn.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = attention.communicate(timeout=timeout + 20)
+        elapsed = time.monotonic() - killed
+    assert attention.returncode != 0
+    assert "step3_hf.afd: error:" in err and "rank 1 (ffn 0)" in err, err[-2000:]
+    assert elapsed < timeout + 10
+    assert "completion_ids" not in out  # no partial output presented as complete
+
+
+def test_mismatched_arguments_fail_fast_on_every_rank(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"input_ids": PROMPTS[0]}) + "\n")
+    argv = lambda rank: cli(checkpoint, prompts, 1, 1, "--micro-batches", 3 if rank == 0 else 2)
+    started = time.monotonic()
+    with launch(argv, 2) as procs:
+        results = finish(procs, 60)
+    assert time.monotonic() - started < 60
+    for code, _, err in results:
+        assert code != 0 and "was started with different arguments (micro_batches: " in err, err[-2000:]
+
+    # a launch whose ranks do not add up fails before joining any process group
+    with launch(lambda rank: cli(checkpoint, prompts, 2, 1), 2) as procs:
+        results = finish(procs, 60)
+    for code, _, err in results:
+        assert code != 0 and "= 3 ranks, but the launch started 2 processes" in err, err[-2000:]
