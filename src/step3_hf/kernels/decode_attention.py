@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 
 import torch
 
@@ -37,9 +36,10 @@ __all__ = [
 ]
 
 # Partial results are float32; a split narrower than this many cache positions is not worth its merge traffic.
-_MIN_POSITIONS_PER_SPLIT = 256
-# Programs to aim for per multiprocessor when choosing the split count (measured on the H200, see docs).
-_PROGRAMS_PER_SM = 2
+_MIN_POSITIONS_PER_SPLIT = 512
+# Programs to aim for per multiprocessor when choosing the split count (swept on the H200, docs/performance.md):
+# a bf16 program's pipeline fills one multiprocessor's shared memory; float8 tiles are half the size.
+_PROGRAMS_PER_SM = {False: 1, True: 4}
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
@@ -90,14 +90,18 @@ def _split_kv_attention(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    # Tensor-core operands: the query's dtype (a float8 cache is widened tile by tile), or float32 where the
-    # interpreter's bf16 dot is wrong (seen with Triton 3.8).
-    compute_dtype = tl.float32 if DOT_F32 else q.dtype
-    q = q.to(compute_dtype)
+    # Tensor-core operands: the query's dtype; fp16 for a float8 cache (e4m3 -> fp16 is one native conversion),
+    # with the softmax scale folded into q; float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8).
+    if IS_FP8:
+        q = q.to(tl.float32) * qk_scale_log2
+    if DOT_F32:
+        q = q.to(tl.float32)
+    elif IS_FP8:
+        q = q.to(tl.float16)
 
     # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N.
     start = tl.load(KV_START + b)
-    end = tl.load(KV_END + b)
+    end = tl.maximum(tl.load(KV_END + b), start)
     chunk = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, end)
@@ -118,11 +122,12 @@ def _split_kv_attention(
         if DOT_F32:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            scores = tl.dot(q, tl.trans(k.to(compute_dtype)))
+            scores = tl.dot(q, tl.trans(k.to(q.dtype)))
         if IS_FP8:
             k_scale = tl.load(K_SCALE + b * stride_ksb + kv_head * stride_ksh + offs_n * stride_ksn, mask=n_ok, other=0.0)
             scores = scores * k_scale[None, :]
-        scores = scores * qk_scale_log2
+        else:
+            scores = scores * qk_scale_log2
         keep = row_ok[:, None] & n_ok[None, :]
         if HAS_MASK:
             allowed = tl.load(
@@ -145,13 +150,21 @@ def _split_kv_attention(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        if IS_FP8:  # P @ (s_v * V) == (P * s_v) @ V: scale the probabilities' columns instead of V's rows
+        if IS_FP8:
+            # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: scale the probabilities' columns, kept within
+            # [0, 1] so that fp16 holds them, instead of V's rows.
             v_scale = tl.load(V_SCALE + b * stride_vsb + kv_head * stride_vsh + offs_n * stride_vsn, mask=n_ok, other=0.0)
-            p = p * v_scale[None, :]
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            v_max = tl.max(v_scale, 0)
+            v_max = tl.where(v_max > 0.0, v_max, 1.0)
+            p_v = p * (v_scale / v_max)[None, :]
         else:
-            pv = tl.dot(p.to(compute_dtype), v.to(compute_dtype))
+            p_v = p
+        if DOT_F32:
+            pv = tl.dot(p_v, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_v.to(q.dtype), v.to(q.dtype))
+        if IS_FP8:
+            pv = pv * v_max
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -185,21 +198,29 @@ def _merge_splits(
     head = kv_head * GROUP + row // q_len
     tok = row % q_len
     rows = GROUP * q_len
+    first = seq_head * num_splits * rows + row  # PART_* index of split 0 of this row; split s adds s * rows
 
     offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < num_splits
-    part = (seq_head * num_splits + offs_s) * rows + row
-    lse = tl.load(PART_LSE + part, mask=s_ok, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
+    lse_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        lse = tl.load(PART_LSE + first + (s0 + offs_s) * rows, mask=s0 + offs_s < num_splits, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse)
+    lse_max = tl.max(lse_max, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight = tl.exp2(lse - lse_max)
-    total = tl.sum(weight, 0)
-    weight = weight / tl.where(total > 0.0, total, 1.0)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    partial = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(partial * weight[:, None], 0)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        part = first + (s0 + offs_s) * rows
+        weight = tl.exp2(tl.load(PART_LSE + part, mask=s_ok, other=float("-inf")) - lse_max)
+        partial = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        total += weight
+        acc += partial * weight[:, None]
+    total_sum = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / tl.where(total_sum > 0.0, total_sum, 1.0)
     tl.store(
         OUT + b * stride_ob + head * stride_oh + tok * stride_ot + offs_d * stride_od,
         out.to(OUT.dtype.element_ty),
@@ -207,11 +228,24 @@ def _merge_splits(
     )
 
 
+def _mask_bounds(
+    MASK, KV_START, KV_END, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
+):  # fmt: skip
+    """Folds one block of a sequence's mask into its first / one-past-last allowed position (atomic min / max)."""
+    b = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    allowed = n < 0  # all False
+    for t in range(0, q_len):
+        allowed = allowed | (tl.load(MASK + b * stride_mb + t * stride_mt + n * stride_mn, mask=n < kv_len, other=0) != 0)
+    tl.atomic_min(KV_START + b, tl.min(tl.where(allowed, n, kv_len), 0))
+    tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
+
+
 @functools.cache
 def _compiled_kernels(interpret: bool):
     """`triton.jit` picks the compiler or the interpreter when it wraps a function, so wrap once per mode."""
     del interpret  # part of the cache key only: `triton.jit` reads TRITON_INTERPRET itself
-    return triton.jit(_split_kv_attention), triton.jit(_merge_splits)
+    return triton.jit(_split_kv_attention), triton.jit(_merge_splits), triton.jit(_mask_bounds)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -220,37 +254,30 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_num_splits(batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str) -> int:
+def default_num_splits(
+    batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str, float8: bool = False
+) -> int:
     """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
     programs = batch_size * num_kv_heads
-    wanted = math.ceil(_PROGRAMS_PER_SM * _num_sms(torch.device(device)) / programs)
+    wanted = round(_PROGRAMS_PER_SM[float8] * _num_sms(torch.device(device)) / programs)
     return max(1, min(wanted, math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)))
-
-
-# One remembered mask -> bounds pair: every layer of a forward pass gets the same mask tensor, so the bounds are
-# computed once per step. `_version` changes on any in-place write, so a reused buffer is never served stale.
-_last_bounds: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
 
 
 def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First and one-past-last cache position any new token of each sequence may attend to: `[B]` int32 each.
 
-    `mask` is boolean `[B, 1 or Hkv, q_len, kv_len]` (True = attend), as transformers' `sdpa_mask` builds it. The
-    kernel visits only `[start, end)` and applies the mask exactly inside it; this skips left padding and the
-    unwritten tail of a static cache. Computed on the device: no host synchronisation.
+    `mask` is boolean `[B, q_len, kv_len]` (True = attend). The attention kernel visits only `[start, end)` and
+    applies the mask exactly inside it, which skips left padding and the unwritten tail of a static cache. One
+    small kernel on the device, no host synchronisation.
     """
-    global _last_bounds
-    if _last_bounds is not None:
-        ref, version, start, end = _last_bounds
-        if ref() is mask and version == mask._version:
-            return start, end
-    allowed = mask.any(dim=1).any(dim=1)  # [B, kv_len]
-    kv_len = allowed.shape[-1]
-    as_int = allowed.to(torch.int8)
-    start = torch.argmax(as_int, dim=-1).to(torch.int32)  # argmax returns the first maximum
-    end = (kv_len - torch.argmax(as_int.flip(-1), dim=-1)).to(torch.int32)
-    _last_bounds = (weakref.ref(mask), mask._version, start, end)
-    return start, end
+    batch, q_len, kv_len = mask.shape
+    start = torch.full((batch,), kv_len, dtype=torch.int32, device=mask.device)
+    end = torch.zeros_like(start)
+    block = 4096
+    _compiled_kernels(interpreter_enabled())[2][(batch, triton.cdiv(kv_len, block))](
+        mask, start, end, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
+    )
+    return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
 
 
 def decode_attention(
@@ -266,7 +293,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of a few new tokens per sequence against a KV cache; returns `[B, q_len, Hq, D]` like transformers.
 
@@ -280,7 +307,8 @@ def decode_attention(
             each sequence's valid range and attend causally.
         kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`), instead of a mask.
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
-        block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, ...).
+        block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
+            program, software-pipelining depth; 3 for 16-bit caches, 2 for float8 by default).
     """
     if triton is None:
         raise RuntimeError("decode_attention needs Triton (`pip install triton`)")
@@ -327,7 +355,7 @@ def decode_attention(
         if attention_mask.shape[1] != 1:  # one mask per head: the kernel takes the head-shared form only
             if not torch.equal(attention_mask, attention_mask[:, :1].expand_as(attention_mask)):
                 raise ValueError("`attention_mask` must be the same for every head")
-        kv_start, kv_end = kv_bounds_from_mask(attention_mask)
+        kv_start, kv_end = kv_bounds_from_mask(mask)
     else:
         mask = None
         if kv_lengths is not None:
@@ -337,7 +365,9 @@ def decode_attention(
         kv_start = torch.zeros_like(kv_end)
 
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, kv_len, device)
+        num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
+    if num_stages is None:
+        num_stages = 2 if is_fp8 else 3
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
@@ -355,7 +385,7 @@ def decode_attention(
     m_strides = mask.stride() if mask is not None else (0, 0, 0)
     scale = head_dim**-0.5 if scale is None else scale
 
-    attention_kernel, merge_kernel = _compiled_kernels(interpreter_enabled())
+    attention_kernel, merge_kernel, _ = _compiled_kernels(interpreter_enabled())
     attention_kernel[(num_splits, batch * num_kv_heads)](
         query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
         part_out, part_lse,
@@ -370,6 +400,6 @@ def decode_attention(
         merge_kernel[(rows, batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            BLOCK_S=min(16, max(2, triton.next_power_of_2(num_splits))), num_warps=4,
         )  # fmt: skip
     return out
