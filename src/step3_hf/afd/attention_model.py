@@ -71,8 +71,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     def _empty(cls, config: Step3Config, device: torch.device, dtype: torch.dtype, attn_implementation: str):
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device=device)
-        model.to(dtype)
+        model.to(dtype).to_empty(device=device)  # cast while on meta: memory is allocated once, in `dtype`
         model.model.rotary_emb = Step3RotaryEmbedding(config).to(device)  # its buffers were on meta
         model.set_attn_implementation(attn_implementation)
         model.timer = PhaseTimer(torch.device(device))

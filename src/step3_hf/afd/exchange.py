@@ -96,7 +96,10 @@ class _Link:
             ) from err
 
     def header(self, kind: int, layer: int = 0, tokens: int = 0, wire: int = 0) -> torch.Tensor:
-        return torch.tensor([kind, layer, tokens, wire], dtype=torch.int64, device=self.device)
+        values = torch.tensor([kind, layer, tokens, wire], dtype=torch.int64)
+        if self.device.type == "cuda":  # from pinned memory, so the copy does not wait for the GPU's queue
+            return values.pin_memory().to(self.device, non_blocking=True)
+        return values
 
 
 @dataclass

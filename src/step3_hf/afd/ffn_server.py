@@ -94,7 +94,7 @@ class Step3FFNShard(nn.Module):
     def _empty(cls, config, placement, ffn_index, device, dtype) -> "Step3FFNShard":
         with torch.device("meta"):
             shard = cls(config, placement, ffn_index)
-        return shard.to_empty(device=device).to(dtype).eval()
+        return shard.to(dtype).to_empty(device=device).eval()  # cast on meta: allocated once, in `dtype`
 
     @classmethod
     def from_checkpoint(

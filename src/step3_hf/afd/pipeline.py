@@ -6,8 +6,7 @@ then micro-batch `m + 1` does the same. So while the FFN ranks compute micro-bat
 computes the attention of micro-batch `m + 1`, and the exchange runs asynchronously underneath.
 
 With several micro-batches each one attends over its own rows of the shared `DynamicCache` through
-`MicroBatchCacheView`; a layer's new keys and values are appended to the cache once all micro-batches have
-run it, so the cache `generate()` holds stays the ordinary one.
+`MicroBatchedCache`, so the cache `generate()` holds stays the ordinary one.
 """
 
 from __future__ import annotations
@@ -22,28 +21,59 @@ from .timing import PhaseTimer
 from .wire import WireFormat
 
 
-class MicroBatchCacheView:
-    """The rows `rows` of a `DynamicCache`, for one micro-batch: `update` returns past + new keys of those rows
-    and holds the new ones until `commit_layer` appends every micro-batch's at once."""
+class MicroBatchedCache:
+    """A `DynamicCache` shared by the micro-batches of one forward, each updating only its own rows.
 
-    def __init__(self, cache: DynamicCache, rows: slice):
+    Decoding: the first micro-batch to reach a layer grows that layer's keys and values by the new positions
+    for all rows (the one copy `DynamicCache` itself makes per step); each micro-batch writes its rows into the
+    new positions and attends over a view of its rows. Prefill (nothing cached yet): the new keys are kept
+    until every micro-batch has run the layer. `commit(layer)` then hands the layer back to the cache.
+    """
+
+    def __init__(self, cache: DynamicCache):
         self.cache = cache
-        self.rows = rows
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grown: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def rows(self, rows: slice) -> "_RowsOfCache":
+        return _RowsOfCache(self, rows)
+
+    def update(self, rows: slice, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        layers = self.cache.layers
+        layer = layers[layer_idx] if layer_idx < len(layers) else None
+        if layer is None or not layer.is_initialized or layer.keys.numel() == 0:
+            self._pending.setdefault(layer_idx, []).append((key_states, value_states))
+            return key_states, value_states
+        if layer_idx not in self._grown:
+            past = layer.keys.shape[-2]
+            grown = []
+            for old in (layer.keys, layer.values):
+                new = old.new_empty((*old.shape[:-2], past + key_states.shape[-2], old.shape[-1]))
+                new[..., :past, :] = old
+                grown.append(new)
+            self._grown[layer_idx] = (*grown, past)
+        keys, values, past = self._grown[layer_idx]
+        keys[rows, :, past:] = key_states
+        values[rows, :, past:] = value_states
+        return keys[rows], values[rows]
+
+    def commit(self, layer_idx: int) -> None:
+        if layer_idx in self._pending:
+            keys, values = zip(*self._pending.pop(layer_idx))
+            self.cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+        elif layer_idx in self._grown:
+            layer = self.cache.layers[layer_idx]
+            layer.keys, layer.values, _ = self._grown.pop(layer_idx)
+
+
+class _RowsOfCache:
+    """What one micro-batch's attention sees as its cache: `update` goes to its rows of the shared cache."""
+
+    def __init__(self, shared: MicroBatchedCache, rows: slice):
+        self.shared, self.rows = shared, rows
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.pending[layer_idx] = (key_states, value_states)
-        if layer_idx < len(self.cache.layers) and self.cache.layers[layer_idx].is_initialized:
-            layer = self.cache.layers[layer_idx]
-            if layer.keys.numel():
-                key_states = torch.cat([layer.keys[self.rows], key_states], dim=-2)
-                value_states = torch.cat([layer.values[self.rows], value_states], dim=-2)
-        return key_states, value_states
-
-
-def commit_layer(cache: DynamicCache, views: list[MicroBatchCacheView], layer_idx: int) -> None:
-    keys, values = zip(*(view.pending.pop(layer_idx) for view in views))
-    cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+        return self.shared.update(self.rows, key_states, value_states, layer_idx)
 
 
 def _rows_of(tensor: torch.Tensor | None, rows: slice, batch: int):
@@ -76,10 +106,12 @@ def run_layers(
     rows = split_micro_batches(batch, micro_batches)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"AFD splits the attention mask by rows; got a {type(attention_mask).__name__}")
+    shared = None
     if len(rows) == 1 or cache is None:
         caches = [cache] * len(rows)
-    elif isinstance(cache, DynamicCache) and all(not getattr(layer, "is_sliding", False) for layer in cache.layers):
-        caches = [MicroBatchCacheView(cache, r) for r in rows]
+    elif type(cache) is DynamicCache and all(not getattr(layer, "is_sliding", False) for layer in cache.layers):
+        shared = MicroBatchedCache(cache)
+        caches = [shared.rows(r) for r in rows]
     else:
         raise TypeError(
             f"AFD with --micro-batches > 1 runs on a DynamicCache; got {type(cache).__name__}. Use the default "
@@ -105,8 +137,8 @@ def run_layers(
                 if layer.router is not None:
                     _, top_k_weights, top_k_index = layer.router(normed)
                 inflight[m] = exchange.dispatch(layer_idx, normed, top_k_index, top_k_weights, wire)
-        if isinstance(caches[0], MicroBatchCacheView):
-            commit_layer(cache, caches, layer_idx)
+        if shared is not None:
+            shared.commit(layer_idx)
 
     for m in range(len(rows)):
         with timer.phase("wait"):

@@ -18,6 +18,7 @@ IDLE_PHASES = ("wait",)  # waiting for the other side is not work
 class StepTimes:
     wall_s: float
     phases_s: dict[str, float]
+    started_at: float  # time.perf_counter() (CLOCK_MONOTONIC: comparable across processes of one host)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PhaseTimer:
             phases[name] = phases.get(name, 0.0) + seconds
         self._open.clear()
         self._step_start = None
-        self.steps.append(StepTimes(wall, phases))
+        self.steps.append(StepTimes(wall, phases, self.last_end - wall))
 
     def summary(self, skip_first: int = 0) -> dict[str, float]:
         """Mean wall and per-phase time of the steps after the first `skip_first` (the prefill), and over the
