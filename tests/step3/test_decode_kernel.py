@@ -237,7 +237,7 @@ def test_generate_matches_sdpa_with_left_padding(checkpoint, device, cache_imple
     ids, mask = left_padded_batch(device)
     config = GenerationConfig(
         max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation=cache_implementation,
-        output_scores=True, return_dict_in_generate=True,
+        output_scores=True, return_dict_in_generate=True, disable_compile=True,  # test_gpu.py covers compiled runs
     )  # fmt: skip
     outputs = {}
     for attention in ("sdpa", "mfa_decode"):
@@ -260,7 +260,7 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
     ids, mask = left_padded_batch(device)
     config = GenerationConfig(
         max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, disable_compile=True,
     )  # fmt: skip
     model = load(checkpoint, "mfa_decode", device)
 

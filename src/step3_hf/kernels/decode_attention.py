@@ -280,6 +280,7 @@ def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
 
 
+@torch.compiler.disable  # an opaque call inside compiled models (transformers compiles static-cache generation)
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
