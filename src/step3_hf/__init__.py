@@ -1,11 +1,15 @@
 """Step-3 (StepFun, arXiv 2507.19427) as a native transformers model.
 
 Importing this package registers `step3_text` and `step3_vl` with transformers' Auto classes, so that
-`AutoModelForCausalLM.from_pretrained(path)` loads an official Step-3 checkpoint.
+`AutoModelForCausalLM.from_pretrained(path)` loads an official Step-3 checkpoint, and, when peft is installed,
+Step-3's default LoRA target modules, so that `get_peft_model(model, LoraConfig(r=16))` needs no `target_modules`.
 """
+
+import importlib.util
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3VLForCausalLM
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
@@ -16,6 +20,11 @@ AutoConfig.register(Step3VLConfig.model_type, Step3VLConfig, exist_ok=True)
 AutoModel.register(Step3Config, Step3Model, exist_ok=True)
 AutoModelForCausalLM.register(Step3Config, Step3ForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(Step3VLConfig, Step3VLForCausalLM, exist_ok=True)
+
+if importlib.util.find_spec("peft") is not None:
+    from .peft_support import register_lora_defaults
+
+    register_lora_defaults()
 
 __all__ = [
     "Step3Config",

@@ -50,6 +50,11 @@ class Step3Config(PreTrainedConfig):
             Renormalise the top-k router probabilities to sum to one (the release does not).
         max_position_embedding (`int`, defaults to 65536):
             The official (singular) spelling; `max_position_embeddings` reads the same value.
+        output_router_logits (`bool`, defaults to `False`):
+            Return every MoE layer's router logits and, when `labels` are given, add the load-balancing loss to the
+            language-modelling loss. Off in the release; switch it on to fine-tune with router balancing.
+        router_aux_loss_coef (`float`, defaults to 0.001):
+            Weight of the load-balancing loss (used only with `output_router_logits`).
     """
 
     model_type = "step3_text"
@@ -115,6 +120,7 @@ class Step3Config(PreTrainedConfig):
     share_expert_dim: int = 5120
     norm_expert_weight: bool = False
     output_router_logits: bool = False
+    router_aux_loss_coef: float | int = 0.001
     pad_token_id: int | None = None
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 128805
@@ -161,6 +167,8 @@ class Step3Config(PreTrainedConfig):
                 f"`moe_layers_enum` names layers {bad} outside the model's {self.num_hidden_layers} layers "
                 f"(`num_hidden_layers`)"
             )
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps}")
         if not 0 <= self.attention_dropout < 1:

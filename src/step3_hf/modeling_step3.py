@@ -29,6 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
@@ -36,6 +37,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .inspect_checkpoint import CheckpointError, inspect_checkpoint
+from .kernels.transformers_attention import MFA_DECODE_ATTENTION, decode_kernel_preferred
 
 logger = logging.get_logger(__name__)
 
@@ -400,6 +402,12 @@ class Step3PreTrainedModel(PreTrainedModel):
                 )
         return (model, loading_info) if output_loading_info else model
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # Unless asked otherwise, decode through the split-KV kernel on CUDA (it hands other calls to SDPA).
+        if requested_attention is None and decode_kernel_preferred():
+            requested_attention = MFA_DECODE_ATTENTION
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
@@ -476,6 +484,22 @@ class Step3Model(Step3PreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_NAME: cache})
 
 
+def _share_of_step_tokens(
+    labels: torch.Tensor, shift_labels: torch.Tensor | None, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor | float:
+    """This micro-batch's share of the label tokens of the optimizer step, the weight of its load-balancing loss.
+
+    Under gradient accumulation the Trainer sums micro-batch losses without averaging them when the model takes
+    `num_items_in_batch`. The cross-entropy is already a sum over tokens divided by the step's token count, but the
+    load-balancing loss is a mean over the micro-batch; weighting it by `n_micro / num_items_in_batch` makes the
+    step's sum a token-weighted mean of the micro-batch balancing losses instead of `accumulation_steps` times one.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    return targets.ne(-100).sum() / num_items_in_batch
+
+
 class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
     """Step-3 language model with its (untied) LM head, loading the official text-only layout."""
 
@@ -500,9 +524,13 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
+        text_config = self.config.get_text_config()
+        if output_router_logits is None:
+            output_router_logits = text_config.output_router_logits
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -510,6 +538,7 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -518,10 +547,23 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            # `ForCausalLMLoss` shifts the labels itself and, given `num_items_in_batch` (the Trainer passes it),
+            # divides by the label tokens of the whole optimizer step, so gradient accumulation sums exactly.
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, text_config.moe_num_experts, text_config.moe_top_k, padding_mask
+            )
+            if loss is not None:
+                share = _share_of_step_tokens(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+                loss = loss + text_config.router_aux_loss_coef * share * aux_loss.to(loss.device)
 
         return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

@@ -8,6 +8,7 @@ bare `step3_text` config), so everything that loads them exercises the real load
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -113,3 +114,58 @@ def write_tiny_checkpoint(
     config = Step3VLConfig(text_config=text_config, image_token_id=3) if vl else text_config
     state = random_official_state_dict(text_config, seed=seed, dtype=dtype)
     return write_official_checkpoint(path, state, config)
+
+
+# A minimal chat format for the tiny tokenizer, so that chat endpoints (`transformers serve`) work on tiny checkpoints.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def write_tiny_tokenizer(path: str | Path, texts: Iterable[str], *, vocab_size: int = 256) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` with `tokenizers` and save it (with a chat template) to `path`.
+
+    Ids 0, 1, 2 are `<pad>`, `<bos>`, `<eos>`, matching the token ids of `TINY_CONFIG`. Real runs use the
+    checkpoint's own tokenizer; this one exists so that examples and tests run offline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    path = Path(path)
+    wrapped.save_pretrained(path)
+    return path
+
+
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher", "our team"]
+_VERBS = ["sees", "likes", "carries", "paints", "finds", "follows", "builds", "reads"]
+_OBJECTS = ["a red box", "the green door", "a long letter", "the blue river", "an empty cup", "the tall tree"]
+_PLACES = ["in the park", "at home", "near the sea", "on the hill", "after lunch", "every morning"]
+
+
+def synthetic_corpus(num_sentences: int, *, seed: int = 0) -> list[str]:
+    """Sentences of a small fixed grammar: offline text that a tiny model learns in seconds (perplexity drops)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(words: list[str]) -> str:
+        return words[int(torch.randint(len(words), (1,), generator=generator))]
+
+    return [f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)} {pick(_PLACES)}." for _ in range(num_sentences)]
