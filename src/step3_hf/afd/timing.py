@@ -1,6 +1,7 @@
 """Per-step busy time of each side, measured without adding synchronisation inside a step.
 
-On CUDA a phase is a pair of events on the current stream (resolved once per step); on CPU it is wall time.
+On CUDA a phase is a pair of events on the current stream (resolved once per step, by waiting for the last
+event only); on CPU it is wall time.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class PhaseTimer:
         self._open.append((name, start, end))
 
     def end_step(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda" and self._open:
+            # Wait for this step's own work only: a device-wide synchronize would also wait for receives
+            # already posted for the next step.
+            self._open[-1][2].synchronize()
         self.last_end = time.perf_counter()
         wall = self.last_end - (self._step_start or self.last_end)
         phases: dict[str, float] = {}

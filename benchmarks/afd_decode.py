@@ -1,0 +1,408 @@
+"""Decode throughput of Step-3 with Attention-FFN Disaggregation (AFD) on a 2-GPU machine.
+
+Question: with real Step-3 layer widths, is one attention GPU + one FFN GPU (step3_hf.afd over NCCL) worth
+more tokens/s per GPU than the same model on one GPU, or than two independent one-GPU replicas?
+
+Side by side, in one run:
+  * colocated  -- `Step3ForCausalLM` on one GPU (the baseline a user would otherwise run);
+  * replicas   -- the same on both GPUs at once, independently (per-GPU rate with the host shared);
+  * AFD        -- rank 0 = attention GPU (embedding, attention, routers, LM head, KV cache), rank 1 = FFN GPU
+                  (shared + routed experts), 1 or 3 micro-batches, FP8 wire;
+  * ceiling    -- NCCL round trip of one micro-batch's dispatch + combine bytes between the two GPUs, and the
+                  cost model's roofline prediction (`step3_hf.cost_model.planner`) of attention and FFN time
+                  per micro-batch and layer on an H200.
+The model: the release's widths (hidden 7168, 64 query heads on 1 KV head of 256, 48 experts top-3 of 5120,
+shared expert 5120) with `--layers` MoE layers, random bf16 weights, a KV cache pre-filled to `--context`
+tokens (decode only). Batches that do not fit on one GPU next to the experts are the point of AFD.
+
+    python benchmarks/afd_decode.py --layers 10 --context 1024 --out afd_results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import step3_hf  # noqa: E402,F401
+from step3_hf.configuration_step3 import Step3Config  # noqa: E402
+
+GIB = 2**30
+
+
+def step3_config(layers: int) -> Step3Config:
+    """The released widths, `layers` layers, all MoE (56 of the release's 61 layers are)."""
+    return Step3Config(num_hidden_layers=layers, moe_layers_enum=",".join(map(str, range(layers))))
+
+
+# ----- shared by the workers ----------------------------------------------------------------------------------
+def random_init_(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+
+
+def kv_bytes(config: Step3Config, batch: int, context: int) -> int:
+    return 2 * batch * context * config.num_attention_groups * config.head_dim * 2 * config.num_hidden_layers
+
+
+def filled_cache(config: Step3Config, batch: int, context: int, device):
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # transformers versions whose DynamicCache takes no config
+        cache = DynamicCache()
+    shape = (batch, config.num_attention_groups, context, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.randn(shape, device=device, dtype=torch.bfloat16),
+                     torch.randn(shape, device=device, dtype=torch.bfloat16), layer)
+    return cache
+
+
+def fits(config: Step3Config, batch: int, context: int, device, headroom: float = 1.25) -> bool:
+    """KV cache + one grown layer + logits, with headroom for activations, against free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    need = kv_bytes(config, batch, context) * (1 + 1 / config.num_hidden_layers) + batch * config.vocab_size * 6
+    return need * headroom < free
+
+
+@torch.no_grad()
+def decode(model, config, batch, context, steps, warmup, device) -> dict:
+    """Greedy decode `steps` tokens after `warmup`, from a pre-filled cache; tokens/s of the timed steps."""
+    cache = filled_cache(config, batch, context, device)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            window_start = started
+        positions = torch.full((batch, 1), context + i, device=device)
+        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - started
+    del cache
+    return {"batch": batch, "step_ms": 1e3 * elapsed / steps, "tokens_per_s": batch * steps / elapsed,
+            "window": [window_start, time.perf_counter()]}
+
+
+# ----- worker: colocated -------------------------------------------------------------------------------------
+def run_colocated(args) -> None:
+    from step3_hf.modeling_step3 import Step3ForCausalLM, Step3RotaryEmbedding
+
+    device = torch.device("cuda", args.gpu)
+    torch.cuda.set_device(device)
+    config = step3_config(args.layers)
+    with torch.device("meta"):
+        model = Step3ForCausalLM(config)
+    model.to(torch.bfloat16).to_empty(device=device)
+    model.model.rotary_emb = Step3RotaryEmbedding(config).to(device)
+    random_init_(model, seed=0)
+    model.set_attn_implementation("sdpa")
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
+    results_impl = getattr(model.config, "_experts_implementation", None)
+    model.eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    results = {"gpu": args.gpu, "weights_gib": weights / GIB, "experts_implementation": results_impl, "rows": []}
+    for batch in args.batches:
+        if not fits(config, batch, args.context, device):
+            results["rows"].append({"batch": batch, "oom": True})
+            continue
+        try:
+            results["rows"].append(decode(model, config, batch, args.context, args.steps, args.warmup, device))
+        except torch.cuda.OutOfMemoryError:
+            results["rows"].append({"batch": batch, "oom": True})
+        torch.cuda.empty_cache()
+        print(f"[colocated gpu{args.gpu}] {results['rows'][-1]}", flush=True)
+    Path(args.result).write_text(json.dumps(results))
+
+
+# ----- worker: AFD (one process per GPU, torchrun environment) --------------------------------------------------
+def run_afd(args) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from step3_hf.afd import Placement, Step3AFDAttentionForCausalLM, Step3FFNShard, WireFormat, serve
+    from step3_hf.afd.exchange import AttentionExchange, ExchangeGroups, FFNExchange
+    from step3_hf.afd.timing import PhaseTimer
+    from step3_hf.afd.wire import DispatchLayout
+
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=timedelta(seconds=120), device_id=device)
+    groups = ExchangeGroups.create(timedelta(seconds=120))
+    placement = Placement(1, 1)
+    config = step3_config(args.layers)
+    results = {"rank": rank, "rows": []}
+    if rank == 0:
+        model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16)
+        exchange = AttentionExchange(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
+                                     device=device, timeout_s=120)
+        model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
+        results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+        dist.barrier()
+        for batch in args.batches:
+            for micro_batches in args.micro_batches:
+                if not fits(config, batch, args.context, device):
+                    results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})
+                    continue
+                model.micro_batches = micro_batches
+                model.timer = PhaseTimer(device)
+                row = decode(model, config, batch, args.context, args.steps, args.warmup, device)
+                timed = model.timer.steps[args.warmup:]
+                row.update(micro_batches=micro_batches,
+                           attention_ms=1e3 * sum(s.phases_s.get("attention", 0) for s in timed) / len(timed),
+                           wait_ms=1e3 * sum(s.phases_s.get("wait", 0) for s in timed) / len(timed))
+                results["rows"].append(row)
+                torch.cuda.empty_cache()
+                print(f"[afd attention] {row}", flush=True)
+        exchange.close()
+    else:
+        shard = Step3FFNShard.from_random(config, placement, 0, device=device, dtype=torch.bfloat16)
+        exchange = FFNExchange(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+                               moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
+                               timeout_s=600)
+        results["weights_gib"] = sum(p.numel() * p.element_size() for p in shard.parameters()) / GIB
+        dist.barrier()
+        timer = PhaseTimer(device)
+        serve(shard, exchange, timer)
+        results["rounds"] = [[s.started_at, s.wall_s, s.phases_s.get("ffn", 0.0)] for s in timer.steps]
+
+    # NCCL round trip of one micro-batch's dispatch (FP8) + combine (bf16) between the GPUs: the transfer stage.
+    results["round_trip_us"] = {}
+    for tokens in args.transfer_tokens:
+        out = torch.empty(DispatchLayout(tokens, config.hidden_size, config.moe_top_k, WireFormat.FP8,
+                                         torch.bfloat16).nbytes, dtype=torch.uint8, device=device)
+        back = torch.empty(tokens, config.hidden_size, dtype=torch.bfloat16, device=device)
+        times = []
+        for i in range(25):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            if rank == 0:
+                dist.send(out, 1)
+                dist.recv(back, 1)
+            else:
+                dist.recv(out, 0)
+                dist.send(back, 0)
+            torch.cuda.synchronize(device)
+            if i >= 5:
+                times.append(time.perf_counter() - started)
+        results["round_trip_us"][tokens] = 1e6 * sorted(times)[len(times) // 2]
+    Path(args.result.replace("RANK", str(rank))).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+# ----- orchestration --------------------------------------------------------------------------------------------
+def worker_command(args, role: str, result: str, **extra) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", role, "--result", result, "--layers", str(args.layers),
+           "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return cmd
+
+
+def run_all(procs: list[subprocess.Popen], timeout: float, log) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired:
+        log(f"timed out after {timeout} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return codes
+
+
+def nccl_smoke(args, out: Path, log) -> dict:
+    """The CLI over NCCL on a tiny checkpoint (fp32, raw wire) vs single-process generate on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from step3_hf.tiny_checkpoint import write_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp())
+    path = write_tiny_checkpoint(tmp / "tiny", vl=True, seed=3)
+    prompts = [[1, 17, 33, 90, 4, 5, 6], [1, 200], [1, 8, 9, 10, 77], [1, 5, 6, 7], [1, 99, 3]]
+    (tmp / "p.jsonl").write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "step3_hf.afd",
+           "--model", str(path), "--attention-ranks", "1", "--ffn-ranks", "1", "--prompts", str(tmp / "p.jsonl"),
+           "--max-new-tokens", "10", "--wire", "raw", "--dtype", "float32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    (out / "nccl_smoke.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    got = [json.loads(line)["completion_ids"] for line in done.stdout.splitlines() if line.startswith("{")]
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ref = ref[:, width:].tolist()
+    result = {"returncode": done.returncode, "identical": got == ref, "timing": done.stdout.splitlines()[-4:]}
+    log(f"NCCL smoke (tiny model, 1A+1F, fp32, raw wire): rc={done.returncode} identical to one process: "
+        f"{got == ref}")
+    return result
+
+
+def prediction(args, micro_batch_tokens: list[int]) -> dict:
+    """Cost-model roofline (H200, bf16 weights and KV) of attention and FFN per micro-batch per layer."""
+    from step3_hf.cost_model import Card, Quantization
+    from step3_hf.cost_model.planner import PlanAssumptions, plan_afd
+
+    h200 = Card(name="H200", price_per_hour_usd=0.0, bf16_flops=9.89e14, fp8_flops=1.979e15,
+                memory_bandwidth=4.8e12, memory_bytes=141e9)
+    config = step3_config(args.layers).to_dict()
+    out = {}
+    for tokens in micro_batch_tokens:
+        # A loose TPOT keeps the planner at one attention and one FFN GPU; weights and KV in bf16.
+        plan = plan_afd(config, h200, h200, args.context,
+                        PlanAssumptions(micro_batch=tokens, gpus_per_instance=1, tpot_ms=1e5),
+                        Quantization(weight_bytes=2.0, kv_bytes=2.0))
+        out[tokens] = {"attention_us": plan.attention_time_us, "ffn_us": plan.ffn_time_us}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", choices=["colocated", "afd"])
+    parser.add_argument("--result")
+    parser.add_argument("--gpu", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 2048, 4096, 8192])
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--transfer-tokens", type=int, nargs="+", default=[21, 85, 341, 683, 1365, 2731])
+    parser.add_argument("--out", default="afd_results")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["smoke", "colocated", "replicas", "afd"])
+    args = parser.parse_args()
+    if args.worker == "colocated":
+        return run_colocated(args)
+    if args.worker == "afd":
+        return run_afd(args)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "afd_decode.log", "a")
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    log(f"# afd_decode {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(sys.argv)}")
+    log(f"torch {torch.__version__}, GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
+    summary: dict = {"args": vars(args)}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    phases = [p for p in ("smoke", "colocated", "replicas", "afd") if p not in args.skip]
+
+    if "smoke" in phases:
+        try:
+            summary["smoke"] = nccl_smoke(args, out, log)
+        except Exception as err:  # keep measuring: report the failure
+            log(f"NCCL smoke failed: {err!r}")
+    if "colocated" in phases:
+        cmd = worker_command(args, "colocated", str(out / "colocated.json"), gpu=0, batches=args.batches)
+        run_all([subprocess.Popen(cmd, env=env)], 150, log)
+        if (out / "colocated.json").exists():
+            summary["colocated"] = json.loads((out / "colocated.json").read_text())
+    if "replicas" in phases:
+        fitting = [r["batch"] for r in summary.get("colocated", {}).get("rows", []) if not r.get("oom")]
+        batches = fitting[-2:] or args.batches[:2]
+        procs = [subprocess.Popen(worker_command(args, "colocated", str(out / f"replica{g}.json"), gpu=g,
+                                                 batches=batches), env=env) for g in (0, 1)]
+        run_all(procs, 150, log)
+        summary["replicas"] = [json.loads((out / f"replica{g}.json").read_text())
+                               for g in (0, 1) if (out / f"replica{g}.json").exists()]
+    if "afd" in phases:
+        procs = []
+        for rank in (0, 1):
+            renv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+            procs.append(subprocess.Popen(worker_command(
+                args, "afd", str(out / "afd_rankRANK.json"), batches=args.batches,
+                micro_batches=args.micro_batches, transfer_tokens=args.transfer_tokens), env=renv))
+        run_all(procs, 240, log)
+        for rank in (0, 1):
+            path = out / f"afd_rank{rank}.json"
+            if path.exists():
+                summary[f"afd_rank{rank}"] = json.loads(path.read_text())
+    summary["prediction"] = prediction(args, sorted({max(b // m, 1) for b in args.batches for m in args.micro_batches}))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(table(summary, args))
+
+
+def table(summary: dict, args) -> str:
+    config = step3_config(args.layers)
+    layers = config.num_hidden_layers
+    lines = [f"\nStep-3 widths, {layers} MoE layers, context {args.context}, bf16; decode tokens/s per GPU"]
+    colocated = {r["batch"]: r for r in summary.get("colocated", {}).get("rows", [])}
+    replicas = {}
+    for rep in summary.get("replicas", []):
+        for r in rep["rows"]:
+            if not r.get("oom"):
+                replicas.setdefault(r["batch"], []).append(r["tokens_per_s"])
+    afd_rows = summary.get("afd_rank0", {}).get("rows", [])
+    rounds = summary.get("afd_rank1", {}).get("rounds", [])
+    trip = summary.get("afd_rank0", {}).get("round_trip_us", {})
+    predicted = summary.get("prediction", {})
+    lines.append(f"{'batch':>6} | {'1 GPU':>8} | {'2 replicas':>10} | {'AFD mb':>6} {'tok/s/GPU':>10} {'step ms':>8} | "
+                 f"{'attn us':>8} {'FFN us':>8} {'xfer us':>8} | {'attn busy':>9} {'FFN busy':>8} | "
+                 f"{'pred attn':>9} {'pred FFN':>8}")
+    for row in afd_rows:
+        batch = row["batch"]
+        one = colocated.get(batch, {})
+        one_s = "OOM" if one.get("oom") else (f"{one['tokens_per_s']:.0f}" if one else "-")
+        rep_s = f"{sum(replicas[batch]) / 2:.0f}" if len(replicas.get(batch, [])) == 2 else "-"
+        if row.get("oom"):
+            lines.append(f"{batch:>6} | {one_s:>8} | {rep_s:>10} | {row['micro_batches']:>6} {'OOM':>10}")
+            continue
+        m = row["micro_batches"]
+        mb_tokens = max(batch // m, 1)
+        step_s = row["step_ms"] / 1e3
+        t0, t1 = row["window"]
+        ffn_s = sum(f for start, _, f in rounds if t0 <= start <= t1) / args.steps
+        per_mb = 1e6 / (layers * m)
+        attn_us, ffn_us = row["attention_ms"] * 1e-3 * per_mb, ffn_s * per_mb
+        key = str(min((int(k) for k in trip), key=lambda k: abs(k - mb_tokens))) if trip else None
+        pred = predicted.get(mb_tokens) or predicted.get(str(mb_tokens)) or {}
+        lines.append(
+            f"{batch:>6} | {one_s:>8} | {rep_s:>10} | {m:>6} {row['tokens_per_s'] / 2:>10.0f} {row['step_ms']:>8.1f} | "
+            f"{attn_us:>8.0f} {ffn_us:>8.0f} {(trip[key] if key else float('nan')):>8.0f} | "
+            f"{row['attention_ms'] / 1e3 / step_s:>9.0%} {ffn_s / step_s:>8.0%} | "
+            f"{pred.get('attention_us', float('nan')):>9.0f} {pred.get('ffn_us', float('nan')):>8.0f}"
+        )
+    best_one = max((r["tokens_per_s"] for r in colocated.values() if not r.get("oom")), default=float("nan"))
+    best_afd = max((r["tokens_per_s"] / 2 for r in afd_rows if not r.get("oom")), default=float("nan"))
+    lines.append(f"best: 1 GPU {best_one:.0f} tok/s; AFD {best_afd:.0f} tok/s per GPU "
+                 f"(target AFD >= 1 GPU: {'met' if best_afd >= best_one else 'not met'})")
+    lines.append("attn/FFN us: per micro-batch per layer (CUDA events); xfer: NCCL round trip of that micro-batch's "
+                 "FP8 dispatch + bf16 combine; busy: share of the step; pred: cost-model roofline on H200 (planner, "
+                 "bf16, FFN at 50% of peak bandwidth)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
