@@ -568,7 +568,7 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
-            **{_CACHE_NAME: outputs[_CACHE_NAME]},
+            **{_CACHE_NAME: getattr(outputs, _CACHE_NAME, None)},
         )
 
 
