@@ -15,7 +15,7 @@ The model: the release's widths (hidden 7168, 64 query heads on 1 KV head of 256
 shared expert 5120) with `--layers` MoE layers, random bf16 weights, a KV cache pre-filled to `--context`
 tokens (decode only). Batches that do not fit on one GPU next to the experts are the point of AFD.
 
-    python benchmarks/afd_decode.py --layers 10 --context 1024 --out afd_results
+    python benchmarks/afd_decode.py --layers 11 --context 1024 --out afd_results
 """
 
 from __future__ import annotations
@@ -219,20 +219,20 @@ def worker_command(args, role: str, result: str, **extra) -> list[str]:
     return cmd
 
 
-def run_all(procs: list[subprocess.Popen], timeout: float, log) -> list[int]:
+def run_all(procs: list[subprocess.Popen], timeout: float, log) -> list[int | None]:
+    """Wait for every worker within `timeout` seconds in total; kill whatever is left."""
     deadline = time.monotonic() + timeout
-    codes = []
     try:
         for proc in procs:
-            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
-        log(f"timed out after {timeout} s")
+        log(f"workers timed out after {timeout} s; killed")
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return codes
+    return [proc.returncode for proc in procs]
 
 
 def nccl_smoke(args, out: Path, log) -> dict:
@@ -248,7 +248,7 @@ def nccl_smoke(args, out: Path, log) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "step3_hf.afd",
            "--model", str(path), "--attention-ranks", "1", "--ffn-ranks", "1", "--prompts", str(tmp / "p.jsonl"),
            "--max-new-tokens", "10", "--wire", "raw", "--dtype", "float32"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.phase_timeout, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     (out / "nccl_smoke.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     got = [json.loads(line)["completion_ids"] for line in done.stdout.splitlines() if line.startswith("{")]
@@ -288,16 +288,19 @@ def main() -> None:
     parser.add_argument("--worker", choices=["colocated", "afd"])
     parser.add_argument("--result")
     parser.add_argument("--gpu", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=11)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 2048, 4096, 8192])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--transfer-tokens", type=int, nargs="+", default=[21, 85, 341, 683, 1365, 2731])
+    parser.add_argument("--transfer-tokens", type=int, nargs="+", help="default: every micro-batch size swept")
     parser.add_argument("--out", default="afd_results")
+    parser.add_argument("--phase-timeout", type=float, default=150, help="seconds for each phase's workers")
     parser.add_argument("--skip", nargs="*", default=[], choices=["smoke", "colocated", "replicas", "afd"])
     args = parser.parse_args()
+    if not args.transfer_tokens:
+        args.transfer_tokens = sorted({max(b // m, 1) for b in args.batches for m in args.micro_batches})
     if args.worker == "colocated":
         return run_colocated(args)
     if args.worker == "afd":
@@ -315,42 +318,53 @@ def main() -> None:
     log(f"# afd_decode {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(sys.argv)}")
     log(f"torch {torch.__version__}, GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
     summary: dict = {"args": vars(args)}
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    phases = [p for p in ("smoke", "colocated", "replicas", "afd") if p not in args.skip]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
+    work = Path(tempfile.mkdtemp())  # worker results; only the log, the summary and the table go to --out
+    workers_log = open(out / "workers.log", "a")
+    phases = [p for p in ("afd", "colocated", "replicas", "smoke") if p not in args.skip]
 
-    if "smoke" in phases:
-        try:
-            summary["smoke"] = nccl_smoke(args, out, log)
-        except Exception as err:  # keep measuring: report the failure
-            log(f"NCCL smoke failed: {err!r}")
-    if "colocated" in phases:
-        cmd = worker_command(args, "colocated", str(out / "colocated.json"), gpu=0, batches=args.batches)
-        run_all([subprocess.Popen(cmd, env=env)], 150, log)
-        if (out / "colocated.json").exists():
-            summary["colocated"] = json.loads((out / "colocated.json").read_text())
-    if "replicas" in phases:
-        fitting = [r["batch"] for r in summary.get("colocated", {}).get("rows", []) if not r.get("oom")]
-        batches = fitting[-2:] or args.batches[:2]
-        procs = [subprocess.Popen(worker_command(args, "colocated", str(out / f"replica{g}.json"), gpu=g,
-                                                 batches=batches), env=env) for g in (0, 1)]
-        run_all(procs, 150, log)
-        summary["replicas"] = [json.loads((out / f"replica{g}.json").read_text())
-                               for g in (0, 1) if (out / f"replica{g}.json").exists()]
+    def start(cmd, extra_env=None):
+        return subprocess.Popen(cmd, env={**env, **(extra_env or {})}, stdout=workers_log, stderr=subprocess.STDOUT)
+
+    def finish_phase(name):
+        summary["prediction"] = prediction(args, sorted({max(b // m, 1) for b in args.batches for m in args.micro_batches}))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"-- {name} done at {time.strftime('%H:%M:%S')}")
+
     if "afd" in phases:
         procs = []
         for rank in (0, 1):
-            renv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
-            procs.append(subprocess.Popen(worker_command(
-                args, "afd", str(out / "afd_rankRANK.json"), batches=args.batches,
-                micro_batches=args.micro_batches, transfer_tokens=args.transfer_tokens), env=renv))
-        run_all(procs, 240, log)
+            renv = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": "29533"}
+            procs.append(start(worker_command(
+                args, "afd", str(work / "afd_rankRANK.json"), batches=args.batches,
+                micro_batches=args.micro_batches, transfer_tokens=args.transfer_tokens), renv))
+        log(f"AFD workers exit codes: {run_all(procs, args.phase_timeout, log)}")
         for rank in (0, 1):
-            path = out / f"afd_rank{rank}.json"
-            if path.exists():
-                summary[f"afd_rank{rank}"] = json.loads(path.read_text())
-    summary["prediction"] = prediction(args, sorted({max(b // m, 1) for b in args.batches for m in args.micro_batches}))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if (work / f"afd_rank{rank}.json").exists():
+                summary[f"afd_rank{rank}"] = json.loads((work / f"afd_rank{rank}.json").read_text())
+        finish_phase("afd")
+    if "colocated" in phases:
+        cmd = worker_command(args, "colocated", str(work / "colocated.json"), gpu=0, batches=args.batches)
+        log(f"colocated worker exit code: {run_all([start(cmd)], args.phase_timeout, log)}")
+        if (work / "colocated.json").exists():
+            summary["colocated"] = json.loads((work / "colocated.json").read_text())
+        finish_phase("colocated")
+    if "replicas" in phases:
+        fitting = [r["batch"] for r in summary.get("colocated", {}).get("rows", []) if not r.get("oom")]
+        batches = fitting[-2:] or args.batches[:2]
+        procs = [start(worker_command(args, "colocated", str(work / f"replica{g}.json"), gpu=g, batches=batches))
+                 for g in (0, 1)]
+        log(f"replica workers exit codes: {run_all(procs, args.phase_timeout, log)}")
+        summary["replicas"] = [json.loads((work / f"replica{g}.json").read_text())
+                               for g in (0, 1) if (work / f"replica{g}.json").exists()]
+        finish_phase("replicas")
+    if "smoke" in phases:
+        try:
+            summary["smoke"] = nccl_smoke(args, out, log)
+        except Exception as err:  # the measurements above still stand: report the failure
+            log(f"NCCL smoke failed: {err!r}")
+        finish_phase("smoke")
     log(table(summary, args))
 
 

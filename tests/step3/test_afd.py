@@ -24,7 +24,7 @@ from step3_hf.checkpoint_layout import official_tensor_shapes
 from step3_hf.tiny_checkpoint import write_tiny_checkpoint
 
 from afd_launch import PYTHON, REPO, finish, launch
-from afd_worker import NEW_TOKENS, PAD, PROMPTS, SAMPLING, SCENARIOS, SEED, left_pad
+from afd_worker import NEW_TOKENS, PAD, PROMPTS, SAMPLING, SEED, left_pad
 
 WORKER = str(REPO / "tests" / "step3" / "afd_worker.py")
 FP8_LOGIT_TOLERANCE = 0.05  # max |logit difference| / max |logit|, FP8 wire vs unquantised, teacher-forced
