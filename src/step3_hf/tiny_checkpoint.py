@@ -121,25 +121,29 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-TINY_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
+TINY_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Printable ASCII, space, newline and tab as the byte-level pre-tokenizer spells them: every token of the tiny
+# tokenizer decodes to readable text, and any other byte becomes `<unk>` (never silently dropped).
+_TINY_ALPHABET = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a", "\u0109"]
 
 
 def write_tiny_tokenizer(path: str | Path, texts: Iterable[str], *, vocab_size: int = 256) -> Path:
-    """Train a byte-level BPE tokenizer on `texts` with `tokenizers` and save it (with a chat template) to `path`.
+    """Train a small BPE tokenizer on `texts` with `tokenizers` and save it (with a chat template) to `path`.
 
-    Ids 0, 1, 2 are `<pad>`, `<bos>`, `<eos>`, matching the token ids of `TINY_CONFIG`. Real runs use the
-    checkpoint's own tokenizer; this one exists so that examples and tests run offline.
+    Ids 0, 1, 2 are `<pad>`, `<bos>`, `<eos>`, matching the token ids of `TINY_CONFIG`; the alphabet is printable
+    ASCII. Real runs use the checkpoint's own tokenizer; this one exists so that examples and tests run offline.
+    Size a checkpoint for it with `vocab_size=len(tokenizer)`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=_TINY_ALPHABET,
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -148,6 +152,7 @@ def write_tiny_tokenizer(path: str | Path, texts: Iterable[str], *, vocab_size: 
         pad_token="<pad>",
         bos_token="<bos>",
         eos_token="<eos>",
+        unk_token="<unk>",
         chat_template=TINY_CHAT_TEMPLATE,
     )
     path = Path(path)
