@@ -125,6 +125,7 @@ def main() -> None:
                 attention, experts, float8, graph = VARIANTS[name]
                 model.set_attn_implementation(attention)
                 model.set_experts_implementation(experts)
+                step = None
                 try:
                     step = decode_step_fn(model, batch, context, float8, "cuda")
                     with torch.no_grad():
@@ -132,6 +133,7 @@ def main() -> None:
                     row[name] = seconds
                 except Exception as err:  # report, keep measuring the others
                     row[name] = f"{type(err).__name__}: {str(err)[:80]}"
+                print(f"  B={batch} ctx={context} {name}: {row[name]}", flush=True)
                 del step
                 torch.cuda.empty_cache()
             weights, kv = step_bytes(model, batch, context, float8=False)

@@ -39,7 +39,7 @@ __all__ = [
 _MIN_POSITIONS_PER_SPLIT = 512
 # Programs to aim for per multiprocessor when choosing the split count (swept on the H200, docs/performance.md):
 # a bf16 program's pipeline fills one multiprocessor's shared memory; float8 tiles are half the size.
-_PROGRAMS_PER_SM = {False: 1, True: 4}
+_PROGRAMS_PER_SM = {False: 1, True: 2}
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
@@ -70,7 +70,7 @@ def _split_kv_attention(
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
     split = tl.program_id(0)
@@ -124,17 +124,21 @@ def _split_kv_attention(
         else:
             scores = tl.dot(q, tl.trans(k.to(q.dtype)))
         if IS_FP8:
-            k_scale = tl.load(K_SCALE + b * stride_ksb + kv_head * stride_ksh + offs_n * stride_ksn, mask=n_ok, other=0.0)
+            k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
+            k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
             scores = scores * k_scale[None, :]
         else:
             scores = scores * qk_scale_log2
         keep = row_ok[:, None] & n_ok[None, :]
         if HAS_MASK:
-            allowed = tl.load(
-                MASK + b * stride_mb + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn,
-                mask=keep,
-                other=0,
-            )
+            if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
+                allowed = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
+            else:
+                allowed = tl.load(
+                    MASK + b * stride_mb + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn,
+                    mask=keep,
+                    other=0,
+                )
             keep = keep & (allowed != 0)
         if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
             keep = keep & (offs_n[None, :] <= end - q_len + tok[:, None])
@@ -153,7 +157,8 @@ def _split_kv_attention(
         if IS_FP8:
             # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: scale the probabilities' columns, kept within
             # [0, 1] so that fp16 holds them, instead of V's rows.
-            v_scale = tl.load(V_SCALE + b * stride_vsb + kv_head * stride_vsh + offs_n * stride_vsn, mask=n_ok, other=0.0)
+            v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
+            v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
             v_max = tl.max(v_scale, 0)
             v_max = tl.where(v_max > 0.0, v_max, 1.0)
             p_v = p * (v_scale / v_max)[None, :]
@@ -180,7 +185,8 @@ def _split_kv_attention(
         lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
         rows = GROUP * q_len
         part = (seq_head * num_splits + split) * rows
-        tl.store(PART_OUT + (part + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        part_rows = PART_OUT + (part + offs_m[:, None]) * HEAD_DIM
+        tl.store(part_rows + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(PART_LSE + part + offs_m, lse, mask=row_ok)
 
 
@@ -216,7 +222,9 @@ def _merge_splits(
         s_ok = s0 + offs_s < num_splits
         part = first + (s0 + offs_s) * rows
         weight = tl.exp2(tl.load(PART_LSE + part, mask=s_ok, other=float("-inf")) - lse_max)
-        partial = tl.load(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        partial = tl.load(
+            PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+        )
         total += weight
         acc += partial * weight[:, None]
     total_sum = tl.sum(total, 0)
@@ -236,7 +244,8 @@ def _mask_bounds(
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     allowed = n < 0  # all False
     for t in range(0, q_len):
-        allowed = allowed | (tl.load(MASK + b * stride_mb + t * stride_mt + n * stride_mn, mask=n < kv_len, other=0) != 0)
+        row = tl.load(MASK + b * stride_mb + t * stride_mt + n * stride_mn, mask=n < kv_len, other=0)
+        allowed = allowed | (row != 0)
     tl.atomic_min(KV_START + b, tl.min(tl.where(allowed, n, kv_len), 0))
     tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
 
@@ -322,7 +331,9 @@ def decode_attention(
     batch, num_heads, q_len, head_dim = query.shape
     _, num_kv_heads, kv_len, _ = key.shape
     if key.shape != value.shape or key.shape[0] != batch or key.shape[-1] != head_dim:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query {tuple(query.shape)}")
+        raise ValueError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query {tuple(query.shape)}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if key.dtype not in _CACHE_DTYPES or value.dtype != key.dtype:
@@ -347,7 +358,8 @@ def decode_attention(
 
     device = query.device
     if attention_mask is not None:
-        if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or attention_mask.shape[-2:] != (q_len, kv_len):
+        mask_ok = attention_mask.ndim == 4 and attention_mask.shape[-2:] == (q_len, kv_len)
+        if attention_mask.dtype != torch.bool or not mask_ok:
             raise ValueError(
                 f"`attention_mask` must be boolean [B, 1, {q_len}, {kv_len}], got {attention_mask.dtype} "
                 f"{tuple(attention_mask.shape)}"
@@ -367,8 +379,8 @@ def decode_attention(
 
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
-    if num_stages is None:
-        num_stages = 2 if is_fp8 else 3
+    if num_stages is None:  # three stages of bf16 K/V tiles (+ a per-token mask tile) fill shared memory
+        num_stages = 2 if is_fp8 or (mask is not None and q_len > 1) else 3
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
@@ -387,16 +399,28 @@ def decode_attention(
     scale = head_dim**-0.5 if scale is None else scale
 
     attention_kernel, merge_kernel, _ = _compiled_kernels(interpreter_enabled())
-    attention_kernel[(num_splits, batch * num_kv_heads)](
+    launch_args = (
         query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
         part_out, part_lse,
         *query.stride(), *key.stride(), *value.stride(), *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
         num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
+    )  # fmt: skip
+    constants = dict(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
         HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8,
-        SINGLE_SPLIT=num_splits == 1, DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
-        num_warps=num_warps, num_stages=num_stages,
+        SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
+        DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip
+    # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
+    for stages in range(num_stages, 0, -1):
+        try:
+            attention_kernel[(num_splits, batch * num_kv_heads)](
+                *launch_args, **constants, num_warps=num_warps, num_stages=stages
+            )
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
     if num_splits > 1:
         merge_kernel[(rows, batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
