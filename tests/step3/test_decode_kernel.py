@@ -171,8 +171,11 @@ def test_cpu_without_interpreter_is_refused():
 
 
 def test_float8_static_cache_stores_e4m3_and_scales():
-    config = type("C", (), {"get_text_config": lambda self, decoder=True: type("T", (), {"num_hidden_layers": 2})()})()
-    cache = Float8StaticCache(config, max_cache_len=10)
+    from step3_hf import Step3Config
+    from step3_hf.tiny_checkpoint import TINY_CONFIG
+
+    cache = Float8StaticCache(Step3Config(**TINY_CONFIG), max_cache_len=10)
+    assert len(cache.layers) == TINY_CONFIG["num_hidden_layers"]
     key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     stored_key, stored_value = cache.update(key, value, layer_idx=0)
     assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
