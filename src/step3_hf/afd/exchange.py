@@ -184,7 +184,7 @@ class FFNExchange:
     attention ranks at the same layer are computed as one batch and none waits for another.
 
     gloo completes a receive only inside `wait`, so on gloo one thread per attention rank receives its messages
-    into a queue; on NCCL every running attention rank has a header receive posted and the loop polls them.
+    into a queue; on NCCL a round takes the next message of each running attention rank in turn.
     """
 
     def __init__(
@@ -197,7 +197,6 @@ class FFNExchange:
         self.top_k = top_k
         self.moe_layers = moe_layers
         self.dtype = dtype
-        self._headers: dict[int, tuple[torch.Tensor, dist.Work]] = {}  # NCCL: posted header receives
         self._inbox: queue.Queue = queue.Queue()  # gloo: (source, Arrival | None for done | PeerLostError)
         if self.link.bounded:
             for source in self.running:
@@ -269,34 +268,25 @@ class FFNExchange:
             first.append(self._inbox.get_nowait())
         return [a for a in (self._take(source, item) for source, item in first) if a is not None]
 
-    def _receive_polled(self) -> list[Arrival]:
-        for source in self.running:
-            if source not in self._headers:
-                self._headers[source] = self._post_header(source)
-        started, spins = time.monotonic(), 0
-        while not (ready := [r for r in self.running if self._headers[r][1].is_completed()]):
-            if time.monotonic() - started > self.link.timeout_s:
-                raise self._silence(time.monotonic() - started)
-            spins += 1
-            time.sleep(0 if spins < 1000 else 1e-4)
-        pending = []
-        for source in ready:
-            header, work = self._headers.pop(source)
+    def _receive_in_turn(self) -> list[Arrival]:
+        """NCCL: the next message of every running attention rank, in rank order (the header's `tolist` waits for
+        it). Attention ranks run the same schedule, so this is also what has arrived together; an attention rank
+        that stops must `close()`, and NCCL's watchdog (the groups' timeout) bounds a wait on a lost one."""
+        arrivals = []
+        for source in list(self.running):
+            header, work = self._post_header(source)
             work.wait()
             message = self._payload(source, header)
             if message is None:
                 self._take(source, None)
                 continue
-            pending.append((source, *message))
-            self._headers[source] = self._post_header(source)
-        arrivals = []
-        for source, layer, layout, payload, work in pending:
+            layer, layout, payload, work = message
             work.wait()
             arrivals.append(Arrival(source, layer, *decode_dispatch(payload, layout)))
         return arrivals
 
     def receive_round(self) -> list[Arrival]:
-        return self._receive_queued() if self.link.bounded else self._receive_polled()
+        return self._receive_queued() if self.link.bounded else self._receive_in_turn()
 
     def respond(self, arrival: Arrival, result: torch.Tensor) -> None:
         self.link.send(result.contiguous(), arrival.source, self.link.groups.combine)

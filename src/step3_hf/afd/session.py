@@ -208,5 +208,6 @@ def start(settings: AFDSettings) -> AFDRank:
     _check_same_settings(settings, rank, world_size)
     reader = CheckpointReader(settings.model)
     placement.check_model(reader.config)
-    groups = ExchangeGroups.create(timedelta(seconds=settings.startup_timeout_s))
+    # On NCCL the groups' timeout is what bounds a wait on a lost peer (the watchdog ends the process).
+    groups = ExchangeGroups.create(timedelta(seconds=settings.timeout_s))
     return AFDRank(settings, rank, placement, device, dtype, reader, groups)
