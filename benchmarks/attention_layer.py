@@ -13,6 +13,7 @@ token) that an absorbed-MLA kernel would read, while transformers' module expand
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import torch
@@ -74,6 +75,8 @@ def measure(name: str, batch: int, context: int, device: str) -> dict:
     for parameter in attention.parameters():
         torch.nn.init.normal_(parameter, std=0.02)
     rotary = rotary_class(config).to(device)
+    # transformers 5.24 names the cache argument `cache`; 5.17 (the GPU image) `past_key_values`.
+    cache_name = "cache" if "cache" in inspect.signature(attention.forward).parameters else "past_key_values"
     weight_bytes = sum(p.numel() * p.element_size() for p in attention.parameters())
 
     # A static cache holding `context` random tokens; every timed call writes token `context` and reads all.
@@ -83,14 +86,14 @@ def measure(name: str, batch: int, context: int, device: str) -> dict:
     position_ids = torch.full((batch, 1), context, device=device)
     position_embeddings = rotary(hidden, position_ids)
     with torch.no_grad():
-        attention(hidden, position_embeddings, None, cache=cache)  # allocates the cache at its real shapes
+        attention(hidden, position_embeddings, None, **{cache_name: cache})  # allocates the cache at its real shapes
     for tensor in (layer.keys, layer.values):
         tensor.normal_()
     mask = torch.ones(batch, 1, 1, context + 1, dtype=torch.bool, device=device)
 
     def step():
         layer.cumulative_length.fill_(context)
-        return attention(hidden, position_embeddings, mask, cache=cache)[0]
+        return attention(hidden, position_embeddings, mask, **{cache_name: cache})[0]
 
     cache_bytes = batch * context * cache_values_per_token(config) * 2
     with torch.no_grad():

@@ -146,7 +146,7 @@ def main() -> None:
     print(f"\nDecode step, Step-3 widths, {LAYERS}, bf16 weights; tokens/s (step ms); roofline = (weights read + KV "
           f"bytes) / {bandwidth / 1e12:.2f} TB/s\n")  # fmt: skip
     print("| context | batch | " + " | ".join(args.variants) + " | roofline (bf16 KV) | best ours / roofline |")
-    print("|---" * (3 + len(args.variants)) + "|")
+    print("|---" * (4 + len(args.variants)) + "|")
     for row in rows:
         cells, best = [], None
         for name in args.variants:
