@@ -40,7 +40,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    del src, dst
     return 2 * (1 << 32) / (ms * 1e-3)
 
 
