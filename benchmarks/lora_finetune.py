@@ -2,9 +2,12 @@
 
 Question: what does a user pay to LoRA-fine-tune a Step-3 model with Trainer + peft, against the MoE they would
 otherwise fine-tune the same way? Both models are random mid-size configs of matched size, trained the same way in
-one process: bf16 weights, LoRA r=16 on every linear layer of the blocks (`target_modules="all-linear"`, the same
-rule for both; the routed experts stay frozen), SDPA attention, the default (grouped_mm) experts kernel, Trainer
-with bf16 autocast, AdamW, a fixed number of steps on the same token stream.
+one process: bf16 weights, LoRA r=16 on the same targets for both (`--lora-targets attention`: every projection
+of the attention block; `attention+experts`: also the routed experts through `target_parameters`), SDPA attention,
+the default (grouped_mm) experts kernel, Trainer with bf16 autocast, AdamW, a fixed number of steps on the same
+token stream. The targets are spelled out rather than `"all-linear"`: peft resolves `"all-linear"` differently for
+the two (for qwen3_moe it adds the routed experts and the router, as the v4 `nn.Linear` experts were; for Step-3
+it takes the linear layers only), which makes unequal runs.
 
 Size matching: Step-3's shared expert has the routed experts' width, so Qwen3-MoE gets one more expert and one
 more expert per token (E+1, k+1): the same FFN parameters in total and per token. Dense layers sit at the same
@@ -179,11 +182,22 @@ def train_flops_per_token(config, params: Parameters, seq_len: int, num_heads: i
     return 4 * params.activated + 3 * attention  # backward of attention ~2x its forward
 
 
+# A regex over full module names: it names the attention projections of both models (Step-3's `wq` included) and
+# nothing peft would remap to experts.
+ATTENTION_PROJECTIONS = r".*\.self_attn\.(q_proj|wq|k_proj|v_proj|o_proj)"
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # the same names in both models
+
+
+def lora_config(targets: str) -> LoraConfig:
+    experts = EXPERT_PARAMETERS if targets == "attention+experts" else None
+    return LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION_PROJECTIONS, target_parameters=experts)
+
+
 def run(name: str, model: torch.nn.Module, args, dataset, num_experts: int, top_k: int, heads, head_dim) -> RunResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = count_model_parameters(model, num_experts, top_k)
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    peft_model = get_peft_model(model, lora_config(args.lora_targets))
     params.trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result = RunResult(
         model=name,
@@ -257,6 +271,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lora-targets", choices=["attention", "attention+experts"], default="attention")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="per model: stop timing (and training) after")
     parser.add_argument("--work-dir", default="/tmp/lora_finetune_bench")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -304,6 +319,7 @@ def main(argv=None) -> None:
         "seq_len": args.seq_len,
         "steps": args.steps,
         "warmup": args.warmup,
+        "lora_targets": args.lora_targets,
         "bf16_matmul_tflops": ceiling,
     }
     if args.out:
@@ -311,7 +327,7 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps(payload, indent=2, default=lambda o: o.__dict__))
 
     print(f"\n{environment['device']}, torch {environment['torch']}, transformers {environment['transformers']}, "
-          f"peft {environment['peft']}; batch {args.batch_size} x {args.seq_len} tokens, LoRA r=16 all-linear, "
+          f"peft {environment['peft']}; batch {args.batch_size} x {args.seq_len} tokens, LoRA r=16 on {args.lora_targets}, "
           f"bf16; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")  # fmt: skip
     header = (
         "| model | params total / activated | LoRA trainable | steps timed | tokens/s | model TFLOP/s (est.) "
