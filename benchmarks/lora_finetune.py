@@ -6,8 +6,8 @@ one process: bf16 weights, LoRA r=16 on the same targets for both (`--lora-targe
 of the attention block; `attention+experts`: also the routed experts through `target_parameters`), SDPA attention,
 the default (grouped_mm) experts kernel, Trainer with bf16 autocast, AdamW, a fixed number of steps on the same
 token stream. The targets are spelled out rather than `"all-linear"`: peft resolves `"all-linear"` differently for
-the two (for qwen3_moe it adds the routed experts and the router, as the v4 `nn.Linear` experts were; for Step-3
-it takes the linear layers only), which makes unequal runs.
+the two (for qwen3_moe it adds the routed experts, as the v4 `nn.Linear` experts were; for Step-3 it takes the
+linear layers only), which makes unequal runs.
 
 Size matching: Step-3's shared expert has the routed experts' width, so Qwen3-MoE gets one more expert and one
 more expert per token (E+1, k+1): the same FFN parameters in total and per token. Dense layers sit at the same
