@@ -126,17 +126,33 @@ def _serve_command():
                 if getattr(self, "_model_manager", None) is not None:
                     self._model_manager.shutdown()
 
+    Step3Serve.__doc__ = (
+        "transformers serve for Step-3 checkpoints (continuous batching and SDPA by default; requests longer than "
+        "the model's context get HTTP 400).\n\n" + (Serve.__doc__ or "")
+    )
     return Step3Serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script `step3-serve`: `transformers serve` with Step-3 visible and Step-3 defaults."""
     import typer
+    from transformers.utils.import_utils import is_serve_available
 
-    expose_step3_to_server()
+    if not is_serve_available():
+        raise SystemExit("step3-serve needs fastapi, uvicorn, pydantic and openai: pip install 'step3-hf[serve]'")
+    try:
+        expose_step3_to_server()
+    except ModuleNotFoundError as err:  # transformers without the `transformers.cli.serving` package
+        import transformers
+
+        raise SystemExit(
+            f"step3-serve wraps `transformers.cli.serving`, which transformers {transformers.__version__} lacks "
+            f"({err}); upgrade transformers"
+        ) from err
     refuse_requests_beyond_context()
     app = typer.Typer(add_completion=False)
-    app.command(help=_serve_command().__doc__)(_serve_command())
+    serve_command = _serve_command()
+    app.command(help=serve_command.__doc__)(serve_command)
     args = _with_step3_defaults(sys.argv[1:] if argv is None else list(argv))
     app(args, prog_name="step3-serve")
 
