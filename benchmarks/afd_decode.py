@@ -162,7 +162,7 @@ def run_afd(args) -> None:
         for batch in args.batches:
             for micro_batches in args.micro_batches:
                 if not fits(config, batch, args.context, device):
-                    results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})
+                    results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})  # no fit
                     continue
                 model.micro_batches = micro_batches
                 model.timer = PhaseTimer(device)
@@ -388,10 +388,10 @@ def table(summary: dict, args) -> str:
     for row in afd_rows:
         batch = row["batch"]
         one = colocated.get(batch, {})
-        one_s = "OOM" if one.get("oom") else (f"{one['tokens_per_s']:.0f}" if one else "-")
+        one_s = "no fit" if one.get("oom") else (f"{one['tokens_per_s']:.0f}" if one else "-")
         rep_s = f"{sum(replicas[batch]) / 2:.0f}" if len(replicas.get(batch, [])) == 2 else "-"
         if row.get("oom"):
-            lines.append(f"{batch:>6} | {one_s:>8} | {rep_s:>10} | {row['micro_batches']:>6} {'OOM':>10}")
+            lines.append(f"{batch:>6} | {one_s:>8} | {rep_s:>10} | {row['micro_batches']:>6} {'no fit':>10}")
             continue
         m = row["micro_batches"]
         mb_tokens = max(batch // m, 1)
@@ -414,7 +414,7 @@ def table(summary: dict, args) -> str:
                  f"(target AFD >= 1 GPU: {'met' if best_afd >= best_one else 'not met'})")
     lines.append("attn/FFN us: per micro-batch per layer (CUDA events); xfer: NCCL round trip of that micro-batch's "
                  "FP8 dispatch + bf16 combine; busy: share of the step; pred: cost-model roofline on H200 (planner, "
-                 "bf16, FFN at 50% of peak bandwidth)")
+                 "bf16, FFN at 50% of peak bandwidth); no fit: KV cache + logits (+25%) exceed free GPU memory, not run")
     return "\n".join(lines)
 
 
