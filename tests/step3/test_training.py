@@ -176,7 +176,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path, bf16):
     hf_logging.set_verbosity_error()
     tokenizer_dir = write_tiny_tokenizer(tmp_path / "tok", synthetic_corpus(400, seed=1))
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
@@ -191,6 +192,7 @@ def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path):
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,
         gradient_checkpointing=True,
+        bf16=bf16,  # autocast on the CPU too
         max_steps=12,
         learning_rate=3e-3,
         logging_steps=1,
@@ -201,7 +203,10 @@ def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path):
         seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    seen_dtypes = set()
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen_dtypes.add(output.dtype))
     trainer.train()
+    assert seen_dtypes == {torch.bfloat16 if bf16 else torch.float32}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert losses[0] > math.log(len(tokenizer)) - 1.0  # starts near uniform
