@@ -7,7 +7,7 @@ the perplexity on held-out text before and after. Real runs point `--checkpoint`
 tokenizer is used) and `--corpus` at a text file, on a GPU:
 
     python examples/finetune_step3.py                                   # tiny, CPU, full fine-tuning
-    python examples/finetune_step3.py --lora --lora-experts             # LoRA, routed experts included
+    python examples/finetune_step3.py --lora --lora-experts --merge     # LoRA, routed experts included
     python examples/finetune_step3.py --checkpoint /ckpt/step3 --corpus data.txt --lora --bf16 \\
         --gradient-checkpointing --batch-size 1 --grad-accum 16 --seq-len 2048 --steps 500
 
@@ -18,6 +18,7 @@ Options for real runs: `--router-aux-loss COEF` switches the router load-balanci
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 from itertools import chain
 from pathlib import Path
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora", action="store_true", help="LoRA on Step-3's default targets instead of full tuning")
     parser.add_argument("--lora-experts", action="store_true", help="with --lora: also adapt the routed experts")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--merge", action="store_true", help="with --lora: also save the merged model")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -65,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device-map", default=None, help="e.g. 'auto' for a checkpoint larger than one GPU")
     parser.add_argument("--prompt", default="the cat")
     args = parser.parse_args(argv)
-    if args.lora_experts and not args.lora:
-        parser.error("--lora-experts needs --lora")
+    if (args.lora_experts or args.merge) and not args.lora:
+        parser.error("--lora-experts and --merge need --lora")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 2:
         parser.error("--steps, --batch-size, --grad-accum must be >= 1 and --seq-len >= 2")
     return args
@@ -166,20 +168,28 @@ def main(argv=None) -> None:
     perplexity_after = math.exp(trainer.evaluate()["eval_loss"])
     print(f"held-out perplexity: {perplexity_before:.2f} before -> {perplexity_after:.2f} after fine-tuning")
 
+    # Save (LoRA: the adapter alone; full: the model, in the official Step-3 layout), free, reload as a new process
+    # would, and generate.
     final = args.output / "final"
-    if args.lora:
-        model.save_pretrained(args.output / "adapter")  # the adapter alone: PeftModel.from_pretrained(base, ...)
-        model = model.merge_and_unload()
-    model.save_pretrained(final)  # in the official Step-3 layout
+    model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-
-    reloaded = AutoModelForCausalLM.from_pretrained(final, device_map=args.device_map)
-    if args.lora:  # the saved adapter reproduces the merged model
-        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), args.output / "adapter")
-        print(f"adapter reloaded with PeftModel.from_pretrained: {type(adapted).__name__}")
+    del trainer, model
+    gc.collect()
+    if use_cuda:
+        torch.cuda.empty_cache()
+    if args.lora:
+        base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=args.device_map)
+        reloaded = PeftModel.from_pretrained(base, final)
+        if args.merge:
+            reloaded = reloaded.merge_and_unload()
+            reloaded.save_pretrained(args.output / "merged")
+            tokenizer.save_pretrained(args.output / "merged")
+            print(f"merged model saved to {args.output / 'merged'}")
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(final, device_map=args.device_map)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(reloaded.device)
     generated = reloaded.generate(**inputs, max_new_tokens=24, do_sample=False)
-    print(f"saved to {final}; greedy continuation of {args.prompt!r} by the reloaded model:")
+    print(f"saved to {final}; greedy continuation of {args.prompt!r} by the reloaded {type(reloaded).__name__}:")
     print("  " + tokenizer.decode(generated[0], skip_special_tokens=True))
 
 
