@@ -4,6 +4,7 @@ gradient checkpointing, and a short Trainer run on a `datasets.Dataset` that low
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -211,3 +212,22 @@ def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path, bf16):
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert losses[0] > math.log(len(tokenizer)) - 1.0  # starts near uniform
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora", "--lora-experts", "--merge"]], ids=["full", "lora"])
+def test_finetune_example_runs_end_to_end(tmp_path, mode):
+    """examples/finetune_step3.py, shortened: trains, saves, reloads and generates without any download."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "finetune_step3.py"
+    command = [sys.executable, str(example), "--output", str(tmp_path), "--steps", "6", "--batch-size", "4", *mode]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    perplexity = re.search(r"held-out perplexity: ([\d.]+) before -> ([\d.]+) after", done.stdout)
+    assert perplexity and float(perplexity[2]) < float(perplexity[1]), done.stdout[-3000:]
+    assert "greedy continuation of 'the cat'" in done.stdout
+    assert (tmp_path / "final" / ("adapter_config.json" if mode else "config.json")).is_file()
+    if mode:
+        assert (tmp_path / "merged" / "config.json").is_file()
