@@ -48,7 +48,8 @@ from step3_hf import Step3Config, Step3ForCausalLM  # noqa: E402
 from step3_hf.tiny_checkpoint import synthetic_corpus  # noqa: E402
 
 PRESETS = {
-    # 3.2B parameters (0.6B activated), 6.4 GB in bf16: 16 layers (first and last dense), 32 routed experts of width 1024, top-3.
+    # 3.2B parameters (0.6B activated), 6.4 GB in bf16: 16 layers (first and last dense), 32 routed experts of
+    # width 1024, top-3.
     "mid": dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
         head_dim=128, share_q_dim=512, moe_num_experts=32, moe_top_k=3, moe_intermediate_size=1024,
@@ -229,7 +230,8 @@ def run(name: str, model: torch.nn.Module, args, dataset, num_experts: int, top_
     result.steps_timed, result.seconds = timer.steps_timed, timer.seconds
     tokens = timer.steps_timed * args.batch_size * args.seq_len
     result.tokens_per_s = tokens / timer.seconds if timer.seconds else 0.0
-    result.model_tflops = result.tokens_per_s * train_flops_per_token(model.config, params, args.seq_len, heads, head_dim) / 1e12
+    flops_per_token = train_flops_per_token(model.config, params, args.seq_len, heads, head_dim)
+    result.model_tflops = result.tokens_per_s * flops_per_token / 1e12
     if device == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(f"[{name}] {json.dumps(result.__dict__, default=lambda o: o.__dict__)}", flush=True)
@@ -327,8 +329,8 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps(payload, indent=2, default=lambda o: o.__dict__))
 
     print(f"\n{environment['device']}, torch {environment['torch']}, transformers {environment['transformers']}, "
-          f"peft {environment['peft']}; batch {args.batch_size} x {args.seq_len} tokens, LoRA r=16 on {args.lora_targets}, "
-          f"bf16; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")  # fmt: skip
+          f"peft {environment['peft']}; batch {args.batch_size} x {args.seq_len} tokens, "
+          f"LoRA r=16 on {args.lora_targets}, bf16; bf16 matmul ceiling {ceiling:.0f} TFLOP/s")  # fmt: skip
     header = (
         "| model | params total / activated | LoRA trainable | steps timed | tokens/s | model TFLOP/s (est.) "
         "| weights GiB | peak GiB | loss first -> last | experts / attention |"

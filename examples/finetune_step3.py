@@ -49,7 +49,9 @@ CHECKPOINTING_ARGUMENT = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a Step-3 checkpoint with its tokenizer (default: build a tiny one)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a Step-3 checkpoint with its tokenizer (default: build a tiny one)"
+    )
     parser.add_argument("--corpus", type=Path, help="a UTF-8 text file, one document per line (default: generated)")
     parser.add_argument("--output", type=Path, default=Path("step3-finetune-out"))
     parser.add_argument("--lora", action="store_true", help="LoRA on Step-3's default targets instead of full tuning")
