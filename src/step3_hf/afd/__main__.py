@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .exchange import PeerLostError
@@ -150,8 +151,6 @@ def main(argv=None) -> int:
         else:
             rank.serve()
             completions = []
-        import torch.distributed as dist
-
         everyone = [None] * rank.placement.world_size if rank.rank == 0 else None
         dist.gather_object(completions, everyone, dst=0)
         report = rank.report()

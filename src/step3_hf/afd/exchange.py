@@ -2,16 +2,15 @@
 
 Every message from an attention rank to an FFN rank is a 4-integer header `[kind, layer, tokens, wire]`
 followed (for `FORWARD`) by one dispatch buffer (see `wire.py`); the FFN rank answers each `FORWARD` with one
-combine tensor `[tokens, hidden]`. Messages between two ranks are matched in order, so no ids are needed. Dispatches and answers
-travel in two process groups of their own, so that (on NCCL, where each group has its own stream) an answer
-never queues behind a posted receive of the next dispatch.
-An attention rank keeps several micro-batches in flight: `dispatch` only posts the sends and the receive of
-the answer, `combine` waits for it.
+combine tensor `[tokens, hidden]`. Messages between two ranks are matched in order, so no ids are needed.
+Dispatches and answers travel in two process groups of their own, so that (on NCCL, where each group has its
+own stream) an answer never queues behind a posted receive of the next dispatch. An attention rank keeps
+several micro-batches in flight: `dispatch` only posts the sends and the receive of the answer, `combine`
+waits for it.
 
 Every wait is bounded on gloo: a peer that died (its connection closes) or stalled (no message within
 `timeout_s`) raises `PeerLostError` naming it. On NCCL the waits are stream-ordered (blocking the CPU on each
-would serialise the pipeline); there the process group's timeout and NCCL's watchdog bound them instead.
-"""
+would serialise the pipeline); there the groups' timeout and NCCL's watchdog bound them instead."""
 
 from __future__ import annotations
 
