@@ -113,13 +113,15 @@ def run_colocated(args) -> None:
     model.to(torch.bfloat16).to_empty(device=device)
     model.model.rotary_emb = Step3RotaryEmbedding(config).to(device)
     random_init_(model, seed=0)
-    model.set_attn_implementation("sdpa")
+    if args.attn_implementation:  # default: Step-3's own choice (the mfa_decode kernel on CUDA)
+        model.set_attn_implementation(args.attn_implementation)
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
     results_impl = getattr(model.config, "_experts_implementation", None)
     model.eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    results = {"gpu": args.gpu, "weights_gib": weights / GIB, "experts_implementation": results_impl, "rows": []}
+    results = {"gpu": args.gpu, "weights_gib": weights / GIB, "experts_implementation": results_impl,
+               "attn_implementation": model.config._attn_implementation, "rows": []}
     for batch in args.batches:
         if not fits(config, batch, args.context, device):
             results["rows"].append({"batch": batch, "oom": True})
@@ -153,11 +155,13 @@ def run_afd(args) -> None:
     config = step3_config(args.layers)
     results = {"rank": rank, "rows": []}
     if rank == 0:
-        model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16)
+        model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16,
+                                                         attn_implementation=args.attn_implementation)
         exchange = AttentionExchange(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
                                      device=device, timeout_s=120)
         model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+        results["attn_implementation"] = model.config._attn_implementation
         dist.barrier()
         for batch in args.batches:
             for micro_batches in args.micro_batches:
@@ -214,6 +218,8 @@ def run_afd(args) -> None:
 def worker_command(args, role: str, result: str, **extra) -> list[str]:
     cmd = [sys.executable, __file__, "--worker", role, "--result", result, "--layers", str(args.layers),
            "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.attn_implementation:
+        cmd += ["--attn-implementation", args.attn_implementation]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return cmd
@@ -297,6 +303,8 @@ def main() -> None:
     parser.add_argument("--transfer-tokens", type=int, nargs="+", help="default: every micro-batch size swept")
     parser.add_argument("--out", default="afd_results")
     parser.add_argument("--phase-timeout", type=float, default=150, help="seconds for each phase's workers")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="attention backend of the attention side (default: Step-3's choice, mfa_decode on CUDA)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["smoke", "colocated", "replicas", "afd"])
     args = parser.parse_args()
     if not args.transfer_tokens:

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent peer counts as lost")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="attention backend on attention ranks (default: Step-3's choice, mfa_decode on CUDA, else sdpa)")
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     settings = AFDSettings(
         model=args.model, attention_ranks=args.attention_ranks, ffn_ranks=args.ffn_ranks,
         micro_batches=args.micro_batches, wire=args.wire, dtype=args.dtype, timeout_s=args.timeout,
-        startup_timeout_s=args.startup_timeout, backend=args.backend,
+        startup_timeout_s=args.startup_timeout, backend=args.backend, attn_implementation=args.attn_implementation,
     )
     with start(settings) as rank:
         if rank.role is Role.ATTENTION:

@@ -68,19 +68,20 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod
-    def _empty(cls, config: Step3Config, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+    def _empty(cls, config: Step3Config, device: torch.device, dtype: torch.dtype, attn_implementation: str | None):
         with torch.device("meta"):
             model = cls(config)
         model.to(dtype).to_empty(device=device)  # cast while on meta: memory is allocated once, in `dtype`
         model.model.rotary_emb = Step3RotaryEmbedding(config).to(device)  # its buffers were on meta
-        model.set_attn_implementation(attn_implementation)
+        if attn_implementation is not None:  # None keeps Step-3's default: the decode kernel on CUDA, else sdpa
+            model.set_attn_implementation(attn_implementation)
         model.timer = PhaseTimer(torch.device(device))
         return model.eval()
 
     @classmethod
     def from_checkpoint(
         cls, reader: CheckpointReader, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
     ) -> "Step3AFDAttentionForCausalLM":
         """Read exactly the attention-side tensors of an official checkpoint."""
         config = reader.config
@@ -105,7 +106,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_random(
         cls, config: Step3Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-        std: float = 0.02, attn_implementation: str = "sdpa", seed: int = 0,
+        std: float = 0.02, attn_implementation: str | None = None, seed: int = 0,
     ) -> "Step3AFDAttentionForCausalLM":
         """Random weights (for benchmarks of real layer widths without a checkpoint)."""
         model = cls._empty(config, torch.device(device), dtype, attn_implementation)

@@ -44,7 +44,7 @@ class AFDSettings:
     dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
     timeout_s: float = 30.0  # a peer silent for this long is lost
     startup_timeout_s: float = 600.0  # loading weights and joining the process group
-    attn_implementation: str = "sdpa"
+    attn_implementation: str | None = None  # Step-3's default: mfa_decode on CUDA, sdpa on CPU
     backend: str = "auto"  # nccl on GPU, gloo on CPU
 
     def __post_init__(self) -> None:
