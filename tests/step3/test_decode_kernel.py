@@ -160,6 +160,18 @@ def test_bad_arguments_raise_clear_errors(device):
     with pytest.raises(ValueError, match="either"):
         decode_attention(query, key, value, attention_mask=torch.ones(1, 1, 1, 16, dtype=torch.bool, device=device),
                          kv_lengths=torch.tensor([16], device=device))
+    with pytest.raises(ValueError, match="boolean"):  # a mask for another batch size
+        decode_attention(query, key, value, attention_mask=torch.ones(2, 1, 1, 16, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        decode_attention(query, key, value, kv_lengths=torch.tensor([16, 16], device=device))
+    with pytest.raises(ValueError, match="differs"):
+        decode_attention(query, key.half(), value.half())
+    with pytest.raises(ValueError, match="value"):
+        decode_attention(query, key, value[..., :8])
+    with pytest.raises(ValueError, match="4-D"):
+        decode_attention(query[0], key, value)
+    with pytest.raises(ValueError, match="`value` is on meta"):
+        decode_attention(query, key, value.to("meta"))
 
 
 def test_cpu_without_interpreter_is_refused():

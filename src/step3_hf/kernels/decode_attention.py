@@ -351,6 +351,13 @@ def decode_attention(
         raise ValueError(f"query dtype {query.dtype} differs from the cache's {key.dtype}")
     if attention_mask is not None and kv_lengths is not None:
         raise ValueError("pass either `attention_mask` or `kv_lengths`, not both")
+    others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
+              "value_scale": value_scale}  # fmt: skip
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != query.device:  # the kernel would read another device's memory
+            raise ValueError(f"`{name}` is on {tensor.device} but `query` is on {query.device}")
+    if kv_lengths is not None and kv_lengths.shape != (batch,):
+        raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
     group = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(group * q_len))
     if block_m > 256:
@@ -358,10 +365,14 @@ def decode_attention(
 
     device = query.device
     if attention_mask is not None:
-        mask_ok = attention_mask.ndim == 4 and attention_mask.shape[-2:] == (q_len, kv_len)
+        mask_ok = (
+            attention_mask.ndim == 4
+            and attention_mask.shape[0] in (1, batch)
+            and attention_mask.shape[-2:] == (q_len, kv_len)
+        )
         if attention_mask.dtype != torch.bool or not mask_ok:
             raise ValueError(
-                f"`attention_mask` must be boolean [B, 1, {q_len}, {kv_len}], got {attention_mask.dtype} "
+                f"`attention_mask` must be boolean [{batch} or 1, 1, {q_len}, {kv_len}], got {attention_mask.dtype} "
                 f"{tuple(attention_mask.shape)}"
             )
         mask = attention_mask.expand(batch, -1, -1, -1)[:, 0]
