@@ -92,8 +92,10 @@ def test_router_balance_loss_is_opt_in_and_matches_float64_reference():
         Step3Config(**{**TINY_CONFIG, "router_aux_loss_coef": -1.0})
 
 
-def _one_sgd_step(model, dataset, *, batch_size: int, accumulation: int, tmp_path) -> dict[str, torch.Tensor]:
-    """Parameter change of one Trainer optimizer step with plain SGD (lr=1): minus the step's gradient."""
+def _one_sgd_step(
+    model, dataset, *, batch_size: int, accumulation: int, tmp_path
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The Trainer's loss of one optimizer step with plain SGD (lr=1), and the parameter change: minus its gradient."""
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -111,8 +113,8 @@ def _one_sgd_step(model, dataset, *, batch_size: int, accumulation: int, tmp_pat
         use_cpu=True,
         seed=0,
     )
-    Trainer(model=model, args=args, train_dataset=dataset).train()
-    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    step_loss = Trainer(model=model, args=args, train_dataset=dataset).train().training_loss
+    return step_loss, {name: p.detach() - before[name] for name, p in model.named_parameters()}
 
 
 def _dataset(rows: int, seed: int = 0):
@@ -124,7 +126,7 @@ def _dataset(rows: int, seed: int = 0):
 
 @pytest.mark.parametrize("router_loss", [False, True], ids=["lm_loss", "with_router_loss"])
 def test_gradient_accumulation_step_equals_reference_step(tmp_path, router_loss):
-    """GA=2 x batch 1 and GA=1 x batch 2 both take exactly the step a float64 reference computes.
+    """GA=2 x batch 1 and GA=1 x batch 2 both report the loss and take exactly the step a float64 reference computes.
 
     Without the router loss that is the full-batch step (sum of token losses / tokens of the step). With it, the
     balancing term is each micro-batch's loss weighted by its share of the step's label tokens; both runs are
@@ -133,7 +135,9 @@ def test_gradient_accumulation_step_equals_reference_step(tmp_path, router_loss)
     hf_logging.set_verbosity_error()
     overrides = dict(output_router_logits=True, router_aux_loss_coef=0.5) if router_loss else {}
     dataset = _dataset(2)
-    accumulated = _one_sgd_step(tiny_model(**overrides), dataset, batch_size=1, accumulation=2, tmp_path=tmp_path)
+    accumulated_loss, accumulated = _one_sgd_step(
+        tiny_model(**overrides), dataset, batch_size=1, accumulation=2, tmp_path=tmp_path
+    )
 
     # Reference gradient: CE summed over both sequences / all label tokens (+ share-weighted balancing losses).
     reference_model = tiny_model(**overrides).double()
@@ -153,10 +157,14 @@ def test_gradient_accumulation_step_equals_reference_step(tmp_path, router_loss)
     loss.backward()
     expected = {name: -p.grad.float() for name, p in reference_model.named_parameters()}
 
+    assert accumulated_loss == pytest.approx(loss.item(), rel=1e-5)
     for name, delta in accumulated.items():
         torch.testing.assert_close(delta, expected[name], rtol=1e-4, atol=1e-6, msg=name)
-    if not router_loss:  # the full batch in one micro-batch takes the same step
-        full = _one_sgd_step(tiny_model(**overrides), dataset, batch_size=2, accumulation=1, tmp_path=tmp_path)
+    if not router_loss:  # the full batch in one micro-batch has the same loss and takes the same step
+        full_loss, full = _one_sgd_step(
+            tiny_model(**overrides), dataset, batch_size=2, accumulation=1, tmp_path=tmp_path
+        )
+        assert full_loss == pytest.approx(accumulated_loss, rel=1e-5)
         for name, delta in full.items():
             torch.testing.assert_close(delta, accumulated[name], rtol=1e-4, atol=1e-6, msg=name)
 
