@@ -128,6 +128,13 @@ def test_wire_round_trip(dtype, top_k):
             assert ((back.double() - x).abs() <= 2**-4 * x.abs() + 2**-10 * scale + 1e-2 * x.abs() * (dtype == torch.bfloat16)).all()
 
 
+def test_wire_format_codes_round_trip_and_unknown_codes_are_refused():
+    assert [WireFormat.from_code(w.code) for w in WireFormat] == list(WireFormat)
+    for code in (-1, len(WireFormat)):
+        with pytest.raises(ValueError, match=f"unknown wire format code {code}"):
+            WireFormat.from_code(code)
+
+
 def test_wire_bytes_per_token_match_step3_report():
     # Step-3: H = 7168, top-3. FP8 hidden + fp32 scale + 3 x (int32 id + fp32 weight) out, bf16 back: ~3H bytes.
     out, back = wire_bytes_per_token(7168, 3, WireFormat.FP8, torch.bfloat16)

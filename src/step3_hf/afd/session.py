@@ -55,6 +55,8 @@ class AFDSettings:
             raise ValueError(f"--micro-batches must be at least 1, got {self.micro_batches}")
         if not 0 < self.timeout_s:
             raise ValueError(f"--timeout must be positive, got {self.timeout_s}")
+        if not 0 < self.startup_timeout_s:
+            raise ValueError(f"--startup-timeout must be positive, got {self.startup_timeout_s}")
 
 
 @dataclass

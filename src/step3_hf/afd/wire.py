@@ -28,7 +28,10 @@ class WireFormat(str, Enum):
 
     @classmethod
     def from_code(cls, code: int) -> "WireFormat":
-        return list(WireFormat)[code]
+        formats = list(WireFormat)
+        if not 0 <= code < len(formats):
+            raise ValueError(f"AFD: unknown wire format code {code} in a message header (peer of another version?)")
+        return formats[code]
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
