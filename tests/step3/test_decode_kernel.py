@@ -238,6 +238,27 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_len, is_causal, takes_kernel", [(3, None, True), (3, False, False), (9, None, False)])
+def test_unmasked_calls_take_the_kernel_only_where_it_agrees_with_sdpa(
+    device, kv_len, is_causal, takes_kernel, kernel_calls
+):
+    # Without a mask SDPA is causal from the top left (or not at all with is_causal=False); the kernel's implicit
+    # causal tail is the same only when the new tokens are the whole cache.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from step3_hf.kernels import mfa_decode_attention_forward
+
+    query, key, value = random_case(2, 8, 1, 3, kv_len, 16, torch.float32, device, seed=kv_len)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 8
+    kwargs = {} if is_causal is None else {"is_causal": is_causal}
+    ours, _ = mfa_decode_attention_forward(module, query, key, value, None, **kwargs)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    assert len(kernel_calls) == int(takes_kernel)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def left_padded_batch(device):
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=device)

@@ -35,7 +35,19 @@ def decode_kernel_preferred() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def _unmasked_call_agrees(module, query, cache, kwargs) -> bool:
+    """Without a mask SDPA attends to everything for one new token, and for several it is causal from the top left
+    (`is_causal`, unless the call or module turns it off). The kernel's implicit causal tail (the new tokens are the
+    last positions) is the same only when the new tokens are the whole cache."""
+    if query.shape[2] == 1:
+        return True
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    return bool(is_causal) and cache.shape[2] == query.shape[2]
+
+
 def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    """Whether the kernel computes exactly what `sdpa_attention_forward` would for this call."""
     cache = key.data if isinstance(key, Float8KV) else key
     return (
         kernel_available(query.device)
@@ -49,7 +61,10 @@ def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
         and cache.dtype in (query.dtype, torch.float8_e4m3fn)
         and (dropout == 0.0 or not module.training)
         and not (torch.is_grad_enabled() and query.requires_grad)
-        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1))
+        and (
+            (attention_mask is None and _unmasked_call_agrees(module, query, cache, kwargs))
+            or (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1)
+        )
         and not kwargs.get("output_attentions", False)
         and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
     )
