@@ -1,6 +1,7 @@
 """Ask a running `step3-serve` for a chat completion with the `openai` client, then stream one.
 
-    step3-serve step3-finetune-out/final --port 8000          # e.g. the model examples/finetune_step3.py saved
+    step3-serve step3-finetune-out/final --port 8000          # e.g. what examples/finetune_step3.py saved
+                                                              # (full tuning; after LoRA serve `merged`, from --merge)
     python examples/openai_chat_request.py --model step3-finetune-out/final --prompt "the cat"
 
 The model name must be the one the server was started with (it is pinned); any other name gets HTTP 400.
