@@ -7,7 +7,10 @@ decode kernel widens the bytes tile by tile and applies the scales to the scores
 dequantised cache.
 
     cache = Float8StaticCache(model.config, max_cache_len=4096)
-    model.generate(**inputs, past_key_values=cache)  # needs attn_implementation="mfa_decode"
+    model.generate(**inputs, past_key_values=cache, disable_compile=True)  # with attn_implementation="mfa_decode"
+
+`disable_compile=True`: `generate()` compiles the forward on CUDA for static caches, and `mfa_decode` hands compiled
+calls to SDPA, which would see the dequantised cache. (transformers 5.24 names the argument `cache=`.)
 """
 
 from __future__ import annotations
