@@ -129,7 +129,8 @@ def main() -> None:
             except torch.OutOfMemoryError as err:
                 row = {"model": model, "batch": args.batch, "context": context, "error": f"out of memory ({err})"[:60]}
             rows.append(row)
-            torch.cuda.empty_cache() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.empty_cache()
             print(row, flush=True)
 
     print(f"\nOne attention layer, one decode step (projections + cache write + attention), batch {args.batch}, bf16;")

@@ -122,7 +122,7 @@ def check_correctness() -> None:
         assert err < limit, name
 
 
-def run_table(bandwidth: float, args) -> list[dict]:
+def run_table(args) -> list[dict]:
     rows = []
     for batch, context in itertools.product(args.batches, args.contexts):
         kv_bytes = batch * KV_HEADS * context * HEAD_DIM * 2 * 2
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     parser.add_argument("--json", help="write all numbers to this file")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_attention.py needs a CUDA device")
 
     device = torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
@@ -190,7 +192,7 @@ def main() -> None:
     print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
     check_correctness()
     sweep_rows = sweep(args) if args.sweep else []
-    rows = run_table(bandwidth, args)
+    rows = run_table(args)
 
     names = list(variants())
     print(f"\nDecode attention, Step-3 shapes ({HEADS} q heads, {KV_HEADS} KV head, d={HEAD_DIM}), one new token;")
