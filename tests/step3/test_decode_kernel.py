@@ -199,6 +199,16 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     assert int(cache.get_seq_length(0)) == 4
 
 
+def test_float8_static_cache_refuses_other_attention_implementations():
+    from step3_hf import Step3Config
+    from step3_hf.tiny_checkpoint import TINY_CONFIG
+
+    config = Step3Config(**TINY_CONFIG)
+    config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="needs attn_implementation='mfa_decode'; this model uses 'sdpa'"):
+        Float8StaticCache(config, max_cache_len=10)
+
+
 # --- through transformers: `attn_implementation="mfa_decode"` in generate() ---
 
 PROMPTS = [[1, 17, 33, 90, 4, 5, 6], [1, 200], [1, 8, 9, 10, 77]]
@@ -292,6 +302,7 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
     from transformers import GenerationConfig
 
     from step3_hf.kernels import transformers_attention
+    from step3_hf.modeling_step3 import _CACHE_NAME  # `cache` from transformers 5.24, `past_key_values` before
 
     ids, mask = left_padded_batch(device)
     config = GenerationConfig(
@@ -302,7 +313,7 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
 
     def generate(cache):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, generation_config=config, past_key_values=cache)
+            return model.generate(ids, attention_mask=mask, generation_config=config, **{_CACHE_NAME: cache})
 
     cache = Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 6)
     with_kernel = generate(cache)

@@ -96,5 +96,14 @@ class Float8StaticCache(Cache):
     """Static cache of `max_cache_len` tokens per layer in float8 e4m3 (half the bytes of bf16)."""
 
     def __init__(self, config: PreTrainedConfig, max_cache_len: int):
-        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        text_config = config.get_text_config(decoder=True)
+        # Its layers hand `Float8KV`s to the attention function, which only `mfa_decode` reads; fail here rather
+        # than with an attribute error deep inside another attention function.
+        attention = text_config._attn_implementation
+        if attention is not None and attention != "mfa_decode":
+            raise ValueError(
+                f"Float8StaticCache needs attn_implementation='mfa_decode'; this model uses {attention!r} "
+                "(load it with attn_implementation='mfa_decode' or call model.set_attn_implementation('mfa_decode'))"
+            )
+        num_layers = text_config.num_hidden_layers
         super().__init__(layers=[Float8StaticLayer(max_cache_len=max_cache_len) for _ in range(num_layers)])
