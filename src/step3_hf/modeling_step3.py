@@ -420,6 +420,44 @@ class Step3PreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
+def prepare_decoder_inputs(
+    config: Step3Config,
+    embed_tokens: nn.Embedding,
+    input_ids: torch.LongTensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+    cache: Cache | None,
+    use_cache: bool | None,
+) -> tuple[torch.Tensor, Cache | None, torch.LongTensor, torch.Tensor | None]:
+    """Embeddings, cache, position ids and causal mask before the first decoder layer.
+
+    Shared by `Step3Model` and the AFD attention ranks (`step3_hf.afd`), which run the same decoder stack split.
+    """
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+    if use_cache and cache is None:
+        cache = DynamicCache(config=config)
+
+    if inputs_embeds is None:
+        inputs_embeds = embed_tokens(input_ids)
+
+    if position_ids is None:
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+        position_ids = position_ids.unsqueeze(0)
+
+    causal_mask = create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{_CACHE_NAME: cache},
+    )
+    return inputs_embeds, cache, position_ids, causal_mask
+
+
 class Step3Model(Step3PreTrainedModel):
     def __init__(self, config: Step3Config):
         super().__init__(config)
@@ -448,26 +486,8 @@ class Step3Model(Step3PreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{_CACHE_NAME: cache},
+        inputs_embeds, cache, position_ids, causal_mask = prepare_decoder_inputs(
+            self.config, self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache
         )
 
         hidden_states = inputs_embeds

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationConfig, GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoint_layout import official_tensor_shapes
@@ -22,6 +21,7 @@ from ..modeling_step3 import (
     Step3PreTrainedModel,
     Step3RMSNorm,
     Step3RotaryEmbedding,
+    prepare_decoder_inputs,
 )
 from .checkpoint import CheckpointReader, role_of_tensor
 from .exchange import AttentionExchange
@@ -142,22 +142,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                                "or build it through `step3_hf.afd.start(...).attention_model()`")
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{_CACHE_NAME: cache},
+        inputs_embeds, cache, position_ids, causal_mask = prepare_decoder_inputs(
+            self.config, self.model.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache
         )
         self.timer.start_step()
         hidden_states = run_layers(
