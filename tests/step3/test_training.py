@@ -92,13 +92,26 @@ def test_router_balance_loss_is_opt_in_and_matches_float64_reference():
         Step3Config(**{**TINY_CONFIG, "router_aux_loss_coef": -1.0})
 
 
+def cpu_training_args(output_dir, **arguments) -> TrainingArguments:
+    """TrainingArguments for a quiet, seeded CPU run that saves and reports nothing; `arguments` add the rest."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        **arguments,
+    )
+
+
 def _one_sgd_step(
     model, dataset, *, batch_size: int, accumulation: int, tmp_path
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """The Trainer's loss of one optimizer step with plain SGD (lr=1), and the parameter change: minus its gradient."""
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = cpu_training_args(
+        tmp_path,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -107,11 +120,6 @@ def _one_sgd_step(
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         weight_decay=0.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
     )
     step_loss = Trainer(model=model, args=args, train_dataset=dataset).train().training_loss
     return step_loss, {name: p.detach() - before[name] for name, p in model.named_parameters()}
@@ -196,8 +204,8 @@ def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path, bf16):
     texts = datasets.Dataset.from_dict({"text": synthetic_corpus(64, seed=2)})
     train = texts.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
+    args = cpu_training_args(
+        tmp_path / "run",
         per_device_train_batch_size=8,
         gradient_accumulation_steps=2,
         gradient_checkpointing=True,
@@ -205,11 +213,6 @@ def test_trainer_on_a_datasets_dataset_lowers_the_loss(tmp_path, bf16):
         max_steps=12,
         learning_rate=3e-3,
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     seen_dtypes = set()
