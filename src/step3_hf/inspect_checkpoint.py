@@ -405,8 +405,7 @@ def format_report(report: InspectionReport) -> str:
     if report.ok:
         lines.append("  result            OK: every tensor matches the config")
     else:
-        count = len(report.missing) + len(report.wrong_shape) + len(report.unexpected) + len(report.file_problems)
-        lines.append(f"  result            MISMATCH: {count} problem(s)")
+        lines.append(f"  result            MISMATCH: {len(report.problems())} problem(s)")
     return "\n".join(lines)
 
 
