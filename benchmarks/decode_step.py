@@ -23,7 +23,7 @@ import torch
 from decode_attention import copy_bandwidth, timed_per_call
 from transformers import StaticCache
 
-from step3_hf import Step3Config, Step3ForCausalLM
+from step3_hf import Step3Config, Step3ForCausalLM, kv_cache_bytes_per_token
 from step3_hf.kernels import Float8StaticCache
 
 LAYERS = dict(num_hidden_layers=4, moe_layers_enum="1,2,3")
@@ -57,7 +57,7 @@ def step_bytes(model: Step3ForCausalLM, batch: int, context: int, float8: bool) 
     hit = 1 - (1 - config.moe_top_k / config.moe_num_experts) ** batch  # P(an expert serves >= 1 token)
     weights = 2 * (other_params + hit * expert_params)
     per_value = 1 + 4 / config.head_dim if float8 else 2  # e4m3 byte + a float32 scale per row, or bf16
-    kv = batch * context * config.num_hidden_layers * 2 * config.num_attention_groups * config.head_dim * per_value
+    kv = batch * context * kv_cache_bytes_per_token(config, per_value)
     return weights, kv
 
 
