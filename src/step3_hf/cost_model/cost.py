@@ -44,11 +44,6 @@ class CostReport:
     afd_ffn_card: str = ""
     afd: float = 0.0  # cheapest attention card + cheapest FFN card
 
-    @property
-    def best_single(self) -> tuple[str, float]:
-        name = min(self.single, key=self.single.get)
-        return name, self.single[name]
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["afd_pair"] = f"{self.afd_attention_card}+{self.afd_ffn_card}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable
 
@@ -46,9 +46,6 @@ class Card:
     def server_network(self) -> float:
         """Aggregate NIC bandwidth of one server in bytes/s (report section 5.4: 8 x 400 Gb/s = 400 GB/s)."""
         return self.nics_per_server * self.nic_gbps * 1e9 / 8.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def card_from_dict(data: dict[str, Any]) -> Card:
