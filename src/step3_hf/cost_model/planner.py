@@ -116,7 +116,8 @@ def plan_afd(model: Any, attention_card: Card, ffn_card: Card, context: int,
     a2f = (h * p.dispatch_bytes + math.ceil(h / p.scale_block) * 4
            + k * (p.expert_id_bytes + p.expert_weight_bytes))
     f2a = h * p.combine_bytes
-    network_limit = ffn_card.server_network * budget / (a2f + f2a)
+    per_tok_bytes = a2f + f2a
+    network_limit = ffn_card.server_network * budget / per_tok_bytes
 
     if p.micro_batch is not None:
         batch = int(p.micro_batch)
@@ -134,7 +135,6 @@ def plan_afd(model: Any, attention_card: Card, ffn_card: Card, context: int,
     per_tok = (max(a.core_flops_per_layer * context / a_peak,
                    a.kv_elements_per_layer * context * quant.kv_bytes / attention_card.memory_bandwidth)
                + 2.0 * a.linear_params_per_layer / a_peak)
-    per_tok_bytes = a2f + f2a
     # Enough attention GPUs for the compute/KV reads, and enough attention servers for their NICs
     # to carry the broadcast to (and partial results from) every FFN instance.
     n_att = max(1, math.ceil(batch * per_tok / (g * budget) - 1e-9),
