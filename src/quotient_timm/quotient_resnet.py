@@ -69,6 +69,17 @@ class QuotientActivation(nn.Module):
 class _QuotientBlock(nn.Module):
     """What both quotient blocks do after their branch: y = shortcut * q_a(branch)."""
 
+    def _init_merge(
+            self, a: float, downsample: Optional[nn.Module], stride: int, dilation: int,
+            drop_path: Optional[nn.Module],
+    ) -> None:
+        # Registered after the branch layers, in timm's order, so module order and state-dict keys match timm.
+        self.quot = QuotientActivation(a)
+        self.downsample = downsample
+        self.stride = stride
+        self.dilation = dilation
+        self.drop_path = drop_path
+
     def merge(self, shortcut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.quot(x)
         if self.drop_path is not None:
@@ -132,11 +143,7 @@ class QuotientBasicBlock(_QuotientBlock):
 
         self.se = create_attn(attn_layer, outplanes, **dd)
 
-        self.quot = QuotientActivation(a)
-        self.downsample = downsample
-        self.stride = stride
-        self.dilation = dilation
-        self.drop_path = drop_path
+        self._init_merge(a, downsample, stride, dilation, drop_path)
 
     def zero_init_last(self) -> None:
         """Zero the last BN weight: the branch then outputs q_a(0) = 1 and the block starts as identity."""
@@ -214,11 +221,7 @@ class QuotientBottleneck(_QuotientBlock):
 
         self.se = create_attn(attn_layer, outplanes, **dd)
 
-        self.quot = QuotientActivation(a)
-        self.downsample = downsample
-        self.stride = stride
-        self.dilation = dilation
-        self.drop_path = drop_path
+        self._init_merge(a, downsample, stride, dilation, drop_path)
 
     def zero_init_last(self) -> None:
         """Zero the last BN weight: the branch then outputs q_a(0) = 1 and the block starts as identity."""
