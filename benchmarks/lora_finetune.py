@@ -45,6 +45,7 @@ from transformers import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runnable from a plain checkout
 from step3_hf import Step3Config, Step3ForCausalLM  # noqa: E402
+from step3_hf.peft_support import STEP3_EXPERT_PARAMETERS  # noqa: E402
 from step3_hf.tiny_checkpoint import synthetic_corpus  # noqa: E402
 
 PRESETS = {
@@ -186,7 +187,7 @@ def train_flops_per_token(config, params: Parameters, seq_len: int, num_heads: i
 # A regex over full module names: it names the attention projections of both models (Step-3's `wq` included) and
 # nothing peft would remap to experts.
 ATTENTION_PROJECTIONS = r".*\.self_attn\.(q_proj|wq|k_proj|v_proj|o_proj)"
-EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # the same names in both models
+EXPERT_PARAMETERS = STEP3_EXPERT_PARAMETERS  # Qwen3-MoE's fused experts carry the same parameter names
 
 
 def lora_config(targets: str) -> LoraConfig:
@@ -235,11 +236,7 @@ def run(name: str, model: torch.nn.Module, args, dataset, num_experts: int, top_
     if device == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(f"[{name}] {json.dumps(result.__dict__, default=lambda o: o.__dict__)}", flush=True)
-    del trainer, peft_model, model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result  # main() frees the model (and this trainer with it) once it drops its own reference
 
 
 def matmul_ceiling_tflops() -> float:
