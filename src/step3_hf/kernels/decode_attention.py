@@ -41,6 +41,8 @@ _MIN_POSITIONS_PER_SPLIT = 512
 # a bf16 program's pipeline fills one multiprocessor's shared memory; float8 tiles are half the size.
 _PROGRAMS_PER_SM = {False: 1, True: 2}
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+# Query rows (query heads per KV head x new tokens) that one program's tensor-core tile holds.
+MAX_QUERY_ROWS = 256
 
 
 def interpreter_enabled() -> bool:
@@ -360,8 +362,10 @@ def decode_attention(
         raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
     group = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(group * q_len))
-    if block_m > 256:
-        raise ValueError(f"{group} query heads per KV head x {q_len} new tokens exceeds one 256-row tile")
+    if block_m > MAX_QUERY_ROWS:
+        raise ValueError(
+            f"{group} query heads per KV head x {q_len} new tokens exceeds one {MAX_QUERY_ROWS}-row tile"
+        )
 
     device = query.device
     if attention_mask is not None:

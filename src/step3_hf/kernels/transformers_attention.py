@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .decode_attention import decode_attention, kernel_available, triton
+from .decode_attention import MAX_QUERY_ROWS, decode_attention, kernel_available, triton
 from .float8_kv_cache import Float8KV
 
 __all__ = ["MFA_DECODE_ATTENTION", "MAX_DECODE_TOKENS", "decode_kernel_preferred", "mfa_decode_attention_forward"]
@@ -57,7 +57,7 @@ def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
         # after a few steps on the H200 (tests/step3/test_gpu.py, 2026-11-28), cause not established.
         and not torch.compiler.is_compiling()
         and query.shape[2] <= MAX_DECODE_TOKENS
-        and query.shape[1] // cache.shape[1] * query.shape[2] <= 256
+        and query.shape[1] // cache.shape[1] * query.shape[2] <= MAX_QUERY_ROWS
         and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and cache.dtype in (query.dtype, torch.float8_e4m3fn)
         and (dropout == 0.0 or not module.training)
