@@ -66,8 +66,9 @@ def test_cuda_defaults_to_the_split_kv_decode_kernel(tmp_path):
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_cuda_bf16_generation_with_the_decode_kernel_matches_sdpa(tmp_path, cache_implementation):
-    # generate() as users run it: transformers compiles the forward for static caches on CUDA, with the kernel as an
-    # opaque call inside. Left padding exercises the mask bounds; bf16 at the real head width (256).
+    # generate() as users run it. Dynamic: the kernel decodes. Static: transformers compiles the forward on CUDA and
+    # `mfa_decode` hands compiled calls to SDPA, so this checks that hand-off, not the kernel. Left padding exercises
+    # the mask bounds; bf16 at the real head width (256).
     config = Step3Config(**{**TINY_CONFIG, "hidden_size": 256, "head_dim": 256, "num_attention_heads": 16})
     write_official_checkpoint(tmp_path, random_official_state_dict(config, std=0.2, seed=2), config)
     prompts = [[1, 17, 33, 90, 4, 5], [1, 200]]
