@@ -11,10 +11,12 @@ adapt them with `LoraConfig(target_parameters=STEP3_EXPERT_PARAMETERS)`.
 
 from __future__ import annotations
 
+from .configuration_step3 import Step3Config, Step3VLConfig
+
 STEP3_LORA_TARGET_MODULES = ["q_proj", "wq", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEP3_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # `step3_vl` is the config of an official checkpoint directory; its language model has the same modules.
-STEP3_MODEL_TYPES = ("step3_text", "step3_vl")
+STEP3_MODEL_TYPES = (Step3Config.model_type, Step3VLConfig.model_type)
 
 
 def register_lora_defaults() -> None:
