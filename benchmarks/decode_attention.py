@@ -122,17 +122,22 @@ def check_correctness() -> None:
         assert err < limit, name
 
 
+def cache_bytes(batch: int, context: int, fp8: bool) -> float:
+    """Bytes of K and V one decode call must read: bf16, or e4m3 plus one float32 scale per row."""
+    return batch * KV_HEADS * context * 2 * (HEAD_DIM + 4 if fp8 else HEAD_DIM * 2)
+
+
 def run_table(args) -> list[dict]:
     rows = []
     for batch, context in itertools.product(args.batches, args.contexts):
-        kv_bytes = batch * KV_HEADS * context * HEAD_DIM * 2 * 2
+        kv_bytes = cache_bytes(batch, context, fp8=False)
         copies = max(1, min(32, math.ceil(ROTATE_BYTES / kv_bytes)))
         inputs = make_inputs(batch, context, copies)
         row = {"batch": batch, "context": context, "kv_MiB": kv_bytes / 2**20}
         for name, (fn, fp8) in variants().items():
             args_list = [(q, quantize_float8(k), quantize_float8(v)) if fp8 else (q, k, v) for q, k, v in inputs]
             seconds = timed_per_call(fn, args_list)
-            read = kv_bytes / 2 * (1 + 8 / HEAD_DIM) if fp8 else kv_bytes  # fp8 bytes + one fp32 scale per row
+            read = cache_bytes(batch, context, fp8)
             row[name] = {"us": seconds * 1e6, "TBps": read / seconds / 1e12}
             del args_list
         rows.append(row)
@@ -163,7 +168,7 @@ def sweep(args) -> list[dict]:
                 except Exception as err:  # e.g. out of shared memory for this block/stage combination
                     results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "error": str(err)[:200]})
                     continue
-                read = batch * context * HEAD_DIM * 2 * (1 if fp8 else 2)
+                read = cache_bytes(batch, context, fp8)
                 results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "us": seconds * 1e6,
                                 "TBps": read / seconds / 1e12})  # fmt: skip
                 if best is None or seconds < best[0]:
