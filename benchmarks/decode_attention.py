@@ -110,11 +110,16 @@ def variants(**launch):
     return found
 
 
+def quantize_cache(key, value):
+    """The float8 cache as `Float8StaticCache` stores it: values with positions contiguous."""
+    return quantize_float8(key), quantize_float8(value, positions_contiguous=True)
+
+
 def check_correctness() -> None:
     (query, key, value), = make_inputs(3, 3000, 1, seed=1)
     ref = reference(query, key, value, HEAD_DIM**-0.5)
     for name, (fn, fp8) in variants().items():
-        k, v = (quantize_float8(key), quantize_float8(value)) if fp8 else (key, value)
+        k, v = quantize_cache(key, value) if fp8 else (key, value)
         out = fn(query, k, v)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         limit = 6e-2 if fp8 else 1e-2
@@ -135,7 +140,7 @@ def run_table(args) -> list[dict]:
         inputs = make_inputs(batch, context, copies)
         row = {"batch": batch, "context": context, "kv_MiB": kv_bytes / 2**20}
         for name, (fn, fp8) in variants().items():
-            args_list = [(q, quantize_float8(k), quantize_float8(v)) if fp8 else (q, k, v) for q, k, v in inputs]
+            args_list = [(q, *quantize_cache(k, v)) if fp8 else (q, k, v) for q, k, v in inputs]
             seconds = timed_per_call(fn, args_list)
             read = cache_bytes(batch, context, fp8)
             row[name] = {"us": seconds * 1e6, "TBps": read / seconds / 1e12}
@@ -148,34 +153,45 @@ def run_table(args) -> list[dict]:
     return rows
 
 
+def time_launch(results: list, call_args: tuple, batch: int, context: int, fp8: bool, **launch) -> float:
+    """Seconds per call of our kernel with these launch parameters (inf if they do not fit); appends a result row."""
+    fn, _ = variants(**launch)["ours fp8" if fp8 else "ours bf16"]
+    row = {"batch": batch, "context": context, "fp8": fp8, **launch}
+    try:
+        seconds = timed_per_call(fn, [call_args], reps=5)
+    except Exception as err:  # e.g. out of shared memory for this block/stage combination
+        results.append({**row, "error": str(err)[:200]})
+        return float("inf")
+    results.append({**row, "us": seconds * 1e6, "TBps": cache_bytes(batch, context, fp8) / seconds / 1e12})
+    return seconds
+
+
 def sweep(args) -> list[dict]:
-    """Time launch parameters around the defaults on long-context shapes; print the best per shape and cache dtype."""
+    """Time launch parameters around the defaults on long-context shapes; print the best per shape and cache dtype:
+    tiles at the default split count first, then split counts around it for the best tile."""
     results = []
-    for batch, context in [(32, 32768), (128, 16384)]:
+    for batch, context in [(8, 65536), (32, 32768), (128, 16384)]:
         (query, key, value), = make_inputs(batch, context, 1)
-        k8, v8 = quantize_float8(key), quantize_float8(value)
-        for fp8 in (False, True):
+        cases = {False: (query, key, value), True: (query, *quantize_cache(key, value))}
+        del query, key, value
+        for fp8, call_args in cases.items():
             default = default_num_splits(batch, KV_HEADS, context, "cuda", float8=fp8)
-            splits = sorted({max(1, default // 2), default, default * 2})
-            blocks, stages = ((64, 128), (2, 3)) if fp8 else ((64,), (3,))
-            grid = itertools.product(blocks, (4, 8), stages, splits)
-            best = None
-            for block_n, warps, num_stages, num_splits in grid:
-                launch = dict(block_n=block_n, num_warps=warps, num_stages=num_stages, num_splits=num_splits)
-                fn, _ = variants(**launch)["ours fp8" if fp8 else "ours bf16"]
-                try:
-                    seconds = timed_per_call(fn, [(query, k8, v8) if fp8 else (query, key, value)], reps=5)
-                except Exception as err:  # e.g. out of shared memory for this block/stage combination
-                    results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "error": str(err)[:200]})
-                    continue
-                read = cache_bytes(batch, context, fp8)
-                results.append({"batch": batch, "context": context, "fp8": fp8, **launch, "us": seconds * 1e6,
-                                "TBps": read / seconds / 1e12})  # fmt: skip
-                if best is None or seconds < best[0]:
-                    best = (seconds, launch)
-            print(f"sweep B={batch} ctx={context} {'fp8' if fp8 else 'bf16'}: best {best[1]} "
-                  f"{best[0] * 1e6:.1f} us (default splits {default})", flush=True)  # fmt: skip
-        del query, key, value, k8, v8
+            blocks, stages = ((64, 128), (2, 3, 4)) if fp8 else ((64,), (3,))
+            tiles = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in itertools.product(blocks, (4, 8), stages)]
+            timings = {}
+            for tile in tiles:
+                timings[(tuple(tile.items()), default)] = time_launch(
+                    results, call_args, batch, context, fp8, **tile, num_splits=default
+                )
+            best_tile = dict(min(timings, key=timings.get)[0])
+            for splits in {max(1, default // 2), default * 2} - {default}:
+                timings[(tuple(best_tile.items()), splits)] = time_launch(
+                    results, call_args, batch, context, fp8, **best_tile, num_splits=splits
+                )
+            (tile, splits), seconds = min(timings.items(), key=lambda item: item[1])
+            print(f"sweep B={batch} ctx={context} {'fp8' if fp8 else 'bf16'}: best {dict(tile)} splits {splits} "
+                  f"{seconds * 1e6:.1f} us (default splits {default})", flush=True)  # fmt: skip
+        del cases, call_args
         torch.cuda.empty_cache()
     return results
 

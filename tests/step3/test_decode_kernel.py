@@ -6,6 +6,7 @@ step3_hf (hence Triton) into the same pytest process. So unless this process alr
 themselves run here only on CUDA.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ if INTERPRETED:
     DEVICES = ["cpu"]
 else:
     DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
+# The module, which the package's `decode_attention` function shadows.
+decode_attention_module = importlib.import_module("step3_hf.kernels.decode_attention")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -120,24 +123,56 @@ def test_fully_masked_row_gives_zeros(device):
     assert torch.isfinite(out).all()
 
 
+def float8_decode_attention(query, key8, value8, **kwargs):
+    return decode_attention(query, key8.data, value8.data, key_scale=key8.scale, value_scale=value8.scale, **kwargs)
+
+
+@pytest.fixture(params=["tensor cores", "widened"])
+def float8_products(request, monkeypatch):
+    """Both float8 paths: e4m3 tensor-core products (the interpreter emulates their rounding), or the cache widened
+    to fp16 (GPUs before compute capability 8.9)."""
+    if request.param == "widened":
+        monkeypatch.setattr(decode_attention_module, "float8_tensor_cores", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits):
+@pytest.mark.parametrize("positions_contiguous", [True, False])
+def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, positions_contiguous, float8_products):
     query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
-    key8, value8 = quantize_float8(key), quantize_float8(value)
+    key8, value8 = quantize_float8(key), quantize_float8(value, positions_contiguous=positions_contiguous)
     assert key8.data.dtype == torch.float8_e4m3fn and key8.scale.shape == (3, 1, 130)
+    assert value8.data.shape == value.shape and (value8.data.stride(-2) == 1) == positions_contiguous
     lengths = torch.tensor([130, 5, 64])
-    out = decode_attention(
-        query, key8.data, value8.data, key_scale=key8.scale, value_scale=value8.scale,
-        kv_lengths=lengths.to(device), num_splits=num_splits,
-    )  # fmt: skip
+    out = float8_decode_attention(query, key8, value8, kv_lengths=lengths.to(device), num_splits=num_splits)
     allowed = torch.arange(130)[None, None, :] < lengths[:, None, None]
     dequantised = [t.data.cpu().double() * t.scale.cpu().double()[..., None] for t in (key8, value8)]
     ref = reference_attention(query.cpu(), *dequantised, 64**-0.5, allowed)
-    assert relative_error(out.cpu(), ref) < 1e-2
+    # Tensor cores also round the (scaled) query and probabilities to e4m3: 3 mantissa bits, 2^-4 relative each.
+    assert relative_error(out.cpu(), ref) < (5e-2 if float8_products == "tensor cores" else 1e-2)
     # ... and stays within float8's rounding of the unquantised cache.
     exact = reference_attention(query.cpu(), key.cpu(), value.cpu(), 64**-0.5, allowed)
     assert relative_error(out.cpu(), exact) < 8e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float8_keeps_many_small_probabilities(device, float8_products):
+    """One dominant position and 1023 at probability ~3e-4 that together carry a quarter of the weight: rounded to
+    e4m3 unscaled they would fall below its subnormal spacing and vanish; value rows of very different scales."""
+    batch, heads, kv_len, head_dim = 2, 8, 1024, 16
+    query = torch.zeros(batch, heads, 1, head_dim)
+    query[..., 0] = 4.0
+    key = torch.zeros(batch, 1, kv_len, head_dim)
+    key[:, :, 0, 0] = 8.0  # score 4 * 8 / sqrt(16) = 8 against 0 elsewhere
+    value = -torch.ones(batch, 1, kv_len, head_dim)
+    value[:, :, 0] = 1.0
+    value[1] *= torch.logspace(-3, 0, kv_len)[:, None]
+    key8, value8 = quantize_float8(key.to(device)), quantize_float8(value.to(device), positions_contiguous=True)
+    out = float8_decode_attention(query.to(device, torch.bfloat16), key8, value8)
+    dequantised = [t.data.cpu().double() * t.scale.cpu().double()[..., None] for t in (key8, value8)]
+    ref = reference_attention(query, *dequantised, head_dim**-0.5, torch.ones(batch, 1, kv_len, dtype=torch.bool))
+    assert relative_error(out.cpu(), ref) < 1e-2
 
 
 def test_quantize_float8_round_trip_within_e4m3_precision():
@@ -191,6 +226,7 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     stored_key, stored_value = cache.update(key, value, layer_idx=0)
     assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
+    assert stored_value.data.shape == (2, 1, 10, 16) and cache.layers[0].values.shape == (2, 1, 16, 10)
     torch.testing.assert_close(stored_key.dequantize(torch.float32)[:, :, :3], key, rtol=0.07, atol=0.0)
     torch.testing.assert_close(stored_value.dequantize(torch.float32)[:, :, :3], value, rtol=0.07, atol=0.0)
     assert (stored_key.scale[:, :, 3:] == 0).all()
@@ -298,7 +334,7 @@ def test_generate_matches_sdpa_with_left_padding(checkpoint, device, cache_imple
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatch):
+def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatch, float8_products):
     from transformers import GenerationConfig
 
     from step3_hf.kernels import transformers_attention
@@ -323,10 +359,14 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
     monkeypatch.setattr(transformers_attention, "MAX_DECODE_TOKENS", 0)
     dequantised = generate(Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 6))
     assert len(kernel_calls) == 4 * 5
-    assert with_kernel.sequences.tolist() == dequantised.sequences.tolist()
-    for ours, theirs in zip(with_kernel.logits, dequantised.logits):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    if float8_products == "widened":
+        assert with_kernel.sequences.tolist() == dequantised.sequences.tolist()
+        for ours, theirs in zip(with_kernel.logits, dequantised.logits):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    else:  # e4m3 query and probabilities: close, not equal (greedy tokens of a random model may then part ways)
+        ours, theirs = with_kernel.logits[1].double(), dequantised.logits[1].double()
+        assert 0 < ((ours - theirs).norm() / theirs.norm()).item() < 0.1
     # And float8 rounding moves the first decode step's logits only a little from the bf16-free static cache.
     full = generate(None)
     first_full, first_fp8 = full.logits[1].double(), with_kernel.logits[1].double()
-    assert ((first_fp8 - first_full).norm() / first_full.norm()).item() < 0.1
+    assert ((first_fp8 - first_full).norm() / first_full.norm()).item() < 0.15

@@ -7,14 +7,12 @@ the M dimension of one tensor-core tile and reads its slice of the cache exactly
 merges the slices' partial results by their log-sum-exp. The cache may be bf16/fp16/fp32, or float8 e4m3 with one
 float32 scale per cached token (see `float8_kv_cache.py`).
 
-The Triton functions are wrapped by `triton.jit` lazily, on the first call, once per `TRITON_INTERPRET` setting:
-`triton.jit` reads that variable when it wraps a function, and tests run the kernels on the CPU through Triton's
-interpreter in the same process that may already have imported this package.
+With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors through Triton's
+interpreter (the tests do this).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -50,6 +48,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def triton_jit(fn):
+    """`triton.jit`, or the plain function where Triton is absent (the package imports without it)."""
+    return fn if triton is None else triton.jit(fn)
+
+
 def kernel_available(device: torch.device | str) -> bool:
     """Whether `decode_attention` can run on tensors of `device`: Triton on CUDA, or its interpreter on CPU."""
     if triton is None:
@@ -60,6 +63,17 @@ def kernel_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
+@triton_jit
+def _round_to_e4m3_emulated(x):
+    """float32 -> the nearest e4m3 value (ties away from zero), in float32: the interpreter's own cast is wrong."""
+    magnitude = tl.abs(x)
+    exponent = tl.floor(tl.log2(tl.maximum(magnitude, 0.015625)))  # subnormals share 2^-6's spacing
+    spacing = tl.exp2(exponent - 3.0)  # 3 mantissa bits
+    rounded = tl.minimum(tl.floor(magnitude / spacing + 0.5) * spacing, 448.0)
+    return tl.where(x < 0.0, -rounded, rounded)
+
+
+@triton_jit
 def _split_kv_attention(
     Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, OUT, PART_OUT, PART_LSE,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -72,7 +86,7 @@ def _split_kv_attention(
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
+    FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
     split = tl.program_id(0)
@@ -92,14 +106,25 @@ def _split_kv_attention(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    # Tensor-core operands: the query's dtype; fp16 for a float8 cache (e4m3 -> fp16 is one native conversion),
-    # with the softmax scale folded into q; float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8).
+    # Tensor-core operands: the query's dtype for a 16-bit cache. A float8 cache with FP8_MMA multiplies e4m3 by
+    # e4m3 (the cache tiles go from memory to the tensor cores untouched): q is scaled per row into e4m3's range,
+    # with the softmax scale folded in, and the scale is applied to the scores. Without FP8_MMA (GPUs before Ada)
+    # the cache tiles are widened to fp16. float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8);
+    # there, e4m3 rounding is emulated in float32 (the interpreter's float32 -> e4m3 cast is wrong too).
     if IS_FP8:
         q = q.to(tl.float32) * qk_scale_log2
+        if FP8_MMA:
+            q_amax = tl.max(tl.abs(q), 1)
+            q_scale = tl.where(q_amax > 0.0, q_amax / 448.0, 1.0)  # e4m3's largest finite value
+            q = q / q_scale[:, None]
+            if DOT_F32:
+                q = _round_to_e4m3_emulated(q)
+            else:
+                q = q.to(tl.float8e4nv)
+        elif not DOT_F32:
+            q = q.to(tl.float16)
     if DOT_F32:
         q = q.to(tl.float32)
-    elif IS_FP8:
-        q = q.to(tl.float16)
 
     # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N.
     start = tl.load(KV_START + b)
@@ -128,7 +153,10 @@ def _split_kv_attention(
         if IS_FP8:
             k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
             k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
-            scores = scores * k_scale[None, :]
+            if FP8_MMA:
+                scores = scores * (q_scale[:, None] * k_scale[None, :])
+            else:
+                scores = scores * k_scale[None, :]
         else:
             scores = scores * qk_scale_log2
         keep = row_ok[:, None] & n_ok[None, :]
@@ -158,12 +186,19 @@ def _split_kv_attention(
         )
         if IS_FP8:
             # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: scale the probabilities' columns, kept within
-            # [0, 1] so that fp16 holds them, instead of V's rows.
+            # [0, 1], instead of V's rows. For e4m3 they are also lifted by 256 out of its subnormal range.
             v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
             v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
             v_max = tl.max(v_scale, 0)
             v_max = tl.where(v_max > 0.0, v_max, 1.0)
             p_v = p * (v_scale / v_max)[None, :]
+            if FP8_MMA:
+                p_v = p_v * 256.0
+                v_max = v_max / 256.0
+                if DOT_F32:
+                    p_v = _round_to_e4m3_emulated(p_v)
+                else:
+                    p_v = p_v.to(tl.float8e4nv)
         else:
             p_v = p
         if DOT_F32:
@@ -192,6 +227,7 @@ def _split_kv_attention(
         tl.store(PART_LSE + part + offs_m, lse, mask=row_ok)
 
 
+@triton_jit
 def _merge_splits(
     PART_OUT, PART_LSE, OUT,
     stride_ob, stride_oh, stride_ot, stride_od,
@@ -238,6 +274,7 @@ def _merge_splits(
     )
 
 
+@triton_jit
 def _mask_bounds(
     MASK, KV_START, KV_END, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
 ):  # fmt: skip
@@ -252,11 +289,13 @@ def _mask_bounds(
     tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
 
 
-@functools.cache
-def _compiled_kernels(interpret: bool):
-    """`triton.jit` picks the compiler or the interpreter when it wraps a function, so wrap once per mode."""
-    del interpret  # part of the cache key only: `triton.jit` reads TRITON_INTERPRET itself
-    return triton.jit(_split_kv_attention), triton.jit(_merge_splits), triton.jit(_mask_bounds)
+def float8_tensor_cores(device: torch.device | str) -> bool:
+    """Whether a float8 cache is multiplied on e4m3 tensor cores (compute capability 8.9+; emulated by the
+    interpreter) rather than widened to fp16 tile by tile."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -285,7 +324,7 @@ def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     start = torch.full((batch,), kv_len, dtype=torch.int32, device=mask.device)
     end = torch.zeros_like(start)
     block = 4096
-    _compiled_kernels(interpreter_enabled())[2][(batch, triton.cdiv(kv_len, block))](
+    _mask_bounds[(batch, triton.cdiv(kv_len, block))](
         mask, start, end, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
     )
     return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
@@ -413,7 +452,6 @@ def decode_attention(
     m_strides = mask.stride() if mask is not None else (0, 0, 0)
     scale = head_dim**-0.5 if scale is None else scale
 
-    attention_kernel, merge_kernel, _ = _compiled_kernels(interpreter_enabled())
     launch_args = (
         query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
         part_out, part_lse,
@@ -423,13 +461,14 @@ def decode_attention(
     constants = dict(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
         HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8,
+        FP8_MMA=is_fp8 and float8_tensor_cores(device),
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip
     # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
     for stages in range(num_stages, 0, -1):
         try:
-            attention_kernel[(num_splits, batch * num_kv_heads)](
+            _split_kv_attention[(num_splits, batch * num_kv_heads)](
                 *launch_args, **constants, num_warps=num_warps, num_stages=stages
             )
             break
@@ -437,7 +476,7 @@ def decode_attention(
             if stages == 1:
                 raise
     if num_splits > 1:
-        merge_kernel[(rows, batch * num_kv_heads)](
+        _merge_splits[(rows, batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             BLOCK_S=min(16, max(2, triton.next_power_of_2(num_splits))), num_warps=4,

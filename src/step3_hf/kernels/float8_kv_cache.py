@@ -2,9 +2,11 @@
 
 Decoding reads the whole cache every step, so halving its bytes nearly halves the attention time. Each new key
 (value) row is scaled by `amax(|row|) / 448` (448 being e4m3's largest finite value) and rounded to e4m3; the
-decode kernel widens the bytes tile by tile and applies the scales to the scores (keys) and to the probabilities
-(values), so the cache is never dequantised in memory. Calls the kernel does not take (prefill) see the
-dequantised cache.
+decode kernel multiplies the bytes on float8 tensor cores (or widens them tile by tile on GPUs without them) and
+applies the scales to the scores (keys) and to the probabilities (values), so the cache is never dequantised in
+memory. Values are stored with positions contiguous (`[B, H, D, S]` in memory, handed out as a `[B, H, S, D]`
+view), the operand layout float8 tensor cores need for the probabilities-times-values product. Calls the kernel
+does not take (prefill) see the dequantised cache.
 
     cache = Float8StaticCache(model.config, max_cache_len=4096)
     model.generate(**inputs, past_key_values=cache, disable_compile=True)  # with attn_implementation="mfa_decode"
@@ -27,7 +29,7 @@ FLOAT8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
 
 class Float8KV(NamedTuple):
-    """A float8 cache tensor and its scales: `data` `[B, H, S, D]` e4m3, `scale` `[B, H, S]` float32."""
+    """A float8 cache tensor and its scales: `data` `[B, H, S, D]` e4m3 (any strides), `scale` `[B, H, S]` float32."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -36,16 +38,25 @@ class Float8KV(NamedTuple):
         return (self.data.to(torch.float32) * self.scale[..., None]).to(dtype)
 
 
-def quantize_float8(states: torch.Tensor) -> Float8KV:
-    """Per-row (last dimension) symmetric e4m3 quantisation of `[..., D]` states."""
+def quantize_float8(states: torch.Tensor, positions_contiguous: bool = False) -> Float8KV:
+    """Per-row (last dimension) symmetric e4m3 quantisation of `[..., S, D]` states.
+
+    `positions_contiguous=True` stores the bytes as `[..., D, S]` (returned as a `[..., S, D]` view): the layout in
+    which the decode kernel reads values fastest.
+    """
     amax = states.detach().abs().amax(dim=-1).to(torch.float32)
     scale = torch.clamp(amax, min=torch.finfo(torch.float32).tiny) / FLOAT8_MAX
     data = (states.to(torch.float32) / scale[..., None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    if positions_contiguous:
+        data = data.transpose(-1, -2).contiguous().transpose(-1, -2)
     return Float8KV(data, scale)
 
 
 class Float8StaticLayer(StaticLayer):
-    """`StaticLayer` whose keys and values are float8 e4m3 plus per-token scales; `update` returns `Float8KV`s."""
+    """`StaticLayer` whose keys and values are float8 e4m3 plus per-token scales; `update` returns `Float8KV`s.
+
+    `keys` is `[B, H, S, D]`; `values` is stored `[B, H, D, S]` (positions contiguous, see the module docstring).
+    """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -53,7 +64,9 @@ class Float8StaticLayer(StaticLayer):
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
-        self.values = torch.zeros((*shape, self.v_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
+        self.values = torch.zeros(
+            (*shape[:2], self.v_head_dim, self.max_cache_len), dtype=torch.float8_e4m3fn, device=self.device
+        )
         self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
@@ -67,13 +80,14 @@ class Float8StaticLayer(StaticLayer):
         new_tokens = key_states.shape[-2]
         positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(new_tokens)
-        stores = ((key_states, self.keys, self.key_scales), (value_states, self.values, self.value_scales))
+        stored_values = self.values.transpose(-1, -2)  # [B, H, S, D] view
+        stores = ((key_states, self.keys, self.key_scales), (value_states, stored_values, self.value_scales))
         for states, data, scales in stores:
             quantized = quantize_float8(states)
             # index_copy_ has no float8 kernel: copy the bytes.
             data.view(torch.uint8).index_copy_(2, positions, quantized.data.view(torch.uint8))
             scales.index_copy_(2, positions, quantized.scale)
-        return Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales)
+        return Float8KV(self.keys, self.key_scales), Float8KV(stored_values, self.value_scales)
 
     def reset(self) -> None:
         if self.is_initialized:
