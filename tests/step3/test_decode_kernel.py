@@ -226,13 +226,20 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     stored_key, stored_value = cache.update(key, value, layer_idx=0)
     assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
-    assert stored_value.data.shape == (2, 1, 10, 16) and cache.layers[0].values.shape == (2, 1, 16, 10)
+    # Values: positions contiguous, each row padded to 16 positions.
+    assert stored_value.data.shape == (2, 1, 10, 16) and stored_value.data.stride()[-2:] == (1, 16)
     torch.testing.assert_close(stored_key.dequantize(torch.float32)[:, :, :3], key, rtol=0.07, atol=0.0)
     torch.testing.assert_close(stored_value.dequantize(torch.float32)[:, :, :3], value, rtol=0.07, atol=0.0)
     assert (stored_key.scale[:, :, 3:] == 0).all()
     assert int(cache.get_seq_length(0)) == 3
     cache.update(torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16), layer_idx=0)
     assert int(cache.get_seq_length(0)) == 4
+    # Beam search reorders the batch and keeps the layout.
+    before = [t.dequantize(torch.float32) for t in cache.update(key[:, :, :0], value[:, :, :0], layer_idx=0)]
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))
+    after = [t.dequantize(torch.float32) for t in cache.update(key[:, :, :0], value[:, :, :0], layer_idx=0)]
+    assert all(torch.equal(b.flip(0), a) for b, a in zip(before, after))
+    assert cache.layers[0].values.stride()[-2:] == (1, 16)
 
 
 def test_float8_static_cache_refuses_other_attention_implementations():

@@ -86,7 +86,7 @@ def _split_kv_attention(
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
-    FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
+    FP8_MMA: tl.constexpr, V_PADDED: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
     split = tl.program_id(0)
@@ -127,15 +127,22 @@ def _split_kv_attention(
         q = q.to(tl.float32)
 
     # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N.
+    # Slices start at multiples of 16 positions (positions before `start` are masked out below), so that a cache
+    # with positions contiguous (float8 values) is read in aligned 16-position vectors.
     start = tl.load(KV_START + b)
     end = tl.maximum(tl.load(KV_END + b), start)
-    chunk = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
+    aligned_start = start // 16 * 16
+    chunk = tl.cdiv(tl.cdiv(end - aligned_start, num_splits), BLOCK_N) * BLOCK_N
+    lo = aligned_start + split * chunk
     hi = tl.minimum(lo + chunk, end)
+    # V_PADDED: value rows are padded to a multiple of 16 positions, so whole vectors up to `hi` rounded up may be
+    # read (the padding holds finite values; the positions past `hi` get probability 0).
+    v_hi = tl.cdiv(hi, 16) * 16 if V_PADDED else hi
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_unit = tl.cast(1.0, tl.float32)  # float8: the accumulator's unit (see the probabilities-times-values product)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     for n0 in range(lo, hi, BLOCK_N):
@@ -159,7 +166,7 @@ def _split_kv_attention(
                 scores = scores * k_scale[None, :]
         else:
             scores = scores * qk_scale_log2
-        keep = row_ok[:, None] & n_ok[None, :]
+        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
         if HAS_MASK:
             if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
                 allowed = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
@@ -181,35 +188,39 @@ def _split_kv_attention(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
+            mask=(offs_n < v_hi)[:, None] & d_ok[None, :],
             other=0.0,
         )
+        acc_alpha = alpha
         if IS_FP8:
             # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: scale the probabilities' columns, kept within
-            # [0, 1], instead of V's rows. For e4m3 they are also lifted by 256 out of its subnormal range.
+            # [0, 1], instead of V's rows; for e4m3 they are also lifted by 256 out of its subnormal range. The
+            # accumulator holds its value in units of the current block's factor (`acc_unit`), so that the product
+            # still accumulates in place (a separate product tile would double the accumulator's registers).
             v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
             v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
-            v_max = tl.max(v_scale, 0)
-            v_max = tl.where(v_max > 0.0, v_max, 1.0)
+            v_max = tl.maximum(tl.max(v_scale, 0), 1e-12)  # rows this small contribute nothing; bounds acc / unit
             p_v = p * (v_scale / v_max)[None, :]
+            unit = v_max
             if FP8_MMA:
                 p_v = p_v * 256.0
-                v_max = v_max / 256.0
+                unit = v_max / 256.0
                 if DOT_F32:
                     p_v = _round_to_e4m3_emulated(p_v)
                 else:
                     p_v = p_v.to(tl.float8e4nv)
+            acc_alpha = alpha * (acc_unit / unit)
+            acc_unit = unit
         else:
             p_v = p
         if DOT_F32:
-            pv = tl.dot(p_v, v.to(tl.float32), input_precision="ieee")
+            acc = tl.dot(p_v, v.to(tl.float32), acc * acc_alpha[:, None], input_precision="ieee")
         else:
-            pv = tl.dot(p_v.to(q.dtype), v.to(q.dtype))
-        if IS_FP8:
-            pv = pv * v_max
-        acc = acc * alpha[:, None] + pv
+            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * acc_alpha[:, None])
         m_i = m_new
 
+    if IS_FP8:
+        acc = acc * acc_unit
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
@@ -351,7 +362,10 @@ def decode_attention(
     Args:
         query: `[B, Hq, q_len, D]` (any strides).
         key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
-            with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale).
+            with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale). A
+            value tensor with positions contiguous and rows padded to a multiple of 16 positions (as
+            `quantize_float8(..., positions_contiguous=True)` and `Float8StaticCache` store it) is read in whole
+            16-position vectors, so its bytes just past each valid range must be finite (they get probability 0).
         scale: softmax scale, `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
@@ -458,10 +472,13 @@ def decode_attention(
         *query.stride(), *key.stride(), *value.stride(), *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
         num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
     )  # fmt: skip
+    fp8_mma = is_fp8 and float8_tensor_cores(device)
     constants = dict(
-        GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
-        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8,
-        FP8_MMA=is_fp8 and float8_tensor_cores(device),
+        GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
+        # e4m3 tensor-core products reduce over at least 32 elements
+        BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
+        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
+        V_PADDED=value.stride(-2) == 1 and value.stride(-1) % 16 == 0 and value.stride(-1) >= -(-kv_len // 16) * 16,
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip

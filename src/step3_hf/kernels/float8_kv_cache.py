@@ -4,9 +4,10 @@ Decoding reads the whole cache every step, so halving its bytes nearly halves th
 (value) row is scaled by `amax(|row|) / 448` (448 being e4m3's largest finite value) and rounded to e4m3; the
 decode kernel multiplies the bytes on float8 tensor cores (or widens them tile by tile on GPUs without them) and
 applies the scales to the scores (keys) and to the probabilities (values), so the cache is never dequantised in
-memory. Values are stored with positions contiguous (`[B, H, D, S]` in memory, handed out as a `[B, H, S, D]`
-view), the operand layout float8 tensor cores need for the probabilities-times-values product. Calls the kernel
-does not take (prefill) see the dequantised cache.
+memory. Values are stored with positions contiguous (`[B, H, D, S]` in memory, each row zero-padded to a multiple
+of 16 positions, handed out as a `[B, H, S, D]` view): the operand layout float8 tensor cores need for the
+probabilities-times-values product, read in aligned 16-byte vectors. Calls the kernel does not take (prefill) see
+the dequantised cache.
 
     cache = Float8StaticCache(model.config, max_cache_len=4096)
     model.generate(**inputs, past_key_values=cache, disable_compile=True)  # with attn_implementation="mfa_decode"
@@ -41,21 +42,30 @@ class Float8KV(NamedTuple):
 def quantize_float8(states: torch.Tensor, positions_contiguous: bool = False) -> Float8KV:
     """Per-row (last dimension) symmetric e4m3 quantisation of `[..., S, D]` states.
 
-    `positions_contiguous=True` stores the bytes as `[..., D, S]` (returned as a `[..., S, D]` view): the layout in
-    which the decode kernel reads values fastest.
+    `positions_contiguous=True` stores the bytes as `[..., D, S]`, each row zero-padded to a multiple of 16
+    positions, and returns a `[..., S, D]` view of it: the layout in which the decode kernel reads values fastest.
     """
     amax = states.detach().abs().amax(dim=-1).to(torch.float32)
     scale = torch.clamp(amax, min=torch.finfo(torch.float32).tiny) / FLOAT8_MAX
     data = (states.to(torch.float32) / scale[..., None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
     if positions_contiguous:
-        data = data.transpose(-1, -2).contiguous().transpose(-1, -2)
+        padded = positions_contiguous_storage(data.shape, data.device)
+        data = padded.copy_(data)
     return Float8KV(data, scale)
+
+
+def positions_contiguous_storage(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Zeroed e4m3 `[..., S, D]` view of `[..., D, S rounded up to 16]` memory: the values layout of the cache."""
+    *lead, positions, dim = shape
+    storage = torch.zeros(*lead, dim, -(-positions // 16) * 16, dtype=torch.float8_e4m3fn, device=device)
+    return storage[..., :positions].transpose(-1, -2)
 
 
 class Float8StaticLayer(StaticLayer):
     """`StaticLayer` whose keys and values are float8 e4m3 plus per-token scales; `update` returns `Float8KV`s.
 
-    `keys` is `[B, H, S, D]`; `values` is stored `[B, H, D, S]` (positions contiguous, see the module docstring).
+    `keys` is `[B, H, S, D]`; `values` is the `[B, H, S, D]` view of positions-contiguous storage (see the module
+    docstring).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -64,9 +74,7 @@ class Float8StaticLayer(StaticLayer):
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
-        self.values = torch.zeros(
-            (*shape[:2], self.v_head_dim, self.max_cache_len), dtype=torch.float8_e4m3fn, device=self.device
-        )
+        self.values = positions_contiguous_storage((*shape, self.v_head_dim), self.device)
         self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
@@ -80,14 +88,13 @@ class Float8StaticLayer(StaticLayer):
         new_tokens = key_states.shape[-2]
         positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(new_tokens)
-        stored_values = self.values.transpose(-1, -2)  # [B, H, S, D] view
-        stores = ((key_states, self.keys, self.key_scales), (value_states, stored_values, self.value_scales))
+        stores = ((key_states, self.keys, self.key_scales), (value_states, self.values, self.value_scales))
         for states, data, scales in stores:
             quantized = quantize_float8(states)
             # index_copy_ has no float8 kernel: copy the bytes.
             data.view(torch.uint8).index_copy_(2, positions, quantized.data.view(torch.uint8))
             scales.index_copy_(2, positions, quantized.scale)
-        return Float8KV(self.keys, self.key_scales), Float8KV(stored_values, self.value_scales)
+        return Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales)
 
     def reset(self) -> None:
         if self.is_initialized:
@@ -101,7 +108,9 @@ class Float8StaticLayer(StaticLayer):
         if self.is_initialized:
             beam_idx = beam_idx.to(self.device)
             self.keys = self.keys.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn)
-            self.values = self.values.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn)
+            values = positions_contiguous_storage(self.values.shape, self.device)
+            values.copy_(self.values.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn))
+            self.values = values
             self.key_scales = self.key_scales.index_select(0, beam_idx)
             self.value_scales = self.value_scales.index_select(0, beam_idx)
 
