@@ -142,9 +142,18 @@ def _split_kv_attention(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_unit = tl.cast(1.0, tl.float32)  # float8: the accumulator's unit (see the probabilities-times-values product)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
+    if IS_FP8:
+        # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: the value scales go onto the probabilities' columns,
+        # relative to the largest scale in this slice (read up front: 4 bytes per position, against 2 x D), so
+        # that they stay within [0, 1]; e4m3 probabilities are also lifted by 256 out of its subnormal range.
+        v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
+        v_max = tl.zeros([1024], tl.float32)
+        for n0 in range(lo, hi, 1024):
+            offs = n0 + tl.arange(0, 1024)
+            v_max = tl.maximum(v_max, tl.load(v_scales + offs * stride_vsn, mask=offs < hi, other=0.0))
+        p_unit = (256.0 if FP8_MMA else 1.0) / tl.maximum(tl.max(v_max, 0), 1e-30)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -191,36 +200,23 @@ def _split_kv_attention(
             mask=(offs_n < v_hi)[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc_alpha = alpha
         if IS_FP8:
-            # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: scale the probabilities' columns, kept within
-            # [0, 1], instead of V's rows; for e4m3 they are also lifted by 256 out of its subnormal range. The
-            # accumulator holds its value in units of the current block's factor (`acc_unit`), so that the product
-            # still accumulates in place (a separate product tile would double the accumulator's registers).
-            v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
             v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
-            v_max = tl.maximum(tl.max(v_scale, 0), 1e-12)  # rows this small contribute nothing; bounds acc / unit
-            p_v = p * (v_scale / v_max)[None, :]
-            unit = v_max
-            if FP8_MMA:
-                p_v = p_v * 256.0
-                unit = v_max / 256.0
-                if DOT_F32:
-                    p_v = _round_to_e4m3_emulated(p_v)
-                else:
-                    p_v = p_v.to(tl.float8e4nv)
-            acc_alpha = alpha * (acc_unit / unit)
-            acc_unit = unit
+            p_v = p * (v_scale * p_unit)[None, :]
+            if FP8_MMA and DOT_F32:
+                p_v = _round_to_e4m3_emulated(p_v)
+            elif FP8_MMA:
+                p_v = p_v.to(tl.float8e4nv)
         else:
             p_v = p
         if DOT_F32:
-            acc = tl.dot(p_v, v.to(tl.float32), acc * acc_alpha[:, None], input_precision="ieee")
+            acc = tl.dot(p_v, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
         else:
-            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * acc_alpha[:, None])
+            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
         m_i = m_new
 
     if IS_FP8:
-        acc = acc * acc_unit
+        acc = acc / p_unit
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
@@ -373,7 +369,7 @@ def decode_attention(
         kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`), instead of a mask.
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
-            program, software-pipelining depth; 3 for 16-bit caches, 2 for float8 by default).
+            program, software-pipelining depth: 3 by default).
     """
     if triton is None:
         raise RuntimeError("decode_attention needs Triton (`pip install triton`)")
@@ -447,8 +443,8 @@ def decode_attention(
 
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
-    if num_stages is None:  # three stages of bf16 K/V tiles (+ a per-token mask tile) fill shared memory
-        num_stages = 2 if is_fp8 or (mask is not None and q_len > 1) else 3
+    if num_stages is None:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory
+        num_stages = 2 if mask is not None and q_len > 1 else 3
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
