@@ -123,6 +123,25 @@ def test_fully_masked_row_gives_zeros(device):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_callers_keep_the_kernel_in_their_graph(device):
+    """The kernel is a custom op: `torch.compile(fullgraph=True)` traces through it (a graph break would raise) and
+    the compiled function computes the same as the eager one."""
+    query, key, value = random_case(2, 8, 1, 1, 70, 16, torch.float32, device, seed=4)
+    mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+    mask[1, ..., :9] = False  # left padding
+
+    def attend(query, key, value, mask):
+        return decode_attention(query, key, value, attention_mask=mask, num_splits=2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out = compiled(query, key, value, mask.to(device))
+    torch.testing.assert_close(out, attend(query, key, value, mask.to(device)), rtol=0, atol=0)
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 16**-0.5, mask[:, 0])
+    assert relative_error(out.cpu(), ref) < TOLERANCE[torch.float32]
+
+
 def float8_decode_attention(query, key8, value8, **kwargs):
     return decode_attention(query, key8.data, value8.data, key_scale=key8.scale, value_scale=value8.scale, **kwargs)
 

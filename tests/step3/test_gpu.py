@@ -66,9 +66,9 @@ def test_cuda_defaults_to_the_split_kv_decode_kernel(tmp_path):
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_cuda_bf16_generation_with_the_decode_kernel_matches_sdpa(tmp_path, cache_implementation):
-    # generate() as users run it. Dynamic: the kernel decodes. Static: transformers compiles the forward on CUDA and
-    # `mfa_decode` hands compiled calls to SDPA, so this checks that hand-off, not the kernel. Left padding exercises
-    # the mask bounds; bf16 at the real head width (256).
+    # generate() as users run it. Dynamic: the kernel decodes eagerly. Static: transformers compiles the forward on
+    # CUDA (inductor, CUDA graphs) with the kernel's custom op inside. Left padding exercises the mask bounds; bf16 at
+    # the real head width (256).
     config = Step3Config(**{**TINY_CONFIG, "hidden_size": 256, "head_dim": 256, "num_attention_heads": 16})
     write_official_checkpoint(tmp_path, random_official_state_dict(config, std=0.2, seed=2), config)
     prompts = [[1, 17, 33, 90, 4, 5], [1, 200]]
@@ -110,3 +110,24 @@ def test_moe_decode_with_grouped_mm_has_no_host_sync(tmp_path):
         config._experts_implementation = "eager"
         reference = block(hidden)
     assert ((out.double() - reference.double()).norm() / reference.double().norm()).item() < 2e-2
+
+
+def test_compiled_generation_with_the_float8_cache_matches_eager(tmp_path):
+    # Static caches make generate() compile the forward on CUDA; the float8 cache's kernel calls run inside the graph.
+    from step3_hf.kernels import Float8StaticCache
+    from step3_hf.modeling_step3 import _CACHE_NAME
+
+    config = Step3Config(**{**TINY_CONFIG, "hidden_size": 256, "head_dim": 256, "num_attention_heads": 16})
+    write_official_checkpoint(tmp_path, random_official_state_dict(config, std=0.2, seed=3), config)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda").eval()
+    ids = torch.tensor([[1, 17, 33, 90, 4, 5], [0, 0, 0, 0, 1, 200]]).cuda()
+    outputs = {}
+    for compiled in (True, False):
+        cache = Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 12)
+        outputs[compiled] = model.generate(
+            ids, attention_mask=(ids != 0).long(), max_new_tokens=12, do_sample=False, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True, disable_compile=not compiled, **{_CACHE_NAME: cache},
+        )  # fmt: skip
+    ours, theirs = outputs[True].logits[1].double(), outputs[False].logits[1].double()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 2e-2
+    assert (outputs[True].sequences == outputs[False].sequences).float().mean().item() > 0.9

@@ -337,7 +337,6 @@ def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
 
 
-@torch.compiler.disable  # an opaque call inside compiled models (transformers compiles static-cache generation)
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -410,13 +409,11 @@ def decode_attention(
     if kv_lengths is not None and kv_lengths.shape != (batch,):
         raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
     group = num_heads // num_kv_heads
-    block_m = max(16, triton.next_power_of_2(group * q_len))
-    if block_m > MAX_QUERY_ROWS:
+    if group * q_len > MAX_QUERY_ROWS:
         raise ValueError(
             f"{group} query heads per KV head x {q_len} new tokens exceeds one {MAX_QUERY_ROWS}-row tile"
         )
 
-    device = query.device
     if attention_mask is not None:
         mask_ok = (
             attention_mask.ndim == 4
@@ -432,11 +429,45 @@ def decode_attention(
         if attention_mask.shape[1] != 1:  # one mask per head: the kernel takes the head-shared form only
             if not torch.equal(attention_mask, attention_mask[:, :1].expand_as(attention_mask)):
                 raise ValueError("`attention_mask` must be the same for every head")
-        kv_start, kv_end = kv_bounds_from_mask(mask)
     else:
         mask = None
+    if kv_lengths is not None:
+        kv_lengths = kv_lengths.to(device=query.device, dtype=torch.int32)
+    scale = head_dim**-0.5 if scale is None else scale
+    return torch.ops.step3_hf.decode_attention(
+        query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages
+    )
+
+
+# A custom op, so that compiled models (transformers compiles static-cache generation on CUDA, with CUDA graphs) keep
+# the kernel inside their graph instead of breaking it.
+@torch.library.custom_op("step3_hf::decode_attention", mutates_args=())
+def _decode_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    kv_lengths: torch.Tensor | None,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    scale: float,
+    num_splits: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int | None,
+) -> torch.Tensor:
+    """The launches behind `decode_attention`, on arguments it has checked; `mask` is `[B, q_len, kv_len]`."""
+    batch, num_heads, q_len, head_dim = query.shape
+    _, num_kv_heads, kv_len, _ = key.shape
+    is_fp8 = key.dtype == torch.float8_e4m3fn
+    group = num_heads // num_kv_heads
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    device = query.device
+    if mask is not None:
+        kv_start, kv_end = kv_bounds_from_mask(mask)
+    else:
         if kv_lengths is not None:
-            kv_end = kv_lengths.to(device=device, dtype=torch.int32)
+            kv_end = kv_lengths
         else:
             kv_end = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
         kv_start = torch.zeros_like(kv_end)
@@ -460,7 +491,6 @@ def decode_attention(
     ks_strides = key_scale.stride() if is_fp8 else (0, 0, 0)
     vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
     m_strides = mask.stride() if mask is not None else (0, 0, 0)
-    scale = head_dim**-0.5 if scale is None else scale
 
     launch_args = (
         query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
@@ -495,3 +525,9 @@ def decode_attention(
             BLOCK_S=min(16, max(2, triton.next_power_of_2(num_splits))), num_warps=4,
         )  # fmt: skip
     return out
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages):
+    batch, num_heads, q_len, head_dim = query.shape
+    return query.new_empty(batch, q_len, num_heads, head_dim)

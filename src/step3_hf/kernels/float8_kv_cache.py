@@ -10,10 +10,9 @@ probabilities-times-values product, read in aligned 16-byte vectors. Calls the k
 the dequantised cache.
 
     cache = Float8StaticCache(model.config, max_cache_len=4096)
-    model.generate(**inputs, past_key_values=cache, disable_compile=True)  # with attn_implementation="mfa_decode"
+    model.generate(**inputs, past_key_values=cache)  # with attn_implementation="mfa_decode"
 
-`disable_compile=True`: `generate()` compiles the forward on CUDA for static caches, and `mfa_decode` hands compiled
-calls to SDPA, which would see the dequantised cache. (transformers 5.24 names the argument `cache=`.)
+(transformers 5.24 names the argument `cache=`.)
 """
 
 from __future__ import annotations
@@ -78,6 +77,10 @@ class Float8StaticLayer(StaticLayer):
         self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
+        # Fixed addresses, as `StaticLayer` marks its tensors: compiled generation (CUDA graphs) updates them in place.
+        if not torch.compiler.is_compiling():
+            for tensor in (self.keys, self.values, self.key_scales, self.value_scales, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
 
     def update(
@@ -105,14 +108,10 @@ class Float8StaticLayer(StaticLayer):
         self.cumulative_length.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
+        if self.is_initialized:  # in place: compiled generation holds on to these addresses
             beam_idx = beam_idx.to(self.device)
-            self.keys = self.keys.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn)
-            values = positions_contiguous_storage(self.values.shape, self.device)
-            values.copy_(self.values.view(torch.uint8).index_select(0, beam_idx).view(torch.float8_e4m3fn))
-            self.values = values
-            self.key_scales = self.key_scales.index_select(0, beam_idx)
-            self.value_scales = self.value_scales.index_select(0, beam_idx)
+            for tensor in (self.keys.view(torch.uint8), self.values.view(torch.uint8), self.key_scales, self.value_scales):
+                tensor.copy_(tensor.index_select(0, beam_idx))
 
 
 class Float8StaticCache(Cache):

@@ -4,8 +4,8 @@ Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask
 `AttentionMaskInterface`, so `from_pretrained(..., attn_implementation="mfa_decode")` and `generate()` use it with
 dynamic, static and `Float8StaticCache` caches. Each call takes the kernel only when the kernel computes exactly
 what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolean (or no) mask shared by the
-heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`), outside compiled regions (so compiled static-cache `generate()`
-runs SDPA; `disable_compile=True` keeps the kernel). Step-3 models pick it by default where
+heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`). The kernel is a custom op (`torch.ops.step3_hf.decode_attention`),
+so compiled static-cache `generate()` keeps it inside its CUDA graphs. Step-3 models pick it by default where
 `decode_kernel_preferred()` holds.
 """
 
@@ -52,10 +52,6 @@ def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
     cache = key.data if isinstance(key, Float8KV) else key
     return (
         kernel_available(query.device)
-        # Compiled regions (transformers compiles static-cache generation on CUDA, with CUDA graphs) take SDPA: there
-        # the eager kernel would be a graph break, and compiled static-cache generate() with it disagreed with SDPA
-        # after a few steps on the H200 (tests/step3/test_gpu.py, 2026-11-28), cause not established.
-        and not torch.compiler.is_compiling()
         and query.shape[2] <= MAX_DECODE_TOKENS
         and query.shape[1] // cache.shape[1] * query.shape[2] <= MAX_QUERY_ROWS
         and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
