@@ -64,6 +64,21 @@ def test_cuda_defaults_to_the_split_kv_decode_kernel(tmp_path):
     assert explicit.config._attn_implementation == "sdpa"
 
 
+def assert_same_greedy_path_up_to_near_ties(ours, theirs, rtol: float = 3e-2):
+    """Two greedy generate() outputs of one model in two numerics (bf16 kernels, compiled or eager): per sequence, the
+    logits agree to `rtol` at every step up to the first differing token, and they may differ only at a near-tie,
+    where the two tokens' reference logits are closer than twice the largest logit disagreement."""
+    steps = len(theirs.logits)
+    for row in range(theirs.sequences.shape[0]):
+        for step in range(steps):
+            a, b = ours.logits[step][row].double(), theirs.logits[step][row].double()
+            assert ((a - b).norm() / b.norm()).item() < rtol, f"sequence {row}, step {step}"
+            token_ours, token_theirs = ours.sequences[row, step - steps], theirs.sequences[row, step - steps]
+            if token_ours != token_theirs:
+                assert b[token_theirs] - b[token_ours] <= 2 * (a - b).abs().max(), f"sequence {row}, step {step}"
+                break
+
+
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_cuda_bf16_generation_with_the_decode_kernel_matches_sdpa(tmp_path, cache_implementation):
     # generate() as users run it. Dynamic: the kernel decodes eagerly. Static: transformers compiles the forward on
@@ -81,11 +96,7 @@ def test_cuda_bf16_generation_with_the_decode_kernel_matches_sdpa(tmp_path, cach
             tmp_path, dtype=torch.bfloat16, device_map="cuda", attn_implementation=attention
         ).eval()
         outputs[attention] = model.generate(ids, **kwargs)
-    # Teacher-forced first decode step: same inputs, so the logits agree to bf16 rounding.
-    ours, theirs = outputs["mfa_decode"].logits[1].double(), outputs["sdpa"].logits[1].double()
-    assert ((ours - theirs).norm() / theirs.norm()).item() < 2e-2
-    agree = (outputs["mfa_decode"].sequences == outputs["sdpa"].sequences).float().mean().item()
-    assert agree > 0.9  # greedy paths may part after a near-tie in bf16
+    assert_same_greedy_path_up_to_near_ties(outputs["mfa_decode"], outputs["sdpa"])
 
 
 def test_moe_decode_with_grouped_mm_has_no_host_sync(tmp_path):
@@ -128,6 +139,4 @@ def test_compiled_generation_with_the_float8_cache_matches_eager(tmp_path):
             ids, attention_mask=(ids != 0).long(), max_new_tokens=12, do_sample=False, pad_token_id=0,
             output_logits=True, return_dict_in_generate=True, disable_compile=not compiled, **{_CACHE_NAME: cache},
         )  # fmt: skip
-    ours, theirs = outputs[True].logits[1].double(), outputs[False].logits[1].double()
-    assert ((ours - theirs).norm() / theirs.norm()).item() < 2e-2
-    assert (outputs[True].sequences == outputs[False].sequences).float().mean().item() > 0.9
+    assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False])
