@@ -139,4 +139,6 @@ def test_compiled_generation_with_the_float8_cache_matches_eager(tmp_path):
             ids, attention_mask=(ids != 0).long(), max_new_tokens=12, do_sample=False, pad_token_id=0,
             output_logits=True, return_dict_in_generate=True, disable_compile=not compiled, **{_CACHE_NAME: cache},
         )  # fmt: skip
-    assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False])
+    # Compiled and eager bf16 states round differently, and e4m3 rounding of the cache can amplify that (4.1e-2 seen
+    # on the H200, against ~2e-2 with a bf16 cache).
+    assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False], rtol=0.1)
