@@ -86,7 +86,8 @@ def _split_kv_attention(
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
-    FP8_MMA: tl.constexpr, V_PADDED: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr, DOT_F32: tl.constexpr,
+    FP8_MMA: tl.constexpr, V_PADDED: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
     split = tl.program_id(0)
@@ -126,9 +127,9 @@ def _split_kv_attention(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N.
-    # Slices start at multiples of 16 positions (positions before `start` are masked out below), so that a cache
-    # with positions contiguous (float8 values) is read in aligned 16-position vectors.
+    # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N from `start` rounded down to
+    # 16 (the positions before `start` are masked out below), so that a cache with positions contiguous (float8
+    # values) is read in aligned 16-position vectors.
     start = tl.load(KV_START + b)
     end = tl.maximum(tl.load(KV_END + b), start)
     aligned_start = start // 16 * 16
