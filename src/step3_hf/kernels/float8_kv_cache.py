@@ -110,7 +110,8 @@ class Float8StaticLayer(StaticLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:  # in place: compiled generation holds on to these addresses
             beam_idx = beam_idx.to(self.device)
-            for tensor in (self.keys.view(torch.uint8), self.values.view(torch.uint8), self.key_scales, self.value_scales):
+            stored = (self.keys.view(torch.uint8), self.values.view(torch.uint8), self.key_scales, self.value_scales)
+            for tensor in stored:
                 tensor.copy_(tensor.index_select(0, beam_idx))
 
 
