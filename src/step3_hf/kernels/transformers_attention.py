@@ -5,8 +5,8 @@ Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask
 dynamic, static and `Float8StaticCache` caches. Each call takes the kernel only when the kernel computes exactly
 what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolean (or no) mask shared by the
 heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`). The kernel is a custom op
-(`torch.ops.step3_hf.decode_attention`), so compiled static-cache `generate()` keeps it inside its CUDA graphs. Step-3 models pick it by default where
-`decode_kernel_preferred()` holds.
+(`torch.ops.step3_hf.decode_attention`), so compiled static-cache `generate()` keeps it inside its CUDA graphs.
+Step-3 models pick it by default where `decode_kernel_preferred()` holds.
 """
 
 from __future__ import annotations
