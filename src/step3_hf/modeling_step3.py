@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .inspect_checkpoint import CheckpointError, inspect_checkpoint
+from .kernels.moe_decode import MOE_DECODE_EXPERTS
 from .kernels.transformers_attention import MFA_DECODE_ATTENTION, decode_kernel_preferred
 
 logger = logging.get_logger(__name__)
@@ -409,6 +410,13 @@ class Step3PreTrainedModel(PreTrainedModel):
         if requested_attention is None and decode_kernel_preferred():
             requested_attention = MFA_DECODE_ATTENTION
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Unless asked otherwise, decode-sized expert calls go through the fused-MoE kernel on CUDA (it hands the
+        # other calls to grouped_mm).
+        if requested_experts is None and decode_kernel_preferred():
+            requested_experts = MOE_DECODE_EXPERTS
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,10 +1,20 @@
-"""Fast Step-3 decoding: a Triton split-KV decode-attention kernel, a float8 KV cache, and their transformers hookup.
+"""Fast Step-3 decoding: a Triton split-KV decode-attention kernel, a float8 KV cache, a fused-MoE decode kernel,
+and their transformers hookup.
 
-Importing this package registers `attn_implementation="mfa_decode"` with transformers.
+Importing this package registers `attn_implementation="mfa_decode"` and `experts_implementation="moe_decode"` with
+transformers.
 """
 
 from .decode_attention import decode_attention, default_num_splits, interpreter_enabled, kernel_available
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
+from .moe_decode import (
+    MAX_MOE_DECODE_TOKENS,
+    MOE_DECODE_EXPERTS,
+    align_pairs_to_blocks,
+    moe_decode,
+    moe_decode_experts_forward,
+    register_moe_decode,
+)
 from .transformers_attention import (
     MAX_DECODE_TOKENS,
     MFA_DECODE_ATTENTION,
@@ -14,6 +24,7 @@ from .transformers_attention import (
 )
 
 register()
+register_moe_decode()
 
 __all__ = [
     "decode_attention",
@@ -28,4 +39,9 @@ __all__ = [
     "MFA_DECODE_ATTENTION",
     "decode_kernel_preferred",
     "mfa_decode_attention_forward",
+    "MAX_MOE_DECODE_TOKENS",
+    "MOE_DECODE_EXPERTS",
+    "align_pairs_to_blocks",
+    "moe_decode",
+    "moe_decode_experts_forward",
 ]

@@ -1,0 +1,373 @@
+"""Routed SwiGLU experts for decode-sized batches: a Triton "sorted token blocks" fused-MoE kernel.
+
+At decode each of Step-3's 48 experts sees a handful of token rows (~4 at batch 64, ~16 at batch 256), so an
+expert layer is a memory-bound stream of ~10.6 GB of weights, and the job is to read every hit expert's weights
+once, at close to HBM bandwidth. The (token, k) pairs are sorted by expert and each expert's rows padded to a
+multiple of `BLOCK_M`; one program multiplies one block of an expert's rows by one `BLOCK_N` slice of that expert's
+weights, so in the common case (an expert's rows fit one block) every weight byte is read exactly once.
+
+- Alignment (`align_pairs_to_blocks`): torch ops only, with no host synchronisation (no `.item()`, `nonzero` or
+  `bincount`), so the whole path can be captured in a CUDA graph. Its arrays have static upper-bound lengths; padding
+  slots hold a sentinel pair id and blocks past the last expert's a sentinel expert id (those programs exit at once).
+- Kernel 1: `gate_up_proj[e]` `[2I, H]` against the block's rows, gate and up halves in two fp32 accumulators,
+  writing `act(gate) * up` in the weight dtype to an `[S, I]` buffer at each pair's index.
+- Kernel 2: `down_proj[e]` `[H, I]` against that buffer, scaled by each pair's routing weight, fp32 `[S, H]`; the
+  top-k partial outputs of each token are then summed in fp32.
+
+`moe_decode_experts_forward` is the transformers experts function registered as `experts_implementation=
+"moe_decode"`: it runs the kernel for inference calls with up to `MAX_MOE_DECODE_TOKENS` tokens and hands every
+other call (training, long prefill, CPU without the interpreter) to transformers' `grouped_mm_experts_forward`.
+With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors (the tests do this).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.utils import logging
+
+from .decode_attention import interpreter_enabled, kernel_available, tl, triton, triton_jit
+
+__all__ = [
+    "MAX_MOE_DECODE_TOKENS",
+    "MOE_DECODE_EXPERTS",
+    "align_pairs_to_blocks",
+    "default_block_m",
+    "moe_decode",
+    "moe_decode_experts_forward",
+    "register_moe_decode",
+]
+
+logger = logging.get_logger(__name__)
+
+MOE_DECODE_EXPERTS = "moe_decode"
+# Tokens per call up to which the experts function takes the kernel; above it the call is a prefill, where
+# `grouped_mm`'s large tiles are the right tool.
+MAX_MOE_DECODE_TOKENS = 512
+# transformers' activation names that the kernel computes (SiLU, as Step-3's `hidden_act`).
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton_jit
+def _gate_up_swiglu(
+    X, W, SORTED_PAIR, BLOCK_EXPERT, INTER,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_is, stride_in,
+    num_pairs, num_experts, hidden, inter, top_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up)."""
+    pid_n = tl.program_id(0)
+    block = tl.program_id(1)
+    expert = tl.load(BLOCK_EXPERT + block)
+    if expert >= num_experts:  # a block past the last expert's rows: no work
+        return
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED_PAIR + offs_m)
+    row_ok = pair < num_pairs  # padding slots hold the sentinel `num_pairs`
+    token = tl.where(row_ok, pair // top_k, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = X + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    # Gate rows [n-slice] and up rows [I + n-slice] of gate_up_proj[e] ([2I, H], K-contiguous): [BLOCK_N, BLOCK_K]
+    # tiles, multiplied transposed.
+    gate_ptrs = W + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    up_ptrs = gate_ptrs + inter * stride_wn
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, tl.cdiv(hidden, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=n_ok[:, None], other=0.0)
+            w_up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < hidden - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w_up = tl.load(up_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:  # exact float32 products (the interpreter's bf16 dot is wrong, seen with Triton 3.8)
+            x = x.to(tl.float32)
+            acc_gate += tl.dot(x, tl.trans(w_gate.to(tl.float32)), input_precision="ieee")
+            acc_up += tl.dot(x, tl.trans(w_up.to(tl.float32)), input_precision="ieee")
+        else:
+            acc_gate += tl.dot(x, tl.trans(w_gate))
+            acc_up += tl.dot(x, tl.trans(w_up))
+        x_ptrs += BLOCK_K * stride_xh
+        gate_ptrs += BLOCK_K * stride_wk
+        up_ptrs += BLOCK_K * stride_wk
+
+    activated = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU(gate) * up
+    out_ptrs = INTER + pair[:, None] * stride_is + offs_n[None, :] * stride_in
+    tl.store(out_ptrs, activated.to(INTER.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton_jit
+def _down_weighted(
+    INTER, W, SORTED_PAIR, BLOCK_EXPERT, ROUTING, OUT,
+    stride_is, stride_in, stride_we, stride_wn, stride_wk, stride_os, stride_oh,
+    num_pairs, num_experts, hidden, inter,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights."""
+    pid_n = tl.program_id(0)
+    block = tl.program_id(1)
+    expert = tl.load(BLOCK_EXPERT + block)
+    if expert >= num_experts:
+        return
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SORTED_PAIR + offs_m)
+    row_ok = pair < num_pairs
+    safe_pair = tl.where(row_ok, pair, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = INTER + safe_pair[:, None] * stride_is + offs_k[None, :] * stride_in
+    w_ptrs = W + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, tl.cdiv(inter, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < inter - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w))
+        a_ptrs += BLOCK_K * stride_in
+        w_ptrs += BLOCK_K * stride_wk
+
+    routing = tl.load(ROUTING + safe_pair, mask=row_ok, other=0.0).to(tl.float32)
+    out_ptrs = OUT + pair[:, None] * stride_os + offs_n[None, :] * stride_oh
+    tl.store(out_ptrs, acc * routing[:, None], mask=row_ok[:, None] & n_ok[None, :])
+
+
+def default_block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per block: the average rows per expert rounded up to a power of two, within [16, 64] (tensor-core tiles
+    need 16 rows), so that in the common case one block holds all of an expert's rows and its weights are read once."""
+    average = -(-num_pairs // num_experts)
+    return min(64, max(16, triton.next_power_of_2(average)))
+
+
+def align_pairs_to_blocks(
+    expert_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the flattened (token, k) pairs by expert into blocks of `block_m` rows, without host synchronisation.
+
+    Args:
+        expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`.
+
+    Returns:
+        `sorted_pair_ids` `[num_blocks * block_m]` int32: each expert's pairs, its rows padded to a multiple of
+        `block_m` with the sentinel `S`; `block_expert` `[num_blocks]` int32: the expert of each block, `E` for
+        blocks past the last expert's rows. `num_blocks` is a static upper bound, `min(S, (S + min(E, S) *
+        (block_m - 1)) // block_m)`, so the shapes depend on `S` only (and graphs can be captured).
+    """
+    num_pairs = expert_ids.numel()
+    device = expert_ids.device
+    nonempty = min(num_experts, num_pairs)  # experts that can have rows
+    num_blocks = min(num_pairs, (num_pairs + nonempty * (block_m - 1)) // block_m)
+
+    expert_ids = expert_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+    blocks_per_expert = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks_per_expert, 0)
+    padded_start = (block_end - blocks_per_expert) * block_m  # first padded row of each expert
+    start = torch.cumsum(counts, 0) - counts  # first row of each expert without padding
+
+    sorted_experts, order = torch.sort(expert_ids, stable=True)
+    rank = torch.arange(num_pairs, device=device) - start[sorted_experts]  # row of each pair within its expert
+    sorted_pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pair_ids[padded_start[sorted_experts] + rank] = order.to(torch.int32)
+    blocks = torch.arange(num_blocks, device=device)
+    block_expert = torch.searchsorted(block_end, blocks, right=True).to(torch.int32)  # E past the last expert
+    return sorted_pair_ids, block_expert
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"moe_decode computes SiLU-gated experts ({SUPPORTED_ACTIVATIONS}), not `{activation}`")
+
+
+def moe_decode(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    activation: str = "silu",
+    block_m: int | None = None,
+    block_n: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """`sum_k w[t, k] * down[e] @ (act(gate[e] @ x_t) * (up[e] @ x_t))` with `e = top_k_index[t, k]`, per token.
+
+    Args:
+        hidden_states: `[T, H]` tokens.
+        top_k_index: `[T, top_k]` integer expert of each choice, in `[0, E)`.
+        top_k_weights: `[T, top_k]` routing weights.
+        gate_up_proj: `[E, 2I, H]`, the gate rows first (transformers' concatenated, untransposed layout).
+        down_proj: `[E, H, I]`.
+        activation: the gate's activation, a transformers name; SiLU only.
+        block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block, default from
+            the rows per expert; output columns and reduction depth per program; warps; pipelining depth).
+
+    Returns:
+        `[T, H]` in `hidden_states`' dtype (products in fp32, the intermediate activation in the weights' dtype).
+    """
+    if triton is None:
+        raise RuntimeError("moe_decode needs Triton (`pip install triton`)")
+    if not kernel_available(hidden_states.device):
+        raise RuntimeError(
+            f"moe_decode runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {hidden_states.device}"
+        )
+    _check_activation(activation)
+    if hidden_states.ndim != 2 or gate_up_proj.ndim != 3 or down_proj.ndim != 3:
+        raise ValueError(
+            f"expected hidden_states [T, H], gate_up_proj [E, 2I, H] and down_proj [E, H, I]; got "
+            f"{tuple(hidden_states.shape)}, {tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}"
+        )
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter = two_inter // 2
+    if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} do not fit hidden size "
+            f"{hidden}: expected [E, 2I, {hidden}] and [E, {hidden}, I]"
+        )
+    if top_k_index.ndim != 2 or top_k_index.shape[0] != num_tokens or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} must both be "
+            f"[{num_tokens}, top_k]"
+        )
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
+    if len(dtypes) != 1 or hidden_states.dtype not in _DTYPES:
+        raise ValueError(f"hidden_states and expert weights must share one of {_DTYPES}, got {sorted(map(str, dtypes))}")
+    for name, tensor in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
+                         ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):  # fmt: skip
+        if tensor.device != hidden_states.device:  # the kernel would read another device's memory
+            raise ValueError(f"`{name}` is on {tensor.device} but `hidden_states` is on {hidden_states.device}")
+    if block_m is None:
+        block_m = default_block_m(top_k_index.numel(), num_experts)
+    return torch.ops.step3_hf.moe_decode(
+        hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj,
+        block_m, block_n, block_k, num_warps, num_stages,
+    )  # fmt: skip
+
+
+# A custom op, so that compiled callers keep the kernels inside their graph instead of breaking it.
+@torch.library.custom_op("step3_hf::moe_decode", mutates_args=())
+def _moe_decode_op(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """The alignment and the two launches behind `moe_decode`, on arguments it has checked."""
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter = two_inter // 2
+    top_k = top_k_index.shape[1]
+    num_pairs = num_tokens * top_k
+    device = hidden_states.device
+    out = torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
+    if num_pairs == 0:
+        return out
+    sorted_pair_ids, block_expert = align_pairs_to_blocks(top_k_index.reshape(-1), num_experts, block_m)
+    num_blocks = block_expert.numel()
+    dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
+    launch = dict(num_warps=num_warps, num_stages=num_stages)
+
+    activated = torch.empty(num_pairs, inter, dtype=gate_up_proj.dtype, device=device)
+    _gate_up_swiglu[(triton.cdiv(inter, block_n), num_blocks)](
+        hidden_states, gate_up_proj, sorted_pair_ids, block_expert, activated,
+        *hidden_states.stride(), *gate_up_proj.stride(), *activated.stride(),
+        num_pairs, num_experts, hidden, inter, top_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, DOT_F32=dot_f32, **launch,
+    )  # fmt: skip
+    routing = top_k_weights.reshape(-1)
+    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
+    _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
+        activated, down_proj, sorted_pair_ids, block_expert, routing, partial,
+        *activated.stride(), *down_proj.stride(), *partial.stride(),
+        num_pairs, num_experts, hidden, inter,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, DOT_F32=dot_f32, **launch,
+    )  # fmt: skip
+    out.copy_(partial.view(num_tokens, top_k, hidden).sum(1))  # fp32 sum over the choices, then one rounding
+    return out
+
+
+@_moe_decode_op.register_fake
+def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, block_m, block_n, block_k, num_warps,
+      num_stages):  # fmt: skip
+    return torch.empty_like(hidden_states)
+
+
+def _layout_unsupported(experts: torch.nn.Module) -> str | None:
+    """Why the kernel cannot compute this experts module (a property of the model, not of the call), or None."""
+    activation = getattr(experts.config, "hidden_act", None)
+    if activation not in SUPPORTED_ACTIVATIONS:
+        return f"activation `{activation}` (the kernel computes {SUPPORTED_ACTIVATIONS})"
+    layout = {
+        "has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+        "has_post_expert_norm": False,
+    }  # fmt: skip
+    for name, wanted in layout.items():
+        if getattr(experts, name, wanted) != wanted:  # transformers 5.17 lacks some of these flags
+            return f"`{name}={not wanted}`"
+    return None
+
+
+def _kernel_takes(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
+    """Whether this call goes to the kernel: an inference call of decode size, on a device the kernel runs on."""
+    weights = (experts.gate_up_proj, experts.down_proj)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *weights))
+    return (
+        kernel_available(hidden_states.device)
+        and not needs_grad
+        and hidden_states.shape[0] <= MAX_MOE_DECODE_TOKENS
+        and hidden_states.dtype in _DTYPES
+        and all(w.dtype == hidden_states.dtype for w in weights)
+        and not getattr(experts, "_is_expert_parallel", False)  # sentinel expert ids past E
+    )
+
+
+def moe_decode_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers experts function (`experts_implementation="moe_decode"`): the kernel for decode-sized inference
+    calls, `grouped_mm_experts_forward` for the rest (training, prefill beyond `MAX_MOE_DECODE_TOKENS` tokens, CPU
+    without the interpreter, layouts the kernel does not compute)."""
+    unsupported = _layout_unsupported(self)
+    if unsupported is not None:
+        logger.warning_once(f"moe_decode: experts with {unsupported} run through grouped_mm instead")
+    elif _kernel_takes(self, hidden_states, top_k_weights):
+        return moe_decode(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+            activation=self.config.hidden_act,
+        )  # fmt: skip
+    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register_moe_decode() -> None:
+    """Make `experts_implementation="moe_decode"` known to transformers (idempotent)."""
+    ALL_EXPERTS_FUNCTIONS.register(MOE_DECODE_EXPERTS, moe_decode_experts_forward)
