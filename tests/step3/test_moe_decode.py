@@ -1,0 +1,335 @@
+"""The fused-MoE decode kernel against a float64 loop over tokens and choices: on CPU through Triton's interpreter,
+and on CUDA; its transformers dispatcher (`experts_implementation="moe_decode"`) and its hand-offs to grouped_mm.
+
+`TRITON_INTERPRET=1` only takes effect if it is set before Triton is first imported, and other test modules import
+step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter,
+`test_cpu_cases_under_triton_interpreter` re-runs this file in a fresh interpreter-mode subprocess, and the kernel
+cases themselves run here only on CUDA.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from step3_hf import Step3Config
+from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, interpreter_enabled, moe_decode
+from step3_hf.modeling_step3 import Step3Experts, Step3ForCausalLM
+from step3_hf.tiny_checkpoint import TINY_CONFIG
+
+INTERPRETED = interpreter_enabled()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
+if INTERPRETED:
+    DEVICES = ["cpu"]
+else:
+    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
+# The module, which the package's `moe_decode` function shadows.
+moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_cpu_cases_under_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stdout[-4000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """float64, one (token, choice) at a time: `sum_k w * down @ (silu(gate @ x) * (up @ x))`."""
+    inter = down_proj.shape[-1]
+    out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for token in range(hidden.shape[0]):
+        x = hidden[token].double()
+        for k in range(top_k_index.shape[1]):
+            expert = int(top_k_index[token, k])
+            projected = gate_up_proj[expert].double() @ x
+            activated = F.silu(projected[:inter]) * projected[inter:]
+            out[token] += top_k_weights[token, k].double() * (down_proj[expert].double() @ activated)
+    return out
+
+
+def relative_error(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def skewed_routing(num_tokens, num_experts, top_k, generator):
+    """Expert 0 in every token (rows beyond one 16-row block), expert 1 in exactly one token, the last expert in
+    none, the other choices spread over the rest (repeated across tokens, distinct within a token)."""
+    index = torch.empty(num_tokens, top_k, dtype=torch.long)
+    for token in range(num_tokens):
+        rest = torch.randperm(num_experts - 3, generator=generator)[: top_k - 1] + 2
+        index[token] = torch.cat([torch.tensor([0]), rest])
+    index[num_tokens // 2, 1] = 1
+    return index
+
+
+def random_experts(num_tokens, hidden, inter, num_experts, top_k, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=generator) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, inter, generator=generator) * inter**-0.5
+    index = skewed_routing(num_tokens, num_experts, top_k, generator)
+    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1  # distinct, so mis-weighting shows
+    tensors = [t.to(device=device, dtype=dtype) for t in (x, weights, gate_up, down)]
+    return tensors[0], index.to(device), *tensors[1:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_m, block_k", [(None, 128), (16, 16)])
+def test_kernel_matches_float64_loop(device, dtype, block_m, block_k):
+    # 20 tokens x top-3 over 8 experts: expert 0 has 20 rows (crosses a 16-row block), expert 1 one row, expert 7
+    # none. hidden 48 with block_k 128 takes the masked reduction tail, with 16 the unmasked one; inter 24 is not a
+    # multiple of block_n.
+    x, index, weights, gate_up, down = random_experts(20, 48, 24, 8, 3, dtype, device, seed=1)
+    out = moe_decode(x, index, weights, gate_up, down, block_m=block_m, block_n=16, block_k=block_k)
+    ref = reference_experts(x, index, weights, gate_up, down)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_routing_weights_scale_each_choice(device):
+    # Doubling one choice's weight adds exactly that choice's contribution once more.
+    x, index, weights, gate_up, down = random_experts(4, 32, 16, 6, 2, torch.float32, device, seed=2)
+    base = moe_decode(x, index, weights, gate_up, down)
+    doubled = weights.clone()
+    doubled[:, 1] *= 2
+    only_second = moe_decode(x, index, weights * torch.tensor([0.0, 1.0], device=device), gate_up, down)
+    torch.testing.assert_close(moe_decode(x, index, doubled, gate_up, down), base + only_second)
+
+
+def test_alignment_sorts_every_pair_into_blocks_of_one_expert():
+    generator = torch.Generator().manual_seed(0)
+    expert_ids = skewed_routing(40, 8, 3, generator).reshape(-1)  # expert 0: 40 rows, expert 7: none
+    block_m = 16
+    sorted_pair_ids, block_expert = align_pairs_to_blocks(expert_ids, 8, block_m)
+    num_pairs = expert_ids.numel()
+    real = sorted_pair_ids[sorted_pair_ids < num_pairs].long()
+    assert sorted(real.tolist()) == list(range(num_pairs))  # each pair once, the rest is the sentinel
+    assert (sorted_pair_ids[sorted_pair_ids >= num_pairs] == num_pairs).all()
+    blocks = sorted_pair_ids.view(-1, block_m).long()
+    used = 0
+    for block, expert in zip(blocks, block_expert.tolist()):
+        pairs = block[block < num_pairs]
+        if expert == 8:  # past the last expert: nothing to do
+            assert pairs.numel() == 0
+            continue
+        used += 1
+        assert pairs.numel() > 0 and (expert_ids[pairs] == expert).all()
+    counts = torch.bincount(expert_ids, minlength=8)
+    assert used == int(((counts + block_m - 1) // block_m).sum())  # 40 rows of expert 0 take 3 blocks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_clear_errors(device):
+    x, index, weights, gate_up, down = random_experts(3, 32, 16, 4, 2, torch.float32, device, seed=3)
+    with pytest.raises(ValueError, match="SiLU"):
+        moe_decode(x, index, weights, gate_up, down, activation="gelu")
+    with pytest.raises(ValueError, match="do not fit hidden size"):
+        moe_decode(x, index, weights, gate_up, down[:, :16])
+    with pytest.raises(ValueError, match="must both be"):
+        moe_decode(x, index[:2], weights, gate_up, down)
+    with pytest.raises(ValueError, match="integer"):
+        moe_decode(x, index.float(), weights, gate_up, down)
+    with pytest.raises(ValueError, match="share one of"):
+        moe_decode(x.bfloat16(), index, weights, gate_up, down)
+
+
+def test_cpu_without_interpreter_is_refused():
+    if INTERPRETED:
+        pytest.skip("the interpreter runs CPU tensors")
+    x, index, weights, gate_up, down = random_experts(3, 32, 16, 4, 2, torch.float32, "cpu", seed=3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        moe_decode(x, index, weights, gate_up, down)
+
+
+@pytest.fixture
+def path_calls(monkeypatch):
+    """Counts the calls that reach the kernel and those handed to grouped_mm, so that a silent hand-off cannot
+    pass for the kernel."""
+    calls = {"kernel": 0, "grouped_mm": 0}
+    kernel, grouped = moe_decode_module.moe_decode, moe_decode_module.grouped_mm_experts_forward
+
+    def counted_kernel(*args, **kwargs):
+        calls["kernel"] += 1
+        return kernel(*args, **kwargs)
+
+    def counted_grouped(*args, **kwargs):
+        calls["grouped_mm"] += 1
+        return grouped(*args, **kwargs)
+
+    monkeypatch.setattr(moe_decode_module, "moe_decode", counted_kernel)
+    monkeypatch.setattr(moe_decode_module, "grouped_mm_experts_forward", counted_grouped)
+    return calls
+
+
+def tiny_experts(device):
+    config = Step3Config(**TINY_CONFIG)
+    config._experts_implementation = MOE_DECODE_EXPERTS
+    experts = Step3Experts(config).to(device)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.2)
+        experts.down_proj.normal_(std=0.2)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, config.hidden_size, generator=generator).to(device)
+    index = skewed_routing(6, config.moe_num_experts, config.moe_top_k, generator).to(device)
+    weights = torch.rand(6, config.moe_top_k, generator=generator).to(device)
+    return experts, x, index, weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, path", [("no_grad", "kernel"), ("grad", "grouped_mm"), ("many_tokens", "grouped_mm")])
+def test_dispatcher_takes_the_kernel_for_decode_inference_only(device, case, path, path_calls, monkeypatch):
+    experts, x, index, weights = tiny_experts(device)
+    if case == "many_tokens":
+        monkeypatch.setattr(moe_decode_module, "MAX_MOE_DECODE_TOKENS", x.shape[0] - 1)
+    with torch.set_grad_enabled(case == "grad"):
+        out = experts(x, index, weights)
+    reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    assert path_calls == {"kernel": int(path == "kernel"), "grouped_mm": int(path == "grouped_mm")}
+    assert out.requires_grad == (case == "grad")
+    assert relative_error(out.detach(), reference) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatcher_hands_unsupported_activations_to_grouped_mm(device, path_calls):
+    # Step3Config only accepts SiLU; a config changed after validation stands for another model's experts.
+    experts, x, index, weights = tiny_experts(device)
+    experts.config.hidden_act = "gelu"
+    with torch.no_grad():
+        out = experts(x, index, weights)
+        config = experts.config
+        config._experts_implementation = "eager"
+        reference = experts(x, index, weights)
+    assert path_calls == {"kernel": 0, "grouped_mm": 1}
+    torch.testing.assert_close(out, reference)
+
+
+def test_step3_defaults_to_moe_decode_where_the_kernel_is_preferred(monkeypatch):
+    from step3_hf import modeling_step3
+
+    config = Step3Config(**TINY_CONFIG)
+    assert Step3ForCausalLM(config).config._experts_implementation == "grouped_mm"  # no CUDA here
+    monkeypatch.setattr(modeling_step3, "decode_kernel_preferred", lambda: True)
+    assert Step3ForCausalLM(Step3Config(**TINY_CONFIG)).config._experts_implementation == MOE_DECODE_EXPERTS
+    for requested in ("grouped_mm", "eager"):
+        config = Step3Config(**TINY_CONFIG)
+        config._experts_implementation = requested
+        assert Step3ForCausalLM(config).config._experts_implementation == requested
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from step3_hf.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("moe_decode"), seed=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_matches_grouped_mm(checkpoint, device, path_calls):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 17, 33, 90, 4, 5], [1, 8, 9, 10, 77, 200]], device=device)
+    outputs = {}
+    for experts in (MOE_DECODE_EXPERTS, "grouped_mm"):
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, attn_implementation="sdpa", experts_implementation=experts, dtype=torch.float32
+        )
+        model = model.to(device).eval()
+        with torch.no_grad():  # larger weights, so that greedy continuations vary from token to token
+            for p in model.parameters():
+                if p.ndim > 1:
+                    p.mul_(4.0)
+        outputs[experts] = model.generate(
+            ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        )
+    assert path_calls["kernel"] > 0  # prefill and every decode step of both MoE layers
+    ours, theirs = outputs[MOE_DECODE_EXPERTS], outputs["grouped_mm"]
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=1e-4, atol=1e-4)
+
+
+# Step-3's released widths on the GPU: 7168 hidden, 5120 per expert, 48 experts, top-3.
+STEP3_WIDTHS = dict(hidden=7168, inter=5120, num_experts=48, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def step3_expert_weights():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden, inter, num_experts = STEP3_WIDTHS["hidden"], STEP3_WIDTHS["inter"], STEP3_WIDTHS["num_experts"]
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
+    down = torch.randn(num_experts, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=generator)
+    return gate_up.mul_(hidden**-0.5), down.mul_(inter**-0.5)
+
+
+def random_decode_batch(batch, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, STEP3_WIDTHS["hidden"], device="cuda", generator=generator).bfloat16()
+    logits = torch.randn(batch, STEP3_WIDTHS["num_experts"], device="cuda", generator=generator)
+    weights, index = logits.softmax(-1).topk(STEP3_WIDTHS["top_k"], dim=-1)
+    return x, index, weights.bfloat16()
+
+
+def reference_by_expert(x, index, weights, gate_up, down):
+    """float64 per expert (the per-token loop is too slow at these widths), on the GPU."""
+    inter = down.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for expert in range(gate_up.shape[0]):
+        token, k = torch.where(index == expert)
+        if token.numel() == 0:
+            continue
+        projected = x[token].double() @ gate_up[expert].double().T
+        activated = F.silu(projected[:, :inter]) * projected[:, inter:]
+        out.index_add_(0, token, weights[token, k, None].double() * (activated @ down[expert].double().T))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_step3_widths_match_float64_on_gpu(batch, step3_expert_weights):
+    gate_up, down = step3_expert_weights
+    x, index, weights = random_decode_batch(batch, seed=batch)
+    out = moe_decode(x, index, weights, gate_up, down)
+    assert relative_error(out, reference_by_expert(x, index, weights, gate_up, down)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_capture_without_host_syncs(step3_expert_weights):
+    gate_up, down = step3_expert_weights
+    x, index, weights = random_decode_batch(64, seed=1)
+    with torch.no_grad():
+        moe_decode(x, index, weights, gate_up, down)  # warm-up: compilation may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                moe_decode(x, index, weights, gate_up, down)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = moe_decode(x, index, weights, gate_up, down)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        new_x, new_index, new_weights = random_decode_batch(64, seed=2)  # new routing, replayed
+        x.copy_(new_x), index.copy_(new_index), weights.copy_(new_weights)
+        graph.replay()
+        torch.cuda.synchronize()
+    reference = reference_by_expert(new_x, new_index, new_weights, gate_up, down)
+    assert relative_error(out, reference) < 1e-2
