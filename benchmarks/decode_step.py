@@ -6,7 +6,9 @@ bf16, random weights; one new token per sequence against a static cache prefille
 - stock: SDPA attention and the per-expert Python loop (`experts_implementation="eager"`);
 - SDPA attention with `grouped_mm` experts (transformers' default experts path);
 - ours: `mfa_decode` attention with `grouped_mm` experts, eager and replayed as a CUDA graph (only possible
-  because the path has no host synchronisation), and with the float8 cache.
+  because the path has no host synchronisation);
+- ours + moe_decode: `mfa_decode` attention with the `moe_decode` fused-MoE experts kernel, as a CUDA graph, with
+  the bf16 and the float8 cache.
 
 Roofline = (weights the step must read + KV cache bytes) / device-copy bandwidth measured in the same run; the
 weights read count each routed expert with the probability that at least one of the batch's tokens picks it.
@@ -32,7 +34,8 @@ VARIANTS = {
     "sdpa + grouped_mm": ("sdpa", "grouped_mm", False, False),
     "ours (mfa_decode + grouped_mm)": ("mfa_decode", "grouped_mm", False, False),
     "ours, CUDA graph": ("mfa_decode", "grouped_mm", False, True),
-    "ours, fp8 cache, CUDA graph": ("mfa_decode", "grouped_mm", True, True),
+    "ours + moe_decode, CUDA graph": ("mfa_decode", "moe_decode", False, True),
+    "ours, fp8 cache, CUDA graph": ("mfa_decode", "moe_decode", True, True),  # with the fastest experts path
 }
 
 

@@ -63,6 +63,7 @@ def _gate_up_swiglu(
     expert = tl.load(BLOCK_EXPERT + block)
     if expert >= num_experts:  # a block past the last expert's rows: no work
         return
+    expert = expert.to(tl.int64)  # expert * stride exceeds int32 at Step-3 widths (48 x 2 x 5120 x 7168)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(SORTED_PAIR + offs_m)
     row_ok = pair < num_pairs  # padding slots hold the sentinel `num_pairs`
@@ -118,6 +119,7 @@ def _down_weighted(
     expert = tl.load(BLOCK_EXPERT + block)
     if expert >= num_experts:
         return
+    expert = expert.to(tl.int64)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(SORTED_PAIR + offs_m)
     row_ok = pair < num_pairs

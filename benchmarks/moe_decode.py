@@ -1,0 +1,165 @@
+"""One Step-3 MoE layer's routed experts at decode: how close do the expert weights stream to the HBM bandwidth?
+
+`Step3Experts` at the released widths (7168 hidden, 48 experts of 5120, top-3; 10.6 GB of bf16 weights), random
+weights, a fresh softmax top-3 routing of random logits per timed call (4 routings cycled). Variants, each through
+transformers' experts interface:
+
+- eager: the per-expert Python loop (host-synchronising: timed eagerly);
+- batched_mm: one gathered weight copy per (token, choice) pair (runs out of memory at large batches);
+- grouped_mm: transformers' default experts path (`torch._grouped_mm`);
+- ours: `experts_implementation="moe_decode"`, the Triton sorted-token-block kernel.
+
+The last three are replayed as CUDA graphs. Bytes read = the weights of the experts the drawn routings hit
+(averaged over the routings); ceiling = those bytes / the device-copy bandwidth measured in the same run.
+
+    python benchmarks/moe_decode.py [--batches 1 16 64 256] [--sweep]
+
+`--sweep` first times the kernel's launch parameters (block sizes, warps, stages) at each batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+from decode_attention import copy_bandwidth, timed_per_call
+from decode_step import eager_seconds
+
+from step3_hf import Step3Config
+from step3_hf.kernels import MOE_DECODE_EXPERTS, moe_decode
+from step3_hf.kernels.moe_decode import default_block_m
+from step3_hf.modeling_step3 import Step3Experts
+
+# name -> (experts_implementation, replayed as a CUDA graph)
+VARIANTS = {
+    "eager loop": ("eager", False),
+    "batched_mm": ("batched_mm", True),
+    "grouped_mm": ("grouped_mm", True),
+    "ours (moe_decode)": (MOE_DECODE_EXPERTS, True),
+}
+ROUTINGS = 4
+
+
+def build_experts(config: Step3Config) -> Step3Experts:
+    experts = Step3Experts(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=config.hidden_size**-0.5)
+        experts.down_proj.normal_(std=config.moe_intermediate_size**-0.5)
+    return experts
+
+
+def draw_inputs(config: Step3Config, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(batch, config.hidden_size, device="cuda", generator=generator).bfloat16()
+    logits = torch.randn(batch, config.moe_num_experts, device="cuda", generator=generator)
+    weights, index = logits.softmax(-1).topk(config.moe_top_k, dim=-1)
+    return hidden, index, weights.bfloat16()
+
+
+def weight_bytes(experts: Step3Experts, index: torch.Tensor) -> float:
+    """Bytes of the experts this routing hits (each read once at best)."""
+    per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
+    return index.unique().numel() * per_expert
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float) -> None:
+    """Times the kernel's launch parameters at each batch (rows per block: the default and twice it); prints the
+    fastest few."""
+    for batch in batches:
+        inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
+        read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS
+        default_m = default_block_m(batch * config.moe_top_k, config.moe_num_experts)
+        results = []
+        for block_m, block_n, block_k, warps, stages in itertools.product(
+            sorted({default_m, min(64, 2 * default_m)}), (32, 64, 128), (64, 128, 256), (4, 8), (3, 4)
+        ):
+            params = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+
+            def call(hidden, index, weights, params=params):
+                return moe_decode(hidden, index, weights, experts.gate_up_proj, experts.down_proj, **params)
+
+            try:
+                with torch.no_grad():
+                    seconds = timed_per_call(call, inputs)
+            except Exception as err:  # e.g. out of shared memory: skip that point
+                print(f"  sweep B={batch} {params}: {type(err).__name__}", flush=True)
+                continue
+            results.append((seconds, params))
+        results.sort(key=lambda r: r[0])
+        for seconds, params in results[:5]:
+            print(f"  sweep B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
+        print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters first")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("moe_decode.py needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    bandwidth = copy_bandwidth()
+    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    config = Step3Config()
+    experts = build_experts(config)
+    print(f"experts: {config.moe_num_experts} x (2 x {config.moe_intermediate_size} x {config.hidden_size} + "
+          f"{config.hidden_size} x {config.moe_intermediate_size}), top-{config.moe_top_k}, bf16", flush=True)  # fmt: skip
+    if args.sweep:
+        sweep(experts, config, args.batches, bandwidth)
+
+    rows = []
+    for batch in args.batches:
+        inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
+        read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS
+        row = {"batch": batch, "bytes": read}
+        with torch.no_grad():
+            config._experts_implementation = "grouped_mm"
+            reference = experts(*inputs[0])
+            for name in args.variants:
+                implementation, graph = VARIANTS[name]
+                config._experts_implementation = implementation
+                try:
+                    error = relative_error(experts(*inputs[0]), reference)
+                    if graph:
+                        seconds = timed_per_call(experts, inputs)
+                    else:
+                        seconds = sum(eager_seconds(lambda args=args: experts(*args)) for args in inputs) / ROUTINGS
+                    row[name] = (seconds, error)
+                except Exception as err:  # e.g. batched_mm out of memory: report, keep measuring the others
+                    row[name] = f"{type(err).__name__}: {str(err)[:60]}"
+                print(f"  B={batch} {name}: {row[name]}", flush=True)
+                torch.cuda.empty_cache()
+        rows.append(row)
+
+    print(f"\nRouted experts of one Step-3 MoE layer at decode, bf16; us per call (effective TB/s of the hit experts' "
+          f"weights); ceiling = bytes / {bandwidth / 1e12:.2f} TB/s device copy\n")  # fmt: skip
+    print("| batch | weights read (GB) | " + " | ".join(args.variants) + " | ceiling | ours / ceiling |")
+    print("|---" * (4 + len(args.variants)) + "|")
+    for row in rows:
+        cells = []
+        for name in args.variants:
+            value = row[name]
+            if isinstance(value, str):
+                cells.append(value)
+            else:
+                cells.append(f"{value[0] * 1e6:,.0f} ({row['bytes'] / value[0] / 1e12:.2f})")
+        ceiling = row["bytes"] / bandwidth
+        ours = row.get("ours (moe_decode)")
+        ratio = f"{ours[0] / ceiling:.2f}x" if isinstance(ours, tuple) else "n/a"
+        print(f"| {row['batch']} | {row['bytes'] / 1e9:.2f} | " + " | ".join(cells)
+              + f" | {ceiling * 1e6:,.0f} | {ratio} |")  # fmt: skip
+    print("\nrelative error vs grouped_mm (routing 0): " + "; ".join(
+        f"B={row['batch']} " + ", ".join(f"{n} {row[n][1]:.1e}" for n in args.variants if isinstance(row[n], tuple))
+        for row in rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
