@@ -257,7 +257,9 @@ def moe_decode(
         raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
     dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
     if len(dtypes) != 1 or hidden_states.dtype not in _DTYPES:
-        raise ValueError(f"hidden_states and expert weights must share one of {_DTYPES}, got {sorted(map(str, dtypes))}")
+        raise ValueError(
+            f"hidden_states and expert weights must share one of {_DTYPES}, got {sorted(map(str, dtypes))}"
+        )
     for name, tensor in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
                          ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):  # fmt: skip
         if tensor.device != hidden_states.device:  # the kernel would read another device's memory
