@@ -315,20 +315,23 @@ def test_cuda_graph_capture_without_host_syncs(step3_expert_weights):
     with torch.no_grad():
         moe_decode(x, index, weights, gate_up, down)  # warm-up: compilation may synchronise
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in the call raises
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                moe_decode(x, index, weights, gate_up, down)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = moe_decode(x, index, weights, gate_up, down)
+            moe_decode(x, index, weights, gate_up, down)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        new_x, new_index, new_weights = random_decode_batch(64, seed=2)  # new routing, replayed
-        x.copy_(new_x), index.copy_(new_index), weights.copy_(new_weights)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            moe_decode(x, index, weights, gate_up, down)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe_decode(x, index, weights, gate_up, down)
+        new_x, new_index, new_weights = random_decode_batch(64, seed=2)  # another routing, replayed
+        x.copy_(new_x)
+        index.copy_(new_index)
+        weights.copy_(new_weights)
         graph.replay()
         torch.cuda.synchronize()
     reference = reference_by_expert(new_x, new_index, new_weights, gate_up, down)
