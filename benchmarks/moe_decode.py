@@ -77,7 +77,7 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         default_m = default_block_m(batch * config.moe_top_k, config.moe_num_experts)
         results = []
         for block_m, block_n, block_k, warps, stages in itertools.product(
-            (default_m,), (32, 64, 128), (64, 128, 256), (4, 8), (3, 4)
+            (default_m,), (32, 64, 128), (128, 256), (4, 8), (3, 4)
         ):
             params = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
 
