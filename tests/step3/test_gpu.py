@@ -139,6 +139,7 @@ def test_compiled_generation_with_the_float8_cache_matches_eager(tmp_path):
             ids, attention_mask=(ids != 0).long(), max_new_tokens=12, do_sample=False, pad_token_id=0,
             output_logits=True, return_dict_in_generate=True, disable_compile=not compiled, **{_CACHE_NAME: cache},
         )  # fmt: skip
-    # Compiled and eager bf16 states round differently, and e4m3 rounding of the cache can amplify that (4.1e-2 seen
-    # on the H200, against ~2e-2 with a bf16 cache).
-    assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False], rtol=0.1)
+    # Compiled and eager bf16 states round differently, and e4m3 rounding of the cache and of the query amplifies
+    # that as the cache fills (on the H200: 4.1e-2 at the first step, 0.12 by the seventh, against ~2e-2 with a bf16
+    # cache). A cache update lost or misplaced in the compiled graph gives errors of order 1.
+    assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False], rtol=0.25)

@@ -152,10 +152,12 @@ def _down_weighted(
 
 
 def default_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: the average rows per expert rounded up to a power of two, within [16, 64] (tensor-core tiles
-    need 16 rows), so that in the common case one block holds all of an expert's rows and its weights are read once."""
+    """Rows per block: twice the average rows per expert, rounded up to a power of two, within [16, 64] (tensor-core
+    tiles need 16 rows), so that in the common case one block holds all of an expert's rows and its weights are read
+    once. (At the average itself, batch 256 on the H200: 1.30x the weight-read time instead of 0.99x at batch 64, as
+    the busier half of the experts took two blocks.)"""
     average = -(-num_pairs // num_experts)
-    return min(64, max(16, triton.next_power_of_2(average)))
+    return min(64, max(16, triton.next_power_of_2(2 * average)))
 
 
 def align_pairs_to_blocks(
