@@ -531,9 +531,10 @@ def _share_of_step_tokens(
 
 
 class Step3VocabProjection(nn.Linear):
-    """The LM head. Step-3's vocabulary (128815) is odd, and cuBLAS has no fast kernel for logit rows of that length
-    (on the H200 it fell back to a Turing-era kernel: 4.9 ms of a 15.7 ms decode step at batch 256). Inference writes
-    the logits into rows padded to a multiple of 8 elements and returns the `[..., vocab]` view of them."""
+    """The LM head. Step-3's vocabulary (128815) is odd, and cuBLAS has no fast kernel for a product of that width
+    (on the H200 it fell back to a Turing-era kernel: 4.9 ms of a 15.7 ms decode step at batch 256). Inference
+    multiplies the first `vocab // 8 * 8` rows of the weight and the last few separately, into logit rows padded to
+    a multiple of 8 elements, and returns the `[..., vocab]` view of them."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         vocab = self.out_features
@@ -543,7 +544,9 @@ class Step3VocabProjection(nn.Linear):
             return super().forward(hidden_states)
         tokens = hidden_states.reshape(-1, self.in_features)
         rows = tokens.new_empty(tokens.shape[0], vocab + (-vocab) % 8)[:, :vocab]
-        torch.mm(tokens, self.weight.t(), out=rows)
+        aligned = vocab // 8 * 8
+        torch.mm(tokens, self.weight[:aligned].t(), out=rows[:, :aligned])
+        torch.mm(tokens, self.weight[aligned:].t(), out=rows[:, aligned:])
         return rows.view(*hidden_states.shape[:-1], vocab)
 
 
