@@ -54,13 +54,28 @@ def triton_jit(fn):
 
 
 def kernel_available(device: torch.device | str) -> bool:
-    """Whether `decode_attention` can run on tensors of `device`: Triton on CUDA, or its interpreter on CPU."""
+    """Whether this package's Triton kernels can run on tensors of `device`: Triton on CUDA, or its interpreter on
+    CPU."""
     if triton is None:
         return False
     device = torch.device(device)
     if device.type == "cuda":
         return not interpreter_enabled()
     return device.type == "cpu" and interpreter_enabled()
+
+
+def check_kernel_inputs(op: str, name: str, tensor: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
+    """Clear errors before `op`'s kernels launch: Triton missing, a device they do not run on, or one of `others`
+    (None: absent) on another device than `tensor` (`name`), whose memory the kernels would read as their own."""
+    if triton is None:
+        raise RuntimeError(f"{op} needs Triton (`pip install triton`)")
+    if not kernel_available(tensor.device):
+        raise RuntimeError(
+            f"{op} runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {tensor.device}"
+        )
+    for other_name, other in others.items():
+        if other is not None and other.device != tensor.device:
+            raise ValueError(f"`{other_name}` is on {other.device} but `{name}` is on {tensor.device}")
 
 
 @triton_jit
@@ -371,12 +386,9 @@ def decode_attention(
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default).
     """
-    if triton is None:
-        raise RuntimeError("decode_attention needs Triton (`pip install triton`)")
-    if not kernel_available(query.device):
-        raise RuntimeError(
-            f"decode_attention runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {query.device}"
-        )
+    others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
+              "value_scale": value_scale}  # fmt: skip
+    check_kernel_inputs("decode_attention", "query", query, others)
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(f"query/key/value must be 4-D [B, H, S, D], got {query.shape}, {key.shape}, {value.shape}")
     batch, num_heads, q_len, head_dim = query.shape
@@ -402,11 +414,6 @@ def decode_attention(
         raise ValueError(f"query dtype {query.dtype} differs from the cache's {key.dtype}")
     if attention_mask is not None and kv_lengths is not None:
         raise ValueError("pass either `attention_mask` or `kv_lengths`, not both")
-    others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
-              "value_scale": value_scale}  # fmt: skip
-    for name, tensor in others.items():
-        if tensor is not None and tensor.device != query.device:  # the kernel would read another device's memory
-            raise ValueError(f"`{name}` is on {tensor.device} but `query` is on {query.device}")
     if kv_lengths is not None and kv_lengths.shape != (batch,):
         raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
     group = num_heads // num_kv_heads

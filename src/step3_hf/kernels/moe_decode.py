@@ -26,7 +26,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
-from .decode_attention import interpreter_enabled, kernel_available, tl, triton, triton_jit
+from .decode_attention import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
 
 __all__ = [
     "MAX_MOE_DECODE_TOKENS",
@@ -230,12 +230,9 @@ def moe_decode(
     Returns:
         `[T, H]` in `hidden_states`' dtype (products in fp32, the intermediate activation in the weights' dtype).
     """
-    if triton is None:
-        raise RuntimeError("moe_decode needs Triton (`pip install triton`)")
-    if not kernel_available(hidden_states.device):
-        raise RuntimeError(
-            f"moe_decode runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {hidden_states.device}"
-        )
+    others = {"top_k_index": top_k_index, "top_k_weights": top_k_weights, "gate_up_proj": gate_up_proj,
+              "down_proj": down_proj}  # fmt: skip
+    check_kernel_inputs("moe_decode", "hidden_states", hidden_states, others)
     _check_activation(activation)
     if hidden_states.ndim != 2 or gate_up_proj.ndim != 3 or down_proj.ndim != 3:
         raise ValueError(
@@ -262,10 +259,6 @@ def moe_decode(
         raise ValueError(
             f"hidden_states and expert weights must share one of {_DTYPES}, got {sorted(map(str, dtypes))}"
         )
-    for name, tensor in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
-                         ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):  # fmt: skip
-        if tensor.device != hidden_states.device:  # the kernel would read another device's memory
-            raise ValueError(f"`{name}` is on {tensor.device} but `hidden_states` is on {hidden_states.device}")
     if block_m is None:
         block_m = default_block_m(top_k_index.numel(), num_experts)
     return torch.ops.step3_hf.moe_decode(
