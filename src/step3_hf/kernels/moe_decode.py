@@ -196,11 +196,6 @@ def align_pairs_to_blocks(
     return sorted_pair_ids, block_expert
 
 
-def _check_activation(activation: str) -> None:
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"moe_decode computes SiLU-gated experts ({SUPPORTED_ACTIVATIONS}), not `{activation}`")
-
-
 def moe_decode(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -233,7 +228,8 @@ def moe_decode(
     others = {"top_k_index": top_k_index, "top_k_weights": top_k_weights, "gate_up_proj": gate_up_proj,
               "down_proj": down_proj}  # fmt: skip
     check_kernel_inputs("moe_decode", "hidden_states", hidden_states, others)
-    _check_activation(activation)
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"moe_decode computes SiLU-gated experts ({SUPPORTED_ACTIVATIONS}), not `{activation}`")
     if hidden_states.ndim != 2 or gate_up_proj.ndim != 3 or down_proj.ndim != 3:
         raise ValueError(
             f"expected hidden_states [T, H], gate_up_proj [E, 2I, H] and down_proj [E, H, I]; got "
