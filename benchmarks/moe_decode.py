@@ -76,10 +76,8 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS
         default_m = default_block_m(batch * config.moe_top_k, config.moe_num_experts)
         results = []
-        for block_m, block_n, block_k, warps, stages in itertools.product(
-            (default_m,), (32, 64, 128), (128, 256), (4, 8), (3, 4)
-        ):
-            params = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+        for block_n, block_k, warps, stages in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4)):
+            params = dict(block_m=default_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
 
             def call(hidden, index, weights, params=params):
                 return moe_decode(hidden, index, weights, experts.gate_up_proj, experts.down_proj, **params)
