@@ -381,7 +381,8 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
     with_kernel = generate(cache)
     assert cache.layers[0].keys.dtype == torch.float8_e4m3fn
     assert len(kernel_calls) == 4 * 5
-    # The same float8 cache dequantised in memory and read by SDPA gives the same tokens and logits.
+    # The same float8 cache dequantised in memory and read by SDPA: the same tokens and logits where the kernel widens
+    # the cache to fp16, close logits where it also rounds the query and probabilities to e4m3.
     monkeypatch.setattr(transformers_attention, "MAX_DECODE_TOKENS", 0)
     dequantised = generate(Float8StaticCache(model.config, max_cache_len=ids.shape[1] + 6))
     assert len(kernel_calls) == 4 * 5
@@ -392,7 +393,7 @@ def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatc
     else:  # e4m3 query and probabilities: close, not equal (greedy tokens of a random model may then part ways)
         ours, theirs = with_kernel.logits[1].double(), dequantised.logits[1].double()
         assert 0 < ((ours - theirs).norm() / theirs.norm()).item() < 0.1
-    # And float8 rounding moves the first decode step's logits only a little from the bf16-free static cache.
+    # And float8 rounding moves the first decode step's logits only a little from those of the unquantised cache.
     full = generate(None)
     first_full, first_fp8 = full.logits[1].double(), with_kernel.logits[1].double()
     assert ((first_fp8 - first_full).norm() / first_full.norm()).item() < 0.15
