@@ -161,6 +161,7 @@ def _split_kv_attention(
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     if IS_FP8:
+        k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
         # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: the value scales go onto the probabilities' columns,
         # relative to the largest scale in this slice (read up front: 4 bytes per position, against 2 x D), so
         # that they stay within [0, 1]; e4m3 probabilities are also lifted by 256 out of its subnormal range.
@@ -183,7 +184,6 @@ def _split_kv_attention(
         else:
             scores = tl.dot(q, tl.trans(k.to(q.dtype)))
         if IS_FP8:
-            k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
             k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
             if FP8_MMA:
                 scores = scores * (q_scale[:, None] * k_scale[None, :])
