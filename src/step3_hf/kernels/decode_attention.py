@@ -384,7 +384,7 @@ def decode_attention(
         kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`), instead of a mask.
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
-            program, software-pipelining depth: 3 by default).
+            program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens).
     """
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
