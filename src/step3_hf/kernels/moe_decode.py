@@ -284,9 +284,8 @@ def _moe_decode_op(
     top_k = top_k_index.shape[1]
     num_pairs = num_tokens * top_k
     device = hidden_states.device
-    out = torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
     if num_pairs == 0:
-        return out
+        return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
     sorted_pair_ids, block_expert = align_pairs_to_blocks(top_k_index.reshape(-1), num_experts, block_m)
     num_blocks = block_expert.numel()
     dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
@@ -307,8 +306,7 @@ def _moe_decode_op(
         num_pairs, num_experts, hidden, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, DOT_F32=dot_f32, **launch,
     )  # fmt: skip
-    out.copy_(partial.view(num_tokens, top_k, hidden).sum(1))  # fp32 sum over the choices, then one rounding
-    return out
+    return partial.view(num_tokens, top_k, hidden).sum(1).to(hidden_states.dtype)  # fp32 sum, then one rounding
 
 
 @_moe_decode_op.register_fake
