@@ -1,48 +1,24 @@
 """Split-KV decode attention against a float64 reference: on CPU through Triton's interpreter, and on CUDA.
 
-`TRITON_INTERPRET=1` only takes effect if it is set before Triton is first imported, and other test modules import
-step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter,
-`test_cpu_cases_under_triton_interpreter` re-runs this file in a fresh interpreter-mode subprocess, and the cases
-themselves run here only on CUDA.
+The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
 """
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_cases import DEVICES, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
 
-from step3_hf.kernels import (
-    Float8StaticCache,
-    decode_attention,
-    interpreter_enabled,
-    quantize_float8,
-)
+from step3_hf.kernels import Float8StaticCache, decode_attention, quantize_float8
 
-INTERPRETED = interpreter_enabled()
-HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
-if INTERPRETED:
-    DEVICES = ["cpu"]
-else:
-    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
 # The module, which the package's `decode_attention` function shadows.
 decode_attention_module = importlib.import_module("step3_hf.kernels.decode_attention")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+@skip_if_interpreted
 def test_cpu_cases_under_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(result.stdout[-4000:])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    rerun_under_interpreter(__file__)
 
 
 def reference_attention(query, key, value, scale, allowed):
@@ -55,10 +31,6 @@ def reference_attention(query, key, value, scale, allowed):
     probs = torch.nan_to_num(scores.softmax(-1))  # a row with nothing allowed attends to nothing (output 0)
     return (probs @ value).transpose(1, 2)
 
-
-def relative_error(out, ref):
-    assert torch.isfinite(out).all()
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def random_case(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device, seed):

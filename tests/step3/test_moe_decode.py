@@ -1,48 +1,29 @@
 """The fused-MoE decode kernel against a float64 loop over tokens and choices: on CPU through Triton's interpreter,
 and on CUDA; its transformers dispatcher (`experts_implementation="moe_decode"`) and its hand-offs to grouped_mm.
 
-`TRITON_INTERPRET=1` only takes effect if it is set before Triton is first imported, and other test modules import
-step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter,
-`test_cpu_cases_under_triton_interpreter` re-runs this file in a fresh interpreter-mode subprocess, and the kernel
-cases themselves run here only on CUDA.
+The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
 """
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_cases import DEVICES, HAS_CUDA, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
 
 from step3_hf import Step3Config
-from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, interpreter_enabled, moe_decode
+from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, moe_decode
 from step3_hf.modeling_step3 import Step3Experts, Step3ForCausalLM
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
-INTERPRETED = interpreter_enabled()
-HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
-if INTERPRETED:
-    DEVICES = ["cpu"]
-else:
-    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
 # The module, which the package's `moe_decode` function shadows.
 moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+@skip_if_interpreted
 def test_cpu_cases_under_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(result.stdout[-4000:])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    rerun_under_interpreter(__file__)
 
 
 def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -58,10 +39,6 @@ def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_pro
             out[token] += top_k_weights[token, k].double() * (down_proj[expert].double() @ activated)
     return out
 
-
-def relative_error(out, ref):
-    assert torch.isfinite(out).all()
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def skewed_routing(num_tokens, num_experts, top_k, generator):
