@@ -177,7 +177,8 @@ def sweep(args) -> list[dict]:
         for fp8, call_args in cases.items():
             default = default_num_splits(batch, KV_HEADS, context, "cuda", float8=fp8)
             blocks, stages = ((64, 128), (2, 3, 4)) if fp8 else ((64,), (3,))
-            tiles = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in itertools.product(blocks, (4, 8), stages)]
+            grid = itertools.product(blocks, (4, 8), stages)
+            tiles = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in grid]
             timings = {}
             for tile in tiles:
                 timings[(tuple(tile.items()), default)] = time_launch(

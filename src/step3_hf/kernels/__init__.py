@@ -5,7 +5,7 @@ Importing this package registers `attn_implementation="mfa_decode"` and `experts
 transformers.
 """
 
-from .decode_attention import decode_attention, default_num_splits, interpreter_enabled, kernel_available
+from .decode_attention import decode_attention, default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
 from .moe_decode import (
     MAX_MOE_DECODE_TOKENS,
@@ -15,6 +15,7 @@ from .moe_decode import (
     moe_decode_experts_forward,
     register_moe_decode,
 )
+from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
     MAX_DECODE_TOKENS,
     MFA_DECODE_ATTENTION,

@@ -14,24 +14,12 @@ interpreter (the tests do this).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package works without Triton; only this kernel needs it
-    triton = None
-    tl = None
+from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
 
-__all__ = [
-    "decode_attention",
-    "default_num_splits",
-    "kernel_available",
-    "interpreter_enabled",
-    "kv_bounds_from_mask",
-]
+__all__ = ["decode_attention", "default_num_splits", "kv_bounds_from_mask"]
 
 # Partial results are float32; a split narrower than this many cache positions is not worth its merge traffic.
 _MIN_POSITIONS_PER_SPLIT = 512
@@ -41,41 +29,6 @@ _PROGRAMS_PER_SM = {False: 1, True: 2}
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 # Query rows (query heads per KV head x new tokens) that one program's tensor-core tile holds.
 MAX_QUERY_ROWS = 256
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_jit(fn):
-    """`triton.jit`, or the plain function where Triton is absent (the package imports without it)."""
-    return fn if triton is None else triton.jit(fn)
-
-
-def kernel_available(device: torch.device | str) -> bool:
-    """Whether this package's Triton kernels can run on tensors of `device`: Triton on CUDA, or its interpreter on
-    CPU."""
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return not interpreter_enabled()
-    return device.type == "cpu" and interpreter_enabled()
-
-
-def check_kernel_inputs(op: str, name: str, tensor: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
-    """Clear errors before `op`'s kernels launch: Triton missing, a device they do not run on, or one of `others`
-    (None: absent) on another device than `tensor` (`name`), whose memory the kernels would read as their own."""
-    if triton is None:
-        raise RuntimeError(f"{op} needs Triton (`pip install triton`)")
-    if not kernel_available(tensor.device):
-        raise RuntimeError(
-            f"{op} runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; got {tensor.device}"
-        )
-    for other_name, other in others.items():
-        if other is not None and other.device != tensor.device:
-            raise ValueError(f"`{other_name}` is on {other.device} but `{name}` is on {tensor.device}")
 
 
 @triton_jit

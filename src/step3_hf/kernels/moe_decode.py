@@ -26,7 +26,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
-from .decode_attention import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
 
 __all__ = [
     "MAX_MOE_DECODE_TOKENS",

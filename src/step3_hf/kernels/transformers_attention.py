@@ -16,7 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .decode_attention import MAX_QUERY_ROWS, decode_attention, kernel_available, triton
+from .decode_attention import MAX_QUERY_ROWS, decode_attention
+from .triton_support import kernel_available, triton
 from .float8_kv_cache import Float8KV
 
 __all__ = ["MFA_DECODE_ATTENTION", "MAX_DECODE_TOKENS", "decode_kernel_preferred", "mfa_decode_attention_forward"]
