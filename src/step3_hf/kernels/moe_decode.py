@@ -50,6 +50,35 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton_jit
+def _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M: tl.constexpr):
+    """A block's expert (int64: expert * stride exceeds int32 at Step-3 widths, 48 x 2 x 5120 x 7168), its rows'
+    pair ids, and which rows are real (padding slots hold the sentinel `num_pairs`)."""
+    expert = tl.load(BLOCK_EXPERT + block).to(tl.int64)
+    pair = tl.load(SORTED_PAIR + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    return expert, pair, pair < num_pairs
+
+
+@triton_jit
+def _load_k_tile(ptrs, rows_ok, k_left, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """A `[rows, BLOCK_K]` tile of a K-contiguous operand: masked rows and, unless EVEN_K, the K tail read as 0."""
+    mask = rows_ok[:, None]
+    if not EVEN_K:
+        mask = mask & (tl.arange(0, BLOCK_K) < k_left)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton_jit
+def _add_product(acc, a, w, DOT_F32: tl.constexpr):
+    """`acc + a @ w.T`; exact float32 products under DOT_F32 (the interpreter's bf16 dot is wrong, seen with
+    Triton 3.8)."""
+    if DOT_F32:
+        acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        acc += tl.dot(a, tl.trans(w))
+    return acc
+
+
+@triton_jit
 def _gate_up_swiglu(
     X, W, SORTED_PAIR, BLOCK_EXPERT, INTER,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_is, stride_in,
@@ -59,14 +88,9 @@ def _gate_up_swiglu(
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up)."""
     pid_n = tl.program_id(0)
-    block = tl.program_id(1)
-    expert = tl.load(BLOCK_EXPERT + block)
+    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
     if expert >= num_experts:  # a block past the last expert's rows: no work
         return
-    expert = expert.to(tl.int64)  # expert * stride exceeds int32 at Step-3 widths (48 x 2 x 5120 x 7168)
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED_PAIR + offs_m)
-    row_ok = pair < num_pairs  # padding slots hold the sentinel `num_pairs`
     token = tl.where(row_ok, pair // top_k, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < inter
@@ -80,22 +104,10 @@ def _gate_up_swiglu(
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(hidden, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            w_gate = tl.load(gate_ptrs, mask=n_ok[:, None], other=0.0)
-            w_up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = offs_k < hidden - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_gate = tl.load(gate_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            w_up = tl.load(up_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:  # exact float32 products (the interpreter's bf16 dot is wrong, seen with Triton 3.8)
-            x = x.to(tl.float32)
-            acc_gate += tl.dot(x, tl.trans(w_gate.to(tl.float32)), input_precision="ieee")
-            acc_up += tl.dot(x, tl.trans(w_up.to(tl.float32)), input_precision="ieee")
-        else:
-            acc_gate += tl.dot(x, tl.trans(w_gate))
-            acc_up += tl.dot(x, tl.trans(w_up))
+        k_left = hidden - k * BLOCK_K
+        x = _load_k_tile(x_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
+        acc_gate = _add_product(acc_gate, x, _load_k_tile(gate_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
+        acc_up = _add_product(acc_up, x, _load_k_tile(up_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
@@ -115,14 +127,9 @@ def _down_weighted(
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights."""
     pid_n = tl.program_id(0)
-    block = tl.program_id(1)
-    expert = tl.load(BLOCK_EXPERT + block)
+    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
     if expert >= num_experts:
         return
-    expert = expert.to(tl.int64)
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED_PAIR + offs_m)
-    row_ok = pair < num_pairs
     safe_pair = tl.where(row_ok, pair, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
@@ -132,17 +139,9 @@ def _down_weighted(
     w_ptrs = W + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = offs_k < inter - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(w))
+        k_left = inter - k * BLOCK_K
+        a = _load_k_tile(a_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
+        acc = _add_product(acc, a, _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
         a_ptrs += BLOCK_K * stride_in
         w_ptrs += BLOCK_K * stride_wk
 
