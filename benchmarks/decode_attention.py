@@ -43,6 +43,16 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 32) / (ms * 1e-3)
 
 
+def machine_and_ceiling(script: str) -> float:
+    """Exit unless CUDA is present; print the machine line and the copy ceiling; return the ceiling (bytes/s)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    bandwidth = copy_bandwidth()
+    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    return bandwidth
+
+
 def timed_per_call(fn, inputs: list, reps: int = 20) -> float:
     """Median seconds per call of `fn(*inputs[i])`, cycling through `inputs`, replayed as one CUDA graph."""
     stream = torch.cuda.Stream()

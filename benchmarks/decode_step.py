@@ -19,10 +19,9 @@ weights read count each routed expert with the probability that at least one of 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from decode_attention import copy_bandwidth, timed_per_call
+from decode_attention import machine_and_ceiling, timed_per_call
 from transformers import StaticCache
 
 from step3_hf import Step3Config, Step3ForCausalLM, kv_cache_bytes_per_token
@@ -113,11 +112,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_step.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    bandwidth = copy_bandwidth()
-    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    bandwidth = machine_and_ceiling("decode_step.py")
     model = build_model("cuda")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {LAYERS}", flush=True)
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
-from decode_attention import copy_bandwidth, timed_per_call
+from decode_attention import machine_and_ceiling, timed_per_call
 from decode_step import eager_seconds
 
 from step3_hf import Step3Config
@@ -101,11 +100,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters first")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("moe_decode.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    bandwidth = copy_bandwidth()
-    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    bandwidth = machine_and_ceiling("moe_decode.py")
     config = Step3Config()
     experts = build_experts(config)
     hidden, inter = config.hidden_size, config.moe_intermediate_size
