@@ -21,6 +21,7 @@ from ..modeling_step3 import (
     Step3PreTrainedModel,
     Step3RMSNorm,
     Step3RotaryEmbedding,
+    Step3VocabProjection,
     prepare_decoder_inputs,
 )
 from .checkpoint import CheckpointReader, role_of_tensor
@@ -59,7 +60,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.model.layers = nn.ModuleList(_attention_half(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.model.rotary_emb = Step3RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Step3VocabProjection(config.hidden_size, config.vocab_size, bias=False)
         self.exchange: AttentionExchange | None = None
         self.micro_batches = 3
         self.wire = WireFormat.FP8
