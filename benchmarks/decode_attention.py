@@ -121,8 +121,8 @@ def variants(**launch):
 
 
 def quantize_cache(key, value):
-    """The float8 cache as `Float8StaticCache` stores it: values with positions contiguous."""
-    return quantize_float8(key), quantize_float8(value, positions_contiguous=True)
+    """The float8 cache as `Float8StaticCache` stores it: values in tiles."""
+    return quantize_float8(key), quantize_float8(value, value_tiles=True)
 
 
 def check_correctness() -> None:

@@ -71,14 +71,17 @@ def test_several_new_tokens_attend_causally_at_the_end(device, q_len):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_boolean_mask_left_padding_and_static_tail(device, num_splits):
-    # Left padding (rows start at 0, 30, 97), an unwritten static-cache tail (rows end at 160, 140, 100), causal
-    # over two new tokens, and random holes: the kernel must follow the mask exactly.
-    query, key, value = random_case(3, 8, 1, 2, 192, 32, torch.float32, device, seed=7)
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_boolean_mask_left_padding_and_static_tail(device, num_splits, q_len):
+    # Left padding (rows start at 0, 30, 97, 5), an unwritten static-cache tail (rows end at 160, 140, 100, 190),
+    # causal over the new tokens, and random holes in the last row: the kernel must follow the mask exactly. With
+    # one new token the first three rows allow exactly [start, end), which the kernel runs unmasked inside.
+    query, key, value = random_case(4, 8, 1, q_len, 192, 32, torch.float32, device, seed=7)
     positions = torch.arange(192)
-    starts, ends = torch.tensor([0, 30, 97]), torch.tensor([160, 140, 100])
-    allowed = (positions >= starts[:, None, None]) & (positions < ends[:, None, None] - 1 + torch.arange(2)[:, None])
-    allowed &= torch.rand(3, 2, 192, generator=torch.Generator().manual_seed(3)) > 0.2
+    starts, ends = torch.tensor([0, 30, 97, 5]), torch.tensor([160, 140, 100, 190])
+    causal_end = ends[:, None, None] - q_len + torch.arange(q_len)[:, None]
+    allowed = (positions >= starts[:, None, None]) & (positions <= causal_end)
+    allowed[3] &= torch.rand(q_len, 192, generator=torch.Generator().manual_seed(3)) > 0.2
     mask = allowed[:, None].to(device)
     out = decode_attention(query, key, value, attention_mask=mask, num_splits=num_splits)
     ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, allowed)
@@ -129,16 +132,16 @@ def float8_products(request, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("positions_contiguous", [True, False])
-def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, positions_contiguous, float8_products):
+@pytest.mark.parametrize("value_tiles", [True, False])
+def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, value_tiles, float8_products):
     query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
-    key8, value8 = quantize_float8(key), quantize_float8(value, positions_contiguous=positions_contiguous)
+    key8, value8 = quantize_float8(key), quantize_float8(value, value_tiles=value_tiles)
     assert key8.data.dtype == torch.float8_e4m3fn and key8.scale.shape == (3, 1, 130)
-    assert value8.data.shape == value.shape and (value8.data.stride(-2) == 1) == positions_contiguous
+    assert value8.data.shape == ((3, 1, 3, 64, 64) if value_tiles else value.shape)
     lengths = torch.tensor([130, 5, 64])
     out = float8_decode_attention(query, key8, value8, kv_lengths=lengths.to(device), num_splits=num_splits)
     allowed = torch.arange(130)[None, None, :] < lengths[:, None, None]
-    dequantised = [t.data.cpu().double() * t.scale.cpu().double()[..., None] for t in (key8, value8)]
+    dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
     ref = reference_attention(query.cpu(), *dequantised, 64**-0.5, allowed)
     # Tensor cores also round the (scaled) query and probabilities to e4m3: 3 mantissa bits, 2^-4 relative each.
     assert relative_error(out.cpu(), ref) < (5e-2 if float8_products == "tensor cores" else 1e-2)
@@ -159,9 +162,9 @@ def test_float8_keeps_many_small_probabilities(device, float8_products):
     value = -torch.ones(batch, 1, kv_len, head_dim)
     value[:, :, 0] = 1.0
     value[1] *= torch.logspace(-3, 0, kv_len)[:, None]
-    key8, value8 = quantize_float8(key.to(device)), quantize_float8(value.to(device), positions_contiguous=True)
+    key8, value8 = quantize_float8(key.to(device)), quantize_float8(value.to(device), value_tiles=True)
     out = float8_decode_attention(query.to(device, torch.bfloat16), key8, value8)
-    dequantised = [t.data.cpu().double() * t.scale.cpu().double()[..., None] for t in (key8, value8)]
+    dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
     ref = reference_attention(query, *dequantised, head_dim**-0.5, torch.ones(batch, 1, kv_len, dtype=torch.bool))
     assert relative_error(out.cpu(), ref) < 1e-2
 
@@ -217,8 +220,8 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     stored_key, stored_value = cache.update(key, value, layer_idx=0)
     assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
-    # Values: positions contiguous, each row padded to 16 positions.
-    assert stored_value.data.shape == (2, 1, 10, 16) and stored_value.data.stride()[-2:] == (1, 16)
+    # Values: one tile of 64 positions, positions contiguous.
+    assert stored_value.data.shape == (2, 1, 1, 16, 64) and stored_value.data.is_contiguous()
     torch.testing.assert_close(stored_key.dequantize(torch.float32)[:, :, :3], key, rtol=0.07, atol=0.0)
     torch.testing.assert_close(stored_value.dequantize(torch.float32)[:, :, :3], value, rtol=0.07, atol=0.0)
     assert (stored_key.scale[:, :, 3:] == 0).all()
@@ -230,7 +233,7 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     cache.layers[0].reorder_cache(torch.tensor([1, 0]))
     after = [t.dequantize(torch.float32) for t in cache.update(key[:, :, :0], value[:, :, :0], layer_idx=0)]
     assert all(torch.equal(b.flip(0), a) for b, a in zip(before, after))
-    assert cache.layers[0].values.stride()[-2:] == (1, 16)
+    assert cache.layers[0].values.shape == (2, 1, 1, 16, 64) and cache.layers[0].values.is_contiguous()
 
 
 def test_float8_static_cache_refuses_other_attention_implementations():

@@ -42,19 +42,112 @@ def _round_to_e4m3_emulated(x):
 
 
 @triton_jit
+def _load_rows(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """A `[rows, D]` tile, bounds-checked only where the caller cannot rule out reading past the cache."""
+    if CHECK_ROWS and CHECK_D:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif CHECK_D:
+        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton_jit
+def _attend_block(
+    acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
+    k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
+    qk_scale_log2,
+    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, MASKING: tl.constexpr, EVEN_D: tl.constexpr,
+    IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_TOKEN: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (acc, m_i, l_i) with cache positions [n0, n0 + BLOCK_N).
+
+    MASKING 0: every position of the block is valid for every row (no bounds checks, no masking: the loop's
+    common case); 1: positions outside [start, hi), and past each new token's causal end, are excluded; 2: the
+    boolean mask is applied too.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    k = _load_rows(
+        k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKING > 0, not EVEN_D
+    )
+    if DOT_F32:
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)))
+    if IS_FP8:
+        if MASKING > 0:
+            k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
+        else:
+            k_scale = tl.load(k_scales + offs_n * stride_ksn)
+        if FP8_MMA:
+            scores = scores * (q_scale[:, None] * k_scale[None, :])
+        else:
+            scores = scores * k_scale[None, :]
+    else:
+        scores = scores * qk_scale_log2
+    if MASKING > 0:
+        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
+        if MASKING == 2:
+            if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
+                allowed = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
+            else:
+                allowed = tl.load(
+                    mask_base + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn, mask=keep, other=0
+                )
+            keep = keep & (allowed != 0)
+        if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
+            keep = keep & (offs_n[None, :] <= causal_end + tok[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if V_TILE:  # float8 value tiles: [V_TILE positions x D] stored D-major, positions contiguous
+        v_ptrs = v_base + (offs_n // V_TILE)[:, None] * stride_vt + (offs_n % V_TILE)[:, None] * stride_vn
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn
+    v = _load_rows(v_ptrs + offs_d[None, :] * stride_vd, offs_n < v_hi, d_ok, MASKING > 0, not EVEN_D)
+    if IS_FP8:
+        if MASKING > 0:
+            v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
+        else:
+            v_scale = tl.load(v_scales + offs_n * stride_vsn)
+        p_v = p * (v_scale * p_unit)[None, :]
+        if FP8_MMA and DOT_F32:
+            p_v = _round_to_e4m3_emulated(p_v)
+        elif FP8_MMA:
+            p_v = p_v.to(tl.float8e4nv)
+    else:
+        p_v = p
+    if DOT_F32:
+        acc = tl.dot(p_v, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton_jit
 def _split_kv_attention(
-    Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, OUT, PART_OUT, PART_LSE,
+    Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, KV_ALLOWED, OUT, PART_OUT, PART_LSE,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_vb, stride_vh, stride_vt, stride_vn, stride_vd,
     stride_ksb, stride_ksh, stride_ksn,
     stride_vsb, stride_vsh, stride_vsn,
     stride_mb, stride_mt, stride_mn,
     stride_ob, stride_oh, stride_ot, stride_od,
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr, IS_FP8: tl.constexpr,
-    FP8_MMA: tl.constexpr, V_PADDED: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
+    IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
@@ -80,6 +173,7 @@ def _split_kv_attention(
     # with the softmax scale folded in, and the scale is applied to the scores. Without FP8_MMA (GPUs before Ada)
     # the cache tiles are widened to fp16. float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8);
     # there, e4m3 rounding is emulated in float32 (the interpreter's float32 -> e4m3 cast is wrong too).
+    q_scale = 1.0
     if IS_FP8:
         q = q.to(tl.float32) * qk_scale_log2
         if FP8_MMA:
@@ -96,93 +190,71 @@ def _split_kv_attention(
         q = q.to(tl.float32)
 
     # This program's slice of the valid range [start, end), cut at multiples of BLOCK_N from `start` rounded down to
-    # 16 (the positions before `start` are masked out below), so that a cache with positions contiguous (float8
-    # values) is read in aligned 16-position vectors.
+    # 16 (the positions before `start` are masked out), so that value tiles are read in aligned 16-position vectors.
     start = tl.load(KV_START + b)
     end = tl.maximum(tl.load(KV_END + b), start)
     aligned_start = start // 16 * 16
     chunk = tl.cdiv(tl.cdiv(end - aligned_start, num_splits), BLOCK_N) * BLOCK_N
     lo = aligned_start + split * chunk
     hi = tl.minimum(lo + chunk, end)
-    # V_PADDED: value rows are padded to a multiple of 16 positions, so whole vectors up to `hi` rounded up may be
-    # read (the padding holds finite values; the positions past `hi` get probability 0).
-    v_hi = tl.cdiv(hi, 16) * 16 if V_PADDED else hi
+    # Value tiles hold whole 16-position vectors, so reading up to `hi` rounded up stays inside them (the padding
+    # holds finite values; the positions past `hi` get probability 0).
+    v_hi = tl.cdiv(hi, 16) * 16 if V_TILE else hi
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
+    k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
+    v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
+    p_unit = 1.0
     if IS_FP8:
-        k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
         # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: the value scales go onto the probabilities' columns,
         # relative to the largest scale in this slice (read up front: 4 bytes per position, against 2 x D), so
         # that they stay within [0, 1]; e4m3 probabilities are also lifted by 256 out of its subnormal range.
-        v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
         v_max = tl.zeros([1024], tl.float32)
         for n0 in range(lo, hi, 1024):
             offs = n0 + tl.arange(0, 1024)
             v_max = tl.maximum(v_max, tl.load(v_scales + offs * stride_vsn, mask=offs < hi, other=0.0))
         p_unit = (256.0 if FP8_MMA else 1.0) / tl.maximum(tl.max(v_max, 0), 1e-30)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if IS_FP8:
-            k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
-            if FP8_MMA:
-                scores = scores * (q_scale[:, None] * k_scale[None, :])
-            else:
-                scores = scores * k_scale[None, :]
-        else:
-            scores = scores * qk_scale_log2
-        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
-        if HAS_MASK:
-            if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
-                allowed = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
-            else:
-                allowed = tl.load(
-                    MASK + b * stride_mb + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn,
-                    mask=keep,
-                    other=0,
-                )
-            keep = keep & (allowed != 0)
-        if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
-            keep = keep & (offs_n[None, :] <= end - q_len + tok[:, None])
-        scores = tl.where(keep, scores, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=(offs_n < v_hi)[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if IS_FP8:
-            v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
-            p_v = p * (v_scale * p_unit)[None, :]
-            if FP8_MMA and DOT_F32:
-                p_v = _round_to_e4m3_emulated(p_v)
-            elif FP8_MMA:
-                p_v = p_v.to(tl.float8e4nv)
-        else:
-            p_v = p
-        if DOT_F32:
-            acc = tl.dot(p_v, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
-        m_i = m_new
+    # Masks cost a third of the loop's instructions, so only the blocks that cross an edge of what the new tokens
+    # may see take them: split 0's first block where it starts below `start`, and the blocks past the last full
+    # one. They run first (the online softmax does not depend on the order), then the full blocks, unmasked. A
+    # boolean mask that allows exactly [start, end) (left padding, a static cache's unwritten tail) is no more than
+    # that; any other mask is applied to every block.
+    causal_end = end - q_len  # new token t may see positions <= causal_end + t (without a mask)
+    head_block = (lo < start).to(tl.int32)
+    body_lo = lo + head_block * BLOCK_N
+    dense_end = causal_end + 1 if CAUSAL_TAIL else end
+    body_hi = body_lo + tl.maximum(tl.minimum(hi, dense_end) - body_lo, 0) // BLOCK_N * BLOCK_N
+    if HAS_MASK:
+        if SINGLE_TOKEN:
+            interval = tl.load(KV_ALLOWED + b) == end - start
+        else:  # a causal mask row per new token
+            interval = start < 0
+        head_block = tl.where(interval, head_block, 0)
+        body_lo = tl.where(interval, body_lo, lo)
+        body_hi = tl.where(interval, body_hi, lo)
+    mask_base = MASK + b * stride_mb
+    for edge in range(0, head_block + tl.cdiv(tl.maximum(hi - body_hi, 0), BLOCK_N)):
+        n0 = tl.where(edge < head_block, lo, body_hi + (edge - head_block) * BLOCK_N)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
+            k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
+            qk_scale_log2, BLOCK_N, V_TILE, 2 if HAS_MASK else 1, HEAD_DIM == BLOCK_D, IS_FP8, FP8_MMA,
+            SINGLE_TOKEN, CAUSAL_TAIL, DOT_F32,
+        )  # fmt: skip
+    for n0 in range(body_lo, body_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
+            k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
+            stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
+            qk_scale_log2, BLOCK_N, V_TILE, 0, HEAD_DIM == BLOCK_D, IS_FP8, FP8_MMA, SINGLE_TOKEN, CAUSAL_TAIL,
+            DOT_F32,
+        )  # fmt: skip
 
     if IS_FP8:
         acc = acc / p_unit
@@ -252,9 +324,10 @@ def _merge_splits(
 
 @triton_jit
 def _mask_bounds(
-    MASK, KV_START, KV_END, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
+    MASK, KV_START, KV_END, KV_ALLOWED, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
 ):  # fmt: skip
-    """Folds one block of a sequence's mask into its first / one-past-last allowed position (atomic min / max)."""
+    """Folds one block of a sequence's mask into its first / one-past-last allowed position (atomic min / max) and
+    its count of allowed positions (atomic add)."""
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     allowed = n < 0  # all False
@@ -263,6 +336,7 @@ def _mask_bounds(
         allowed = allowed | (row != 0)
     tl.atomic_min(KV_START + b, tl.min(tl.where(allowed, n, kv_len), 0))
     tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
+    tl.atomic_add(KV_ALLOWED + b, tl.sum(allowed.to(tl.int32), 0))
 
 
 def float8_tensor_cores(device: torch.device | str) -> bool:
@@ -289,21 +363,24 @@ def default_num_splits(
     return max(1, min(wanted, math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)))
 
 
-def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last cache position any new token of each sequence may attend to: `[B]` int32 each.
+def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First and one-past-last cache position any new token of each sequence may attend to, and how many positions
+    any may attend to: `[B]` int32 each.
 
-    `mask` is boolean `[B, q_len, kv_len]` (True = attend). The attention kernel visits only `[start, end)` and
-    applies the mask exactly inside it, which skips left padding and the unwritten tail of a static cache. One
-    small kernel on the device, no host synchronisation.
+    `mask` is boolean `[B, q_len, kv_len]` (True = attend). The attention kernel visits only `[start, end)`, and
+    applies the mask inside it unless it allows exactly that range (`allowed == end - start` with one new token),
+    which skips left padding and the unwritten tail of a static cache. One small kernel on the device, no host
+    synchronisation.
     """
     batch, q_len, kv_len = mask.shape
     start = torch.full((batch,), kv_len, dtype=torch.int32, device=mask.device)
     end = torch.zeros_like(start)
+    allowed = torch.zeros_like(start)
     block = 4096
     _mask_bounds[(batch, triton.cdiv(kv_len, block))](
-        mask, start, end, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
+        mask, start, end, allowed, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
     )
-    return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
+    return start, end, allowed  # start > end where nothing is allowed: the attention kernel then visits nothing
 
 
 def decode_attention(
@@ -327,9 +404,9 @@ def decode_attention(
         query: `[B, Hq, q_len, D]` (any strides).
         key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
             with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale). A
-            value tensor with positions contiguous and rows padded to a multiple of 16 positions (as
-            `quantize_float8(..., positions_contiguous=True)` and `Float8StaticCache` store it) is read in whole
-            16-position vectors, so its bytes just past each valid range must be finite (they get probability 0).
+            float8 `value` may also be value tiles `[B, Hkv, ceil(kv_len / T), D, T]` (T a multiple of 16; as
+            `quantize_float8(..., value_tiles=True)` and `Float8StaticCache` store it), the layout read fastest;
+            tiles are read in whole 16-position vectors, so their bytes past each valid range must be finite.
         scale: softmax scale, `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
@@ -342,14 +419,26 @@ def decode_attention(
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
     check_kernel_inputs("decode_attention", "query", query, others)
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        raise ValueError(f"query/key/value must be 4-D [B, H, S, D], got {query.shape}, {key.shape}, {value.shape}")
+    value_tiles = value.ndim == 5 and value.dtype == torch.float8_e4m3fn
+    if query.ndim != 4 or key.ndim != 4 or (value.ndim != 4 and not value_tiles):
+        raise ValueError(
+            f"query/key/value must be 4-D [B, H, S, D] (float8 value tiles: 5-D), got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
     batch, num_heads, q_len, head_dim = query.shape
     _, num_kv_heads, kv_len, _ = key.shape
-    if key.shape != value.shape or key.shape[0] != batch or key.shape[-1] != head_dim:
-        raise ValueError(
-            f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query {tuple(query.shape)}"
-        )
+    if value_tiles:
+        tile = value.shape[-1]
+        value_ok = value.shape[:2] == key.shape[:2] and value.shape[3] == head_dim and value.shape[2] * tile >= kv_len
+        if tile % 16 or value.stride(-1) != 1 or not value_ok:
+            raise ValueError(
+                f"value tiles must be [B, Hkv, ceil(kv_len / T), D, T] with T a multiple of 16 and positions "
+                f"contiguous; got {tuple(value.shape)} with strides {value.stride()} for key {tuple(key.shape)}"
+            )
+    elif key.shape != value.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in shape")
+    if key.shape[0] != batch or key.shape[-1] != head_dim:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query {tuple(query.shape)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if key.dtype not in _CACHE_DTYPES or value.dtype != key.dtype:
@@ -425,13 +514,14 @@ def _decode_attention_op(
     block_m = max(16, triton.next_power_of_2(group * q_len))
     device = query.device
     if mask is not None:
-        kv_start, kv_end = kv_bounds_from_mask(mask)
+        kv_start, kv_end, kv_allowed = kv_bounds_from_mask(mask)
     else:
         if kv_lengths is not None:
             kv_end = kv_lengths
         else:
             kv_end = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
         kv_start = torch.zeros_like(kv_end)
+        kv_allowed = kv_end  # unused
 
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
@@ -453,10 +543,16 @@ def _decode_attention_op(
     vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
     m_strides = mask.stride() if mask is not None else (0, 0, 0)
 
+    if value.ndim == 5:  # value tiles [B, H, tiles, D, T]: (batch, head, tile, position in tile, d) strides
+        v_tile = value.shape[-1]
+        v_strides = (*value.stride()[:3], value.stride(4), value.stride(3))
+    else:
+        v_tile = 0
+        v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
     launch_args = (
-        query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
-        part_out, part_lse,
-        *query.stride(), *key.stride(), *value.stride(), *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
+        query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, kv_allowed,
+        out_view, part_out, part_lse,
+        *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
         num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
     )  # fmt: skip
     fp8_mma = is_fp8 and float8_tensor_cores(device)
@@ -465,7 +561,7 @@ def _decode_attention_op(
         # e4m3 tensor-core products reduce over at least 32 elements
         BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
         HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
-        V_PADDED=value.stride(-2) == 1 and value.stride(-1) % 16 == 0 and value.stride(-1) >= -(-kv_len // 16) * 16,
+        V_TILE=v_tile,
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip
