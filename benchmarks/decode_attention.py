@@ -122,7 +122,7 @@ def variants(**launch):
 
 def quantize_cache(key, value):
     """The float8 cache as `Float8StaticCache` stores it: values in tiles."""
-    return quantize_float8(key), quantize_float8(value, value_tiles=True)
+    return quantize_float8(key, layout="key_cache"), quantize_float8(value, layout="value_cache")
 
 
 def check_correctness() -> None:

@@ -132,12 +132,14 @@ def float8_products(request, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("value_tiles", [True, False])
-def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, value_tiles, float8_products):
+@pytest.mark.parametrize("cache_layout", [True, False])
+def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, cache_layout, float8_products):
+    # The cache layouts (padded storage, value tiles) take the kernel's unchecked loads; plain rows its checked ones.
     query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
-    key8, value8 = quantize_float8(key), quantize_float8(value, value_tiles=value_tiles)
+    layouts = ("key_cache", "value_cache") if cache_layout else ("rows", "rows")
+    key8, value8 = quantize_float8(key, layout=layouts[0]), quantize_float8(value, layout=layouts[1])
     assert key8.data.dtype == torch.float8_e4m3fn and key8.scale.shape == (3, 1, 130)
-    assert value8.data.shape == ((3, 1, 3, 64, 64) if value_tiles else value.shape)
+    assert key8.data.shape == key.shape and value8.data.shape == ((3, 1, 4, 64, 64) if cache_layout else value.shape)
     lengths = torch.tensor([130, 5, 64])
     out = float8_decode_attention(query, key8, value8, kv_lengths=lengths.to(device), num_splits=num_splits)
     allowed = torch.arange(130)[None, None, :] < lengths[:, None, None]
@@ -162,11 +164,26 @@ def test_float8_keeps_many_small_probabilities(device, float8_products):
     value = -torch.ones(batch, 1, kv_len, head_dim)
     value[:, :, 0] = 1.0
     value[1] *= torch.logspace(-3, 0, kv_len)[:, None]
-    key8, value8 = quantize_float8(key.to(device)), quantize_float8(value.to(device), value_tiles=True)
+    key8, value8 = quantize_float8(key.to(device), layout="key_cache"), quantize_float8(value.to(device), layout="value_cache")
     out = float8_decode_attention(query.to(device, torch.bfloat16), key8, value8)
     dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
     ref = reference_attention(query, *dequantised, head_dim**-0.5, torch.ones(batch, 1, kv_len, dtype=torch.bool))
     assert relative_error(out.cpu(), ref) < 1e-2
+
+
+def test_unchecked_loads_only_where_whole_blocks_stay_in_storage():
+    """The kernel reads whole blocks past the cache's end without bounds checks only if the storage holds them."""
+    indexable = decode_attention_module._indexable
+    tight = torch.zeros(2, 1, 10, 4)
+    assert indexable(tight, 2, 10) and not indexable(tight, 2, 11)
+    view = tight[:, :, :8]  # the last sequence's rows 8 and 9 are still storage
+    assert indexable(view, 2, 10) and not indexable(view, 2, 11)
+    key8 = quantize_float8(torch.randn(2, 1, 10, 16), layout="key_cache")
+    value8 = quantize_float8(torch.randn(2, 1, 10, 16), layout="value_cache")
+    assert key8.data.shape == (2, 1, 10, 16) and indexable(key8.data, 2, 10 + 64) and indexable(key8.scale, 2, 74)
+    assert value8.data.shape == (2, 1, 2, 16, 64) and indexable(value8.scale, 2, 74)
+    with pytest.raises(ValueError, match="layout"):
+        quantize_float8(torch.randn(1, 1, 2, 16), layout="tiles")
 
 
 def test_quantize_float8_round_trip_within_e4m3_precision():
@@ -220,8 +237,9 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     key, value = torch.randn(2, 1, 3, 16), torch.randn(2, 1, 3, 16)
     stored_key, stored_value = cache.update(key, value, layer_idx=0)
     assert stored_key.data.dtype == torch.float8_e4m3fn and stored_key.data.shape == (2, 1, 10, 16)
-    # Values: one tile of 64 positions, positions contiguous.
-    assert stored_value.data.shape == (2, 1, 1, 16, 64) and stored_value.data.is_contiguous()
+    # Storage padded by one tile of 64 positions; values in tiles, positions contiguous.
+    assert stored_value.data.shape == (2, 1, 2, 16, 64) and stored_value.data.is_contiguous()
+    assert cache.layers[0].keys.shape == (2, 1, 74, 16) and cache.layers[0].key_scales.shape == (2, 1, 74)
     torch.testing.assert_close(stored_key.dequantize(torch.float32)[:, :, :3], key, rtol=0.07, atol=0.0)
     torch.testing.assert_close(stored_value.dequantize(torch.float32)[:, :, :3], value, rtol=0.07, atol=0.0)
     assert (stored_key.scale[:, :, 3:] == 0).all()
@@ -233,7 +251,7 @@ def test_float8_static_cache_stores_e4m3_and_scales():
     cache.layers[0].reorder_cache(torch.tensor([1, 0]))
     after = [t.dequantize(torch.float32) for t in cache.update(key[:, :, :0], value[:, :, :0], layer_idx=0)]
     assert all(torch.equal(b.flip(0), a) for b, a in zip(before, after))
-    assert cache.layers[0].values.shape == (2, 1, 1, 16, 64) and cache.layers[0].values.is_contiguous()
+    assert cache.layers[0].values.shape == (2, 1, 2, 16, 64) and cache.layers[0].values.is_contiguous()
 
 
 def test_float8_static_cache_refuses_other_attention_implementations():

@@ -56,87 +56,8 @@ def _load_rows(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.conste
 
 
 @triton_jit
-def _attend_block(
-    acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
-    k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
-    stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
-    qk_scale_log2,
-    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, MASKING: tl.constexpr, EVEN_D: tl.constexpr,
-    IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_TOKEN: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):  # fmt: skip
-    """Online-softmax update of (acc, m_i, l_i) with cache positions [n0, n0 + BLOCK_N).
-
-    MASKING 0: every position of the block is valid for every row (no bounds checks, no masking: the loop's
-    common case); 1: positions outside [start, hi), and past each new token's causal end, are excluded; 2: the
-    boolean mask is applied too.
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hi
-    k = _load_rows(
-        k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, MASKING > 0, not EVEN_D
-    )
-    if DOT_F32:
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)))
-    if IS_FP8:
-        if MASKING > 0:
-            k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
-        else:
-            k_scale = tl.load(k_scales + offs_n * stride_ksn)
-        if FP8_MMA:
-            scores = scores * (q_scale[:, None] * k_scale[None, :])
-        else:
-            scores = scores * k_scale[None, :]
-    else:
-        scores = scores * qk_scale_log2
-    if MASKING > 0:
-        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
-        if MASKING == 2:
-            if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
-                allowed = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
-            else:
-                allowed = tl.load(
-                    mask_base + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn, mask=keep, other=0
-                )
-            keep = keep & (allowed != 0)
-        if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
-            keep = keep & (offs_n[None, :] <= causal_end + tok[:, None])
-        scores = tl.where(keep, scores, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if V_TILE:  # float8 value tiles: [V_TILE positions x D] stored D-major, positions contiguous
-        v_ptrs = v_base + (offs_n // V_TILE)[:, None] * stride_vt + (offs_n % V_TILE)[:, None] * stride_vn
-    else:
-        v_ptrs = v_base + offs_n[:, None] * stride_vn
-    v = _load_rows(v_ptrs + offs_d[None, :] * stride_vd, offs_n < v_hi, d_ok, MASKING > 0, not EVEN_D)
-    if IS_FP8:
-        if MASKING > 0:
-            v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
-        else:
-            v_scale = tl.load(v_scales + offs_n * stride_vsn)
-        p_v = p * (v_scale * p_unit)[None, :]
-        if FP8_MMA and DOT_F32:
-            p_v = _round_to_e4m3_emulated(p_v)
-        elif FP8_MMA:
-            p_v = p_v.to(tl.float8e4nv)
-    else:
-        p_v = p
-    if DOT_F32:
-        acc = tl.dot(p_v, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
-    return acc, m_new, l_i
-
-
-@triton_jit
 def _split_kv_attention(
-    Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, KV_ALLOWED, OUT, PART_OUT, PART_LSE,
+    Q, K, V, K_SCALE, V_SCALE, MASK, KV_START, KV_END, OUT, PART_OUT, PART_LSE,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vn, stride_vd,
@@ -146,7 +67,8 @@ def _split_kv_attention(
     stride_ob, stride_oh, stride_ot, stride_od,
     num_kv_heads, q_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
+    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, READABLE: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -173,7 +95,6 @@ def _split_kv_attention(
     # with the softmax scale folded in, and the scale is applied to the scores. Without FP8_MMA (GPUs before Ada)
     # the cache tiles are widened to fp16. float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8);
     # there, e4m3 rounding is emulated in float32 (the interpreter's float32 -> e4m3 cast is wrong too).
-    q_scale = 1.0
     if IS_FP8:
         q = q.to(tl.float32) * qk_scale_log2
         if FP8_MMA:
@@ -208,7 +129,6 @@ def _split_kv_attention(
     v_base = V + b * stride_vb + kv_head * stride_vh
     k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
     v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
-    p_unit = 1.0
     if IS_FP8:
         # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: the value scales go onto the probabilities' columns,
         # relative to the largest scale in this slice (read up front: 4 bytes per position, against 2 x D), so
@@ -219,42 +139,73 @@ def _split_kv_attention(
             v_max = tl.maximum(v_max, tl.load(v_scales + offs * stride_vsn, mask=offs < hi, other=0.0))
         p_unit = (256.0 if FP8_MMA else 1.0) / tl.maximum(tl.max(v_max, 0), 1e-30)
 
-    # Masks cost a third of the loop's instructions, so only the blocks that cross an edge of what the new tokens
-    # may see take them: split 0's first block where it starts below `start`, and the blocks past the last full
-    # one. They run first (the online softmax does not depend on the order), then the full blocks, unmasked. A
-    # boolean mask that allows exactly [start, end) (left padding, a static cache's unwritten tail) is no more than
-    # that; any other mask is applied to every block.
-    causal_end = end - q_len  # new token t may see positions <= causal_end + t (without a mask)
-    head_block = (lo < start).to(tl.int32)
-    body_lo = lo + head_block * BLOCK_N
-    dense_end = causal_end + 1 if CAUSAL_TAIL else end
-    body_hi = body_lo + tl.maximum(tl.minimum(hi, dense_end) - body_lo, 0) // BLOCK_N * BLOCK_N
-    if HAS_MASK:
-        if SINGLE_TOKEN:
-            interval = tl.load(KV_ALLOWED + b) == end - start
-        else:  # a causal mask row per new token
-            interval = start < 0
-        head_block = tl.where(interval, head_block, 0)
-        body_lo = tl.where(interval, body_lo, lo)
-        body_hi = tl.where(interval, body_hi, lo)
-    mask_base = MASK + b * stride_mb
-    for edge in range(0, head_block + tl.cdiv(tl.maximum(hi - body_hi, 0), BLOCK_N)):
-        n0 = tl.where(edge < head_block, lo, body_hi + (edge - head_block) * BLOCK_N)
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
-            k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
-            qk_scale_log2, BLOCK_N, V_TILE, 2 if HAS_MASK else 1, HEAD_DIM == BLOCK_D, IS_FP8, FP8_MMA,
-            SINGLE_TOKEN, CAUSAL_TAIL, DOT_F32,
-        )  # fmt: skip
-    for n0 in range(body_lo, body_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, n0, q, q_scale, p_unit, start, hi, v_hi, causal_end,
-            k_base, v_base, k_scales, v_scales, mask_base, row_ok, tok, offs_d, d_ok,
-            stride_kn, stride_kd, stride_vt, stride_vn, stride_vd, stride_ksn, stride_vsn, stride_mt, stride_mn,
-            qk_scale_log2, BLOCK_N, V_TILE, 0, HEAD_DIM == BLOCK_D, IS_FP8, FP8_MMA, SINGLE_TOKEN, CAUSAL_TAIL,
-            DOT_F32,
-        )  # fmt: skip
+    # READABLE: the host checked that whole blocks past `hi` stay inside the tensors (the float8 cache is padded
+    # so), and the tile loads go without bounds checks (with them the float8 loop took 15% longer on the H200);
+    # the positions outside [start, hi) are excluded from the scores either way.
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = _load_rows(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok, not READABLE,
+            HEAD_DIM != BLOCK_D,
+        )
+        if DOT_F32:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if IS_FP8:
+            if READABLE:
+                k_scale = tl.load(k_scales + offs_n * stride_ksn)
+            else:
+                k_scale = tl.load(k_scales + offs_n * stride_ksn, mask=n_ok, other=0.0)
+            if FP8_MMA:
+                scores = scores * (q_scale[:, None] * k_scale[None, :])
+            else:
+                scores = scores * k_scale[None, :]
+        else:
+            scores = scores * qk_scale_log2
+        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
+        if HAS_MASK:
+            if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
+                allowed = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
+            else:
+                allowed = tl.load(
+                    MASK + b * stride_mb + tok[:, None] * stride_mt + offs_n[None, :] * stride_mn,
+                    mask=keep,
+                    other=0,
+                )
+            keep = keep & (allowed != 0)
+        if CAUSAL_TAIL:  # the new tokens are the last q_len cached positions
+            keep = keep & (offs_n[None, :] <= end - q_len + tok[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_TILE:  # float8 value tiles: [V_TILE positions x D] stored D-major, positions contiguous
+            v_ptrs = v_base + (offs_n // V_TILE)[:, None] * stride_vt + (offs_n % V_TILE)[:, None] * stride_vn
+        else:
+            v_ptrs = v_base + offs_n[:, None] * stride_vn
+        v = _load_rows(v_ptrs + offs_d[None, :] * stride_vd, offs_n < v_hi, d_ok, not READABLE, HEAD_DIM != BLOCK_D)
+        if IS_FP8:
+            if READABLE:
+                v_scale = tl.load(v_scales + offs_n * stride_vsn)
+            else:
+                v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
+            p_v = p * (v_scale * p_unit)[None, :]
+            if FP8_MMA and DOT_F32:
+                p_v = _round_to_e4m3_emulated(p_v)
+            elif FP8_MMA:
+                p_v = p_v.to(tl.float8e4nv)
+        else:
+            p_v = p
+        if DOT_F32:
+            acc = tl.dot(p_v, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        m_i = m_new
 
     if IS_FP8:
         acc = acc / p_unit
@@ -324,10 +275,9 @@ def _merge_splits(
 
 @triton_jit
 def _mask_bounds(
-    MASK, KV_START, KV_END, KV_ALLOWED, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
+    MASK, KV_START, KV_END, stride_mb, stride_mt, stride_mn, q_len, kv_len, BLOCK: tl.constexpr
 ):  # fmt: skip
-    """Folds one block of a sequence's mask into its first / one-past-last allowed position (atomic min / max) and
-    its count of allowed positions (atomic add)."""
+    """Folds one block of a sequence's mask into its first / one-past-last allowed position (atomic min / max)."""
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     allowed = n < 0  # all False
@@ -336,7 +286,13 @@ def _mask_bounds(
         allowed = allowed | (row != 0)
     tl.atomic_min(KV_START + b, tl.min(tl.where(allowed, n, kv_len), 0))
     tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
-    tl.atomic_add(KV_ALLOWED + b, tl.sum(allowed.to(tl.int32), 0))
+
+
+def _indexable(tensor: torch.Tensor, dim: int, size: int) -> bool:
+    """Whether indices up to `size - 1` along `dim` (the others within the shape) stay inside `tensor`'s storage."""
+    last = tensor.storage_offset() + (size - 1) * tensor.stride(dim)
+    last += sum((n - 1) * stride for d, (n, stride) in enumerate(zip(tensor.shape, tensor.stride())) if d != dim)
+    return last < tensor.untyped_storage().nbytes() // tensor.element_size()
 
 
 def float8_tensor_cores(device: torch.device | str) -> bool:
@@ -363,24 +319,21 @@ def default_num_splits(
     return max(1, min(wanted, math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)))
 
 
-def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First and one-past-last cache position any new token of each sequence may attend to, and how many positions
-    any may attend to: `[B]` int32 each.
+def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last cache position any new token of each sequence may attend to: `[B]` int32 each.
 
-    `mask` is boolean `[B, q_len, kv_len]` (True = attend). The attention kernel visits only `[start, end)`, and
-    applies the mask inside it unless it allows exactly that range (`allowed == end - start` with one new token),
-    which skips left padding and the unwritten tail of a static cache. One small kernel on the device, no host
-    synchronisation.
+    `mask` is boolean `[B, q_len, kv_len]` (True = attend). The attention kernel visits only `[start, end)` and
+    applies the mask exactly inside it, which skips left padding and the unwritten tail of a static cache. One
+    small kernel on the device, no host synchronisation.
     """
     batch, q_len, kv_len = mask.shape
     start = torch.full((batch,), kv_len, dtype=torch.int32, device=mask.device)
     end = torch.zeros_like(start)
-    allowed = torch.zeros_like(start)
     block = 4096
     _mask_bounds[(batch, triton.cdiv(kv_len, block))](
-        mask, start, end, allowed, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
+        mask, start, end, *mask.stride(), q_len, kv_len, BLOCK=block, num_warps=4
     )
-    return start, end, allowed  # start > end where nothing is allowed: the attention kernel then visits nothing
+    return start, end  # start > end where nothing is allowed: the attention kernel then visits nothing
 
 
 def decode_attention(
@@ -405,7 +358,7 @@ def decode_attention(
         key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
             with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale). A
             float8 `value` may also be value tiles `[B, Hkv, ceil(kv_len / T), D, T]` (T a multiple of 16; as
-            `quantize_float8(..., value_tiles=True)` and `Float8StaticCache` store it), the layout read fastest;
+            `quantize_float8(..., layout="value_cache")` and `Float8StaticCache` store it), the layout read fastest;
             tiles are read in whole 16-position vectors, so their bytes past each valid range must be finite.
         scale: softmax scale, `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
@@ -514,14 +467,13 @@ def _decode_attention_op(
     block_m = max(16, triton.next_power_of_2(group * q_len))
     device = query.device
     if mask is not None:
-        kv_start, kv_end, kv_allowed = kv_bounds_from_mask(mask)
+        kv_start, kv_end = kv_bounds_from_mask(mask)
     else:
         if kv_lengths is not None:
             kv_end = kv_lengths
         else:
             kv_end = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
         kv_start = torch.zeros_like(kv_end)
-        kv_allowed = kv_end  # unused
 
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
@@ -550,18 +502,23 @@ def _decode_attention_op(
         v_tile = 0
         v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
     launch_args = (
-        query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, kv_allowed,
-        out_view, part_out, part_lse,
+        query, key, value, k_scale, v_scale, mask if mask is not None else dummy, kv_start, kv_end, out_view,
+        part_out, part_lse,
         *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
         num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
     )  # fmt: skip
+    # The last block of a slice may reach block_n - 1 positions past the cache's end.
+    reach = kv_len + block_n - 1
+    readable = _indexable(key, 2, reach) and _indexable(value, 2, -(-reach // v_tile) if v_tile else reach)
+    if is_fp8:
+        readable = readable and _indexable(key_scale, 2, reach) and _indexable(value_scale, 2, reach)
     fp8_mma = is_fp8 and float8_tensor_cores(device)
     constants = dict(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
         # e4m3 tensor-core products reduce over at least 32 elements
         BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
         HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
-        V_TILE=v_tile,
+        V_TILE=v_tile, READABLE=readable,
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip

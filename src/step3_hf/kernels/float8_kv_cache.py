@@ -18,7 +18,8 @@ cache.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from transformers import PreTrainedConfig
@@ -38,6 +39,11 @@ class Float8KV(NamedTuple):
     data: torch.Tensor
     scale: torch.Tensor
 
+    def view(self, positions: int) -> Float8KV:
+        """The first `positions` cached rows (of padded storage: the memory past them stays readable)."""
+        data = self.data if self.data.ndim == self.scale.ndim + 2 else self.data[..., :positions, :]
+        return Float8KV(data, self.scale[..., :positions])
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """`[B, H, S, D]` in `dtype`."""
         data = self.data
@@ -46,26 +52,43 @@ class Float8KV(NamedTuple):
         return (data.to(torch.float32) * self.scale[..., None]).to(dtype)
 
 
-def quantize_float8(states: torch.Tensor, value_tiles: bool = False) -> Float8KV:
+def quantize_float8(states: torch.Tensor, layout: Literal["rows", "key_cache", "value_cache"] = "rows") -> Float8KV:
     """Per-row (last dimension) symmetric e4m3 quantisation of `[..., S, D]` states.
 
-    `value_tiles=True` stores the bytes as value tiles `[..., ceil(S / VALUE_TILE), D, VALUE_TILE]` (zero-padded to
-    whole tiles): the layout in which the decode kernel reads values fastest.
+    `layout` "rows" returns `[..., S, D]` bytes. The cache layouts are those of `Float8StaticCache`, in which the
+    decode kernel reads fastest: "key_cache" rows and "value_cache" value tiles `[..., tiles, D, VALUE_TILE]`, each
+    in storage (bytes and scales) zero-padded by `VALUE_TILE` positions past the end, so that the kernel reads
+    whole blocks without bounds checks.
     """
     amax = states.detach().abs().amax(dim=-1).to(torch.float32)
     scale = torch.clamp(amax, min=torch.finfo(torch.float32).tiny) / FLOAT8_MAX
     data = (states.to(torch.float32) / scale[..., None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    if layout == "rows":
+        return Float8KV(data, scale)
+    if layout not in ("key_cache", "value_cache"):
+        raise ValueError(f"unknown layout {layout!r}: expected 'rows', 'key_cache' or 'value_cache'")
+    *lead, positions, dim = data.shape
+    stored = cache_storage(lead, positions, dim, data.device, value_tiles=layout == "value_cache")
+    if layout == "value_cache":
+        write_value_rows(stored.data, torch.arange(positions, device=data.device), data)
+    else:
+        stored.data[..., :positions, :] = data
+    stored.scale[..., :positions] = scale
+    return stored.view(positions)
+
+
+def cache_storage(
+    lead: Sequence[int], positions: int, dim: int, device: torch.device, value_tiles: bool
+) -> Float8KV:
+    """Zeroed bytes and scales for `positions` cached rows of `dim`, padded by `VALUE_TILE` positions: key rows
+    `[*lead, positions + VALUE_TILE, dim]` or value tiles `[*lead, tiles, dim, VALUE_TILE]`."""
+    padded = positions + VALUE_TILE
     if value_tiles:
-        tiles = value_tile_storage(data.shape, data.device)
-        write_value_rows(tiles, torch.arange(data.shape[-2], device=data.device), data)
-        data = tiles
-    return Float8KV(data, scale)
-
-
-def value_tile_storage(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Zeroed e4m3 value tiles for `[..., S, D]` states: `[..., ceil(S / VALUE_TILE), D, VALUE_TILE]`."""
-    *lead, positions, dim = shape
-    return torch.zeros(*lead, -(-positions // VALUE_TILE), dim, VALUE_TILE, dtype=torch.float8_e4m3fn, device=device)
+        shape = (*lead, -(-padded // VALUE_TILE), dim, VALUE_TILE)
+    else:
+        shape = (*lead, padded, dim)
+    data = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+    return Float8KV(data, torch.zeros(*lead, padded, dtype=torch.float32, device=device))
 
 
 def write_value_rows(tiles: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
@@ -79,19 +102,18 @@ def write_value_rows(tiles: torch.Tensor, positions: torch.Tensor, rows: torch.T
 class Float8StaticLayer(StaticLayer):
     """`StaticLayer` whose keys and values are float8 e4m3 plus per-token scales; `update` returns `Float8KV`s.
 
-    `keys` is `[B, H, S, D]`; `values` are value tiles `[B, H, ceil(S / VALUE_TILE), D, VALUE_TILE]` (see the
-    module docstring).
+    `keys` are rows `[B, H, S + VALUE_TILE, D]`, `values` value tiles `[B, H, tiles, D, VALUE_TILE]`, with scales
+    `[B, H, S + VALUE_TILE]`: storage padded past the `S = max_cache_len` positions that `update` hands out (see
+    `quantize_float8`).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        shape = (self.batch_size, self.num_heads, self.max_cache_len)
-        self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.float8_e4m3fn, device=self.device)
-        self.values = value_tile_storage((*shape, self.v_head_dim), self.device)
-        self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        lead = (self.batch_size, self.num_heads)
+        self.keys, self.key_scales = cache_storage(lead, self.max_cache_len, self.k_head_dim, self.device, False)
+        self.values, self.value_scales = cache_storage(lead, self.max_cache_len, self.v_head_dim, self.device, True)
         self.cumulative_length = self.cumulative_length.to(self.device)
         # Fixed addresses, as `StaticLayer` marks its tensors: compiled generation (CUDA graphs) updates them in place.
         if not torch.compiler.is_compiling():
@@ -113,7 +135,8 @@ class Float8StaticLayer(StaticLayer):
         write_value_rows(self.values, positions, values.data)
         self.key_scales.index_copy_(2, positions, keys.scale)
         self.value_scales.index_copy_(2, positions, values.scale)
-        return Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales)
+        cached = (Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales))
+        return tuple(stored.view(self.max_cache_len) for stored in cached)
 
     def reset(self) -> None:
         if self.is_initialized:
