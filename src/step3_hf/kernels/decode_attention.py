@@ -129,9 +129,15 @@ def _split_kv_attention(
     v_base = V + b * stride_vb + kv_head * stride_vh
     k_scales = K_SCALE + b * stride_ksb + kv_head * stride_ksh
     v_scales = V_SCALE + b * stride_vsb + kv_head * stride_vsh
-    # float8: acc is kept in a unit per row (see below).
-    w_top = tl.zeros([BLOCK_M], tl.float32)
-    p_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    if IS_FP8:
+        # P @ (s_v * V) == ((P * s_v / max s_v) @ V) * max s_v: the value scales go onto the probabilities' columns,
+        # relative to the largest scale in this slice (read up front: 4 bytes per position, against 2 x D), so
+        # that they stay within [0, 1]; e4m3 probabilities are also lifted by 256 out of its subnormal range.
+        v_max = tl.zeros([1024], tl.float32)
+        for n0 in range(lo, hi, 1024):
+            offs = n0 + tl.arange(0, 1024)
+            v_max = tl.maximum(v_max, tl.load(v_scales + offs * stride_vsn, mask=offs < hi, other=0.0))
+        p_unit = (256.0 if FP8_MMA else 1.0) / tl.maximum(tl.max(v_max, 0), 1e-30)
 
     # READABLE: the host checked that whole blocks past `hi` stay inside the tensors (the float8 cache is padded
     # so), and the tile loads go without bounds checks (with them the float8 loop took 15% longer on the H200);
@@ -188,15 +194,7 @@ def _split_kv_attention(
                 v_scale = tl.load(v_scales + offs_n * stride_vsn)
             else:
                 v_scale = tl.load(v_scales + offs_n * stride_vsn, mask=n_ok, other=0.0)
-            # P @ (s_v * V) is multiplied as (P * s_v * unit) @ V, unit per row: the row's largest P * s_v so far
-            # (in the current max's frame) becomes 256, which keeps e4m3 probabilities within its range and clear
-            # of its subnormals; acc is rescaled (with alpha) as the unit changes.
-            p_v = p * v_scale[None, :]
-            w_top = tl.maximum(w_top * alpha, tl.max(p_v, 1))
-            unit = (256.0 if FP8_MMA else 1.0) / tl.maximum(w_top, 1e-30)
-            alpha = alpha * (unit / p_unit)
-            p_unit = unit
-            p_v = p_v * p_unit[:, None]
+            p_v = p * (v_scale * p_unit)[None, :]
             if FP8_MMA and DOT_F32:
                 p_v = _round_to_e4m3_emulated(p_v)
             elif FP8_MMA:
@@ -210,7 +208,7 @@ def _split_kv_attention(
         m_i = m_new
 
     if IS_FP8:
-        acc = acc / p_unit[:, None]
+        acc = acc / p_unit
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
