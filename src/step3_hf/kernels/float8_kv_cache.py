@@ -68,16 +68,16 @@ def quantize_float8(states: torch.Tensor, layout: Literal["rows", "key_cache", "
     if layout not in ("key_cache", "value_cache"):
         raise ValueError(f"unknown layout {layout!r}: expected 'rows', 'key_cache' or 'value_cache'")
     *lead, positions, dim = data.shape
-    stored = cache_storage(lead, positions, dim, data.device, value_tiles=layout == "value_cache")
+    stored = _cache_storage(lead, positions, dim, data.device, value_tiles=layout == "value_cache")
     if layout == "value_cache":
-        write_value_rows(stored.data, torch.arange(positions, device=data.device), data)
+        _write_value_rows(stored.data, torch.arange(positions, device=data.device), data)
     else:
         stored.data[..., :positions, :] = data
     stored.scale[..., :positions] = scale
     return stored.view(positions)
 
 
-def cache_storage(
+def _cache_storage(
     lead: Sequence[int], positions: int, dim: int, device: torch.device, value_tiles: bool
 ) -> Float8KV:
     """Zeroed bytes and scales for `positions` cached rows of `dim`, padded by `VALUE_TILE` positions: key rows
@@ -91,7 +91,7 @@ def cache_storage(
     return Float8KV(data, torch.zeros(*lead, padded, dtype=torch.float32, device=device))
 
 
-def write_value_rows(tiles: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+def _write_value_rows(tiles: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
     """Stores e4m3 `rows` `[..., n, D]` at cache `positions` `[n]` of value tiles `[..., tiles, D, T]`."""
     tile = tiles.shape[-1]
     # Indexing two non-adjacent dimensions puts the indexed one first: the target is `[n, ..., D]`. (Bytes:
@@ -112,8 +112,8 @@ class Float8StaticLayer(StaticLayer):
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         lead = (self.batch_size, self.num_heads)
-        self.keys, self.key_scales = cache_storage(lead, self.max_cache_len, self.k_head_dim, self.device, False)
-        self.values, self.value_scales = cache_storage(lead, self.max_cache_len, self.v_head_dim, self.device, True)
+        self.keys, self.key_scales = _cache_storage(lead, self.max_cache_len, self.k_head_dim, self.device, False)
+        self.values, self.value_scales = _cache_storage(lead, self.max_cache_len, self.v_head_dim, self.device, True)
         self.cumulative_length = self.cumulative_length.to(self.device)
         # Fixed addresses, as `StaticLayer` marks its tensors: compiled generation (CUDA graphs) updates them in place.
         if not torch.compiler.is_compiling():
@@ -132,7 +132,7 @@ class Float8StaticLayer(StaticLayer):
         keys, values = quantize_float8(key_states), quantize_float8(value_states)
         # index_copy_ has no float8 kernel: copy the bytes.
         self.keys.view(torch.uint8).index_copy_(2, positions, keys.data.view(torch.uint8))
-        write_value_rows(self.values, positions, values.data)
+        _write_value_rows(self.values, positions, values.data)
         self.key_scales.index_copy_(2, positions, keys.scale)
         self.value_scales.index_copy_(2, positions, values.scale)
         cached = (Float8KV(self.keys, self.key_scales), Float8KV(self.values, self.value_scales))
