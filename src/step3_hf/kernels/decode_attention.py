@@ -358,8 +358,9 @@ def decode_attention(
         key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
             with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale). A
             float8 `value` may also be value tiles `[B, Hkv, ceil(kv_len / T), D, T]` (T a multiple of 16; as
-            `quantize_float8(..., layout="value_cache")` and `Float8StaticCache` store it), the layout read fastest;
-            tiles are read in whole 16-position vectors, so their bytes past each valid range must be finite.
+            `quantize_float8(..., layout="value_cache")` and `Float8StaticCache` store it), the layout read fastest.
+            Positions past a sequence's valid range are read where the tensors' storage holds them (whole blocks,
+            without bounds checks) and get probability 0, so the values stored there must be finite.
         scale: softmax scale, `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
