@@ -171,6 +171,21 @@ def test_float8_keeps_many_small_probabilities(device, float8_products):
     assert relative_error(out.cpu(), ref) < 1e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_caches_never_read_past_their_valid_range(device):
+    """A bf16/fp32 cache that is a view of a larger buffer holding NaN past the valid positions (torch.empty
+    memory may): the kernel must not read them, even though the storage holds them (0 * NaN is NaN)."""
+    query, key, value = random_case(2, 8, 1, 1, 128, 16, torch.float32, device, seed=5)
+    value[:, :, 40:] = float("nan")
+    out = decode_attention(query, key[:, :, :48], value[:, :, :48], kv_lengths=torch.tensor([40, 17], device=device))
+    allowed = torch.arange(48)[None, None, :] < torch.tensor([40, 17])[:, None, None]
+    ref = reference_attention(query.cpu(), key[:, :, :48].cpu(), value[:, :, :48].nan_to_num().cpu(), 16**-0.5, allowed)
+    assert relative_error(out.cpu(), ref) < 1e-5
+    out = decode_attention(query, key[:, :, :40], value[:, :, :40])
+    allowed = torch.ones(2, 1, 40, dtype=torch.bool)
+    assert relative_error(out.cpu(), reference_attention(query.cpu(), key[:, :, :40].cpu(), value[:, :, :40].cpu(), 16**-0.5, allowed)) < 1e-5
+
+
 def test_unchecked_loads_only_where_whole_blocks_stay_in_storage():
     """The kernel reads whole blocks past the cache's end without bounds checks only if the storage holds them."""
     indexable = decode_attention_module._indexable

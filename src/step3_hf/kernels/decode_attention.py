@@ -358,9 +358,10 @@ def decode_attention(
         key, value: the cache, `[B, Hkv, kv_len, D]` with `Hq % Hkv == 0`; bf16/fp16/fp32, or float8 e4m3 together
             with `key_scale`/`value_scale` `[B, Hkv, kv_len]` float32 (dequantised value = fp8 value * scale). A
             float8 `value` may also be value tiles `[B, Hkv, ceil(kv_len / T), D, T]` (T a multiple of 16; as
-            `quantize_float8(..., layout="value_cache")` and `Float8StaticCache` store it), the layout read fastest.
-            Positions past a sequence's valid range are read where the tensors' storage holds them (whole blocks,
-            without bounds checks) and get probability 0, so the values stored there must be finite.
+            `quantize_float8(..., layout="value_cache")` and `Float8StaticCache` store it), the layout read fastest:
+            with it, positions past a sequence's valid range are read where the tensors' storage holds them (whole
+            blocks, without bounds checks) and get probability 0, so the bytes and scales stored there must be
+            finite (the cache layouts hold zeros or written values there). Other layouts are bounds-checked.
         scale: softmax scale, `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
@@ -508,11 +509,17 @@ def _decode_attention_op(
         *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
         num_kv_heads, q_len, scale * math.log2(math.e), num_splits,
     )  # fmt: skip
-    # The last block of a slice may reach block_n - 1 positions past the cache's end.
+    # Unchecked loads read whatever lies past each sequence's valid range, with probability 0; 0 * NaN is NaN, so
+    # they are only for the float8 cache layout (value tiles), whose storage holds zeros or written values there,
+    # and only where the last block of a slice (up to block_n - 1 positions past the cache's end) stays inside it.
     reach = kv_len + block_n - 1
-    readable = _indexable(key, 2, reach) and _indexable(value, 2, -(-reach // v_tile) if v_tile else reach)
-    if is_fp8:
-        readable = readable and _indexable(key_scale, 2, reach) and _indexable(value_scale, 2, reach)
+    readable = (
+        v_tile > 0
+        and _indexable(key, 2, reach)
+        and _indexable(value, 2, -(-reach // v_tile))
+        and _indexable(key_scale, 2, reach)
+        and _indexable(value_scale, 2, reach)
+    )
     fp8_mma = is_fp8 and float8_tensor_cores(device)
     constants = dict(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
