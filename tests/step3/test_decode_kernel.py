@@ -225,6 +225,8 @@ def test_bad_arguments_raise_clear_errors(device):
         decode_attention(query, key, value, attention_mask=torch.ones(2, 1, 1, 16, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="kv_lengths"):
         decode_attention(query, key, value, kv_lengths=torch.tensor([16, 16], device=device))
+    with pytest.raises(ValueError, match=r"\[0, 16\]"):  # longer than the cache (checked when given on the CPU)
+        decode_attention(query, key, value, kv_lengths=torch.tensor([17]))
     with pytest.raises(ValueError, match="differs"):
         decode_attention(query, key.half(), value.half())
     with pytest.raises(ValueError, match="value"):

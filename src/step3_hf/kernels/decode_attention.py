@@ -366,7 +366,9 @@ def decode_attention(
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
             each sequence's valid range and attend causally.
-        kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`), instead of a mask.
+        kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`, length <= kv_len),
+            instead of a mask. Lengths given on the CPU are checked; on the device they are not (that would wait
+            for it).
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens).
@@ -413,6 +415,9 @@ def decode_attention(
         raise ValueError("pass either `attention_mask` or `kv_lengths`, not both")
     if kv_lengths is not None and kv_lengths.shape != (batch,):
         raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
+    lengths_on_host = kv_lengths is not None and kv_lengths.device.type == "cpu"
+    if lengths_on_host and not bool(((kv_lengths >= 0) & (kv_lengths <= kv_len)).all()):
+        raise ValueError(f"`kv_lengths` must lie in [0, {kv_len}] (the cache's length), got {kv_lengths.tolist()}")
     group = num_heads // num_kv_heads
     if group * q_len > MAX_QUERY_ROWS:
         raise ValueError(
