@@ -39,15 +39,20 @@ class Float8KV(NamedTuple):
     data: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def value_tiles(self) -> bool:
+        """Whether `data` holds value tiles (one dimension more than rows)."""
+        return self.data.ndim == self.scale.ndim + 2
+
     def view(self, positions: int) -> Float8KV:
         """The first `positions` cached rows (of padded storage: the memory past them stays readable)."""
-        data = self.data if self.data.ndim == self.scale.ndim + 2 else self.data[..., :positions, :]
+        data = self.data if self.value_tiles else self.data[..., :positions, :]
         return Float8KV(data, self.scale[..., :positions])
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """`[B, H, S, D]` in `dtype`."""
         data = self.data
-        if data.ndim == self.scale.ndim + 2:  # value tiles
+        if self.value_tiles:
             data = data.transpose(-1, -2).flatten(-3, -2)[..., : self.scale.shape[-1], :]
         return (data.to(torch.float32) * self.scale[..., None]).to(dtype)
 
