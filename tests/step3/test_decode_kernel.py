@@ -57,6 +57,17 @@ def test_ragged_lengths_and_split_boundaries(device, dtype, num_splits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_of_many_query_rows_in_several_row_blocks(device, dtype):
+    # 64 query heads of one KV head and one sequence: the merge pass cuts those 64 rows into blocks of 8 or fewer
+    # (to fill the device), so the row blocks, and splits that end inside a block, are checked against float64.
+    query, key, value = random_case(1, 64, 1, 1, 300, 32, dtype, device, seed=5)
+    out = decode_attention(query, key, value, num_splits=5)
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, torch.ones(1, 1, 300, dtype=torch.bool))
+    assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_len", [2, 3])
 def test_several_new_tokens_attend_causally_at_the_end(device, q_len):
     query, key, value = random_case(2, 8, 1, q_len, 150, 64, torch.float32, device, seed=q_len)
