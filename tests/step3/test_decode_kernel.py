@@ -60,7 +60,7 @@ def test_ragged_lengths_and_split_boundaries(device, dtype, num_splits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_of_many_query_rows_in_several_row_blocks(device, dtype):
     # 64 query heads of one KV head and one sequence: the merge pass cuts those 64 rows into blocks of 8 or fewer
-    # (to fill the device), so the row blocks, and splits that end inside a block, are checked against float64.
+    # (to fill the device), each block merging the five splits' partials of its rows; checked against float64.
     query, key, value = random_case(1, 64, 1, 1, 300, 32, dtype, device, seed=5)
     out = decode_attention(query, key, value, num_splits=5)
     ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, torch.ones(1, 1, 300, dtype=torch.bool))

@@ -67,8 +67,8 @@ def _split_kv_attention(
     stride_ob, stride_oh, stride_ot, stride_od,
     num_kv_heads, q_len, kv_len, qk_scale_log2, num_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, READABLE: tl.constexpr, HAS_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr,
+    BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, READABLE: tl.constexpr, HAS_BOUNDS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):  # fmt: skip
