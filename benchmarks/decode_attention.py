@@ -53,7 +53,8 @@ def machine_and_ceiling(script: str) -> float:
     """Exit unless CUDA is present; print the machine line and the copy ceiling; return the ceiling (bytes/s)."""
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}")  # fmt: skip
     bandwidth = copy_bandwidth()
     print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     return bandwidth
@@ -231,14 +232,8 @@ def main() -> None:
     parser.add_argument("--placements", type=int, default=3, help="input allocations per shape (median reported)")
     parser.add_argument("--json", help="write all numbers to this file")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_attention.py needs a CUDA device")
-
-    device = torch.cuda.get_device_name()
-    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    bandwidth = machine_and_ceiling("decode_attention.py")
     print(f"flash_attn: {'yes' if flash_attn_with_kvcache is not None else 'not installed'}")
-    bandwidth = copy_bandwidth()
-    print(f"ceiling: device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
     check_correctness()
     sweep_rows = sweep(args) if args.sweep else []
     rows = run_table(args)
@@ -256,10 +251,11 @@ def main() -> None:
         fp8_speedup = row["ours bf16"]["us"] / row["ours fp8"]["us"]
         per_placement = row["fp8/bf16 per placement"]
         shape = f"| {row['batch']} | {row['context']} | {row['kv_MiB']:.0f} |"
-        print(f"{shape} {cells} | {speedup:.2f}x | {fp8_speedup:.2f}x ({min(per_placement):.2f}-{max(per_placement):.2f}) |")
+        spread = f"({min(per_placement):.2f}-{max(per_placement):.2f})"
+        print(f"{shape} {cells} | {speedup:.2f}x | {fp8_speedup:.2f}x {spread} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "platform": platform.platform(), "torch": torch.__version__,
+            json.dump({"device": torch.cuda.get_device_name(), "platform": platform.platform(), "torch": torch.__version__,
                        "triton": triton.__version__, "copy_TBps": bandwidth / 1e12, "rows": rows,
                        "sweep": sweep_rows}, f, indent=1)  # fmt: skip
 

@@ -32,7 +32,6 @@ def reference_attention(query, key, value, scale, allowed):
     return (probs @ value).transpose(1, 2)
 
 
-
 def random_case(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, device, seed):
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, q_len, heads, head_dim, generator=generator).transpose(1, 2)  # transformers' strides
@@ -85,8 +84,8 @@ def test_several_new_tokens_attend_causally_at_the_end(device, q_len):
 @pytest.mark.parametrize("q_len", [1, 2])
 def test_boolean_mask_left_padding_and_static_tail(device, num_splits, q_len):
     # Left padding (rows start at 0, 30, 97, 5), an unwritten static-cache tail (rows end at 160, 140, 100, 190),
-    # causal over the new tokens, and random holes in the last row: the kernel must follow the mask exactly. With
-    # one new token the first three rows allow exactly [start, end), which the kernel runs unmasked inside.
+    # causal over the new tokens, and random holes in the last row: the kernel must follow the mask exactly (one
+    # new token: the first three rows allow exactly [start, end); several: a causal staircase at the end).
     query, key, value = random_case(4, 8, 1, q_len, 192, 32, torch.float32, device, seed=7)
     positions = torch.arange(192)
     starts, ends = torch.tensor([0, 30, 97, 5]), torch.tensor([160, 140, 100, 190])
@@ -175,7 +174,8 @@ def test_float8_keeps_many_small_probabilities(device, float8_products):
     value = -torch.ones(batch, 1, kv_len, head_dim)
     value[:, :, 0] = 1.0
     value[1] *= torch.logspace(-3, 0, kv_len)[:, None]
-    key8, value8 = quantize_float8(key.to(device), layout="key_cache"), quantize_float8(value.to(device), layout="value_cache")
+    key8 = quantize_float8(key.to(device), layout="key_cache")
+    value8 = quantize_float8(value.to(device), layout="value_cache")
     out = float8_decode_attention(query.to(device, torch.bfloat16), key8, value8)
     dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
     ref = reference_attention(query, *dequantised, head_dim**-0.5, torch.ones(batch, 1, kv_len, dtype=torch.bool))
@@ -194,7 +194,8 @@ def test_plain_caches_never_read_past_their_valid_range(device):
     assert relative_error(out.cpu(), ref) < 1e-5
     out = decode_attention(query, key[:, :, :40], value[:, :, :40])
     allowed = torch.ones(2, 1, 40, dtype=torch.bool)
-    assert relative_error(out.cpu(), reference_attention(query.cpu(), key[:, :, :40].cpu(), value[:, :, :40].cpu(), 16**-0.5, allowed)) < 1e-5
+    ref = reference_attention(query.cpu(), key[:, :, :40].cpu(), value[:, :, :40].cpu(), 16**-0.5, allowed)
+    assert relative_error(out.cpu(), ref) < 1e-5
 
 
 def test_unchecked_loads_only_where_whole_blocks_stay_in_storage():

@@ -40,7 +40,6 @@ def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_pro
     return out
 
 
-
 def skewed_routing(num_tokens, num_experts, top_k, generator):
     """Expert 0 in every token (rows beyond one 16-row block), expert 1 in exactly one token, the last expert in
     none, the other choices spread over the rest (repeated across tokens, distinct within a token)."""

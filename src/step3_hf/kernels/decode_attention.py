@@ -21,7 +21,8 @@ from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton
 
 __all__ = ["decode_attention", "default_num_splits", "kv_bounds_from_mask"]
 
-# Partial results are float32; a split narrower than this many cache positions is not worth its merge traffic.
+# Each split writes a partial result that the merge reads back; a split narrower than this many cache positions is
+# not worth that traffic.
 _MIN_POSITIONS_PER_SPLIT = 512
 # Programs to aim for per multiprocessor when choosing the split count (swept on the H200, docs/performance.md):
 # a bf16 program's pipeline fills one multiprocessor's shared memory; float8 tiles are half the size.
