@@ -241,6 +241,8 @@ def test_bad_arguments_raise_clear_errors(device):
         decode_attention(query, key, value, kv_lengths=torch.tensor([17]))
     with pytest.raises(ValueError, match="differs"):
         decode_attention(query, key.half(), value.half())
+    with pytest.raises(ValueError, match="`scale` must be positive"):
+        decode_attention(query, key, value, scale=0.0)
     with pytest.raises(ValueError, match="value"):
         decode_attention(query, key, value[..., :8])
     with pytest.raises(ValueError, match="4-D"):

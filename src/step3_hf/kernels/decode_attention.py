@@ -24,9 +24,12 @@ __all__ = ["decode_attention", "default_num_splits", "kv_bounds_from_mask"]
 # Each split writes a partial result that the merge reads back; a split narrower than this many cache positions is
 # not worth that traffic.
 _MIN_POSITIONS_PER_SPLIT = 512
-# Programs to aim for per multiprocessor when choosing the split count (swept on the H200, docs/performance.md):
-# a bf16 program's pipeline fills one multiprocessor's shared memory; float8 tiles are half the size.
-_PROGRAMS_PER_SM = {False: 1, True: 2}
+# Split counts aim at one program per multiprocessor: a bf16 program's pipeline fills its shared memory. Float8 tiles
+# are half the size, so two programs fit, and two stream faster than one (one float8 program is bound by its own
+# instruction latency); but each program also pays fixed costs (its prologue, unequal finish times, the merge). Float8
+# slices of at most this many positions run one per multiprocessor, with a deeper pipeline (swept on the H200,
+# docs/performance.md).
+_SHORT_FLOAT8_SLICE = 4096
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 # Query rows (query heads per KV head x new tokens) that one program's tensor-core tile holds.
 MAX_QUERY_ROWS = 256
@@ -71,7 +74,7 @@ def _split_kv_attention(
     BLOCK_N: tl.constexpr, V_TILE: tl.constexpr, READABLE: tl.constexpr, HAS_BOUNDS: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr, SINGLE_TOKEN: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, LAUNCH_MERGE: tl.constexpr,
 ):  # fmt: skip
     """One program: all `GROUP * q_len` query rows of one (sequence, KV head) against one slice of its cache."""
     split = tl.program_id(0)
@@ -96,6 +99,8 @@ def _split_kv_attention(
     # with the softmax scale folded in, and the scale is applied to the scores. Without FP8_MMA (GPUs before Ada)
     # the cache tiles are widened to fp16. float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8);
     # there, e4m3 rounding is emulated in float32 (the interpreter's float32 -> e4m3 cast is wrong too).
+    # A 16-bit cache's scores are taken to log2 units (score_scale > 0) after masking, fused with the max subtraction.
+    score_scale = 1.0 if IS_FP8 else qk_scale_log2
     if IS_FP8:
         q = q.to(tl.float32) * qk_scale_log2
         if FP8_MMA:
@@ -167,9 +172,9 @@ def _split_kv_attention(
                 scores = scores * (q_scale[:, None] * k_scale[None, :])
             else:
                 scores = scores * k_scale[None, :]
-        else:
-            scores = scores * qk_scale_log2
-        keep = row_ok[:, None] & (n_ok & (offs_n >= start))[None, :]
+        # Positions before `start` are excluded by the mask they came from; rows past GROUP * q_len hold q = 0 (finite
+        # scores) and are never stored.
+        keep = n_ok[None, :]
         if HAS_MASK:
             if SINGLE_TOKEN:  # one mask row shared by all heads: a [BLOCK_N] load, not a [BLOCK_M, BLOCK_N] tile
                 allowed = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)[None, :]
@@ -184,10 +189,10 @@ def _split_kv_attention(
             keep = keep & (offs_n[None, :] <= end - q_len + tok[:, None])
         scores = tl.where(keep, scores, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * score_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
+        p = tl.exp2(scores * score_scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_TILE:  # float8 value tiles: [V_TILE positions x D] stored D-major, positions contiguous
             v_ptrs = v_base + (offs_n // V_TILE)[:, None] * stride_vt + (offs_n % V_TILE)[:, None] * stride_vn
@@ -212,6 +217,8 @@ def _split_kv_attention(
             acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
         m_i = m_new
 
+    if LAUNCH_MERGE:  # the merge (launched early, see below) may start on the resources this grid frees from now on
+        tl.extra.cuda.gdc_launch_dependents()
     if IS_FP8:
         acc = acc / p_unit
     has_any = l_i > 0.0
@@ -329,8 +336,12 @@ def default_num_splits(
 ) -> int:
     """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
     programs = batch_size * num_kv_heads
-    wanted = round(_PROGRAMS_PER_SM[float8] * _num_sms(torch.device(device)) / programs)
-    return max(1, min(wanted, math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)))
+    sms = _num_sms(torch.device(device))
+    widest = math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)
+    one_per_sm = max(1, min(round(sms / programs), widest))
+    if not float8 or kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
+        return one_per_sm
+    return max(1, min(round(2 * sms / programs), widest))
 
 
 def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,7 +387,7 @@ def decode_attention(
             with it, positions past a sequence's valid range are read where the tensors' storage holds them (whole
             blocks, without bounds checks) and get probability 0, so the bytes and scales stored there must be
             finite (the cache layouts hold zeros or written values there). Other layouts are bounds-checked.
-        scale: softmax scale, `D ** -0.5` by default.
+        scale: softmax scale (positive), `D ** -0.5` by default.
         attention_mask: optional boolean `[B, 1, q_len, kv_len]` (True = attend), e.g. transformers' `sdpa_mask`
             for left-padded batches and static caches. Without it the new tokens are the last `q_len` positions of
             each sequence's valid range and attend causally.
@@ -458,6 +469,8 @@ def decode_attention(
     if kv_lengths is not None:
         kv_lengths = kv_lengths.to(device=query.device, dtype=torch.int32)
     scale = head_dim**-0.5 if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"`scale` must be positive, got {scale}")
     return torch.ops.step3_hf.decode_attention(
         query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages
     )
@@ -496,9 +509,11 @@ def _decode_attention_op(
 
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
-    if num_stages is None:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory
-        num_stages = 2 if mask is not None and q_len > 1 else 3
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
+    if num_stages is None:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory, or for float8
+        # with one program per multiprocessor, four
+        num_stages = 2 if mask is not None and q_len > 1 else 3
+        num_stages += int(is_fp8 and batch * num_kv_heads * num_splits <= _num_sms(device))
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
     rows = group * q_len
@@ -542,14 +557,19 @@ def _decode_attention_op(
         and _indexable(value_scale, 2, reach)
     )
     fp8_mma = is_fp8 and float8_tensor_cores(device)
+    # On Hopper and later the merge is launched while the attention kernel drains (programmatic dependent launch):
+    # each attention program lets it start once its loop is done, and the merge waits for the whole grid in-kernel.
+    merge_early = num_splits > 1 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
     constants = dict(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
         # e4m3 tensor-core products reduce over at least 32 elements
         BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
-        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
+        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1,
+        IS_FP8=is_fp8, FP8_MMA=fp8_mma,
         V_TILE=v_tile, READABLE=readable, HAS_BOUNDS=kv_end is not None,
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
+        LAUNCH_MERGE=merge_early,
     )  # fmt: skip
     # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
     for stages in range(num_stages, 0, -1):
@@ -566,14 +586,11 @@ def _decode_attention_op(
         block_r = min(16, triton.next_power_of_2(rows))
         while block_r > 1 and batch * num_kv_heads * triton.cdiv(rows, block_r) < 2 * _num_sms(device):
             block_r //= 2
-        # On Hopper and later the merge is launched while the attention kernel drains (programmatic dependent
-        # launch) and waits for it in-kernel, which hides its launch latency.
-        early = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
         _merge_splits[(triton.cdiv(rows, block_r), batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=block_r,
-            BLOCK_S=min(64, max(2, triton.next_power_of_2(num_splits))), WAIT_FOR_PRIOR_GRID=early,
-            num_warps=max(1, min(4, block_r // 2)), **({"launch_pdl": True} if early else {}),
+            BLOCK_S=min(64, max(2, triton.next_power_of_2(num_splits))), WAIT_FOR_PRIOR_GRID=merge_early,
+            num_warps=max(1, min(4, block_r // 2)), **({"launch_pdl": True} if merge_early else {}),
         )  # fmt: skip
     return out
 
