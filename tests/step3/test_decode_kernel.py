@@ -143,15 +143,21 @@ def float8_products(request, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("cache_layout", [True, False])
-def test_float8_cache_matches_reference_of_dequantised_cache(device, num_splits, cache_layout, float8_products):
+@pytest.mark.parametrize("num_stages", [None, 3])
+def test_float8_cache_matches_reference_of_dequantised_cache(
+    device, num_splits, cache_layout, num_stages, float8_products
+):
     # The cache layouts (padded storage, value tiles) take the kernel's unchecked loads; plain rows its checked ones.
+    # Stages: the default (here 4: at most one program per multiprocessor), or the 3 that two programs each get.
     query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
     layouts = ("key_cache", "value_cache") if cache_layout else ("rows", "rows")
     key8, value8 = quantize_float8(key, layout=layouts[0]), quantize_float8(value, layout=layouts[1])
     assert key8.data.dtype == torch.float8_e4m3fn and key8.scale.shape == (3, 1, 130)
     assert key8.data.shape == key.shape and value8.data.shape == ((3, 1, 4, 64, 64) if cache_layout else value.shape)
     lengths = torch.tensor([130, 5, 64])
-    out = float8_decode_attention(query, key8, value8, kv_lengths=lengths.to(device), num_splits=num_splits)
+    out = float8_decode_attention(
+        query, key8, value8, kv_lengths=lengths.to(device), num_splits=num_splits, num_stages=num_stages
+    )
     allowed = torch.arange(130)[None, None, :] < lengths[:, None, None]
     dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
     ref = reference_attention(query.cpu(), *dequantised, 64**-0.5, allowed)
