@@ -67,6 +67,20 @@ def test_merge_of_many_query_rows_in_several_row_blocks(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_whole_cache_in_whole_blocks(device, dtype, q_len):
+    # No mask or lengths (no bounds tensors), and slices of whole 64-position blocks (2 and 4 slices of 512
+    # positions): only causality among the new tokens excludes positions.
+    query, key, value = random_case(2, 16, 1, q_len, 512, 32, dtype, device, seed=9)
+    allowed = torch.arange(512)[None, :] <= 512 - q_len + torch.arange(q_len)[:, None]
+    ref = reference_attention(query.cpu(), key.cpu(), value.cpu(), 32**-0.5, allowed[None].expand(2, -1, -1))
+    for num_splits in (2, 4):
+        out = decode_attention(query, key, value, num_splits=num_splits)
+        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_len", [2, 3])
 def test_several_new_tokens_attend_causally_at_the_end(device, q_len):
     query, key, value = random_case(2, 8, 1, q_len, 150, 64, torch.float32, device, seed=q_len)
