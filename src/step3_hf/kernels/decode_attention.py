@@ -99,7 +99,7 @@ def _split_kv_attention(
     # with the softmax scale folded in, and the scale is applied to the scores. Without FP8_MMA (GPUs before Ada)
     # the cache tiles are widened to fp16. float32 where the interpreter's bf16 dot is wrong (seen: Triton 3.8);
     # there, e4m3 rounding is emulated in float32 (the interpreter's float32 -> e4m3 cast is wrong too).
-    # A 16-bit cache's scores are taken to log2 units (score_scale > 0) after masking, fused with the max subtraction.
+    # Other caches' scores are taken to log2 units (score_scale > 0) after masking, fused with the max subtraction.
     score_scale = 1.0 if IS_FP8 else qk_scale_log2
     if IS_FP8:
         q = q.to(tl.float32) * qk_scale_log2
@@ -564,8 +564,7 @@ def _decode_attention_op(
         GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
         # e4m3 tensor-core products reduce over at least 32 elements
         BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
-        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1,
-        IS_FP8=is_fp8, FP8_MMA=fp8_mma,
+        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
         V_TILE=v_tile, READABLE=readable, HAS_BOUNDS=kv_end is not None,
         SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
