@@ -162,7 +162,8 @@ def test_float8_cache_matches_reference_of_dequantised_cache(
     device, num_splits, cache_layout, num_stages, float8_products
 ):
     # The cache layouts (padded storage, value tiles) take the kernel's unchecked loads; plain rows its checked ones.
-    # Stages: the default (here 4: at most one program per multiprocessor), or the 3 that two programs each get.
+    # Stages (compiled on CUDA only; the interpreter ignores them): the default (4 here: at most one program per
+    # multiprocessor), or the 3 that two programs per multiprocessor get.
     query, key, value = random_case(3, 16, 1, 1, 130, 64, torch.bfloat16, device, seed=11)
     layouts = ("key_cache", "value_cache") if cache_layout else ("rows", "rows")
     key8, value8 = quantize_float8(key, layout=layouts[0]), quantize_float8(value, layout=layouts[1])
@@ -261,8 +262,9 @@ def test_bad_arguments_raise_clear_errors(device):
         decode_attention(query, key, value, kv_lengths=torch.tensor([17]))
     with pytest.raises(ValueError, match="differs"):
         decode_attention(query, key.half(), value.half())
-    with pytest.raises(ValueError, match="`scale` must be positive"):
-        decode_attention(query, key, value, scale=0.0)
+    for scale in (0.0, -0.5, float("nan"), float("inf"), 1e-60):
+        with pytest.raises(ValueError, match="`scale` must be positive"):
+            decode_attention(query, key, value, scale=scale)
     with pytest.raises(ValueError, match="value"):
         decode_attention(query, key, value[..., :8])
     with pytest.raises(ValueError, match="4-D"):

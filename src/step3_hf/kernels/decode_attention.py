@@ -338,8 +338,10 @@ def default_num_splits(
     programs = batch_size * num_kv_heads
     sms = _num_sms(torch.device(device))
     widest = math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)
-    one_per_sm = max(1, min(round(sms / programs), widest))
-    if not float8 or kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
+    if not float8:
+        return max(1, min(round(sms / programs), widest))
+    one_per_sm = max(1, min(sms // programs, widest))  # never more programs than multiprocessors
+    if kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
         return one_per_sm
     return max(1, min(round(2 * sms / programs), widest))
 
@@ -396,7 +398,8 @@ def decode_attention(
             for it).
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
-            program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens).
+            program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens; one more
+            for a float8 cache read by at most one program per multiprocessor).
     """
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
@@ -469,8 +472,8 @@ def decode_attention(
     if kv_lengths is not None:
         kv_lengths = kv_lengths.to(device=query.device, dtype=torch.int32)
     scale = head_dim**-0.5 if scale is None else scale
-    if not scale > 0:
-        raise ValueError(f"`scale` must be positive, got {scale}")
+    if not (math.isfinite(scale) and scale * math.log2(math.e) >= torch.finfo(torch.float32).tiny):
+        raise ValueError(f"`scale` must be positive, finite and not below float32's range, got {scale}")
     return torch.ops.step3_hf.decode_attention(
         query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages
     )
