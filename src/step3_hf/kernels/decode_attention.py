@@ -513,10 +513,11 @@ def _decode_attention_op(
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
+    sms = _num_sms(device)
     if num_stages is None:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory, or for float8
         # with one program per multiprocessor, four
         num_stages = 2 if mask is not None and q_len > 1 else 3
-        num_stages += int(is_fp8 and batch * num_kv_heads * num_splits <= _num_sms(device))
+        num_stages += int(is_fp8 and batch * num_kv_heads * num_splits <= sms)
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
     rows = group * q_len
@@ -586,7 +587,7 @@ def _decode_attention_op(
     if num_splits > 1:
         # Rows per merge program: up to 16, fewer where that leaves fewer than two programs per multiprocessor.
         block_r = min(16, triton.next_power_of_2(rows))
-        while block_r > 1 and batch * num_kv_heads * triton.cdiv(rows, block_r) < 2 * _num_sms(device):
+        while block_r > 1 and batch * num_kv_heads * triton.cdiv(rows, block_r) < 2 * sms:
             block_r //= 2
         _merge_splits[(triton.cdiv(rows, block_r), batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
