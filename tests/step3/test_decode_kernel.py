@@ -203,6 +203,47 @@ def test_float8_keeps_many_small_probabilities(device, float8_products):
     assert relative_error(out.cpu(), ref) < 1e-2
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER or INTERPRETED, reason="the Gluon float8 kernel runs on compute capability 9.x")
+@pytest.mark.parametrize(
+    "heads, q_len, num_splits, num_stages", [(64, 1, None, None), (64, 1, 1, 3), (64, 1, 5, 4), (32, 2, 3, 6)]
+)
+def test_hopper_float8_kernel_matches_reference(monkeypatch, heads, q_len, num_splits, num_stages):
+    """Step-3's widths (64 query heads on one KV head of 256) through the Gluon kernel: ragged lengths that end
+    inside blocks, slices that end inside blocks, an empty sequence; several new tokens (causal among themselves)
+    with 32 heads, as 64 query rows fill its tile."""
+    sm90_module = importlib.import_module("step3_hf.kernels.decode_attention_sm90")
+    launches = []
+    monkeypatch.setattr(
+        decode_attention_module,
+        "float8_attention_sm90",
+        lambda *args: launches.append(args) or sm90_module.float8_attention_sm90(*args),
+    )
+    kv_len = 1000
+    query, key, value = random_case(4, heads, 1, q_len, kv_len, 256, torch.bfloat16, "cuda", seed=23)
+    key8, value8 = quantize_float8(key, layout="key_cache"), quantize_float8(value, layout="value_cache")
+    lengths = torch.tensor([kv_len, 77, 0, 640])
+    out = float8_decode_attention(
+        query, key8, value8, kv_lengths=lengths.cuda(), num_splits=num_splits, num_stages=num_stages
+    )
+    assert len(launches) == 1
+    position = torch.arange(kv_len)[None, None, :]
+    end = lengths[:, None, None]
+    allowed = (position < end) & (position <= end - q_len + torch.arange(q_len)[None, :, None])
+    dequantised = [t.dequantize(torch.float64).cpu() for t in (key8, value8)]
+    ref = reference_attention(query.cpu(), *dequantised, 256**-0.5, allowed)
+    assert torch.equal(out[2].cpu(), torch.zeros_like(out[2].cpu()))  # nothing to attend to
+    assert relative_error(out.cpu(), ref) < 5e-2
+    # The same rounding as the Triton kernel's e4m3 products, up to summation order and slicing.
+    monkeypatch.setattr(decode_attention_module, "sm90_float8_applies", lambda *args: False)
+    triton_out = float8_decode_attention(query, key8, value8, kv_lengths=lengths.cuda(), num_splits=num_splits)
+    assert len(launches) == 1
+    assert relative_error(out.cpu(), triton_out.cpu().double()) < 3e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_plain_caches_never_read_past_their_valid_range(device):
     """A bf16/fp32 cache that is a view of a larger buffer holding NaN past the valid positions (torch.empty

@@ -5,7 +5,8 @@ queries against one stream of K/V. Each program folds all query heads of its KV 
 the M dimension of one tensor-core tile and reads its slice of the cache exactly once; the cache is cut into
 `num_splits` slices so that small batches with long contexts still fill every multiprocessor, and a second pass
 merges the slices' partial results by their log-sum-exp. The cache may be bf16/fp16/fp32, or float8 e4m3 with one
-float32 scale per cached token (see `float8_kv_cache.py`).
+float32 scale per cached token (see `float8_kv_cache.py`). On Hopper, float8 caches in value tiles without a mask
+run the Gluon kernel of `decode_attention_sm90.py` where their slices are short enough, with the same merge.
 
 With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors through Triton's
 interpreter (the tests do this).
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+from .decode_attention_sm90 import float8_attention_sm90, sm90_float8_applies
 from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
 
 __all__ = ["decode_attention", "default_num_splits", "kv_bounds_from_mask"]
@@ -30,6 +32,9 @@ _MIN_POSITIONS_PER_SPLIT = 512
 # slices of at most this many positions run one per multiprocessor, with a deeper pipeline (swept on the H200,
 # docs/performance.md).
 _SHORT_FLOAT8_SLICE = 4096
+# On Hopper, float8 slices of at most this many positions (at one program per multiprocessor) run the Gluon kernel
+# of `decode_attention_sm90.py`; longer ones the Triton kernel at two programs per multiprocessor (swept on the H200).
+_SM90_LONGEST_SLICE = 8192
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 # Query rows (query heads per KV head x new tokens) that one program's tensor-core tile holds.
 MAX_QUERY_ROWS = 256
@@ -332,16 +337,22 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_num_splits(
-    batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str, float8: bool = False
+    batch_size: int,
+    num_kv_heads: int,
+    kv_len: int,
+    device: torch.device | str,
+    float8: bool = False,
+    one_program_per_sm: bool = False,
 ) -> int:
-    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
+    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions.
+    `one_program_per_sm`: for the Hopper float8 kernel, whose pipeline fills a multiprocessor's shared memory."""
     programs = batch_size * num_kv_heads
     sms = _num_sms(torch.device(device))
     widest = math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)
     if not float8:
         return max(1, min(round(sms / programs), widest))
     one_per_sm = max(1, min(sms // programs, widest))  # never more programs than multiprocessors
-    if kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
+    if one_program_per_sm or kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
         return one_per_sm
     return max(1, min(round(2 * sms / programs), widest))
 
@@ -399,7 +410,8 @@ def decode_attention(
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens; one more
-            for a float8 cache read by at most one program per multiprocessor).
+            for a float8 cache read by at most one program per multiprocessor). The Hopper float8 kernel takes
+            block_n=64 and num_warps=4 only (others run the Triton kernel) and num_stages >= 3 (default 5).
     """
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
@@ -510,12 +522,23 @@ def _decode_attention_op(
     else:  # the kernel takes [0, kv_len) for every sequence: no bounds tensors to fill (two launches less)
         kv_start = kv_end = None
 
+    # Float8 value tiles on Hopper without a mask, cut into slices of at most _SM90_LONGEST_SLICE positions at one
+    # program per multiprocessor: the Gluon kernel (asynchronous tensor-core products). Longer slices stream faster
+    # as two Triton programs per multiprocessor (measured, docs/performance.md).
+    sm90 = False
+    if is_fp8 and mask is None and float8_tensor_cores(device):
+        sm90_splits = num_splits or default_num_splits(
+            batch, num_kv_heads, kv_len, device, float8=True, one_program_per_sm=True
+        )
+        sm90 = kv_len <= _SM90_LONGEST_SLICE * sm90_splits and sm90_float8_applies(
+            query, key, value, key_scale, value_scale, block_n, num_warps, num_stages
+        )
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
+        num_splits = sm90_splits if sm90 else default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
     sms = _num_sms(device)
-    if num_stages is None:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory, or for float8
-        # with one program per multiprocessor, four
+    if num_stages is None and not sm90:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory,
+        # or for float8 with one program per multiprocessor, four
         num_stages = 2 if mask is not None and q_len > 1 else 3
         num_stages += int(is_fp8 and batch * num_kv_heads * num_splits <= sms)
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
@@ -574,16 +597,21 @@ def _decode_attention_op(
         DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
         LAUNCH_MERGE=merge_early,
     )  # fmt: skip
-    # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
-    for stages in range(num_stages, 0, -1):
-        try:
-            _split_kv_attention[(num_splits, batch * num_kv_heads)](
-                *launch_args, **constants, num_warps=num_warps, num_stages=stages
-            )
-            break
-        except triton.runtime.errors.OutOfResources:
-            if stages == 1:
-                raise
+    if sm90:
+        float8_attention_sm90(
+            query, key, value, key_scale, value_scale, kv_end, out_view, part_out, part_lse, scale * math.log2(math.e),
+            num_splits, num_stages, merge_early,
+        )  # fmt: skip
+    else:  # a GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry
+        for stages in range(num_stages, 0, -1):
+            try:
+                _split_kv_attention[(num_splits, batch * num_kv_heads)](
+                    *launch_args, **constants, num_warps=num_warps, num_stages=stages
+                )
+                break
+            except triton.runtime.errors.OutOfResources:
+                if stages == 1:
+                    raise
     if num_splits > 1:
         # Rows per merge program: up to 16, fewer where that leaves fewer than two programs per multiprocessor.
         block_r = min(16, triton.next_power_of_2(rows))
