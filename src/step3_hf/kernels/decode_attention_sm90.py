@@ -220,12 +220,13 @@ def _float8_attention_sm90(
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
     has_any = l_i > 0.0
-    l_o = gl.convert_layout(gl.where(has_any, l_i, 1.0) * p_unit, rows_o)  # acc holds P V lifted by p_unit
+    l_o = gl.convert_layout(gl.where(has_any, l_i, 1.0), rows_o)
     out_dtype: gl.constexpr = OUT.dtype.element_ty if SINGLE_SPLIT else PART_OUT.dtype.element_ty
     # Stored 16 bytes per thread and access (the accumulator layout would store 4-byte pieces: 2-3 us, measured).
     store_layout: gl.constexpr = _copy_layout(BLOCK_M, HEAD_DIM * out_dtype.primitive_bitwidth // 8,
                                               out_dtype.primitive_bitwidth // 8)  # fmt: skip
-    out = gl.convert_layout((acc * (1.0 / l_o)[:, None]).to(out_dtype), store_layout)
+    # acc holds P V lifted by p_unit: unlift first (l * p_unit could overflow float32 for tiny value scales)
+    out = gl.convert_layout((acc * (1.0 / p_unit) * (1.0 / l_o)[:, None]).to(out_dtype), store_layout)
     o_row = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
     o_col = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store_layout))
     o_ok = (o_row < GROUP * q_len)[:, None] & (o_col < HEAD_DIM)[None, :]
