@@ -336,18 +336,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_num_splits(
-    batch_size: int,
-    num_kv_heads: int,
-    kv_len: int,
-    device: torch.device | str,
-    float8: bool = False,
-    one_program_per_sm: bool = False,
-) -> int:
-    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions.
-    `one_program_per_sm`: for the Hopper float8 kernel, whose pipeline fills a multiprocessor's shared memory."""
-    programs = batch_size * num_kv_heads
-    sms = _num_sms(torch.device(device))
+def _split_count(programs: int, kv_len: int, sms: int, float8: bool, one_program_per_sm: bool = False) -> int:
+    """`default_num_splits` for `programs` (sequences x KV heads) on `sms` multiprocessors; `one_program_per_sm`:
+    for the Hopper float8 kernel, whose pipeline fills a multiprocessor's shared memory."""
     widest = math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)
     if not float8:
         return max(1, min(round(sms / programs), widest))
@@ -355,6 +346,13 @@ def default_num_splits(
     if one_program_per_sm or kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
         return one_per_sm
     return max(1, min(round(2 * sms / programs), widest))
+
+
+def default_num_splits(
+    batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str, float8: bool = False
+) -> int:
+    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
+    return _split_count(batch_size * num_kv_heads, kv_len, _num_sms(torch.device(device)), float8)
 
 
 def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,21 +520,24 @@ def _decode_attention_op(
     else:  # the kernel takes [0, kv_len) for every sequence: no bounds tensors to fill (two launches less)
         kv_start = kv_end = None
 
-    # Float8 value tiles on Hopper without a mask, cut into slices of at most _SM90_LONGEST_SLICE positions at one
-    # program per multiprocessor: the Gluon kernel (asynchronous tensor-core products). Longer slices stream faster
-    # as two Triton programs per multiprocessor (measured, docs/performance.md).
+    # Float8 value tiles on Hopper without a mask, one program per multiprocessor on slices of at most
+    # _SM90_LONGEST_SLICE positions: the Gluon kernel (asynchronous tensor-core products). Longer slices stream
+    # faster as two Triton programs per multiprocessor (measured, docs/performance.md).
+    programs = batch * num_kv_heads
+    sms = _num_sms(device)
     sm90 = False
     if is_fp8 and mask is None and float8_tensor_cores(device):
-        sm90_splits = num_splits or default_num_splits(
-            batch, num_kv_heads, kv_len, device, float8=True, one_program_per_sm=True
-        )
-        sm90 = kv_len <= _SM90_LONGEST_SLICE * sm90_splits and sm90_float8_applies(
-            query, key, value, key_scale, value_scale, block_n, num_warps, num_stages
+        sm90_splits = num_splits
+        if sm90_splits is None:
+            sm90_splits = _split_count(programs, kv_len, sms, float8=True, one_program_per_sm=True)
+        sm90 = (
+            0 < programs * sm90_splits <= sms
+            and kv_len <= _SM90_LONGEST_SLICE * sm90_splits
+            and sm90_float8_applies(query, key, value, key_scale, value_scale, block_n, num_warps, num_stages)
         )
     if num_splits is None:
-        num_splits = sm90_splits if sm90 else default_num_splits(batch, num_kv_heads, kv_len, device, float8=is_fp8)
+        num_splits = sm90_splits if sm90 else _split_count(programs, kv_len, sms, float8=is_fp8)
     num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
-    sms = _num_sms(device)
     if num_stages is None and not sm90:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory,
         # or for float8 with one program per multiprocessor, four
         num_stages = 2 if mask is not None and q_len > 1 else 3
@@ -552,57 +553,58 @@ def _decode_attention_op(
         part_lse = torch.empty(batch * num_kv_heads * num_splits * rows, dtype=torch.float32, device=device)
     else:
         part_out = part_lse = out  # unused
-    dummy = out  # stands in for absent optional pointers
-    k_scale = key_scale if is_fp8 else dummy
-    v_scale = value_scale if is_fp8 else dummy
-    ks_strides = key_scale.stride() if is_fp8 else (0, 0, 0)
-    vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
-    m_strides = mask.stride() if mask is not None else (0, 0, 0)
-
-    if value.ndim == 5:  # value tiles [B, H, tiles, D, T]: (batch, head, tile, position in tile, d) strides
-        v_tile = value.shape[-1]
-        v_strides = (*value.stride()[:3], value.stride(4), value.stride(3))
-    else:
-        v_tile = 0
-        v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
-    launch_args = (
-        query, key, value, k_scale, v_scale, mask if mask is not None else dummy,
-        kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy, out_view,
-        part_out, part_lse,
-        *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
-        num_kv_heads, q_len, kv_len, scale * math.log2(math.e), num_splits,
-    )  # fmt: skip
-    # Unchecked loads read whatever lies past each sequence's valid range, with probability 0; 0 * NaN is NaN, so
-    # they are only for the float8 cache layout (value tiles), whose storage holds zeros or written values there,
-    # and only where the last block of a slice (up to block_n - 1 positions past the cache's end) stays inside it.
-    reach = kv_len + block_n - 1
-    readable = (
-        v_tile > 0
-        and _indexable(key, 2, reach)
-        and _indexable(value, 2, -(-reach // v_tile))
-        and _indexable(key_scale, 2, reach)
-        and _indexable(value_scale, 2, reach)
-    )
-    fp8_mma = is_fp8 and float8_tensor_cores(device)
     # On Hopper and later the merge is launched while the attention kernel drains (programmatic dependent launch):
     # each attention program lets it start once its loop is done, and the merge waits for the whole grid in-kernel.
     merge_early = num_splits > 1 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    constants = dict(
-        GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
-        # e4m3 tensor-core products reduce over at least 32 elements
-        BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
-        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
-        V_TILE=v_tile, READABLE=readable, HAS_BOUNDS=kv_end is not None,
-        SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
-        DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
-        LAUNCH_MERGE=merge_early,
-    )  # fmt: skip
     if sm90:
         float8_attention_sm90(
             query, key, value, key_scale, value_scale, kv_end, out_view, part_out, part_lse, scale * math.log2(math.e),
             num_splits, num_stages, merge_early,
         )  # fmt: skip
-    else:  # a GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry
+    else:
+        dummy = out  # stands in for absent optional pointers
+        k_scale = key_scale if is_fp8 else dummy
+        v_scale = value_scale if is_fp8 else dummy
+        ks_strides = key_scale.stride() if is_fp8 else (0, 0, 0)
+        vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
+        m_strides = mask.stride() if mask is not None else (0, 0, 0)
+
+        if value.ndim == 5:  # value tiles [B, H, tiles, D, T]: (batch, head, tile, position in tile, d) strides
+            v_tile = value.shape[-1]
+            v_strides = (*value.stride()[:3], value.stride(4), value.stride(3))
+        else:
+            v_tile = 0
+            v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
+        launch_args = (
+            query, key, value, k_scale, v_scale, mask if mask is not None else dummy,
+            kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy, out_view,
+            part_out, part_lse,
+            *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
+            num_kv_heads, q_len, kv_len, scale * math.log2(math.e), num_splits,
+        )  # fmt: skip
+        # Unchecked loads read whatever lies past each sequence's valid range, with probability 0; 0 * NaN is NaN, so
+        # they are only for the float8 cache layout (value tiles), whose storage holds zeros or written values there,
+        # and only where the last block of a slice (up to block_n - 1 positions past the cache's end) stays inside it.
+        reach = kv_len + block_n - 1
+        readable = (
+            v_tile > 0
+            and _indexable(key, 2, reach)
+            and _indexable(value, 2, -(-reach // v_tile))
+            and _indexable(key_scale, 2, reach)
+            and _indexable(value_scale, 2, reach)
+        )
+        fp8_mma = is_fp8 and float8_tensor_cores(device)
+        constants = dict(
+            GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
+            # e4m3 tensor-core products reduce over at least 32 elements
+            BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
+            HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
+            V_TILE=v_tile, READABLE=readable, HAS_BOUNDS=kv_end is not None,
+            SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
+            DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
+            LAUNCH_MERGE=merge_early,
+        )  # fmt: skip
+        # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
         for stages in range(num_stages, 0, -1):
             try:
                 _split_kv_attention[(num_splits, batch * num_kv_heads)](

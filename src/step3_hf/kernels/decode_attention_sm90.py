@@ -35,7 +35,14 @@ __all__ = ["float8_attention_sm90", "sm90_float8_applies"]
 BLOCK_M = 64  # query rows per program: one warpgroup's tensor-core tile
 BLOCK_N = 64  # cache positions per block: one value tile of the float8 cache (`VALUE_TILE`)
 HEAD_DIMS = (64, 128, 256)
-DEFAULT_STAGES = 5  # faster than 4 on every shape it serves (H200); 183 KiB of shared memory at Step-3's width
+DEFAULT_STAGES = 5  # faster than 4 on every shape it serves (H200); 178.75 KiB of shared memory at Step-3's width
+SHARED_MEMORY_LIMIT = 232_448  # bytes of shared memory one program may use on Hopper (227 KiB)
+
+
+def shared_memory_bytes(head_dim: int, num_stages: int) -> int:
+    """The kernel's shared memory: the e4m3 query, and per stage a key block, a value tile and their scales (as
+    compiled by Triton 3.6, which adds 256 bytes)."""
+    return BLOCK_M * head_dim + num_stages * (2 * BLOCK_N * head_dim + 2 * 4 * BLOCK_N) + 256
 
 
 def _gluon_jit(fn):
@@ -106,8 +113,8 @@ def _float8_attention_sm90(
 
     # Tensor-core layouts: scores [M, N] and output [M, D] as wgmma accumulators; e4m3 probabilities as the
     # register operand of `P V` (4 consecutive k per register).
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout([3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout([3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -115,9 +122,12 @@ def _float8_attention_sm90(
     q_copy: gl.constexpr = _copy_layout(BLOCK_M, 2 * HEAD_DIM, 2)
     fp8: gl.constexpr = gl.float8e4nv
 
-    q_smem = gl.allocate_shared_memory(fp8, [BLOCK_M, HEAD_DIM], gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], fp8))
-    k_bufs = gl.allocate_shared_memory(fp8, [NUM_STAGES, BLOCK_N, HEAD_DIM], gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], fp8))
-    v_bufs = gl.allocate_shared_memory(fp8, [NUM_STAGES, HEAD_DIM, BLOCK_N], gl.NVMMASharedLayout.get_default_for([HEAD_DIM, BLOCK_N], fp8))
+    q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], fp8)
+    k_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], fp8)
+    v_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HEAD_DIM, BLOCK_N], fp8)
+    q_smem = gl.allocate_shared_memory(fp8, [BLOCK_M, HEAD_DIM], q_shared)
+    k_bufs = gl.allocate_shared_memory(fp8, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_shared)
+    v_bufs = gl.allocate_shared_memory(fp8, [NUM_STAGES, HEAD_DIM, BLOCK_N], v_shared)
     flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     ks_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_N], flat)
     vs_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_N], flat)
@@ -175,16 +185,17 @@ def _float8_attention_sm90(
     no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
     async_copy.wait_group(NUM_STAGES - 2)  # block 0 has landed
-    gl.thread_barrier()
+    # Each thread's shared-memory writes (its copies, the query) are made visible to the tensor cores, then all meet.
     fence_async_shared()
+    gl.thread_barrier()
     scores = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), no_scores, use_acc=False, is_async=True)
     scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores,))
     for j in range(0, n_blocks):
         stage = j % NUM_STAGES
         # Block j + 1's q K^T runs while block j's softmax does (past the slice it multiplies zeros, unused).
         async_copy.wait_group(NUM_STAGES - 3)
-        gl.thread_barrier()
         fence_async_shared()
+        gl.thread_barrier()
         next_scores = warpgroup_mma(
             q_smem, k_bufs.index((j + 1) % NUM_STAGES).permute((1, 0)), no_scores, use_acc=False, is_async=True
         )
@@ -231,9 +242,8 @@ def _float8_attention_sm90(
     o_col = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store_layout))
     o_ok = (o_row < GROUP * q_len)[:, None] & (o_col < HEAD_DIM)[None, :]
     if SINGLE_SPLIT:
-        o_head = kv_head * GROUP + o_row // q_len
-        o_ptrs = OUT + b * stride_ob + o_head[:, None] * stride_oh + (o_row % q_len)[:, None] * stride_ot + o_col[None, :]
-        gl.store(o_ptrs, out, mask=o_ok)
+        o_rows = b * stride_ob + (kv_head * GROUP + o_row // q_len) * stride_oh + (o_row % q_len) * stride_ot
+        gl.store(OUT + o_rows[:, None] + o_col[None, :], out, mask=o_ok)
     else:
         part = (seq_head * num_splits + split) * (GROUP * q_len)
         gl.store(PART_OUT + (part + o_row)[:, None] * HEAD_DIM + o_col[None, :], out, mask=o_ok)
@@ -251,8 +261,9 @@ def sm90_float8_applies(
     num_warps: int,
     num_stages: int | None,
 ) -> bool:
-    """Whether a float8 call runs this kernel: Hopper, Gluon present, no mask, value tiles of BLOCK_N positions,
-    Step-3-like widths, unit inner strides, and launch parameters it implements."""
+    """Whether this kernel implements a float8 call (the caller checks the mask and the slicing): Hopper, Gluon
+    present, value tiles of BLOCK_N positions, Step-3-like widths, unit inner strides, its launch parameters, and a
+    pipeline that fits in shared memory."""
     if gluon is None or interpreter_enabled() or query.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(query.device)[0] != 9:
@@ -274,7 +285,7 @@ def sm90_float8_applies(
         and group * q_len <= BLOCK_M
         and block_n == BLOCK_N
         and num_warps == 4
-        and (num_stages is None or num_stages >= 3)
+        and (num_stages is None or 3 <= num_stages and shared_memory_bytes(head_dim, num_stages) <= SHARED_MEMORY_LIMIT)
     )
 
 
