@@ -409,7 +409,8 @@ def decode_attention(
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens; one more
             for a float8 cache read by at most one program per multiprocessor). The Hopper float8 kernel takes
-            block_n=64 and num_warps=4 only (others run the Triton kernel) and num_stages >= 3 (default 5).
+            block_n=64 and num_warps=4 only, and num_stages from 3 up to what fits in shared memory (default 5);
+            other values run the Triton kernel.
     """
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
