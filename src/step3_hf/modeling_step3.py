@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -47,6 +48,8 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; 5.17 (still on
 # many GPU images) uses the old name. Everything below speaks `cache` and converts at these two boundaries.
 _CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# Before the rename, continuous batching handed its paged cache to the attention function, which updated it itself.
+_ATTENTION_UPDATES_PAGED_CACHE = _CACHE_NAME == "past_key_values"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,9 @@ class Step3Attention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if cache is not None:
+        if _ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
+            kwargs["cache"] = cache  # transformers < 5.24: the paged attention functions update their cache
+        elif cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
