@@ -214,7 +214,7 @@ def _split_kv_attention(
             acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
         m_i = m_new
 
-    if LAUNCH_MERGE:  # the merge (launched early, see below) may start on the resources this grid frees from now on
+    if LAUNCH_MERGE:  # the merge (launched early, see the plan) may start on the resources this grid frees from now on
         tl.extra.cuda.gdc_launch_dependents()
     if IS_FP8:
         acc = acc / p_unit
