@@ -197,4 +197,9 @@ def test_extreme_but_valid_inputs_print_positive_finite_costs(tmp_path, capsys):
         figures = [v for v in r["per_token"].values() if isinstance(v, (int, float))]
         assert all(0 < v < float("inf") for v in costs + figures), r
     table = run(capsys, *argv[:-1])
+    bars = {tuple(i for i, ch in enumerate(line) if ch == "|") for line in table.splitlines() if "|" in line}
+    assert len(bars) == 1  # every row keeps the header's columns, even at 2**40 tokens
     assert "-" not in "".join(line.split("|", 1)[-1] for line in table.splitlines() if "|" in line)
+    plan = run(capsys, "plan", "--contexts", "4k", str(2**40)).splitlines()
+    assert [len(line.split()) for line in plan[2:4]] == [15, 15]  # no two columns run together
+    assert plan[3].split()[:2] == ["1073741824K", f"{json.loads(run(capsys, 'plan', '--contexts', str(2**40), '--json'))[0]['shape']}"]

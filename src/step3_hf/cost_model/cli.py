@@ -171,16 +171,24 @@ def _cost_table(records: list[dict[str, Any]], cards: Sequence[str]) -> str:
                          f"{t['activated_params'] / 1e9:>12.1f}B{t['arithmetic_intensity']:>8.0f}")
         head = "".join(f"{c:>7}" for c in cards)
         lines.append(f"USD per 1M decoded tokens at {_ctx_label(ctx)}")
-        lines.append(f"  {'model':<18}| attention{' ' * max(0, 7 * len(cards) - 9)}| FFN{' ' * max(0, 7 * len(cards) - 3)}"
+        lines.append(f"  {'model':<18}| attention{' ' * max(0, 7 * len(cards) - 10)}| FFN{' ' * max(0, 7 * len(cards) - 4)}"
                      f"| {'AFD':>6}  pair (attention+FFN)")
         lines.append(f"  {'':<18}|{head}|{head}|")
         for r in rows:
-            a = "".join(f"{r['attention_usd_per_1m'][c]:>7.3f}" for c in cards)
-            f = "".join(f"{r['ffn_usd_per_1m'][c]:>7.3f}" for c in cards)
+            a = "".join(_usd(r["attention_usd_per_1m"][c], 7) for c in cards)
+            f = "".join(_usd(r["ffn_usd_per_1m"][c], 7) for c in cards)
             pair = r["afd_pair"]
-            lines.append(f"  {r['model']:<18}|{a}|{f}| {r['afd_usd_per_1m']:>6.3f}  {pair['attention']}+{pair['ffn']}")
+            lines.append(f"  {r['model']:<18}|{a}|{f}| {_usd(r['afd_usd_per_1m'], 6)}  {pair['attention']}+{pair['ffn']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _usd(value: float, width: int) -> str:
+    # Three decimals as the report; huge costs (contexts near 2**40) in short exponent form keep the columns.
+    text = f"{value:.3f}"
+    if len(text) >= width:
+        text = f"{value:.1e}" if len(f"{value:.1e}") < width else f"{value:.0e}"
+    return f"{text:>{width}}"
 
 
 def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
@@ -219,14 +227,18 @@ def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
 
 def _plan_table(plans: list[Any], fixed: bool = False) -> str:
     p0 = plans[0]
+    # Contexts up to 2**40 give long labels, shapes and ratios: widen those columns rather than run them together.
+    cw = max(8, *(len(_ctx_label(p.context)) + 1 for p in plans))
+    sw = max(8, *(len(p.shape) + 1 for p in plans))
+    rw = max(6, *(len(f"{p.ratio:.2g}") + 1 for p in plans))
     lines = [f"AFD plan for {p0.model}: attention on {p0.attention_card}, FFN on {p0.ffn_card}; "
              f"stage budget {p0.stage_budget_us:.0f} us per layer",
-             f"  {'context':>8}{'shape':>8}{'A:F':>6}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
+             f"  {'context':>{cw}}{'shape':>{sw}}{'A:F':>{rw}}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
              f"{'net us':>8}{'A->F MB':>9}{'F->A MB':>9}{'FFN NIC GB/s':>14}{'tok/s/GPU':>10}{'KV GB/GPU':>10}"
              f"{'KV fits':>8}  fits"]
     for p in plans:
         lines.append(
-            f"  {_ctx_label(p.context):>8}{p.shape:>8}{p.ratio:>6.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
+            f"  {_ctx_label(p.context):>{cw}}{p.shape:>{sw}}{p.ratio:>{rw}.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
             f"{p.attention_time_us:>9.0f}{p.ffn_time_us:>8.0f}{p.network_time_us:>8.0f}"
             f"{p.a2f_bytes_per_layer / 1e6:>9.1f}{p.f2a_bytes_per_layer / 1e6:>9.1f}"
             f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
