@@ -1,13 +1,13 @@
 """`step3-inspect`: check a Step-3 checkpoint directory against its config, by default without reading any weights.
 
 By default only `config.json`, the optional `model.safetensors.index.json` and the JSON header at the start of each
-safetensors file are read, so inspecting the ~640 GB official release takes well under a second. The report
-gives the parameter counts and KV-cache size the config implies, the dtypes on disk, and every missing,
-unexpected, wrong-shape or wrong-dtype tensor against the official layout
-(`checkpoint_layout.official_tensor_shapes`). Each language-model tensor's dtype is checked against the config's `dtype` (`torch_dtype` in older files).
-`--values` also reads every tensor once, a bounded slice at a time, and reports tensors holding NaN or Inf and
-tensors that are all zero (a failed or unfinished write); this reads the whole checkpoint, so it takes as long
-as reading the files from disk.
+safetensors file are read, so inspecting the ~640 GB official release takes well under a second. The report gives the
+parameter counts and KV-cache size the config implies, the dtypes on disk, and every missing, unexpected, wrong-shape
+or wrong-dtype tensor against the official layout (`checkpoint_layout.official_tensor_shapes`) and the config's
+`dtype` (`torch_dtype` in older files).
+
+`--values` also reads every tensor once, a bounded slice at a time, and reports tensors holding NaN or Inf and tensors
+that are all zero (a failed or unfinished write); it reads the whole checkpoint, so it takes as long as the disk does.
 
 Exit codes: 0 the checkpoint matches its config, 1 any mismatch, 2 unusable input.
 """
@@ -186,7 +186,10 @@ class InspectionReport:
         return (
             [f"missing {name} {_shape(shape)}" for name, shape in self.missing.items()]
             + [f"wrong shape {m.name}: expected {_shape(m.expected)}, found {_shape(m.found)}" for m in self.wrong_shape]
-            + [f"wrong dtype {m.name}: expected {_dtypes(m.expected)} ({m.source}), found {m.found}" for m in self.wrong_dtype]
+            + [
+                f"wrong dtype {m.name}: expected {_dtypes(m.expected)} ({m.source}), found {m.found}"
+                for m in self.wrong_dtype
+            ]
             + [f"unexpected {name} {_shape(shape)}" for name, shape in self.unexpected.items()]
             + [f"non-finite values in {name}: {count:,} NaN or Inf" for name, count in self.non_finite.items()]
             + [f"all-zero tensor {name}" for name in self.all_zero]
@@ -545,7 +548,10 @@ def format_report(report: InspectionReport) -> str:
         "  dtypes            "
         + ", ".join(f"{d}: {u.tensors:,} tensors, {human_count(u.bytes, 'B')}" for d, u in report.dtypes.items()),
         "  dtype check       "
-        + ("; ".join(f"{_dtypes(r.dtypes)} ({r.source})" for r in report.dtype_rules) or "none (the config names no dtype)"),
+        + (
+            "; ".join(f"{_dtypes(r.dtypes)} ({r.source})" for r in report.dtype_rules)
+            or "none (the config names no dtype)"
+        ),
         "  values            "
         + ("every tensor read" if report.values_scanned else "not read (headers only; --values reads them)"),
     ]

@@ -202,4 +202,5 @@ def test_extreme_but_valid_inputs_print_positive_finite_costs(tmp_path, capsys):
     assert "-" not in "".join(line.split("|", 1)[-1] for line in table.splitlines() if "|" in line)
     plan = run(capsys, "plan", "--contexts", "4k", str(2**40)).splitlines()
     assert [len(line.split()) for line in plan[2:4]] == [15, 15]  # no two columns run together
-    assert plan[3].split()[:2] == ["1073741824K", f"{json.loads(run(capsys, 'plan', '--contexts', str(2**40), '--json'))[0]['shape']}"]
+    shape = json.loads(run(capsys, "plan", "--contexts", str(2**40), "--json"))[0]["shape"]
+    assert plan[3].split()[:2] == ["1073741824K", shape]

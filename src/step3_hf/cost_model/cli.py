@@ -178,7 +178,8 @@ def _cost_table(records: list[dict[str, Any]], cards: Sequence[str]) -> str:
             a = "".join(_usd(r["attention_usd_per_1m"][c], 7) for c in cards)
             f = "".join(_usd(r["ffn_usd_per_1m"][c], 7) for c in cards)
             pair = r["afd_pair"]
-            lines.append(f"  {r['model']:<18}|{a}|{f}| {_usd(r['afd_usd_per_1m'], 6)}  {pair['attention']}+{pair['ffn']}")
+            afd = _usd(r["afd_usd_per_1m"], 6)
+            lines.append(f"  {r['model']:<18}|{a}|{f}| {afd}  {pair['attention']}+{pair['ffn']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -238,7 +239,8 @@ def _plan_table(plans: list[Any], fixed: bool = False) -> str:
              f"{'KV fits':>8}  fits"]
     for p in plans:
         lines.append(
-            f"  {_ctx_label(p.context):>{cw}}{p.shape:>{sw}}{p.ratio:>{rw}.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
+            f"  {_ctx_label(p.context):>{cw}}{p.shape:>{sw}}{p.ratio:>{rw}.2g}"
+            f"{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
             f"{p.attention_time_us:>9.0f}{p.ffn_time_us:>8.0f}{p.network_time_us:>8.0f}"
             f"{p.a2f_bytes_per_layer / 1e6:>9.1f}{p.f2a_bytes_per_layer / 1e6:>9.1f}"
             f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
