@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -51,6 +52,8 @@ else:
     # Before 5.24 `past_key_values` is the name transformers itself passes (generate, the Trainer), so it is taken
     # as `cache` silently: a deprecation dated at the running version renames without warning.
     cache_kwarg = deprecate_kwarg("past_key_values", transformers.__version__, new_name="cache")
+# Before the rename, continuous batching handed its paged cache to the attention function, which updated it itself.
+_ATTENTION_UPDATES_PAGED_CACHE = _CACHE_NAME == "past_key_values"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +201,9 @@ class Step3Attention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if cache is not None:
+        if _ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
+            kwargs["cache"] = cache  # transformers < 5.24: the paged attention functions update their cache
+        elif cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
