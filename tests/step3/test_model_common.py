@@ -19,9 +19,11 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+from afd_launch import PYTHON, REPO, finish, launch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from step3_reference import step3_logits
+from tp_worker import UNEVEN_SHARDS_REFUSED
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
@@ -238,6 +240,30 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
     assert hasattr(model, "_compiled_call")  # the decode steps did run compiled
     assert torch.equal(out, expected)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------- tensor parallelism
+
+
+def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(causal_lm_checkpoint, tmp_path):
+    """Two CPU ranks (gloo) with `tp_plan="auto"`: the head's vocabulary shards are uneven (126 and 125 rows of
+    251) and each splits at its own aligned row count; the gathered logits are the final hidden states times the
+    whole head weight, in float64."""
+    path, config, state = causal_lm_checkpoint
+    out = tmp_path / "rank0.pt"
+    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
+    with launch(lambda rank: [PYTHON, worker, str(path), str(out)], 2, extra_env={"PYTHONPATH": str(REPO / "src")}) as procs:
+        results = finish(procs, timeout=300)
+    if any(code == UNEVEN_SHARDS_REFUSED for code, *_ in results):
+        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    tp = torch.load(out)
+    assert tp["local_rows"] == 126
+    torch.testing.assert_close(tp["head_weight"], state["lm_head.weight"], rtol=0, atol=0)
+    reference = tp["hidden"].double() @ state["lm_head.weight"].double().T
+    assert tp["logits"].shape == (2, 7, config.vocab_size)
+    torch.testing.assert_close(tp["logits"].double(), reference, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection
