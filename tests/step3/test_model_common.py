@@ -122,7 +122,8 @@ def test_causal_lm_checkpoint_into_the_base_model_reports_the_head(causal_lm_che
     assert info["unexpected_keys"] == {"lm_head.weight"} and not info["missing_keys"], info
     causal_lm = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(base.eval()(**inputs).last_hidden_state, causal_lm.model(**inputs).last_hidden_state)
+        hidden = causal_lm.model(**inputs).last_hidden_state
+        torch.testing.assert_close(base.eval()(**inputs).last_hidden_state, hidden)
 
 
 def test_loading_info_reports_every_weight_of_a_checkpoint_that_holds_none(tmp_path):
@@ -155,7 +156,8 @@ def test_broken_checkpoint_of_every_class_and_layout_names_the_tensor(tmp_path, 
 
     state[hole] = torch.zeros(3, config.hidden_size)
     save_file(state, file, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=f"wrong shape {hole.replace('.', '[.]')}: expected \\(16, 64\\), found \\(3, 64\\)"):
+    wrong_shape = f"wrong shape {hole.replace('.', '[.]')}: expected \\(16, 64\\), found \\(3, 64\\)"
+    with pytest.raises(ValueError, match=wrong_shape):
         model_class.from_pretrained(tmp_path)
 
 
@@ -252,7 +254,8 @@ def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(caus
     path, config, state = causal_lm_checkpoint
     out = tmp_path / "rank0.pt"
     worker = str(REPO / "tests" / "step3" / "tp_worker.py")
-    with launch(lambda rank: [PYTHON, worker, str(path), str(out)], 2, extra_env={"PYTHONPATH": str(REPO / "src")}) as procs:
+    env = {"PYTHONPATH": str(REPO / "src")}
+    with launch(lambda rank: [PYTHON, worker, str(path), str(out)], 2, extra_env=env) as procs:
         results = finish(procs, timeout=300)
     if any(code == UNEVEN_SHARDS_REFUSED for code, *_ in results):
         pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
