@@ -11,8 +11,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
+from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3VLForCausalLM
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
+
+# Unless the caller names one, Step-3 decodes through the CUDA decode kernels where they run.
+Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_implementation)
+Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
 
 AutoConfig.register(Step3Config.model_type, Step3Config, exist_ok=True)
 AutoConfig.register(Step3VisionConfig.model_type, Step3VisionConfig, exist_ok=True)

@@ -69,6 +69,8 @@ class TensorHeader:
     shape: tuple[int, ...]
     nbytes: int
     file: str
+    data_end: int = 0
+    """End of the tensor's byte range in the file's data section."""
 
     @property
     def numel(self) -> int:
@@ -89,9 +91,11 @@ class ShardHeader:
     @property
     def truncation(self) -> str | None:
         if self.data_bytes_present < self.data_bytes_needed:
+            cut = [t.name for t in self.tensors if t.data_end > self.data_bytes_present]
+            shown = ", ".join(cut[:8]) + (f" and {len(cut) - 8} more" if len(cut) > 8 else "")
             return (
                 f"{self.file} is truncated: its header needs {self.data_bytes_needed} data bytes, "
-                f"the file has {self.data_bytes_present}"
+                f"the file has {self.data_bytes_present}; cut off: {shown}"
             )
         return None
 
@@ -254,7 +258,7 @@ def _tensor_header(file: str, name: str, entry: Any) -> TensorHeader:
             raise ValueError
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}: {entry!r}") from err
-    tensor = TensorHeader(name=name, dtype=str(dtype), shape=shape, nbytes=end - begin, file=file)
+    tensor = TensorHeader(name=name, dtype=str(dtype), shape=shape, nbytes=end - begin, file=file, data_end=end)
     itemsize = DTYPE_BYTES.get(tensor.dtype)
     if itemsize is not None and tensor.nbytes != tensor.numel * itemsize:
         raise CheckpointError(

@@ -1,27 +1,24 @@
 """Step-3 language model for transformers: Multi-Matrix Factorization Attention (MFA) + MoE.
 
 Read top to bottom: rotary helpers, eager attention, RMSNorm, MFA attention, dense MLP, routed experts, router,
-MoE block, decoder layer, pretrained base, model, causal-LM heads, checkpoint conversion.
+MoE block, decoder layer, pretrained base, model, causal-LM heads. The checkpoint's names and their conversion live
+in `checkpoint_layout.py`, the checks that refuse a broken checkpoint in `loading.py`.
 
 Each decoder layer exposes its two halves, `attention_block` (everything that touches the KV cache) and
 `ffn_block` (dense MLP or MoE), so that Attention-FFN Disaggregation can run them in different processes.
 """
 
-from __future__ import annotations
-
 import inspect
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
@@ -35,19 +32,26 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .checkpoint_layout import VISION_PREFIXES, VISION_TENSOR_PATTERNS, checkpoint_conversion_mapping
 from .configuration_step3 import Step3Config, Step3VLConfig
-from .inspect_checkpoint import CheckpointError, inspect_checkpoint
-from .kernels.moe_decode import MOE_DECODE_EXPERTS
-from .kernels.transformers_attention import MFA_DECODE_ATTENTION, decode_kernel_preferred
+from .loading import from_pretrained_checked
 
 logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; 5.17 (still on
-# many GPU images) uses the old name. Everything below speaks `cache` and converts at these two boundaries.
+# many GPU images) uses the old name. Everything below speaks `cache` and converts at these boundaries.
 _CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+if _CACHE_NAME == "cache":
+    # As upstream models: the old name still works, with a FutureWarning, until transformers 5.40.
+    cache_kwarg = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+else:
+    # Before 5.24 `past_key_values` is the name transformers itself passes (generate, the Trainer), so it is taken
+    # as `cache` silently: a deprecation dated at the running version renames without warning.
+    cache_kwarg = deprecate_kwarg("past_key_values", transformers.__version__, new_name="cache")
 # Before the rename, continuous batching handed its paged cache to the attention function, which updated it itself.
 _ATTENTION_UPDATES_PAGED_CACHE = _CACHE_NAME == "past_key_values"
 
@@ -178,6 +182,7 @@ class Step3Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
+    @cache_kwarg
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -339,6 +344,7 @@ class Step3DecoderLayer(GradientCheckpointingLayer):
         """`x + FFN(post_attention_layernorm(x))`, FFN being the dense MLP or the MoE block: stateless."""
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
+    @cache_kwarg
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -351,25 +357,6 @@ class Step3DecoderLayer(GradientCheckpointingLayer):
         return self.ffn_block(hidden_states)
 
 
-def _check_local_checkpoint(path) -> None:
-    """Raise `ValueError` listing every missing, mis-shaped or unexpected tensor of a local Step-3 checkpoint."""
-    if not isinstance(path, (str, os.PathLike)) or not Path(path, "config.json").is_file():
-        return  # a hub id: transformers resolves it, and the post-load check still applies
-    if not any(Path(path).glob("*.safetensors")):
-        return  # no safetensors files (e.g. .bin weights): there are no headers to read up front
-    try:
-        report = inspect_checkpoint(path)
-    except CheckpointError as err:
-        raise ValueError(f"{path} is not a usable Step-3 checkpoint: {err}") from err
-    if not report.ok:
-        problems = report.problems()
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(
-            f"{path} does not match its config ({len(problems)} problem(s)); `step3-inspect {path}` shows the "
-            f"full report:\n  {shown}"
-        )
-
-
 class Step3PreTrainedModel(PreTrainedModel):
     config: Step3Config
     config_class = Step3Config
@@ -380,7 +367,9 @@ class Step3PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # data-dependent expert loop in the eager experts path
+    # Static-cache decoding compiles whole with the default attention and experts implementations (sdpa and
+    # grouped_mm, and the decode kernels' custom ops on CUDA); the `eager` experts loop is data-dependent.
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(Step3TopKRouter, index=0),
@@ -388,39 +377,26 @@ class Step3PreTrainedModel(PreTrainedModel):
         "attentions": Step3Attention,
     }
     # The official VL checkpoint keeps the vision tower beside the text weights; the language model skips it.
-    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^vit_downsampler\d*\.", r"^vit_large_projector\."]
+    _keys_to_ignore_on_load_unexpected = VISION_TENSOR_PATTERNS
+    # Implementations for a caller who names none (`None`: transformers' choice). `step3_hf` points these at its
+    # decode kernels where they run (`step3_hf.kernels.defaults`).
+    _default_attn_implementation: Callable[[], str | None] = staticmethod(lambda: None)
+    _default_experts_implementation: Callable[[], str | None] = staticmethod(lambda: None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # transformers initialises missing tensors randomly and only reports it; a Step-3 checkpoint that lacks a
-        # tensor is broken, so refuse to return a partly random model. A local directory is checked up front from
-        # its safetensors headers, which names every bad tensor by its official name.
-        _check_local_checkpoint(pretrained_model_name_or_path)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
-        for kind in ("missing", "unexpected"):
-            keys = sorted(loading_info[f"{kind}_keys"])
-            if keys:
-                shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-                raise ValueError(
-                    f"{len(keys)} {kind} tensor(s) loading {cls.__name__}: {shown}. Refusing to return a partly "
-                    "random or mismatched model; `step3-inspect <checkpoint>` lists every tensor by its official name."
-                )
-        return (model, loading_info) if output_loading_info else model
+        # transformers' loading, whose missing and unexpected weights are reported, not refused; a broken Step-3
+        # checkpoint (files that contradict each other or the config) fails loudly, naming the tensor.
+        return from_pretrained_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        # Unless asked otherwise, decode through the split-KV kernel on CUDA (it hands other calls to SDPA).
-        if requested_attention is None and decode_kernel_preferred():
-            requested_attention = MFA_DECODE_ATTENTION
+        if requested_attention is None:
+            requested_attention = type(self)._default_attn_implementation()
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Unless asked otherwise, decode-sized expert calls go through the fused-MoE kernel on CUDA (it hands the
-        # other calls to grouped_mm).
-        if requested_experts is None and decode_kernel_preferred():
-            requested_experts = MOE_DECODE_EXPERTS
+        if requested_experts is None:
+            requested_experts = type(self)._default_experts_implementation()
         return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -530,6 +506,7 @@ class Step3Model(Step3PreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -540,8 +517,6 @@ class Step3Model(Step3PreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
         inputs_embeds, cache, position_ids, causal_mask = prepare_decoder_inputs(
             self.config, self.embed_tokens, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache
         )
@@ -581,21 +556,19 @@ def _share_of_step_tokens(
 class Step3VocabProjection(nn.Linear):
     """The LM head. Step-3's vocabulary (128815) is odd, and cuBLAS has no fast kernel for a product of that width
     (on the H200 it fell back to a Turing-era kernel: 4.9 ms of a 15.7 ms decode step at batch 256). Inference
-    multiplies the first `vocab // 8 * 8` rows of the weight and the last few separately, into logit rows padded to
-    a multiple of 8 elements, and returns the `[..., vocab]` view of them."""
+    multiplies the rows up to a multiple of 8 and the last few separately, then joins the two logit blocks. The row
+    count is the weight's own: under tensor parallelism each rank splits its shard, and the gather joins the ranks."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        vocab = self.out_features
+        rows = self.weight.shape[0]
+        aligned = rows // 8 * 8
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)
-        plain = type(self.weight.data) is torch.Tensor and self.bias is None  # not sharded, quantised or biased
-        if vocab % 8 == 0 or needs_grad or not plain or hidden_states.dtype != self.weight.dtype:
+        plain = type(self.weight) in (nn.Parameter, torch.Tensor) and self.bias is None  # not a DTensor, quantised
+        if aligned in (0, rows) or needs_grad or not plain:
             return super().forward(hidden_states)
-        tokens = hidden_states.reshape(-1, self.in_features)
-        rows = tokens.new_empty(tokens.shape[0], vocab + (-vocab) % 8)[:, :vocab]
-        aligned = vocab // 8 * 8
-        torch.mm(tokens, self.weight[:aligned].t(), out=rows[:, :aligned])
-        torch.mm(tokens, self.weight[aligned:].t(), out=rows[:, aligned:])
-        return rows.view(*hidden_states.shape[:-1], vocab)
+        head = F.linear(hidden_states, self.weight[:aligned])
+        tail = F.linear(hidden_states, self.weight[aligned:])
+        return torch.cat((head, tail), dim=-1)
 
 
 class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
@@ -613,6 +586,7 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -679,8 +653,9 @@ class Step3VLForCausalLM(Step3ForCausalLM):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         logger.warning(
-            "Loading the Step-3 language model of a `step3_vl` checkpoint: the vision tower's tensors "
-            "(vision_model.*, vit_downsampler*.*, vit_large_projector.*) are skipped."
+            "Loading the Step-3 language model of a `step3_vl` checkpoint: the vision tower's tensors (%s) are "
+            "skipped.",
+            ", ".join(prefix + "*" for prefix in VISION_PREFIXES),
         )
         return super().from_pretrained(*args, **kwargs)
 
@@ -699,20 +674,8 @@ class Step3VLForCausalLM(Step3ForCausalLM):
             self.config = vl_config
 
 
-# Official layout -> module layout: the MoE router, experts and shared expert live under `mlp`, and the per-expert
-# gate and up projections (already stacked per layer, expert-major) are fused into `gate_up_proj`.
-# `save_pretrained` runs these in reverse, so checkpoints are written back in the official layout.
-_OFFICIAL_CHECKPOINT_MAPPING = [
-    WeightRenaming(source_patterns=r"\.moe\.gate\.weight", target_patterns=".mlp.gate.weight"),
-    WeightRenaming(source_patterns=r"\.moe\.down_proj\.weight", target_patterns=".mlp.experts.down_proj"),
-    WeightRenaming(source_patterns=r"\.share_expert\.", target_patterns=".mlp.shared_expert."),
-    WeightConverter(
-        source_patterns=[r"moe.gate_proj.weight", r"moe.up_proj.weight"],
-        target_patterns=r"mlp.experts.gate_up_proj",
-        operations=[Concatenate(dim=1)],
-    ),
-]
-register_checkpoint_conversion_mapping("step3_text", _OFFICIAL_CHECKPOINT_MAPPING, overwrite=True)
+# The official layout's tensor names (`checkpoint_layout`) -> this file's modules; `save_pretrained` reverses it.
+register_checkpoint_conversion_mapping(Step3Config.model_type, checkpoint_conversion_mapping(), overwrite=True)
 
 
 __all__ = ["Step3PreTrainedModel", "Step3Model", "Step3ForCausalLM", "Step3VLForCausalLM"]

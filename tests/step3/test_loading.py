@@ -110,33 +110,71 @@ def test_wrong_shape_tensor_is_an_error_naming_it(tmp_path):
 
 
 def test_missing_tensor_is_refused_after_loading_too(tmp_path, monkeypatch):
-    """The post-load check (hub paths, where no header pre-check runs) refuses a partly random model."""
-    import step3_hf.modeling_step3 as modeling
+    """The post-load check (hub paths, where no header pre-check runs) refuses a partly random base model."""
+    import step3_hf.loading as loading
 
-    monkeypatch.setattr(modeling, "_check_local_checkpoint", lambda path: None)
+    monkeypatch.setattr(loading, "check_checkpoint_files", lambda *args, **kwargs: None)
     config = Step3Config(**TINY_CONFIG)
     state = random_official_state_dict(config)
     del state["model.norm.weight"]
     write_official_checkpoint(tmp_path, state, config)
-    with pytest.raises(ValueError, match=r"1 missing tensor\(s\) loading Step3ForCausalLM: model\.norm\.weight"):
+    with pytest.raises(ValueError, match=r"only part of Step3ForCausalLM: 1 tensor\(s\) missing: model\.norm\.weight"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_unexpected_tensor_is_an_error_naming_it(tmp_path):
+def test_unexpected_tensor_is_reported_not_refused(tmp_path):
+    """As for every transformers model, a tensor the model has no place for is reported and left out."""
     config = Step3Config(**TINY_CONFIG)
     state = random_official_state_dict(config)
     state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(config.head_dim)
     write_official_checkpoint(tmp_path, state, config)
-    with pytest.raises(ValueError, match=r"unexpected model\.layers\.0\.self_attn\.q_norm\.weight"):
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["unexpected_keys"]) == {"model.layers.0.self_attn.q_norm.weight"}
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(model.model.norm.weight, state["model.norm.weight"], rtol=0, atol=0)
+
+
+def test_tensor_the_index_promises_but_the_shard_lacks_is_an_error_naming_it(tmp_path):
+    write_tiny_checkpoint(tmp_path, vl=False)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.layers.2.moe.down_proj.weight"
+    other = next(file for file in sorted(set(index["weight_map"].values())) if file != index["weight_map"][name])
+    index["weight_map"][name] = other
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"maps {name.replace('.', '[.]')} to {other}, which does not contain it"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_truncated_shard_is_an_error_naming_the_file(tmp_path):
+def test_missing_shard_file_is_an_error_naming_it_and_a_tensor_in_it(tmp_path):
+    write_tiny_checkpoint(tmp_path, vl=False)
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    shard.unlink()
+    first = next(name for name, file in weight_map.items() if file == shard.name)
+    with pytest.raises(ValueError, match=f"names shard {shard.name} \\(e.g. for {first.replace('.', '[.]')}\\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_shard_error_names_the_tensors_cut_off(tmp_path):
     write_tiny_checkpoint(tmp_path, vl=False)
     shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    with safe_open(shard, "pt") as handle:
+        names = list(handle.keys())
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=shard.name):
+    with pytest.raises(ValueError, match="cut off: ") as caught:
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    # The file's last tensor (all fp32, so stored in name order) is the one the missing bytes belonged to.
+    assert max(names) in str(caught.value)
+
+
+def test_wrong_shape_is_reported_when_mismatched_sizes_are_ignored(tmp_path):
+    config = Step3Config(**TINY_CONFIG)
+    state = random_official_state_dict(config)
+    state["model.layers.0.self_attn.wq.weight"] = torch.zeros(10, config.share_q_dim)
+    write_official_checkpoint(tmp_path, state, config)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert [key for key, *_ in info["mismatched_keys"]] == ["model.layers.0.self_attn.wq.weight"]
 
 
 def test_full_size_model_on_meta_device_has_the_published_size():

@@ -195,11 +195,11 @@ def test_dispatcher_hands_unsupported_activations_to_grouped_mm(device, path_cal
 
 
 def test_step3_defaults_to_moe_decode_where_the_kernel_is_preferred(monkeypatch):
-    from step3_hf import modeling_step3
+    from step3_hf.kernels import defaults
 
-    monkeypatch.setattr(modeling_step3, "decode_kernel_preferred", lambda: False)  # as on a CPU-only machine
+    monkeypatch.setattr(defaults, "decode_kernel_preferred", lambda: False)  # as on a CPU-only machine
     assert Step3ForCausalLM(Step3Config(**TINY_CONFIG)).config._experts_implementation == "grouped_mm"
-    monkeypatch.setattr(modeling_step3, "decode_kernel_preferred", lambda: True)
+    monkeypatch.setattr(defaults, "decode_kernel_preferred", lambda: True)
     assert Step3ForCausalLM(Step3Config(**TINY_CONFIG)).config._experts_implementation == MOE_DECODE_EXPERTS
     for requested in ("grouped_mm", "eager"):
         config = Step3Config(**TINY_CONFIG)

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..checkpoint_layout import official_tensor_shapes
+from ..checkpoint_layout import ROUTER, official_tensor_shapes
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import (
     _CACHE_NAME,
@@ -34,7 +34,7 @@ from .wire import WireFormat
 
 def attention_module_name(official_name: str) -> str:
     """Official tensor name -> this model's parameter name (only the MoE router moves: it is `layer.router`)."""
-    return official_name.replace(".moe.gate.weight", ".router.weight")
+    return official_name.replace("." + ROUTER, ".router.weight")
 
 
 def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:

@@ -14,15 +14,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from ..checkpoint_layout import is_routed_expert_tensor
+from ..checkpoint_layout import SHARED_EXPERT, is_routed_expert_tensor
 from ..configuration_step3 import Step3Config
 from .placement import Role
 
 
 def role_of_tensor(name: str) -> Role:
     """Which side of the disaggregated model holds an official tensor: the MLPs, shared experts and routed
-    experts go to the FFN side; everything else (including the MoE router `moe.gate.weight`) stays with attention."""
-    if ".mlp." in name or ".share_expert." in name or is_routed_expert_tensor(name):
+    experts go to the FFN side; everything else (including the MoE router) stays with attention."""
+    if ".mlp." in name or f".{SHARED_EXPERT}" in name or is_routed_expert_tensor(name):
         return Role.FFN
     return Role.ATTENTION
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import Step3Experts, Step3MLP
 from .checkpoint import CheckpointReader
@@ -60,9 +61,9 @@ def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
     """(module name, [(official name, slice index)], concat dim) of every tensor this FFN rank owns."""
     moe = set(config.moe_layer_indices)
     for layer in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{layer}.", f"layers.{layer}."
+        src, dst = f"{BASE_MODEL_PREFIX}layers.{layer}.", f"layers.{layer}."
         if layer in moe:
-            mlp_src, mlp_dst, width = src + "share_expert.", dst + "shared_expert.", config.share_expert_dim
+            mlp_src, mlp_dst, width = src + SHARED_EXPERT, dst + "shared_expert.", config.share_expert_dim
         else:
             mlp_src, mlp_dst, width = src + "mlp.", dst + "mlp.", config.intermediate_size
         channels = slice(*placement.channel_range(ffn_index, width))
@@ -71,8 +72,8 @@ def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
         yield mlp_dst + "down_proj.weight", [(mlp_src + "down_proj.weight", (slice(None), channels))]
         if layer in moe:
             experts = (slice(*placement.expert_range(ffn_index, config.moe_num_experts)),)
-            yield dst + "experts.gate_up_proj", [(src + "moe.gate_proj.weight", experts), (src + "moe.up_proj.weight", experts)]
-            yield dst + "experts.down_proj", [(src + "moe.down_proj.weight", experts)]
+            yield dst + "experts.gate_up_proj", [(src + EXPERTS_GATE, experts), (src + EXPERTS_UP, experts)]
+            yield dst + "experts.down_proj", [(src + EXPERTS_DOWN, experts)]
 
 
 class Step3FFNShard(nn.Module):

@@ -1,0 +1,341 @@
+"""What transformers' common model tests check of every model, checked of Step-3.
+
+transformers' `ModelTesterMixin` and `GenerationTesterMixin` are not in the wheel, so this is our own tester in
+their style: a `Step3ModelTester` makes a tiny config (odd vocabulary, dense and MoE layers) and inputs, and each
+test runs over every model class. It covers the loading contract (save and reload of every class, base-to-head and
+head-to-base transfer, `AutoModel` on a causal-LM checkpoint, `save_original_format=False`, loading info that
+reports), eager vs SDPA on left- and right-padded batches, fullgraph compilation with a static cache and no
+recompilation across decode steps, the `past_key_values` deprecation and introspectable forward signatures.
+"""
+
+import ast
+import copy
+import inspect
+import typing
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+from afd_launch import PYTHON, REPO, finish, launch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from step3_reference import step3_logits
+from tp_worker import UNEVEN_SHARDS_REFUSED
+from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+import step3_hf
+from step3_hf import Step3Config, Step3ForCausalLM, Step3Model
+from step3_hf.checkpoint_layout import base_model_layout, module_tensor_shapes, official_tensor_shapes
+from step3_hf.modeling_step3 import _CACHE_NAME
+from step3_hf.tiny_checkpoint import TINY_CONFIG, random_official_state_dict, write_official_checkpoint
+
+ALL_MODEL_CLASSES = (Step3Model, Step3ForCausalLM)
+PAD = 0
+
+
+class Step3ModelTester:
+    """Tiny Step-3: 4 layers (1 and 2 MoE), 8 query heads on 1 KV head, and an odd vocabulary like the release's."""
+
+    batch_size = 3
+    seq_length = 7
+    vocab_size = 251
+
+    def get_config(self) -> Step3Config:
+        return Step3Config(**{**TINY_CONFIG, "vocab_size": self.vocab_size})
+
+    def prepare_config_and_inputs(self, seed: int = 0) -> tuple[Step3Config, dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(3, self.vocab_size, (self.batch_size, self.seq_length), generator=generator)
+        return self.get_config(), {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+TESTER = Step3ModelTester()
+
+
+def first_output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def causal_lm_checkpoint(tmp_path_factory):
+    """(path, config, official state dict) of a tiny causal-LM checkpoint in the official layout."""
+    config = TESTER.get_config()
+    state = random_official_state_dict(config)
+    return write_official_checkpoint(tmp_path_factory.mktemp("causal_lm"), state, config), config, state
+
+
+def saved_names(path: Path) -> set[str]:
+    names = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("save_original_format", [True, False], ids=["official_layout", "module_layout"])
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda cls: cls.__name__)
+def test_save_load(tmp_path, model_class, save_original_format):
+    config, inputs = TESTER.prepare_config_and_inputs()
+    model = model_class(config).eval()
+    model.save_pretrained(tmp_path, save_original_format=save_original_format)
+    layout = official_tensor_shapes(config) if save_original_format else module_tensor_shapes(config)
+    if model_class is Step3Model:
+        layout = base_model_layout(layout)
+    assert saved_names(tmp_path) == set(layout)
+
+    reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(reloaded) is model_class
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    torch.testing.assert_close(first_output(reloaded.eval(), inputs), first_output(model, inputs), rtol=0, atol=0)
+
+
+def test_base_model_checkpoint_into_the_causal_lm_initialises_and_reports_the_head(tmp_path):
+    config, inputs = TESTER.prepare_config_and_inputs()
+    base = Step3Model(config).eval()
+    base.save_pretrained(tmp_path)
+    model, info = Step3ForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"} and not info["unexpected_keys"], info
+    with torch.no_grad():  # same weights; the loaded copies may sit at other alignments (1-ulp GEMM differences)
+        torch.testing.assert_close(model.model(**inputs).last_hidden_state, base(**inputs).last_hidden_state)
+    # Initialised as transformers initialises every linear layer: N(0, initializer_range), not left empty.
+    head = model.lm_head.weight.detach()
+    assert torch.isfinite(head).all()
+    assert abs(head.std().item() - config.initializer_range) < 0.1 * config.initializer_range
+    assert abs(head.mean().item()) < 0.1 * config.initializer_range
+
+
+@pytest.mark.parametrize("loader", [Step3Model, AutoModel], ids=["Step3Model", "AutoModel"])
+def test_causal_lm_checkpoint_into_the_base_model_reports_the_head(causal_lm_checkpoint, loader):
+    path, config, state = causal_lm_checkpoint
+    _, inputs = TESTER.prepare_config_and_inputs()
+    base, info = loader.from_pretrained(path, output_loading_info=True)
+    assert type(base) is Step3Model
+    assert info["unexpected_keys"] == {"lm_head.weight"} and not info["missing_keys"], info
+    causal_lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        hidden = causal_lm.model(**inputs).last_hidden_state
+        torch.testing.assert_close(base.eval()(**inputs).last_hidden_state, hidden)
+
+
+def test_loading_info_reports_every_weight_of_a_checkpoint_that_holds_none(tmp_path):
+    """Like upstream's reload test with every weight removed: a file holding no Step-3 tensor loads (randomly
+    initialised) and the report names each missing weight, no more and no fewer."""
+    config = TESTER.get_config()
+    for model_class in ALL_MODEL_CLASSES:
+        model_class(config).save_pretrained(tmp_path / model_class.__name__)
+        save_file({"tensor": torch.tensor([1, 2])}, tmp_path / model_class.__name__ / "model.safetensors")
+        model, info = model_class.from_pretrained(tmp_path / model_class.__name__, output_loading_info=True)
+        assert info["missing_keys"] == set(model.state_dict()), model_class
+        assert info["unexpected_keys"] == {"tensor"}
+
+
+@pytest.mark.parametrize("save_original_format", [True, False], ids=["official_layout", "module_layout"])
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda cls: cls.__name__)
+def test_broken_checkpoint_of_every_class_and_layout_names_the_tensor(tmp_path, model_class, save_original_format):
+    """Whatever class saved it and in whichever layout, a hole in the decoder stack or a wrong shape is refused."""
+    config = TESTER.get_config()
+    model_class(config).save_pretrained(tmp_path, save_original_format=save_original_format)
+    file = tmp_path / "model.safetensors"
+    with safe_open(file, "pt") as handle:
+        state = {name: handle.get_tensor(name) for name in handle.keys()}
+    prefix = "model." if model_class is Step3ForCausalLM else ""
+    hole = f"{prefix}layers.2.self_attn.k_proj.weight"
+    del state[hole]
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"missing {hole.replace('.', '[.]')}"):
+        model_class.from_pretrained(tmp_path)
+
+    state[hole] = torch.zeros(3, config.hidden_size)
+    save_file(state, file, metadata={"format": "pt"})
+    wrong_shape = f"wrong shape {hole.replace('.', '[.]')}: expected \\(16, 64\\), found \\(3, 64\\)"
+    with pytest.raises(ValueError, match=wrong_shape):
+        model_class.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ eager vs SDPA
+
+
+def padded_batch(prompts: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids (counting real tokens only) of a batch padded on `side`."""
+    width = max(map(len, prompts))
+    rows = [[PAD] * (width - len(p)) + p if side == "left" else p + [PAD] * (width - len(p)) for p in prompts]
+    masks = [[int(i < len(p)) for i in range(width)] for p in prompts]
+    mask = torch.tensor([m[::-1] for m in masks]) if side == "left" else torch.tensor(masks)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return torch.tensor(rows), mask, position_ids
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("model_class", ALL_MODEL_CLASSES, ids=lambda cls: cls.__name__)
+def test_eager_matches_sdpa_on_padded_batches(causal_lm_checkpoint, model_class, padding_side):
+    """Each real position of a padded batch gives, under eager and under SDPA, what its prompt gives alone; for the
+    causal LM that is the float64 reference's logits."""
+    path, config, state = causal_lm_checkpoint
+    prompts = [[1, 17, 33, 90, 4, 5, 6], [1, 200], [1, 8, 9, 10, 77]]
+    input_ids, attention_mask, position_ids = padded_batch(prompts, padding_side)
+    sdpa = model_class.from_pretrained(path, attn_implementation="sdpa").eval()
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
+
+    outputs = {}
+    for name, model in (("eager", eager), ("sdpa", sdpa)):
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids)
+        outputs[name] = first_output(model, {"input_ids": input_ids, **kwargs})
+    real = attention_mask.bool()
+    torch.testing.assert_close(outputs["eager"][real], outputs["sdpa"][real], rtol=1e-5, atol=1e-5)
+    for row, prompt in enumerate(prompts):
+        alone = first_output(sdpa, {"input_ids": torch.tensor([prompt])})[0]
+        torch.testing.assert_close(outputs["eager"][row][real[row]], alone, rtol=1e-5, atol=1e-5)
+        if model_class is Step3ForCausalLM:
+            reference = step3_logits(state, config, torch.tensor([prompt]))[0]
+            torch.testing.assert_close(alone.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def test_forward_compiles_fullgraph_with_a_static_cache_and_never_recompiles(causal_lm_checkpoint):
+    """One graph for the prefill, one for a decode step, and the same one for every later step."""
+    path, config, _ = causal_lm_checkpoint
+    assert Step3ForCausalLM._can_compile_fullgraph
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for step, (start, end) in enumerate([(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]):
+            kwargs = dict(use_cache=True, position_ids=torch.arange(start, end)[None].expand(2, -1))
+            ours = compiled(ids[:, start:end], cache=caches[0], **kwargs).logits
+            plain = model(ids[:, start:end], cache=caches[1], **kwargs).logits
+            torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+            assert counter.frame_count == min(step + 1, 2), step
+    torch._dynamo.reset()
+
+
+def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_checkpoint):
+    path, *_ = causal_lm_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    input_ids, attention_mask, _ = padded_batch([[1, 17, 33, 90, 4], [1, 200, 7]], "left")
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None,
+                              cache_implementation="static")  # fmt: skip
+    with torch.no_grad():
+        expected = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers' switch for compiling on CPU, meant for tests
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        out = model.generate(
+            input_ids, attention_mask=attention_mask, generation_config=config, compile_config=compile_config
+        )
+    assert hasattr(model, "_compiled_call")  # the decode steps did run compiled
+    assert torch.equal(out, expected)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------- tensor parallelism
+
+
+def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(causal_lm_checkpoint, tmp_path):
+    """Two CPU ranks (gloo) with `tp_plan="auto"`: the head's vocabulary shards are uneven (126 and 125 rows of
+    251) and each splits at its own aligned row count; the gathered logits are the final hidden states times the
+    whole head weight, in float64."""
+    path, config, state = causal_lm_checkpoint
+    out = tmp_path / "rank0.pt"
+    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
+    env = {"PYTHONPATH": str(REPO / "src")}
+    with launch(lambda rank: [PYTHON, worker, str(path), str(out)], 2, extra_env=env) as procs:
+        results = finish(procs, timeout=300)
+    if any(code == UNEVEN_SHARDS_REFUSED for code, *_ in results):
+        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    tp = torch.load(out)
+    assert tp["local_rows"] == 126
+    torch.testing.assert_close(tp["head_weight"], state["lm_head.weight"], rtol=0, atol=0)
+    reference = tp["hidden"].double() @ state["lm_head.weight"].double().T
+    assert tp["logits"].shape == (2, 7, config.vocab_size)
+    torch.testing.assert_close(tp["logits"].double(), reference, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- deprecations, introspection
+
+
+def test_past_key_values_is_taken_as_the_cache_and_warns_where_transformers_renamed_it(causal_lm_checkpoint):
+    path, config, _ = causal_lm_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        prefix = model(ids[:, :5], use_cache=True)
+        cache = getattr(prefix, _CACHE_NAME)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step = model(ids[:, 5:], past_key_values=cache, use_cache=True)
+        full = model(ids)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 6  # the cache passed under the old name was the one used
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
+    # transformers 5.24 renamed the argument to `cache`; before that `past_key_values` is the current name.
+    assert len(deprecations) == (1 if _CACHE_NAME == "cache" else 0), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "method, returns",
+    [(Step3Model.forward, MoeModelOutputWithPast), (Step3ForCausalLM.forward, MoeCausalLMOutputWithPast)],
+    ids=["Step3Model", "Step3ForCausalLM"],
+)
+def test_forward_signatures_are_introspectable(method, returns):
+    """Tools (and transformers' own tests) read the forward's return type and parameters from its signature."""
+    signature = inspect.signature(method)
+    assert signature.return_annotation is returns
+    assert "cache" in signature.parameters and "past_key_values" not in signature.parameters
+    assert typing.get_type_hints(method)["return"] is returns
+
+
+def test_router_logits_are_recorded_for_every_moe_layer():
+    config, inputs = TESTER.prepare_config_and_inputs()
+    model = Step3ForCausalLM(config).eval()
+    with torch.no_grad():
+        out = model(**inputs, output_router_logits=True)
+    tokens = TESTER.batch_size * TESTER.seq_length
+    assert [tuple(logits.shape) for logits in out.router_logits] == [(tokens, config.moe_num_experts)] * 2
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+
+
+def test_modeling_file_holds_only_the_model():
+    """transformers greps the modeling file (attention interface, experts decorator); the loading checks, the
+    checkpoint's names and the kernel defaults live elsewhere."""
+    source = Path(step3_hf.modeling_step3.__file__).read_text()
+    assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in source and "@use_experts_implementation" in source
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert "__future__" not in imported
+    assert not any("kernels" in name or "inspect_checkpoint" in name for name in imported), imported
+
+
+@pytest.mark.parametrize("preferred", [False, True], ids=["cpu_default", "cuda_default"])
+def test_default_kernels_are_chosen_outside_the_modeling_file(monkeypatch, preferred):
+    from step3_hf.kernels import MFA_DECODE_ATTENTION, MOE_DECODE_EXPERTS, defaults
+
+    monkeypatch.setattr(defaults, "decode_kernel_preferred", lambda: preferred)
+    model = Step3ForCausalLM(TESTER.get_config())
+    expected = (MFA_DECODE_ATTENTION, MOE_DECODE_EXPERTS) if preferred else ("sdpa", "grouped_mm")
+    assert (model.config._attn_implementation, model.config._experts_implementation) == expected
+    config = TESTER.get_config()
+    config._attn_implementation = "eager"
+    assert Step3ForCausalLM(config).config._attn_implementation == "eager"  # a named implementation wins
