@@ -181,6 +181,24 @@ def test_dispatcher_takes_the_kernel_for_decode_inference_only(device, case, pat
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_long_inference_calls_run_grouped_mm_in_bounded_slices(device, path_calls, monkeypatch):
+    # A prefill beyond MAX_GROUPED_MM_TOKENS runs in slices (bounded temporaries) with the same result; a training
+    # call stays whole.
+    experts, x, index, weights = tiny_experts(device)
+    monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", 0)
+    monkeypatch.setattr(experts_module, "MAX_GROUPED_MM_TOKENS", 4)
+    with torch.no_grad():
+        sliced = experts(x, index, weights)
+    assert path_calls == {"kernel": 0, "grouped_mm": 2}  # 6 tokens: 4 + 2
+    reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    assert relative_error(sliced, reference) < 1e-5
+    with torch.enable_grad():
+        whole = experts(x.requires_grad_(), index, weights)
+    assert path_calls["grouped_mm"] == 3
+    torch.testing.assert_close(whole.detach(), sliced, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dispatcher_hands_unsupported_activations_to_grouped_mm(device, path_calls):
     # Step3Config only accepts SiLU; a config changed after validation stands for another model's experts.
     experts, x, index, weights = tiny_experts(device)

@@ -5,7 +5,8 @@ Registered with transformers' experts functions, so `from_pretrained(..., expert
 routes every MoE layer's experts through `moe_decode_experts_forward`. A call takes the kernel (`moe_decode.py`)
 only for inference with up to `MAX_MOE_DECODE_TOKENS` tokens, on a device the kernel runs on (CUDA, or CPU under
 `TRITON_INTERPRET=1`), with a weight layout it computes; every other call (training, long prefill, expert
-parallelism, other layouts) goes to `grouped_mm_experts_forward`. Step-3 models pick it by default where
+parallelism, other layouts) goes to `grouped_mm_experts_forward`, an inference prefill in slices of at most
+`MAX_GROUPED_MM_TOKENS` tokens so that its temporaries stay bounded. Step-3 models pick it by default where
 `decode_kernel_preferred()` holds.
 """
 
@@ -26,6 +27,10 @@ MOE_DECODE_EXPERTS = "moe_decode"
 # Tokens per call up to which the experts function takes the kernel; above it the call is a prefill, where
 # `grouped_mm`'s large tiles are the right tool.
 MAX_MOE_DECODE_TOKENS = 512
+# Tokens per `grouped_mm` call at inference. Its temporaries grow with the tokens times top-k (a 128 x 1024 prefill
+# of Step-3 asked for one 5.25 GiB block on an H100); a long prefill runs in slices of this many tokens, whose
+# temporaries stay near 1 GiB at Step-3's widths. Each token's result depends on its own row alone.
+MAX_GROUPED_MM_TOKENS = 16384
 
 
 def _layout_unsupported(experts: torch.nn.Module) -> str | None:
@@ -71,7 +76,22 @@ def moe_decode_experts_forward(
             hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
             activation=self.config.hidden_act,
         )  # fmt: skip
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _grouped_mm_in_slices(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _grouped_mm_in_slices(
+    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`grouped_mm_experts_forward`, over at most `MAX_GROUPED_MM_TOKENS` tokens at a time at inference."""
+    tokens = hidden_states.shape[0]
+    needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or experts.gate_up_proj.requires_grad)
+    if tokens <= MAX_GROUPED_MM_TOKENS or needs_grad:
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    output = torch.empty_like(hidden_states)
+    for start in range(0, tokens, MAX_GROUPED_MM_TOKENS):
+        rows = slice(start, start + MAX_GROUPED_MM_TOKENS)
+        output[rows] = grouped_mm_experts_forward(experts, hidden_states[rows], top_k_index[rows], top_k_weights[rows])
+    return output
 
 
 def register_moe_decode() -> None:
