@@ -311,6 +311,7 @@ class Step3VLForConditionalGeneration(Step3VLPreTrainedModel, Step3ForCausalLM):
         pixel_values: torch.Tensor | None = None,
         patch_pixel_values: torch.Tensor | None = None,
         num_patches: torch.Tensor | list[int] | None = None,
+        patch_newline_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -321,7 +322,7 @@ class Step3VLForConditionalGeneration(Step3VLPreTrainedModel, Step3ForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
-        kwargs.pop("patch_newline_mask", None)  # the prompt's tokens already say where each crop row ends
+        # `patch_newline_mask` is accepted and unused: the prompt's `<patch_newline>` tokens already mark the rows.
         if pixel_values is None and patch_pixel_values is not None:
             raise ValueError("`patch_pixel_values` were given without `pixel_values` (the global view of each image)")
         if pixel_values is not None:
