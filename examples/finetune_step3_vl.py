@@ -34,6 +34,12 @@ from step3_hf.data_collator_step3_vl import Step3VLDataCollator
 from step3_hf.processing_step3_vl import IMAGE_TOKEN
 from step3_hf.tiny_vl_checkpoint import write_tiny_vl_checkpoint
 
+# transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing`; older 5.x knows only the first.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
 QUESTION = "what colour is the square?"
 VISION_MODULES = ["vision_model", "vit_downsampler", "vit_downsampler2", "vit_large_projector"]
@@ -114,8 +120,9 @@ def main(argv=None) -> dict[str, float]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, device_map=args.device_map)
     model = with_adapters(model, args)
-    frozen_vision = not any(p.requires_grad for n, p in model.named_parameters() if ".vision_model." in n)
-    print(f"vision tower frozen: {frozen_vision}")
+    vision_frozen = not any(p.requires_grad for n, p in model.named_parameters() if ".vision_model." in n)
+    trainable_outside_lora = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    print(f"vision tower frozen: {vision_frozen}")
 
     use_cuda = torch.cuda.is_available()
     training_args = TrainingArguments(
@@ -134,7 +141,7 @@ def main(argv=None) -> dict[str, float]:
         remove_unused_columns=False,  # the collator needs the image, prompt and response columns
         use_cpu=not use_cuda,
         seed=0,
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        **{CHECKPOINTING_ARGUMENT: args.gradient_checkpointing},
     )
     trainer = Trainer(
         model=model,
@@ -160,7 +167,14 @@ def main(argv=None) -> dict[str, float]:
     generated = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
     answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"adapter saved to {final}; the reloaded model answers {answer!r} (expected {example['response']!r})")
-    return {"loss_before": loss_before, "loss_after": loss_after, "perplexity_after": math.exp(loss_after)}
+    return {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "perplexity_after": math.exp(loss_after),
+        "vision_frozen": vision_frozen,
+        "trainable_outside_lora": trainable_outside_lora,
+        "answer": answer,
+    }
 
 
 if __name__ == "__main__":
