@@ -104,7 +104,9 @@ def base_checkpoint(args: argparse.Namespace) -> Path:
 
 def with_adapters(model, args: argparse.Namespace):
     """LoRA on the language model's linear layers (Step-3's defaults; the vision tower has none of those names)."""
-    modules_to_save = VISION_MODULES if args.train_vision else (["vit_large_projector"] if args.train_projector else None)
+    modules_to_save = None
+    if args.train_vision or args.train_projector:
+        modules_to_save = VISION_MODULES if args.train_vision else ["vit_large_projector"]
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, modules_to_save=modules_to_save)
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
@@ -122,6 +124,7 @@ def main(argv=None) -> dict[str, float]:
     model = with_adapters(model, args)
     vision_frozen = not any(p.requires_grad for n, p in model.named_parameters() if ".vision_model." in n)
     trainable_outside_lora = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    lora_modules = sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n})
     print(f"vision tower frozen: {vision_frozen}")
 
     use_cuda = torch.cuda.is_available()
@@ -173,6 +176,7 @@ def main(argv=None) -> dict[str, float]:
         "perplexity_after": math.exp(loss_after),
         "vision_frozen": vision_frozen,
         "trainable_outside_lora": trainable_outside_lora,
+        "lora_modules": lora_modules,
         "answer": answer,
     }
 

@@ -3,9 +3,9 @@
 Importing this package registers `step3_text` and `step3_vl` with transformers' Auto classes, so that
 `AutoModelForCausalLM.from_pretrained(path)` loads the language model of an official Step-3 checkpoint,
 `AutoModelForImageTextToText.from_pretrained(path)` the whole vision-language model (the official architecture
-`Step3VLForConditionalGeneration`), `AutoProcessor.from_pretrained(path)` its image processor and processor, and, when
-peft is installed,
-Step-3's default LoRA target modules, so that `get_peft_model(model, LoraConfig(r=16))` needs no `target_modules`.
+`Step3VLForConditionalGeneration`) and `AutoProcessor.from_pretrained(path)` its processor; and, when peft is
+installed, Step-3's default LoRA target modules, so that `get_peft_model(model, LoraConfig(r=16))` needs no
+`target_modules` (they name language-model layers only, so the vision tower is never adapted by default).
 """
 
 import importlib.util

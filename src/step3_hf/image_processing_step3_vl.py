@@ -148,7 +148,7 @@ class _Step3VLImageProcessorMixin:
         size = self.size
         height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
         if height != width:
-            raise ValueError(f"`size` must be square for Step-3 (a {IMAGE_SIZE} x {IMAGE_SIZE} global view), got {size}")
+            raise ValueError(f"`size` must be square (Step-3's global view is {IMAGE_SIZE} x {IMAGE_SIZE}), got {size}")
         return int(height)
 
     def plan(self, width: int, height: int) -> ViewPlan:
@@ -219,7 +219,8 @@ class _Step3VLImageProcessorMixin:
         tensor = torch.as_tensor(np.asarray(image)) if not torch.is_tensor(image) else image.cpu()
         if tensor.dtype != torch.uint8:
             raise ValueError(
-                f"images must be PIL images or uint8 arrays / tensors (0-255), got a {tensor.dtype} {type(image).__name__}"
+                "images must be PIL images or uint8 arrays / tensors (0-255), "
+                f"got a {tensor.dtype} {type(image).__name__}"
             )
         if tensor.ndim == 2:
             tensor = tensor[None].expand(3, -1, -1)

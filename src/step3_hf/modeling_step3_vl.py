@@ -68,7 +68,8 @@ class Step3VisionEmbeddings(nn.Module):
         batch, _, height, width = pixel_values.shape
         if height != width or height % self.patch_size != 0:
             raise ValueError(
-                f"`pixel_values` must be square views whose side is a multiple of {self.patch_size}, got {height}x{width}"
+                f"`pixel_values` must be square views whose side is a multiple of {self.patch_size}, "
+                f"got {height}x{width}"
             )
         target_dtype = self.patch_embedding.weight.dtype
         patch_embeds = self.patch_embedding(pixel_values.to(dtype=target_dtype)).flatten(2).transpose(1, 2)

@@ -21,7 +21,9 @@ IMAGE_END_TOKEN = "<im_end>"
 PATCH_START_TOKEN = "<patch_start>"
 PATCH_END_TOKEN = "<patch_end>"
 PATCH_NEWLINE_TOKEN = "<patch_newline>"
-SPECIAL_TOKENS = [IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, PATCH_START_TOKEN, PATCH_END_TOKEN, PATCH_NEWLINE_TOKEN]
+SPECIAL_TOKENS = [
+    IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN, PATCH_START_TOKEN, PATCH_END_TOKEN, PATCH_NEWLINE_TOKEN
+]  # fmt: skip
 
 # Keys of `__call__` that go to the image processor; everything else goes to the tokenizer.
 _IMAGE_KWARGS = ("patch_size", "max_image_size", "size", "do_normalize", "image_mean", "image_std", "do_rescale")
@@ -83,8 +85,8 @@ class Step3VLProcessor(ProcessorMixin):
         found = sum(t.count(self.image_token) for t in text)
         if found != len(num_patches):
             raise ValueError(
-                f"the prompts hold {found} image placeholder(s) ({self.image_token!r}) for {len(num_patches)} image(s): "
-                "write one placeholder per image where it belongs (the chat template does this)"
+                f"the prompts hold {found} image placeholder(s) ({self.image_token!r}) for {len(num_patches)} "
+                "image(s): write one placeholder per image where it belongs (the chat template does this)"
             )
         expansions, start = [], 0
         for count in num_patches:

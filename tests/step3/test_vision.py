@@ -223,3 +223,26 @@ def test_text_only_prompts_match_the_language_model(checkpoint):
     ids = torch.tensor([[1, 5, 9, 20, 31, 7]])
     with torch.no_grad():
         torch.testing.assert_close(vl(input_ids=ids).logits, text(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_vision_trains_with_and_without_gradient_checkpointing(checkpoint):
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, experts_implementation="eager")
+    model.train()
+    generator = torch.Generator().manual_seed(2)
+    pixel_values = torch.randn(1, 3, 168, 168, generator=generator)
+    ids = torch.tensor([[5] + [model.config.image_token_id] * image_feature_tokens(model.config, 168) + [7, 8]])
+    labels = ids.clone()
+    labels[ids == model.config.image_token_id] = -100
+
+    def vision_grads():
+        model.zero_grad()
+        model(input_ids=ids, pixel_values=pixel_values, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith(("vision_model.", "vit_"))}
+
+    plain = vision_grads()
+    model.gradient_checkpointing_enable()
+    assert model.vision_model.transformer.layers[0].gradient_checkpointing
+    checkpointed = vision_grads()
+    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

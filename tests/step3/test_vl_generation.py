@@ -86,7 +86,9 @@ def test_trainer_with_lora_trains_the_language_model_only(checkpoint, tmp_path):
     spec = importlib.util.spec_from_file_location("finetune_step3_vl", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path), "--steps", "12", "--examples", "40",
-                   "--batch-size", "4", "--lr", "1e-2"])  # fmt: skip
+    argv = ["--checkpoint", str(checkpoint), "--output", str(tmp_path), "--steps", "12", "--examples", "40",
+            "--batch-size", "4", "--lr", "1e-2"]  # fmt: skip
+    result = example.main(argv)
     assert result["loss_after"] < result["loss_before"]
     assert result["vision_frozen"] and result["trainable_outside_lora"] == []
+    assert result["lora_modules"] and all(".model.layers." in name for name in result["lora_modules"])

@@ -63,7 +63,8 @@ def official_plan(width, height):
     newlines = [i for i in range(len(boxes)) if (i + 1) % x_num == 0]
     if newlines and newlines[-1] == len(boxes) - 1:
         newlines.pop()
-    return padded, (width, height), window, (canvas_w, canvas_h), boxes, x_num, [i in newlines for i in range(len(boxes))]
+    flags = [i in newlines for i in range(len(boxes))]
+    return padded, (width, height), window, (canvas_w, canvas_h), boxes, x_num, flags
 
 
 def official_pixels(image: Image.Image):
@@ -171,7 +172,8 @@ def test_prompt_tokens_follow_the_official_format(processor):
     for (w, h), plan in zip(sizes, plans):
         assert processor.num_image_tokens(w, h) == len(plan[4]) * 83 + 171 + sum(plan[6])
     # Layout of one image with crops: each crop wrapped in patch markers, rows ended by newlines, global view last.
-    expansion = processor.tokenizer.convert_ids_to_tokens(processor(images=images[1:2], text="<im_patch>")["input_ids"][0])
+    one_image = processor(images=images[1:2], text="<im_patch>")["input_ids"][0]
+    expansion = processor.tokenizer.convert_ids_to_tokens(one_image)
     joined = "".join(t for t in expansion if t.startswith("<") and t != "<im_patch>")
     want = "".join("<patch_start><patch_end>" + ("<patch_newline>" if nl else "") for nl in plans[1][6])
     assert joined.endswith(want + "<im_start><im_end>")
