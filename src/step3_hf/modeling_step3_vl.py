@@ -27,6 +27,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_step3 import Step3VisionConfig, Step3VLConfig
 from .modeling_step3 import Step3ForCausalLM, Step3PreTrainedModel
+from .vision_layout import image_feature_tokens
 
 # The official ViT prepends three copies of the class token to the sequence (a padding the authors added for tensor
 # parallelism: "pad_tp_size = 4" in the public loaders). They take part in attention, so they change the result and
@@ -348,6 +349,49 @@ class Step3VLForConditionalGeneration(Step3VLPreTrainedModel, Step3ForCausalLM):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search and `num_return_sequences` repeat every prompt; the image inputs are listed per image and per
+        # crop, not per prompt, so each prompt's images are repeated with it instead of row by row.
+        images = {name: model_kwargs.pop(name) for name in IMAGE_INPUT_NAMES if model_kwargs.get(name) is not None}
+        if expand_size > 1 and "pixel_values" in images:
+            images = self._repeat_images_per_prompt(input_ids, images, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(images)
+        return input_ids, model_kwargs
+
+    def _repeat_images_per_prompt(self, input_ids: torch.LongTensor | None, images: dict, times: int) -> dict:
+        """The image inputs of `input_ids`' prompts, each prompt's images repeated `times` times in place."""
+        if input_ids is None:
+            raise ValueError("generating several sequences per prompt with images needs `input_ids`")
+        pixel_values = images["pixel_values"]
+        num_patches = images.get("num_patches")
+        num_patches = [0] * pixel_values.shape[0] if num_patches is None else [int(n) for n in num_patches]
+        per_view = image_feature_tokens(self.config, pixel_values.shape[-1])
+        per_crop = image_feature_tokens(self.config, images["patch_pixel_values"].shape[-1]) if sum(num_patches) else 0
+        crop_starts = [sum(num_patches[:i]) for i in range(len(num_patches))]
+        image_index, crop_index, next_image = [], [], 0
+        for row_tokens in (input_ids == self.config.image_token_id).sum(-1).tolist():
+            row_images = []
+            while row_tokens > 0 and next_image < len(num_patches):
+                row_tokens -= per_view + per_crop * num_patches[next_image]
+                row_images.append(next_image)
+                next_image += 1
+            if row_tokens != 0:
+                raise ValueError("the prompts' image-patch tokens do not match the images given (`num_patches`)")
+            for _ in range(times):
+                image_index += row_images
+                for i in row_images:
+                    crop_index += range(crop_starts[i], crop_starts[i] + num_patches[i])
+        repeated = dict(images)
+        repeated["pixel_values"] = pixel_values[image_index]
+        repeated["num_patches"] = torch.tensor([num_patches[i] for i in image_index], dtype=torch.long)
+        for name in ("patch_pixel_values", "patch_newline_mask"):
+            if name in images:
+                repeated[name] = images[name][crop_index]
+        return repeated
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

@@ -43,6 +43,13 @@ def test_batched_generation_equals_one_by_one(checkpoint):
         single = processor(images=prompt_images or None, text=text, return_tensors="pt")
         alone = model.generate(**single, max_new_tokens=8, do_sample=False)[0, single["input_ids"].shape[1] :]
         assert generated[row].tolist() == alone.tolist(), f"prompt {row}"
+    # Beam search repeats every prompt with its own images (they are listed per image and per crop, not per prompt).
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2)
+    generated = model.generate(**batch, **beams)[:, batch["input_ids"].shape[1] :]
+    for row, (text, prompt_images) in enumerate(PROMPTS):
+        single = processor(images=prompt_images or None, text=text, return_tensors="pt")
+        alone = model.generate(**single, **beams)[:, single["input_ids"].shape[1] :]
+        assert generated[2 * row : 2 * row + 2].tolist() == alone.tolist(), f"prompt {row} with beams"
     # The images matter: another picture changes what the model says after the first prompt.
     other = processor(images=[picture(300, 120, 9), picture(168, 168, 1)], text=PROMPTS[0][0], return_tensors="pt")
     logits = model(**other).logits[0, -1]
