@@ -43,7 +43,12 @@ def test_batched_generation_equals_one_by_one(checkpoint):
         single = processor(images=prompt_images or None, text=text, return_tensors="pt")
         alone = model.generate(**single, max_new_tokens=8, do_sample=False)[0, single["input_ids"].shape[1] :]
         assert generated[row].tolist() == alone.tolist(), f"prompt {row}"
-    # Beam search repeats every prompt with its own images (they are listed per image and per crop, not per prompt).
+    # Beam search repeats every prompt with its own images (they are listed per image and per crop, not per prompt):
+    # each repeated row sees exactly what its prompt saw.
+    ids, kwargs = model._expand_inputs_for_generation(expand_size=2, **batch)
+    with torch.no_grad():
+        expanded, original = model(input_ids=ids, **kwargs).logits, model(**batch).logits
+    torch.testing.assert_close(expanded, original.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
     beams = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2)
     generated = model.generate(**batch, **beams)[:, batch["input_ids"].shape[1] :]
     for row, (text, prompt_images) in enumerate(PROMPTS):
