@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    'DATASETS', 'DEFAULT_ROOTS', 'DatasetNotFoundError', 'ImageSplits', 'load_dataset', 'split_train_val',
-    'augment_batch', 'normalize_batch',
+    'DATASETS', 'DEFAULT_ROOTS', 'DatasetNotFoundError', 'DataFileError', 'ImageSplits', 'load_dataset',
+    'split_train_val', 'augment_batch', 'normalize_batch',
 ]
 
 DATASETS = ('cifar10', 'cifar100', 'svhn', 'fashion_mnist', 'imagefolder')
@@ -41,6 +41,10 @@ _HOW_TO_GET = {
                      '/usr/share/datasets/fashion-mnist) or torchvision.datasets.FashionMNIST(root, download=True)',
     'imagefolder': 'create <root>/train/<class_name>/<image> and <root>/test/<class_name>/<image>',
 }
+
+
+class DataFileError(ValueError):
+    """A dataset file is there but is not what its format promises (corrupt, truncated or crafted)."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -79,9 +83,59 @@ def _first_existing(candidates: Sequence[Path], predicate) -> Optional[Path]:
     return None
 
 
+def _latin1_encode(text: str, encoding: str = 'utf-8') -> bytes:
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, 'latin1'); admit that and nothing else.
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'_codecs.encode with encoding {encoding!r}')
+    return text.encode('latin1')
+
+
+def _safe_pickle_globals() -> Dict[Tuple[str, str], object]:
+    # The numpy callables are taken from numpy's own pickling, so numpy 1 (numpy.core) and numpy 2 (numpy._core)
+    # pickles both resolve to whatever this numpy uses.
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.int64(0).__reduce__()[0]
+    allowed: Dict[Tuple[str, str], object] = {('_codecs', 'encode'): _latin1_encode}
+    for core in ('numpy.core', 'numpy._core'):
+        allowed[(f'{core}.multiarray', '_reconstruct')] = reconstruct
+        allowed[(f'{core}.multiarray', 'scalar')] = scalar
+        allowed[(f'{core}.numeric', '_frombuffer')] = frombuffer
+    allowed[('numpy', 'ndarray')] = np.ndarray
+    allowed[('numpy', 'dtype')] = np.dtype
+    for builtins in ('builtins', '__builtin__'):  # Python 2 pickles name the module __builtin__
+        for container in (set, frozenset, bytearray):
+            allowed[(builtins, container.__name__)] = container
+    return allowed
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds builtin containers, strings, bytes, numbers and numpy arrays; refuses every other global.
+
+    A pickle can call any importable function while it loads (``os.system`` included). A CIFAR batch needs
+    only numpy's array reconstruction, so that is all this unpickler will resolve."""
+
+    _allowed = _safe_pickle_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f'it references {module}.{name}') from None
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, 'rb') as f:
-        return pickle.load(f, encoding='latin1')
+    """Read a CIFAR batch without running code from it: anything but data is refused, naming the file."""
+    try:
+        with open(path, 'rb') as f:
+            data = _DataUnpickler(f, encoding='latin1').load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataFileError(
+            f'{path}: refused to read this pickle ({e}); a CIFAR batch holds only dicts, lists, strings, numbers '
+            'and numpy arrays, so the file is corrupt or was crafted') from None
+    if not isinstance(data, dict):
+        raise DataFileError(f'{path}: a CIFAR batch is a dict, this pickle holds a {type(data).__name__}')
+    return data
 
 
 def _from_cifar_rows(data: np.ndarray) -> torch.Tensor:
@@ -103,8 +157,18 @@ def _load_cifar(root: Path, hundred: bool) -> ImageSplits:
         xs, ys = [], []
         for f in files:
             d = _unpickle(folder / f)
-            xs.append(_from_cifar_rows(d['data']))
-            ys.append(torch.as_tensor(d[label_key], dtype=torch.int64))
+            missing = [k for k in ('data', label_key) if k not in d]
+            if missing:
+                raise DataFileError(f'{folder / f}: the CIFAR batch has no {" or ".join(missing)} entry')
+            try:
+                x = _from_cifar_rows(d['data'])
+                y = torch.as_tensor(d[label_key], dtype=torch.int64).reshape(-1)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise DataFileError(f'{folder / f}: unusable CIFAR batch ({e})') from None
+            if x.shape[0] != y.shape[0]:
+                raise DataFileError(f'{folder / f}: {x.shape[0]} images but {y.shape[0]} labels')
+            xs.append(x)
+            ys.append(y)
         return torch.cat(xs), torch.cat(ys)
 
     train_x, train_y = read(train_files)

@@ -28,10 +28,8 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_aa, create_attn, create_classifier, get_device_dtype
-from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm exports it from no public module (docs/compatibility.md)
 from timm.models.resnet import BasicBlock, ResNet
 
 __all__ = [

@@ -9,6 +9,9 @@ Writes to --output: metrics.json (config, per-epoch history, test result), metri
 curves.png, best.safetensors (state dict of the best-validation epoch) and hf/ (timm's save_for_hf
 layout, loadable with ``timm.create_model('local-dir:<output>/hf', pretrained=True)``).
 
+A non-finite loss stops the run (exit 1) with the epoch and step; non-finite weights are never saved.
+Bad arguments or data exit 2.
+
 Example:
     quotient-train --model quotient_resnet56_cifar --dataset cifar10 --data-dir ~/data --output runs/q56
 """
@@ -32,7 +35,11 @@ from . import quotient_resnet  # noqa: F401  (registers the quotient models)
 from .data import DATASETS, DEFAULT_ROOTS, DatasetNotFoundError, augment_batch, load_dataset, normalize_batch, \
     split_train_val
 
-__all__ = ['build_parser', 'main', 'train']
+__all__ = ['TrainingDivergedError', 'build_parser', 'main', 'train']
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became non-finite; nothing non-finite is saved as a result."""
 
 
 def _model_arg(text: str) -> Tuple[str, Any]:
@@ -138,6 +145,24 @@ def _state_dict_for_saving(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
 
 
+def _check_finite_weights(state: Dict[str, torch.Tensor], epoch: int, lr: float) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDivergedError(
+            f'epoch {epoch}: {len(bad)} weight tensor(s) hold non-finite values (first: {bad[0]}); nothing of this '
+            f'epoch was saved. Training diverged: try a lower --lr than {lr:g}')
+
+
+def _prepare_output(path: Path) -> None:
+    # Refuse before any data is read: a run that cannot write its results should not start.
+    if path.exists() and not path.is_dir():
+        raise ValueError(f'--output {path} exists and is not a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'--output {path}: cannot create the folder ({e.strerror or e})') from None
+
+
 def _write_metrics(out_dir: Path, metrics: Dict[str, Any]) -> None:
     # Rewritten after every epoch so an interrupted run still leaves its curves.
     with open(out_dir / 'metrics.json', 'w') as f:
@@ -161,6 +186,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f'--crop-padding must be >= 0, got {args.crop_padding}')
     if not timm.is_model(args.model):
         raise ValueError(f'unknown model {args.model!r}; see timm.list_models() (quotient nets: quotient_*)')
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f'--lr must be a positive number, got {args.lr}')
+    out_dir = Path(args.output)
+    _prepare_output(out_dir)
     device = _resolve_device(args.device)
     on_cuda = device.type == 'cuda'
     amp = args.amp == 'bf16' or (args.amp == 'auto' and on_cuda)
@@ -199,8 +228,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(args.milestones), gamma=args.lr_gamma)
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     best_path = out_dir / 'best.safetensors'
     train_x = data.train_x.to(device)
     train_y = data.train_y.to(device)
@@ -230,6 +257,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         perm = torch.randperm(n_train, generator=shuffle_gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
+        # First step with a non-finite loss (-1: none), kept on the device so CUDA steps never wait for the host.
+        first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         if on_cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -246,6 +275,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = fmodel(x)
                 loss = F.cross_entropy(out.float(), y)
+            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
+            if not on_cuda and first_bad >= 0:  # reading it is free on the CPU: stop at the step itself
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -253,6 +285,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             correct += (out.detach().argmax(1) == y).sum()
         if on_cuda:
             torch.cuda.synchronize(device)
+        if first_bad.item() >= 0:
+            bar.close()
+            raise TrainingDivergedError(
+                f'epoch {epoch}, step {first_bad.item() + 1}/{steps}: the training loss is not finite; stopped, '
+                f'nothing of this epoch was saved. Training diverged: try a lower --lr than {lr:g}')
         train_time = time.perf_counter() - t0
         scheduler.step()
 
@@ -264,9 +301,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 fmodel, data.val_x, data.val_y, args.eval_batch_size, mean, std, device, amp, channels_last)
         # Without a validation split the last epoch is kept.
         score = row['val_acc'] if row['val_acc'] is not None else float(epoch)
+        if row['val_loss'] is not None and not math.isfinite(row['val_loss']):
+            raise TrainingDivergedError(
+                f'epoch {epoch}: the validation loss is {row["val_loss"]}; nothing of this epoch was saved. Training '
+                f'diverged: try a lower --lr than {lr:g}')
         if score > best_val:
+            state = _state_dict_for_saving(model)
+            _check_finite_weights(state, epoch, lr)
             best_val, best_epoch = score, epoch
-            save_file(_state_dict_for_saving(model), str(best_path))
+            save_file(state, str(best_path))
         history.append(row)
         _write_metrics(out_dir, metrics)
         val_txt = f' val {row["val_loss"]:.4f} / {row["val_acc"]:.2f}%' if row['val_acc'] is not None else ''
@@ -300,12 +343,16 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit 0 on success, 2 on bad arguments or data, 1 when training diverged (non-finite loss or weights)."""
     args = build_parser().parse_args(argv)
     try:
         train(args)
     except (DatasetNotFoundError, ValueError, ImportError) as e:
         print(f'quotient-train: error: {e}', file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:
+        print(f'quotient-train: error: {e}', file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,7 @@ the official loaders (vLLM, SGLang, the hub's remote code); `attribute_map` expo
 generic code looks for (`num_key_value_heads`, `max_position_embeddings`, `num_experts`, ...).
 """
 
-
+import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -136,6 +136,7 @@ class Step3Config(PreTrainedConfig):
         # Checked here too so that a bad field raises a plain `ValueError` at construction; `@strict` wraps the
         # errors of its own later `validate_*` pass in `StrictDataclassClassValidationError`.
         self.validate_architecture()
+        self.validate_rope()
 
     @property
     def moe_layer_indices(self) -> tuple[int, ...]:
@@ -175,6 +176,16 @@ class Step3Config(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}")
         if self.hidden_act != "silu":
             raise ValueError(f"`hidden_act` must be 'silu' (Step-3 uses SwiGLU everywhere), got {self.hidden_act!r}")
+
+    def validate_rope(self):
+        """Part of `@strict` validation: transformers' RoPE checks, plus a base that gives finite frequencies
+        (`rope_theta` <= 0 or NaN makes every inverse frequency NaN, and the model silently outputs NaN)."""
+        parent = getattr(super(), "validate_rope", None)  # not in every transformers 5.x
+        if parent is not None:
+            parent()
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+            raise ValueError(f"`rope_theta` must be a positive, finite number, got {theta!r}")
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -1,9 +1,13 @@
-"""`step3-inspect`: check a Step-3 checkpoint directory against its config without loading any weights.
+"""`step3-inspect`: check a Step-3 checkpoint directory against its config, by default without reading any weights.
 
-Only `config.json`, the optional `model.safetensors.index.json` and the JSON header at the start of each
-safetensors file are read, so inspecting the ~640 GB official release takes well under a second. The report
-gives the parameter counts and KV-cache size the config implies, the dtypes on disk, and every missing,
-unexpected or wrong-shape tensor against the official layout (`checkpoint_layout.official_tensor_shapes`).
+By default only `config.json`, the optional `model.safetensors.index.json` and the JSON header at the start of each
+safetensors file are read, so inspecting the ~640 GB official release takes well under a second. The report gives the
+parameter counts and KV-cache size the config implies, the dtypes on disk, and every missing, unexpected, wrong-shape
+or wrong-dtype tensor against the official layout (`checkpoint_layout.official_tensor_shapes`) and the config's
+`dtype` (`torch_dtype` in older files).
+
+`--values` also reads every tensor once, a bounded slice at a time, and reports tensors holding NaN or Inf and tensors
+that are all zero (a failed or unfinished write); it reads the whole checkpoint, so it takes as long as the disk does.
 
 Exit codes: 0 the checkpoint matches its config, 1 any mismatch, 2 unusable input.
 """
@@ -11,6 +15,7 @@ Exit codes: 0 the checkpoint matches its config, 1 any mismatch, 2 unusable inpu
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import struct
@@ -39,6 +44,16 @@ DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
+# The safetensors dtype a config's `dtype` names (transformers writes the torch name without "torch.").
+CONFIG_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+FLOAT8_FORMATS = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}
+# `--values` reads at most this many bytes of a tensor at once, so a 3.5 GB expert tensor never sits in memory whole.
+VALUE_CHUNK_BYTES = 64 * 2**20
+# Checkpoints at least this big get a progress bar while their values are read.
+PROGRESS_MIN_BYTES = 2**30
 
 
 class CheckpointError(Exception):
@@ -90,6 +105,28 @@ class ShapeMismatch:
 
 
 @dataclass(frozen=True)
+class DtypeRule:
+    """Text tensors whose official name matches `pattern` (fnmatch) must be stored as one of `dtypes`.
+
+    `dtype_rules` turns a config into a list of these, first match wins; a quantized layout (FP8 weights next to
+    BF16 norms and router) is more rules, not more code."""
+
+    pattern: str
+    dtypes: tuple[str, ...]
+    source: str
+    """Where the rule comes from, for the report, e.g. "config dtype bfloat16"."""
+
+
+@dataclass(frozen=True)
+class DtypeMismatch:
+    name: str
+    expected: tuple[str, ...]
+    found: str
+    file: str
+    source: str
+
+
+@dataclass(frozen=True)
 class DtypeUsage:
     tensors: int
     bytes: int
@@ -128,17 +165,34 @@ class InspectionReport:
     wrong_shape: list[ShapeMismatch] = field(default_factory=list)
     file_problems: list[str] = field(default_factory=list)
     """Index/shard disagreements and files shorter than their headers say (an incomplete download)."""
+    dtype_rules: list[DtypeRule] = field(default_factory=list)
+    """What the dtypes were checked against; empty when the config names no dtype."""
+    wrong_dtype: list[DtypeMismatch] = field(default_factory=list)
+    values_scanned: bool = False
+    """True when every tensor's values were read (`--values`)."""
+    non_finite: dict[str, int] = field(default_factory=dict)
+    """Tensor name -> number of NaN or Inf values (only with `values_scanned`)."""
+    all_zero: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.wrong_shape or self.file_problems)
+        return not (
+            self.missing or self.unexpected or self.wrong_shape or self.file_problems or self.wrong_dtype
+            or self.non_finite or self.all_zero
+        )  # fmt: skip
 
     def problems(self) -> list[str]:
         """One line per problem, naming the tensor (official name) or file."""
         return (
             [f"missing {name} {_shape(shape)}" for name, shape in self.missing.items()]
             + [f"wrong shape {m.name}: expected {_shape(m.expected)}, found {_shape(m.found)}" for m in self.wrong_shape]
+            + [
+                f"wrong dtype {m.name}: expected {_dtypes(m.expected)} ({m.source}), found {m.found}"
+                for m in self.wrong_dtype
+            ]
             + [f"unexpected {name} {_shape(shape)}" for name, shape in self.unexpected.items()]
+            + [f"non-finite values in {name}: {count:,} NaN or Inf" for name, count in self.non_finite.items()]
+            + [f"all-zero tensor {name}" for name in self.all_zero]
             + self.file_problems
         )
 
@@ -152,6 +206,8 @@ class InspectionReport:
             {"name": m.name, "expected": list(m.expected), "found": list(m.found), "file": m.file}
             for m in self.wrong_shape
         ]
+        data["dtype_rules"] = [{**asdict(r), "dtypes": list(r.dtypes)} for r in self.dtype_rules]
+        data["wrong_dtype"] = [{**asdict(m), "expected": list(m.expected)} for m in self.wrong_dtype]
         return data
 
 
@@ -234,7 +290,7 @@ def load_config(directory: Path) -> Step3Config | Step3VLConfig:
     fields = {key: value for key, value in raw.items() if key != "model_type"}
     try:
         return config_class(**fields)
-    except (ValueError, TypeError, StrictDataclassError) as err:
+    except (ValueError, TypeError, AttributeError, StrictDataclassError) as err:  # AttributeError: unknown dtype
         raise CheckpointError(f"invalid {config_path}: {err}") from err
 
 
@@ -283,6 +339,97 @@ def summarize_config(config: Step3Config | Step3VLConfig) -> ConfigSummary:
         num_hidden_layers=text.num_hidden_layers,
         num_moe_layers=len(text.moe_layer_indices),
     )
+
+
+def dtype_rules(config: Step3Config | Step3VLConfig) -> list[DtypeRule]:
+    """The dtypes the config's `dtype` (top level first, then `text_config`) allows for the text tensors.
+
+    A config without a dtype, or naming one that is not a float type, gives no rule. With an FP8
+    `quantization_config` each tensor may be the float8 format or the config dtype: which tensors stay unquantized
+    (norms, router, embeddings) is not pinned until the FP8 release's layout is, so that rule is deliberately loose.
+    Other quantization methods pack weights into integer tensors and are not checked."""
+    text = config.get_text_config()
+    dtype = getattr(config, "dtype", None) or getattr(text, "dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    stored = CONFIG_DTYPES.get(name)
+    if stored is None:
+        return []
+    quantization = getattr(config, "quantization_config", None) or getattr(text, "quantization_config", None)
+    if quantization is None:
+        return [DtypeRule("*", (stored,), f"config dtype {name}")]
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    if quantization.get("quant_method") != "fp8":
+        return []
+    float8 = FLOAT8_FORMATS.get(str(quantization.get("fmt", "e4m3")), "F8_E4M3")
+    return [DtypeRule("*", (float8, stored), f"fp8 quantization_config, config dtype {name}")]
+
+
+def check_dtypes(tensors: list[TensorHeader], rules: list[DtypeRule]) -> list[DtypeMismatch]:
+    """Every tensor that a rule covers and whose dtype the rule does not allow."""
+    mismatches = []
+    for t in tensors:
+        rule = next((r for r in rules if fnmatch.fnmatchcase(t.name, r.pattern)), None)
+        if rule is not None and t.dtype not in rule.dtypes:
+            mismatches.append(DtypeMismatch(t.name, rule.dtypes, t.dtype, t.file, rule.source))
+    return mismatches
+
+
+def scan_values(
+    files: list[Path], progress: bool | None = None
+) -> tuple[dict[str, int], list[str], list[str]]:
+    """Read every tensor of `files` once and return (name -> NaN/Inf count, all-zero names, unreadable files).
+
+    safetensors maps the file; each tensor is read in slices of at most `VALUE_CHUNK_BYTES` along its first axis,
+    so memory stays bounded however large the tensor. `progress`: a tqdm bar on stderr (None: only for
+    checkpoints of `PROGRESS_MIN_BYTES` or more, and only on a terminal)."""
+    import torch
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    total = sum(f.stat().st_size for f in files)
+    if progress is None:
+        disable = None if total >= PROGRESS_MIN_BYTES else True  # None: tqdm shows it on a terminal only
+    else:
+        disable = not progress
+    non_finite: dict[str, int] = {}
+    all_zero: list[str] = []
+    unreadable: list[str] = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading values", disable=disable, file=sys.stderr) as bar:
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        bad, nonzero, nbytes = _scan_tensor(handle, name, torch)
+                        if bad:
+                            non_finite[name] = bad
+                        if not nonzero:
+                            all_zero.append(name)
+                        bar.update(nbytes)
+            except Exception as err:  # safetensors raises its own error types; any of them means unreadable data
+                unreadable.append(f"{file.name}: tensor data could not be read ({type(err).__name__}: {err})")
+    return non_finite, all_zero, unreadable
+
+
+def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int]:
+    """(NaN/Inf count, whether any value is non-zero, bytes read) of one tensor, read slice by slice."""
+    view = handle.get_slice(name)
+    shape = view.get_shape()
+    itemsize = DTYPE_BYTES.get(view.get_dtype(), 1)
+    if not shape:
+        chunks = [handle.get_tensor(name)]
+    else:
+        row = max(1, math.prod(shape[1:]) * itemsize)
+        step = max(1, VALUE_CHUNK_BYTES // row)
+        chunks = (view[start : start + step] for start in range(0, shape[0], step))
+    bad, nonzero, nbytes = 0, False, 0
+    for chunk in chunks:
+        nbytes += chunk.numel() * chunk.element_size()
+        if chunk.is_floating_point():
+            if chunk.element_size() == 1:  # float8 has no isfinite kernel on every device
+                chunk = chunk.float()
+            bad += int((~torch.isfinite(chunk)).sum())
+        nonzero = nonzero or bool(chunk.any())
+    return bad, nonzero, nbytes
 
 
 def index_problems(tensors: list[TensorHeader], weight_map: dict[str, str]) -> list[str]:
@@ -343,11 +490,15 @@ def compare_tensors(
         elif t.shape != expected[t.name]:
             report.wrong_shape.append(ShapeMismatch(t.name, expected[t.name], t.shape, t.file))
     report.missing = {name: shape for name, shape in expected.items() if name not in seen}
+    report.dtype_rules = dtype_rules(config)
+    report.wrong_dtype = check_dtypes([t for t in seen.values() if t.name in expected], report.dtype_rules)
     return report
 
 
-def inspect_checkpoint(directory: str | Path) -> InspectionReport:
-    """Inspect a checkpoint directory from its config and safetensors headers; raises `CheckpointError`."""
+def inspect_checkpoint(directory: str | Path, values: bool = False, progress: bool | None = None) -> InspectionReport:
+    """Inspect a checkpoint directory from its config and safetensors headers; raises `CheckpointError`.
+
+    `values=True` also reads every tensor once (see `scan_values`) and reports NaN/Inf and all-zero tensors."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
@@ -361,6 +512,12 @@ def inspect_checkpoint(directory: str | Path) -> InspectionReport:
     if weight_map is not None:
         report.file_problems += index_problems(tensors, weight_map)
     report.file_problems += [problem for shard in shards if (problem := shard.truncation)]
+    if values:
+        # A truncated shard is already a problem, and safetensors refuses to map it.
+        readable = [file for file, shard in zip(files, shards) if shard.truncation is None]
+        report.non_finite, report.all_zero, unreadable = scan_values(readable, progress)
+        report.file_problems += unreadable
+        report.values_scanned = True
     return report
 
 
@@ -369,6 +526,10 @@ def inspect_checkpoint(directory: str | Path) -> InspectionReport:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _dtypes(dtypes: tuple[str, ...]) -> str:
+    return " or ".join(dtypes)
 
 
 def format_report(report: InspectionReport) -> str:
@@ -386,6 +547,13 @@ def format_report(report: InspectionReport) -> str:
         f"  vision tensors    {report.vision_tensors_skipped:,} skipped",
         "  dtypes            "
         + ", ".join(f"{d}: {u.tensors:,} tensors, {human_count(u.bytes, 'B')}" for d, u in report.dtypes.items()),
+        "  dtype check       "
+        + (
+            "; ".join(f"{_dtypes(r.dtypes)} ({r.source})" for r in report.dtype_rules)
+            or "none (the config names no dtype)"
+        ),
+        "  values            "
+        + ("every tensor read" if report.values_scanned else "not read (headers only; --values reads them)"),
     ]
     if report.missing:
         lines.append(f"  MISSING ({len(report.missing)}):")
@@ -396,14 +564,29 @@ def format_report(report: InspectionReport) -> str:
             f"    {m.name}  expected {_shape(m.expected)}, found {_shape(m.found)} in {m.file}"
             for m in report.wrong_shape
         ]
+    if report.wrong_dtype:
+        lines.append(f"  WRONG DTYPE ({len(report.wrong_dtype)}):")
+        lines += [
+            f"    {m.name}  expected {_dtypes(m.expected)} ({m.source}), found {m.found} in {m.file}"
+            for m in report.wrong_dtype
+        ]
     if report.unexpected:
         lines.append(f"  UNEXPECTED ({len(report.unexpected)}):")
         lines += [f"    {name}  {_shape(shape)}" for name, shape in report.unexpected.items()]
+    if report.non_finite:
+        lines.append(f"  NON-FINITE VALUES ({len(report.non_finite)}):")
+        lines += [f"    {name}  {count:,} NaN or Inf" for name, count in report.non_finite.items()]
+    if report.all_zero:
+        lines.append(f"  ALL-ZERO ({len(report.all_zero)}):")
+        lines += [f"    {name}" for name in report.all_zero]
     if report.file_problems:
         lines.append(f"  FILE PROBLEMS ({len(report.file_problems)}):")
         lines += [f"    {problem}" for problem in report.file_problems]
     if report.ok:
-        lines.append("  result            OK: every tensor matches the config")
+        lines.append(
+            "  result            OK: every tensor matches the config"
+            + (", no NaN, Inf or all-zero tensor" if report.values_scanned else "")
+        )
     else:
         lines.append(f"  result            MISMATCH: {len(report.problems())} problem(s)")
     return "\n".join(lines)
@@ -412,14 +595,19 @@ def format_report(report: InspectionReport) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="step3-inspect",
-        description="Check a Step-3 checkpoint directory against its config.json from safetensors headers only "
-        "(no weights are loaded). Exit 0: matches; 1: mismatch; 2: unusable input.",
+        description="Check a Step-3 checkpoint directory against its config.json: tensor names, shapes and dtypes "
+        "from safetensors headers only, unless --values. Exit 0: matches; 1: mismatch; 2: unusable input.",
     )
     parser.add_argument("checkpoint", type=Path, help="directory with config.json and safetensors files")
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON object")
+    parser.add_argument(
+        "--values", action="store_true",
+        help="also read every tensor once (a slice at a time) and report NaN/Inf and all-zero tensors; "
+        "reads the whole checkpoint, with a progress bar on stderr for large ones",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        report = inspect_checkpoint(args.checkpoint)
+        report = inspect_checkpoint(args.checkpoint, values=args.values)
     except CheckpointError as err:
         if args.json:
             print(json.dumps({"path": str(args.checkpoint), "ok": False, "error": str(err)}))

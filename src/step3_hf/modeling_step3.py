@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -47,6 +48,8 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`; 5.17 (still on
 # many GPU images) uses the old name. Everything below speaks `cache` and converts at these two boundaries.
 _CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# Before the rename, continuous batching handed its paged cache to the attention function, which updated it itself.
+_ATTENTION_UPDATES_PAGED_CACHE = _CACHE_NAME == "past_key_values"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,9 @@ class Step3Attention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if cache is not None:
+        if _ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
+            kwargs["cache"] = cache  # transformers < 5.24: the paged attention functions update their cache
+        elif cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -428,6 +433,48 @@ class Step3PreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
+def check_prompt_inputs(
+    vocab_size: int,
+    input_ids: torch.LongTensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+) -> None:
+    """Refuse an empty prompt, a token id outside `[0, vocab_size)` or a 2-D `attention_mask` whose shape is not the
+    ids' with a `ValueError` naming the problem, before the embedding lookup: on CUDA a bad id would be a
+    device-side assert that ends the process's CUDA context.
+
+    Checked once per prompt (empty cache; one host sync). Skipped while compiling; for a reused static cache on an
+    accelerator, whose length lives on the device (reading it would stall every decode step); and for continuous
+    batching's paged cache, whose packed steps mix prompts and decodes (its requests must be checked where they are
+    queued)."""
+    if torch.compiler.is_compiling() or (cache is not None and not hasattr(cache, "get_seq_length")):
+        return
+    if cache is not None:
+        seen = cache.get_seq_length()
+        if isinstance(seen, torch.Tensor) and seen.device.type != "cpu":
+            return
+        if int(seen) > 0:
+            return
+    shape = tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1])
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
+    if len(shape) != 2:
+        raise ValueError(f"`{name}` must be (batch, sequence), got shape {tuple(shape)}")
+    if 0 in shape:
+        raise ValueError(f"empty prompt: `{name}` has shape {shape}; give at least one token per sequence")
+    if input_ids is not None:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"token id {low if low < 0 else high} in `input_ids` is outside the vocabulary [0, {vocab_size})"
+            )
+    if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but `{name}` has {shape}: at the start of a "
+            "sequence they must match"
+        )
+
+
 def prepare_decoder_inputs(
     config: Step3Config,
     embed_tokens: nn.Embedding,
@@ -444,6 +491,7 @@ def prepare_decoder_inputs(
     """
     if (input_ids is None) ^ (inputs_embeds is not None):
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    check_prompt_inputs(embed_tokens.num_embeddings, input_ids, inputs_embeds, attention_mask, cache)
 
     if use_cache and cache is None:
         cache = DynamicCache(config=config)

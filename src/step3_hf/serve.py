@@ -1,24 +1,34 @@
 """`step3-serve`: transformers' own OpenAI-compatible server (`transformers serve`), able to load Step-3.
 
-`transformers serve` builds a checkpoint's model class with `getattr(transformers, config.architectures[0])`, so a
-plugin class is found only if it is an attribute of the `transformers` module object that the server's model
-manager holds. This launcher imports `step3_hf`, sets the Step-3 classes under every architecture name a Step-3
-checkpoint carries (ours and the official ones) on exactly that object, and hands the command line to the
-`serve` command unchanged, with two defaults that suit Step-3: continuous batching on, and SDPA attention for it
-(continuous batching accepts only SDPA, eager and flash kernels); and one check, a request longer than the
-model's context gets HTTP 400 instead of running past it. Everything else is `transformers serve`:
-
     step3-serve path/to/checkpoint --port 8000            # the model is loaded at start and pinned
     step3-serve path/to/checkpoint --no-continuous-batching --device cuda:0
+
+Everything is `transformers serve`, with three additions:
+
+- the Step-3 classes are visible to the server, which builds a checkpoint's model class with
+  `getattr(transformers, config.architectures[0])` (in its own model process since transformers 5.25: that process
+  re-imports this module, which sets them again);
+- the app the server builds gets `RequestValidationMiddleware`: a malformed request gets HTTP 422 naming the field,
+  one that does not fit the model's context HTTP 400 (see `step3_hf.request_validation`);
+- Step-3 defaults: continuous batching on, and SDPA attention for it (continuous batching accepts only SDPA, eager
+  and flash kernels).
+
+The server is reached through two names of transformers' CLI package, `transformers.cli.serve.Serve` and
+`transformers.cli.serving.server.build_server`; `main` checks for both at start and, if either is missing, exits
+with one line naming the transformers versions this package supports (docs/compatibility.md).
 """
 
-from __future__ import annotations
-
 import functools
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, requires
+
+import transformers
 
 from .modeling_step3 import Step3ForCausalLM, Step3VLForCausalLM
+from .request_validation import RequestValidationMiddleware
 
 # Architecture name in a config.json -> the class that loads it.
 STEP3_ARCHITECTURES = {
@@ -27,74 +37,114 @@ STEP3_ARCHITECTURES = {
     "Step3VLForCausalLM": Step3VLForCausalLM,
     "Step3VLForConditionalGeneration": Step3VLForCausalLM,  # the official multimodal checkpoint
 }
+# What of transformers' CLI the launcher uses: module -> name.
+SERVER_HOOKS = {"transformers.cli.serve": "Serve", "transformers.cli.serving.server": "build_server"}
+
+
+def supported_transformers() -> str:
+    """The transformers range this package declares, e.g. `>=5.17,<5.26`, read from the installed metadata."""
+    from packaging.requirements import Requirement
+
+    try:
+        for line in requires("step3-hf") or []:
+            requirement = Requirement(line)
+            if requirement.name == "transformers" and requirement.marker is None:
+                return ",".join(sorted((str(spec) for spec in requirement.specifier), reverse=True))
+    except PackageNotFoundError:
+        pass
+    return " as pyproject.toml declares"
+
+
+def missing_server_hook() -> str | None:
+    """The first hook of `SERVER_HOOKS` that this transformers lacks, as `module.name`, or None."""
+    for module_name, attribute in SERVER_HOOKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return f"{module_name}.{attribute}"
+        if not hasattr(module, attribute):
+            return f"{module_name}.{attribute}"
+    return None
 
 
 def expose_step3_to_server() -> None:
-    """Make the Step-3 classes resolvable by the server's `getattr(transformers, architecture)`.
-
-    The attributes are set on the module object that `transformers.cli.serving.model_manager` imported, not on
-    whatever `sys.modules["transformers"]` is now: another import may have replaced that entry since.
-    """
-    from transformers.cli.serving import model_manager
-
+    """Make the Step-3 classes resolvable by the server's `getattr(transformers, architecture)`."""
     for name, model_class in STEP3_ARCHITECTURES.items():
-        setattr(model_manager.transformers, name, model_class)
+        setattr(transformers, name, model_class)
+        setattr(sys.modules["transformers"], name, model_class)  # another import may have replaced the entry
 
 
-def refuse_requests_beyond_context() -> None:
-    """Answer HTTP 400, before generation starts, to a request that does not fit the model's context.
-
-    Step-3 uses plain RoPE, which runs past `max_position_embedding` without a sign; `transformers serve` checks no
-    length. The check runs right after the server resolves the model of a request (`BaseHandler._resolve_model`,
-    shared by every endpoint) and counts the prompt as the endpoint will: the chat template for `messages`, the
-    plain tokenizer for a `prompt`. A prompt plus `max_tokens` beyond the context is refused too.
-    """
-    from transformers.cli.serving.utils import BaseHandler
-
-    resolve_model = BaseHandler._resolve_model
-    if getattr(resolve_model, "checks_context", False):
-        return
-
-    def resolve_model_within_context(self, body: dict):
-        model_id, model, processor = resolve_model(self, body)
-        _check_fits_context(body, model, processor)
-        return model_id, model, processor
-
-    resolve_model_within_context.checks_context = True
-    BaseHandler._resolve_model = resolve_model_within_context
+# A spawned model process imports this module (as its parent's main module) before it loads the model.
+expose_step3_to_server()
 
 
-def _check_fits_context(body: dict, model, processor) -> None:
-    from fastapi import HTTPException
-    from transformers.cli.serving.utils import BaseHandler, Modality
+@dataclass(frozen=True)
+class ServedModel:
+    """The checkpoint the server is pinned to, and the longest request it takes (`--max-model-len`, if given)."""
 
-    tokenizer = getattr(processor, "tokenizer", processor)
-    try:
-        if "messages" in body:
-            messages = BaseHandler.get_processor_inputs_from_messages(body["messages"], Modality.LLM)
-            encoded = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, tools=body.get("tools")
-            )
-            prompt_tokens = len(encoded["input_ids"])
-        elif isinstance(body.get("prompt"), str):
-            prompt_tokens = len(tokenizer(body["prompt"])["input_ids"])
-        else:
-            return
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return  # a malformed request: the endpoint's own validation answers it
-    context = model.config.get_text_config().max_position_embeddings
-    if prompt_tokens >= context:
-        raise HTTPException(
-            status_code=400,
-            detail=f"The prompt is {prompt_tokens} tokens; this model's context is {context} tokens.",
-        )
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    if isinstance(max_tokens, int) and prompt_tokens + max_tokens > context:
-        raise HTTPException(
-            status_code=400,
-            detail=f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-            f"context of {context} tokens.",
-        )
+    path: str
+    max_model_len: int | None = None
+
+    def load_limits(self):
+        """`(count_tokens, context_length, default_token_limit)` for `request_validation.check_request`."""
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from .request_validation import INVALID, RequestError
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        context = AutoConfig.from_pretrained(self.path).get_text_config().max_position_embeddings
+        if self.max_model_len is not None:
+            context = min(context, self.max_model_len)
+        try:
+            generation_max = GenerationConfig.from_pretrained(self.path).max_new_tokens
+        except OSError:  # no generation_config.json
+            generation_max = None
+        # transformers serve generates at least 1024 tokens when a request sets no limit.
+        default_token_limit = max(generation_max or 0, 1024)
+
+        def count_tokens(prompt, body: dict) -> int:
+            if isinstance(prompt, str):
+                return len(tokenizer(prompt)["input_ids"])
+            try:
+                encoded = tokenizer.apply_chat_template(
+                    prompt,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    tools=body.get("tools"),
+                    **(body.get("chat_template_kwargs") or {}),
+                )
+            except Exception as err:  # the template's own complaint, e.g. about the tools or the roles
+                raise RequestError(INVALID, "messages", f"The chat template cannot render this request: {err}")
+            return len(encoded["input_ids"])
+
+        return count_tokens, context, default_token_limit
+
+
+def _validating_build_server(build_server, served: ServedModel):
+    """transformers' `build_server`, whose app checks every generation request before handling it."""
+
+    @functools.wraps(build_server)
+    def build_validated_server(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+        app.add_middleware(RequestValidationMiddleware, load=served.load_limits)
+        return app
+
+    build_validated_server.step3_served_model = served
+    return build_validated_server
+
+
+def validate_requests_to(served: ServedModel) -> None:
+    """Have the next app that transformers' server builds validate its requests against `served`."""
+    from transformers.cli.serving import server
+
+    build_server = getattr(server.build_server, "__wrapped__", server.build_server)
+    server.build_server = _validating_build_server(build_server, served)
+
+
+def _usage_error(message: str) -> None:
+    print(f"step3-serve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _with_step3_defaults(args: list[str]) -> list[str]:
@@ -108,9 +158,9 @@ def _with_step3_defaults(args: list[str]) -> list[str]:
 
 
 def _serve_command():
-    """transformers' `Serve` command, stopping its generation workers once the server has stopped.
+    """transformers' `Serve` command, pinned to a Step-3 checkpoint whose requests are validated.
 
-    `transformers serve` leaves the continuous-batching worker thread running after uvicorn shuts down on
+    transformers 5.17 leaves the continuous-batching worker thread running after uvicorn shuts down on
     SIGINT/SIGTERM, which keeps the process alive; this subclass stops it, so the process exits.
     """
     from transformers.cli.serve import Serve
@@ -118,6 +168,12 @@ def _serve_command():
     class Step3Serve(Serve):
         @functools.wraps(Serve.__init__)
         def __init__(self, *args, **kwargs):
+            force_model = kwargs.get("force_model", args[0] if args else None)
+            if force_model is None:
+                _usage_error("name the checkpoint to serve: step3-serve PATH [OPTIONS]")
+            if kwargs.get("api_server_count", 1) not in (None, 1):
+                _usage_error("--api-server-count must be 1 (requests are validated in that server)")
+            validate_requests_to(ServedModel(force_model, kwargs.get("max_model_len")))
             try:
                 super().__init__(*args, **kwargs)
             finally:
@@ -127,29 +183,26 @@ def _serve_command():
                     self._model_manager.shutdown()
 
     Step3Serve.__doc__ = (
-        "transformers serve for Step-3 checkpoints (continuous batching and SDPA by default; requests longer than "
-        "the model's context get HTTP 400).\n\n" + (Serve.__doc__ or "")
+        "transformers serve for Step-3 checkpoints (continuous batching and SDPA by default; malformed requests get "
+        "HTTP 422 and requests longer than the model's context HTTP 400).\n\n" + (Serve.__doc__ or "")
     )
     return Step3Serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console script `step3-serve`: `transformers serve` with Step-3 visible and Step-3 defaults."""
-    import typer
+    """Console script `step3-serve`: `transformers serve` with Step-3 visible, requests validated, Step-3 defaults."""
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
-        raise SystemExit("step3-serve needs fastapi, uvicorn, pydantic and openai: pip install 'step3-hf[serve]'")
-    try:
-        expose_step3_to_server()
-    except ModuleNotFoundError as err:  # transformers without the `transformers.cli.serving` package
-        import transformers
-
+        raise SystemExit("step3-serve: error: needs fastapi, uvicorn, pydantic and openai: pip install 'step3-hf[serve]'")
+    missing = missing_server_hook()
+    if missing is not None:
         raise SystemExit(
-            f"step3-serve wraps `transformers.cli.serving`, which transformers {transformers.__version__} lacks "
-            f"({err}); upgrade transformers"
-        ) from err
-    refuse_requests_beyond_context()
+            f"step3-serve: error: transformers {transformers.__version__} has no {missing}; step3-serve supports "
+            f"transformers {supported_transformers()}"
+        )
+    import typer
+
     app = typer.Typer(add_completion=False)
     serve_command = _serve_command()
     app.command(help=serve_command.__doc__)(serve_command)

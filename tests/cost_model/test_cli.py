@@ -64,8 +64,8 @@ def test_hardware_file_adds_a_card(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--hardware-file", str(bad)]) == 2
     assert "missing bf16_flops, memory_bandwidth" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown card"):
-        main(["--hardware", "B200"])
+    assert main(["--hardware", "B200"]) == 2  # issue 22: exit 2 with one line, was SystemExit(1)
+    assert capsys.readouterr().err == "step3-cost: error: unknown card(s) B200; known: H800, H20, A800, 910B\n"
 
 
 def test_config_json_path_as_model(tmp_path, capsys):
@@ -98,3 +98,109 @@ def test_sparsity_table_7(capsys):
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, named):
     assert main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ hostile and careless input
+
+H800 = {"name": "X1", "price_per_hour_usd": 2.0, "bf16_flops": 9.89e14, "memory_bandwidth": 3.35e12}
+
+
+def hardware_file(tmp_path, content):
+    path = tmp_path / "cards.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return ["--hardware-file", str(path)]
+
+
+@pytest.mark.parametrize("content, named", [
+    ({**H800, "memory_bandwidth": 0}, "`memory_bandwidth` must be a positive number, got 0"),
+    ({**H800, "price_per_hour_usd": "2.0"}, "`price_per_hour_usd` must be a positive number, got '2.0'"),
+    ({**H800, "price_per_hour_usd": -2.0}, "`price_per_hour_usd` must be a positive number, got -2.0"),
+    ({**H800, "bf16_flops": True}, "`bf16_flops` must be a positive number, got True"),
+    ({**H800, "fp8_flops": -1}, "`fp8_flops`"),
+    ({**H800, "nic_gbps": 0}, "`nic_gbps`"),
+    ({**H800, "nics_per_server": 2.5}, "`nics_per_server` must be a positive integer"),
+    ({**H800, "memory_bytes": "80GB"}, "`memory_bytes`"),
+    ({**H800, "name": ""}, "`name` must be a non-empty string"),
+    ([1.0, 2.0, 3.0], "must be a JSON object"),
+    ("[{\"name\": ", "cards.json"),
+    (json.dumps(H800).replace("989000000000000.0", "1e999"), "`bf16_flops` must be a positive number, got inf"),
+], ids=["zero_bandwidth", "string_price", "negative_price", "bool_flops", "negative_fp8", "zero_nic",
+        "fractional_nics", "string_memory", "empty_name", "list_of_numbers", "broken_json", "infinite"])
+def test_invalid_hardware_file_exits_2_naming_the_field(tmp_path, capsys, content, named):
+    argv = hardware_file(tmp_path, content)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"step3-cost: error: {tmp_path / 'cards.json'}: ") and named in captured.err
+
+
+def _config(tmp_path, **changes):
+    from importlib import resources
+
+    config = json.loads(resources.files("step3_hf.cost_model.presets").joinpath("qwen3-235b-a22b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--kv-bits", "0"], "argument --kv-bits: '0' is not a bit width from 1 to 32"),
+    (["--kv-bits=-8"], "argument --kv-bits: '-8' is not a bit width from 1 to 32"),
+    (["--weight-bits", "0"], "argument --weight-bits"),
+    (["--weight-bits", "33"], "argument --weight-bits"),
+    (["--weight-bits", "eight"], "argument --weight-bits"),
+    (["--contexts", "99999999999999999999k"], "from 1 token to 2**40 tokens"),
+    (["--contexts=-8k"], "from 1 token to 2**40 tokens"),
+    (["--contexts", "infk"], "not a number of tokens"),
+    (["--contexts", "nan"], "not a number of tokens"),
+    (["--hardware", "B200"], "unknown card(s) B200"),
+    (["plan", "--tpot-ms", "0"], "argument --tpot-ms: '0' is not a positive number"),
+    (["plan", "--tpot-ms", "nan"], "argument --tpot-ms"),
+    (["plan", "--stages", "0"], "argument --stages"),
+    (["plan", "--micro-batch", "-1"], "argument --micro-batch"),
+    (["plan", "--ffn-bandwidth-efficiency", "0"], "ffn_bandwidth_efficiency"),
+    (["plan", "--attention-card", "B200"], "unknown card(s) B200"),
+    (["sparsity", "--model", "nonexist"], "nonexist"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_every_user_error_exits_2_with_one_line(capsys, argv, named):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("step3-cost: error: ") and named in captured.err
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"num_attention_heads": -8}, "`num_attention_heads` must be a positive integer, got -8"),
+    ({"hidden_size": 0}, "`hidden_size` must be a positive integer, got 0"),
+    ({"num_hidden_layers": "94"}, "`num_hidden_layers` must be a positive integer, got '94'"),
+    ({"num_experts_per_tok": 0}, "`num_experts_per_tok`"),
+    ({"moe_intermediate_size": -1536}, "`moe_intermediate_size`"),
+    ({"decoder_sparse_step": 0}, "`decoder_sparse_step`"),
+    ({"num_experts_per_tok": 200}, "200 experts per token but only 128 experts"),
+    ({"mlp_only_layers": [94]}, "`mlp_only_layers` must be layer indices from 0 to 93"),
+], ids=["negative_heads", "zero_hidden", "string_layers", "zero_top_k", "negative_width", "zero_step",
+        "top_k_above_experts", "layer_out_of_range"])
+def test_invalid_model_config_exits_2_naming_the_field(tmp_path, capsys, changes, named):
+    assert main(["--models", _config(tmp_path, **changes), "--contexts", "8k"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and named in captured.err
+
+
+def test_extreme_but_valid_inputs_print_positive_finite_costs(tmp_path, capsys):
+    """The bounds themselves are accepted, and what they give is a positive, finite cost in readable columns."""
+    cheap = {**H800, "name": "TINY", "price_per_hour_usd": 1e-6, "memory_bandwidth": 1.0, "nic_gbps": 1e-3}
+    argv = ["--models", "step3", "qwen3-32b", "--contexts", "1", str(2**40), "--kv-bits", "1", "--weight-bits", "32",
+            *hardware_file(tmp_path, [cheap]), "--json"]
+    records = json.loads(run(capsys, *argv))
+    for r in records:
+        costs = [*r["attention_usd_per_1m"].values(), *r["ffn_usd_per_1m"].values(), r["afd_usd_per_1m"]]
+        figures = [v for v in r["per_token"].values() if isinstance(v, (int, float))]
+        assert all(0 < v < float("inf") for v in costs + figures), r
+    table = run(capsys, *argv[:-1])
+    bars = {tuple(i for i, ch in enumerate(line) if ch == "|") for line in table.splitlines() if "|" in line}
+    assert len(bars) == 1  # every row keeps the header's columns, even at 2**40 tokens
+    assert "-" not in "".join(line.split("|", 1)[-1] for line in table.splitlines() if "|" in line)
+    plan = run(capsys, "plan", "--contexts", "4k", str(2**40)).splitlines()
+    assert [len(line.split()) for line in plan[2:4]] == [15, 15]  # no two columns run together
+    shape = json.loads(run(capsys, "plan", "--contexts", str(2**40), "--json"))[0]["shape"]
+    assert plan[3].split()[:2] == ["1073741824K", shape]

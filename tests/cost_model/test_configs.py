@@ -147,3 +147,35 @@ print(round(cm.cost_report('step3', 8192, cm.builtin_cards()).afd, 3))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "0.055"
+
+
+def test_api_refuses_what_would_print_nonsense():
+    import dataclasses
+
+    from step3_hf.cost_model import Quantization, builtin_cards, check_context
+    from step3_hf.cost_model.planner import PlanAssumptions, plan_afd
+
+    h800 = builtin_cards()["H800"]
+    for field, value in [("price_per_hour_usd", -2.0), ("memory_bandwidth", 0), ("nic_gbps", float("nan")),
+                         ("gpus_per_server", 0), ("fp8_flops", "1e15")]:
+        with pytest.raises(ValueError, match=f"`{field}` must be a positive"):
+            dataclasses.replace(h800, **{field: value})
+    for bad in (0, -1.0, 1 / 16, 4.5, "1"):
+        with pytest.raises(ValueError, match="`kv_bytes` must be between 1/8 and 4 bytes"):
+            Quantization(kv_bytes=bad)
+    assert Quantization(weight_bytes=1 / 8, kv_bytes=4).weight_bytes == 0.125  # 1 and 32 bits are the bounds
+    check_context(2**40)
+    for bad in (0, 2**40 + 1, 8192.0, True):
+        with pytest.raises(ValueError, match="context must be"):
+            per_token("step3", bad)
+    with pytest.raises(ValueError, match="context must be"):
+        plan_afd("step3", h800, h800, 0)
+    with pytest.raises(ValueError, match="`tpot_ms` must be a positive number"):
+        PlanAssumptions(tpot_ms=0)
+    with pytest.raises(ValueError, match="`micro_batch` must be an integer >= 1"):
+        PlanAssumptions(micro_batch=0)
+    step3 = preset_dict("step3")
+    with pytest.raises(ValueError, match="`moe_layers_enum` must be layer indices from 0 to 60"):
+        model_spec({**step3, "moe_layers_enum": "4,5,61"})
+    with pytest.raises(ValueError, match="`share_expert_dim` must be a non-negative integer, got -1"):
+        model_spec({**step3, "share_expert_dim": -1})

@@ -1,9 +1,14 @@
 """Dataset readers, split and augmentation."""
+import builtins
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
-from quotient_timm.data import DatasetNotFoundError, augment_batch, load_dataset, normalize_batch, split_train_val
+from quotient_timm.data import DataFileError, DatasetNotFoundError, augment_batch, load_dataset, normalize_batch, \
+    split_train_val
 
 from quotient_datasets import write_cifar10, write_fashion_mnist
 
@@ -21,6 +26,70 @@ def test_cifar10_pixels_and_labels(tmp_path):
     assert d.num_classes == 10 and d.in_chans == 3
     # the folder itself may also be given
     assert load_dataset('cifar10', str(tmp_path / 'cifar-10-batches-py')).train_x.shape[0] == 10
+
+
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_cifar_pickles_of_every_protocol_round_trip(tmp_path, protocol):
+    """Protocol 2 (the released files; bytes via _codecs.encode, sets via __builtin__), 4 and 5 (numpy's
+    _frombuffer) all read back through the restricted unpickler."""
+    rng = np.random.default_rng(protocol)
+    write_cifar10(tmp_path, rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), list(range(10)),
+                  rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), [0, 1])
+    folder = tmp_path / 'cifar-10-batches-py'
+    rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+    batch = {'batch_label': b'testing batch 1 of 1', 'labels': [np.int64(7), 2], 'data': rows,
+             'filenames': [b'a.png', 'b.png'], 'extra': ({1, 2}, frozenset([3]), bytearray(b'x'), 1.5, None, True)}
+    (folder / 'test_batch').write_bytes(pickle.dumps(batch, protocol=protocol))
+    d = load_dataset('cifar10', str(tmp_path))
+    np.testing.assert_array_equal(d.test_x.reshape(2, -1).numpy(), rows)
+    assert d.test_y.tolist() == [7, 2]
+
+
+class _Payload:
+    """Unpickling this calls `fn(arg)`: the shape of every pickle exploit."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize('how', ['os.system', 'builtins.exec', 'in_the_data'])
+def test_crafted_cifar_pickle_is_refused_and_its_payload_never_runs(tiny_cifar10, how):
+    marker = tiny_cifar10 / 'payload-ran'
+    folder = tiny_cifar10 / 'cifar-10-batches-py'
+    if how == 'os.system':
+        payload = _Payload(os.system, f'touch {marker}')
+    elif how == 'builtins.exec':
+        payload = _Payload(builtins.exec, f'open({str(marker)!r}, "w").close()')
+    else:  # hidden inside an otherwise valid batch
+        payload = {'data': np.zeros((1, 3072), np.uint8), 'labels': [0], 'x': _Payload(os.system, f'touch {marker}')}
+    (folder / 'data_batch_1').write_bytes(pickle.dumps(payload, protocol=2))
+    # The payload does run under plain pickle: the test would notice if it ran under the reader.
+    with pytest.raises(DataFileError) as e:
+        load_dataset('cifar10', str(tiny_cifar10))
+    assert not marker.exists()
+    message = str(e.value)
+    assert str(folder / 'data_batch_1') in message and 'refused' in message
+    assert ('posix.system' in message or 'os.system' in message) if how != 'builtins.exec' else 'exec' in message
+    pickle.loads((folder / 'data_batch_1').read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('content, named', [
+    (b'not a pickle at all', 'refused'),
+    (pickle.dumps([1, 2, 3]), 'holds a list'),
+    (pickle.dumps({'data': np.zeros((1, 3072), np.uint8)}), 'no labels'),
+    (pickle.dumps({'data': np.zeros((1, 100), np.uint8), 'labels': [0]}), 'unusable CIFAR batch'),
+    (pickle.dumps({'data': np.zeros((2, 3072), np.uint8), 'labels': [0]}), '2 images but 1 labels'),
+], ids=['garbage', 'not_a_dict', 'no_labels', 'wrong_row_size', 'count_mismatch'])
+def test_corrupt_cifar_batch_is_named(tiny_cifar10, content, named):
+    folder = tiny_cifar10 / 'cifar-10-batches-py'
+    (folder / 'data_batch_3').write_bytes(content)
+    with pytest.raises(DataFileError, match=named) as e:
+        load_dataset('cifar10', str(tiny_cifar10))
+    assert str(folder / 'data_batch_3') in str(e.value)
 
 
 @pytest.mark.parametrize('layout,gz', [('flat', True), ('torchvision', True), ('torchvision', False)])

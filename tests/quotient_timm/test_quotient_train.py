@@ -98,3 +98,49 @@ def test_console_script_when_installed(tiny_fashion_mnist, tmp_path):
                         '--output', str(out), '--no-progress'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert 'test' in r.stdout and (out / 'best.safetensors').is_file()
+
+
+def test_diverging_run_stops_naming_epoch_and_step_and_saves_nothing_non_finite(tiny_cifar10, tmp_path, capsys):
+    out = tmp_path / 'run'
+    rc = main(['--model', 'resnet20_cifar', '--dataset', 'cifar10', '--data-dir', str(tiny_cifar10), '--epochs', '3',
+               '--batch-size', '32', '--lr', '1e10', '--output', str(out), '--no-progress'])
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('quotient-train: error: epoch ')
+    assert 'step ' in err and 'not finite' in err and 'lower --lr' in err
+    assert not (out / 'hf').exists()
+    if (out / 'best.safetensors').exists():  # an earlier, still finite epoch may have been kept
+        assert all(torch.isfinite(v).all() for v in load_file(str(out / 'best.safetensors')).values())
+
+
+def test_non_finite_weights_are_never_saved_as_best(tiny_cifar10, tmp_path, capsys, monkeypatch):
+    """Even with a finite loss, weights that hold NaN (here: a BN running mean) are refused before saving."""
+    import quotient_timm.train as train_module
+    real = train_module._state_dict_for_saving
+
+    def poisoned(model):
+        state = real(model)
+        state['bn1.running_mean'][0] = float('nan')
+        return state
+
+    monkeypatch.setattr(train_module, '_state_dict_for_saving', poisoned)
+    out = tmp_path / 'run'
+    rc = main(['--model', 'resnet20_cifar', '--dataset', 'cifar10', '--data-dir', str(tiny_cifar10), '--epochs', '1',
+               '--batch-size', '64', '--output', str(out), '--no-progress'])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert 'epoch 1' in err and 'bn1.running_mean' in err and 'lower --lr' in err
+    assert not (out / 'best.safetensors').exists() and not (out / 'hf').exists()
+
+
+def test_existing_file_as_output_exits_2_with_one_line(tiny_cifar10, tmp_path, capsys):
+    target = tmp_path / 'taken.txt'
+    target.write_text('keep me')
+    for output in (target, target / 'sub'):
+        assert main(['--dataset', 'cifar10', '--data-dir', str(tiny_cifar10), '--output', str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('quotient-train: error: --output') and str(target) in err
+    assert target.read_text() == 'keep me'
+    assert main(['--dataset', 'cifar10', '--data-dir', str(tiny_cifar10), '--lr', 'nan',
+                 '--output', str(tmp_path / 'o')]) == 2
+    assert '--lr must be a positive number' in capsys.readouterr().err

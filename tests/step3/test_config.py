@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 import step3_hf  # noqa: F401
 from step3_hf import Step3Config, Step3VLConfig
+from step3_hf.tiny_checkpoint import TINY_CONFIG
 
 # The `text_config` of the official `stepfun-ai/step3` config.json, with its legacy spellings.
 OFFICIAL_TEXT_CONFIG = {
@@ -135,3 +137,26 @@ def test_wrongly_typed_fields_are_refused_naming_the_field(fields, named):
 def test_vl_config_refuses_a_foreign_text_config():
     with pytest.raises(ValueError, match="text_config.model_type"):
         Step3VLConfig(text_config={"model_type": "llama", "hidden_size": 64})
+
+
+@pytest.mark.parametrize("theta", [0.0, -10000.0, float("nan"), float("inf"), "500000"])
+@pytest.mark.parametrize("spelling", ["rope_theta", "rope_parameters"])
+def test_rope_theta_must_be_positive_and_finite(theta, spelling):
+    # A base <= 0 gives NaN inverse frequencies: every attention output of the built model would be NaN.
+    if spelling == "rope_theta":
+        fields = {"rope_theta": theta}
+    else:
+        fields = {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    with pytest.raises(ValueError, match="`rope_theta` must be a positive, finite number"):
+        Step3Config(**fields)
+    with pytest.raises(ValueError, match="`rope_theta`"):
+        Step3VLConfig(text_config=fields)
+
+
+def test_a_small_positive_rope_theta_gives_finite_frequencies():
+    from step3_hf.modeling_step3 import Step3RotaryEmbedding
+
+    config = Step3Config(**{**TINY_CONFIG, "rope_theta": 0.5})
+    inv_freq = Step3RotaryEmbedding(config).inv_freq.double()
+    reference = 0.5 ** -(torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    torch.testing.assert_close(inv_freq, reference, rtol=1e-6, atol=0)

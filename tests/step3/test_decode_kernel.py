@@ -3,6 +3,7 @@
 The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
 """
 
+import dataclasses
 import importlib
 
 import pytest
@@ -150,7 +151,10 @@ def float8_products(request, monkeypatch):
     """Both float8 paths: e4m3 tensor-core products (the interpreter emulates their rounding), or the cache widened
     to fp16 (GPUs before compute capability 8.9)."""
     if request.param == "widened":
-        monkeypatch.setattr(decode_attention_module, "float8_tensor_cores", lambda device: False)
+        device = decode_attention_module.decode_device
+        monkeypatch.setattr(
+            decode_attention_module, "decode_device", lambda d: dataclasses.replace(device(d), float8_tensor_cores=False)
+        )
     return request.param
 
 
@@ -247,7 +251,7 @@ def test_hopper_float8_kernel_matches_reference(
     assert relative_error(out.cpu(), ref) < 5e-2
     # The same e4m3 rounding as the Triton kernel, up to summation order and slicing: per sequence, far closer than
     # to float64 (dropping one position of a sequence moves it by ~1e-2).
-    monkeypatch.setattr(decode_attention_module, "sm90_float8_applies", lambda *args: False)
+    monkeypatch.setattr(decode_attention_module, "dense_layout", lambda *args: False)  # the Triton kernel
     triton_out = float8_decode_attention(query, key8, value8, kv_lengths=kv_lengths, num_splits=num_splits)
     assert len(launches) == 1
     for seq in range(batch):
@@ -274,16 +278,18 @@ def test_plain_caches_never_read_past_their_valid_range(device):
 
 
 def test_unchecked_loads_only_where_whole_blocks_stay_in_storage():
-    """The kernel reads whole blocks past the cache's end without bounds checks only if the storage holds them."""
-    indexable = decode_attention_module._indexable
+    """The kernel reads whole blocks past the cache's end without bounds checks only if the storage holds them: the
+    plan gets how many positions it holds."""
+    stored = decode_attention_module._stored_positions
     tight = torch.zeros(2, 1, 10, 4)
-    assert indexable(tight, 2, 10) and not indexable(tight, 2, 11)
-    view = tight[:, :, :8]  # the last sequence's rows 8 and 9 are still storage
-    assert indexable(view, 2, 10) and not indexable(view, 2, 11)
+    assert stored(tight, 2) == 10
+    assert stored(tight[:, :, :8], 2) == 10  # the last sequence's rows 8 and 9 are still storage
+    assert stored(tight[:, :, 2:], 2) == 8
+    assert stored(torch.zeros(2, 1, 1, 4).expand(2, 1, 10, 4), 2) > 10**9  # stride 0: every index is the same row
     key8 = quantize_float8(torch.randn(2, 1, 10, 16), layout="key_cache")
     value8 = quantize_float8(torch.randn(2, 1, 10, 16), layout="value_cache")
-    assert key8.data.shape == (2, 1, 10, 16) and indexable(key8.data, 2, 10 + 64) and indexable(key8.scale, 2, 74)
-    assert value8.data.shape == (2, 1, 2, 16, 64) and indexable(value8.scale, 2, 74)
+    assert key8.data.shape == (2, 1, 10, 16) and stored(key8.data, 2) >= 10 + 63 and stored(key8.scale, 2) >= 73
+    assert value8.data.shape == (2, 1, 2, 16, 64) and stored(value8.data, 2) == 2 and stored(value8.scale, 2) >= 73
     with pytest.raises(ValueError, match="layout"):
         quantize_float8(torch.randn(1, 1, 2, 16), layout="tiles")
 
@@ -325,6 +331,11 @@ def test_bad_arguments_raise_clear_errors(device):
         decode_attention(query[0], key, value)
     with pytest.raises(ValueError, match="`value` is on meta"):
         decode_attention(query, key, value.to("meta"))
+    for launch in ({"block_n": 48}, {"block_n": 8}, {"num_warps": 3}):
+        with pytest.raises(ValueError, match="powers of two"):
+            decode_attention(query, key, value, **launch)
+    with pytest.raises(ValueError, match="`num_stages` must be at least 1"):
+        decode_attention(query, key, value, num_stages=0)
 
 
 def test_cpu_without_interpreter_is_refused():

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import step3_hf  # noqa: F401
+from step3_hf.modeling_step3 import _CACHE_NAME
 from step3_hf.tiny_checkpoint import write_tiny_checkpoint
 
 PAD = 0
@@ -100,3 +101,42 @@ def test_sampling_is_seeded_and_respects_processors(model):
         second = model.generate(ids, attention_mask=mask, generation_config=config)
     assert first.tolist() == second.tolist()
     assert first.shape[1] <= ids.shape[1] + 8
+
+
+V = 256  # the tiny checkpoint's vocabulary
+
+
+@pytest.mark.parametrize(
+    ("ids", "mask", "message"),
+    [
+        ([[]], None, r"empty prompt: `input_ids` has shape \(1, 0\)"),
+        ([[1, 17, V]], None, rf"token id {V} in `input_ids` is outside the vocabulary \[0, {V}\)"),
+        ([[1, -1, 17]], None, rf"token id -1 in `input_ids` is outside the vocabulary \[0, {V}\)"),
+        ([[1, 17]], [[0, 1, 1]], r"`attention_mask` has shape \(1, 3\) but `input_ids` has \(1, 2\)"),
+        ([[1, 17]], [[0, 1], [1, 1]], r"`attention_mask` has shape \(2, 2\) but `input_ids` has \(1, 2\)"),
+    ],
+    ids=["empty", "id_at_vocab_size", "negative_id", "mask_longer", "mask_other_batch"],
+)
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_bad_prompt_is_a_value_error_naming_the_problem(model, ids, mask, message, call):
+    """Refused before the embedding lookup (which would raise IndexError on CPU, a device-side assert on CUDA)."""
+    ids = torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1)
+    mask = None if mask is None else torch.tensor(mask)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        if call == "forward":
+            model(ids, attention_mask=mask)
+        else:
+            greedy(model, ids, mask)
+
+
+def test_prompt_checks_run_at_prefill_only(model):
+    """Decode steps carry a mask longer than their one new id; that is right there and must not be refused."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.tensor([PROMPTS[0]])
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=16)):
+        with torch.no_grad():
+            model(ids, attention_mask=torch.ones_like(ids), use_cache=True, **{_CACHE_NAME: cache})
+            step = model(torch.tensor([[5]]), attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
+                         use_cache=True, **{_CACHE_NAME: cache})
+        assert torch.isfinite(step.logits).all()

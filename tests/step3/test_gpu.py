@@ -143,3 +143,18 @@ def test_compiled_generation_with_the_float8_cache_matches_eager(tmp_path):
     # that as the cache fills (on the H200: 4.1e-2 at the first step, 0.12 by the seventh, against ~2e-2 with a bf16
     # cache). A cache update lost or misplaced in the compiled graph gives errors of order 1.
     assert_same_greedy_path_up_to_near_ties(outputs[True], outputs[False], rtol=0.25)
+
+
+def test_cuda_out_of_vocabulary_id_is_a_value_error_and_the_context_survives(tmp_path):
+    """Without the prefill check this is a device-side assert, after which every CUDA call in the process fails."""
+    config = Step3Config(**TINY_CONFIG)
+    write_official_checkpoint(tmp_path, random_official_state_dict(config, std=0.2), config)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map="cuda").eval()
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    good = torch.tensor([[1, 17, 33]], device="cuda")
+    before = model.generate(good, **kwargs)
+    for bad in ([[1, config.vocab_size]], [[1, -3]], [[]]):
+        with pytest.raises(ValueError, match="outside the vocabulary|empty prompt"):
+            model.generate(torch.tensor(bad, dtype=torch.long, device="cuda").reshape(1, -1), **kwargs)
+    torch.cuda.synchronize()
+    assert model.generate(good, **kwargs).tolist() == before.tolist()

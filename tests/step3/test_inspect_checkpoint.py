@@ -104,8 +104,8 @@ def test_single_file_bf16_checkpoint_with_bare_text_config(tmp_path, capsys):
 
 def test_hand_written_official_vl_config_with_loader_keys(tmp_path, capsys):
     """The released file carries architectures / auto_map / torch_dtype / transformers_version and a
-    `model_type` at both levels; all of that must be accepted."""
-    write(tmp_path, good_state(), vl=True)
+    `model_type` at both levels; all of that must be accepted. Its torch_dtype is checked, so the tensors are bf16."""
+    write(tmp_path, {name: t.to(torch.bfloat16) for name, t in good_state().items()}, vl=True)
     text = {
         **TINY_CONFIG,
         "model_type": "step3_text",
@@ -388,3 +388,172 @@ def test_module_runs_as_a_console_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "OK: every tensor matches the config" in result.stdout
     assert "5 skipped" in result.stdout and "step3_vl" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- dtypes
+
+
+def bf16_checkpoint(path: Path, state: dict[str, torch.Tensor], spelling: str = "dtype", **config_fields) -> Path:
+    config = Step3Config(**TINY_CONFIG, **config_fields)
+    write_official_checkpoint(path, state, config)
+    raw = json.loads((path / "config.json").read_text())
+    raw.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps({**raw, spelling: "bfloat16"}))
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["dtype", "torch_dtype"])
+def test_tensor_of_another_dtype_than_the_config_is_named(tmp_path, capsys, spelling):
+    state = {name: t.to(torch.bfloat16) for name, t in good_state().items()}
+    bf16_checkpoint(tmp_path, state, spelling)
+    assert run_json(tmp_path, capsys)[0] == 0
+
+    state["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    state["model.layers.1.moe.up_proj.weight"] = state["model.layers.1.moe.up_proj.weight"].float()
+    bf16_checkpoint(tmp_path, state, spelling)
+    code, report = run_json(tmp_path, capsys)
+    assert code == 1 and report["ok"] is False
+    assert report["dtype_rules"] == [{"pattern": "*", "dtypes": ["BF16"], "source": "config dtype bfloat16"}]
+    found = {m["name"]: (m["expected"], m["found"]) for m in report["wrong_dtype"]}
+    assert found == {
+        "model.norm.weight": (["BF16"], "I32"),
+        "model.layers.1.moe.up_proj.weight": (["BF16"], "F32"),
+    }
+    assert report["missing"] == {} and report["wrong_shape"] == [] and report["unexpected"] == {}
+    code, out, _ = run_text(tmp_path, capsys)
+    assert code == 1 and "WRONG DTYPE (2)" in out
+    assert "model.norm.weight  expected BF16 (config dtype bfloat16), found I32 in model-0000" in out
+
+
+def test_fp8_quantization_config_allows_float8_or_the_config_dtype(tmp_path, capsys):
+    # The FP8 release's exact layout (which tensors stay bf16, scale names) is not pinned: the rule is loose.
+    state = {name: t.to(torch.bfloat16) for name, t in good_state().items()}
+    for name in state:
+        if name.endswith("_proj.weight"):
+            state[name] = state[name].to(torch.float8_e4m3fn)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    bf16_checkpoint(tmp_path, state, quantization_config=fp8)
+    code, report = run_json(tmp_path, capsys)
+    assert code == 0, report["wrong_dtype"]
+    assert report["dtype_rules"][0]["dtypes"] == ["F8_E4M3", "BF16"]
+    state["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    bf16_checkpoint(tmp_path, state, quantization_config=fp8)
+    code, report = run_json(tmp_path, capsys)
+    assert code == 1 and [m["name"] for m in report["wrong_dtype"]] == ["model.norm.weight"]
+
+
+def test_unknown_config_dtype_exits_2(tmp_path, capsys):
+    bf16_checkpoint(tmp_path, good_state())
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "dtype": "banana"}))
+    code, out, err = run_text(tmp_path, capsys)
+    assert code == 2 and out == "" and "banana" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------- values
+
+
+def poisoned_state() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    state = good_state()
+    state["model.layers.2.moe.down_proj.weight"][5, 63, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    state["model.embed_tokens.weight"][0, 0] = float("nan")
+    state["model.layers.0.self_attn.k_proj.weight"].zero_()
+    # Counted independently of the inspector, on the tensors before they were written.
+    counts = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if not torch.isfinite(t).all()}
+    return state, counts
+
+
+def test_values_names_non_finite_and_all_zero_tensors(tmp_path, capsys):
+    state, counts = poisoned_state()
+    write(tmp_path, state)
+    assert run_json(tmp_path, capsys)[0] == 0  # headers alone cannot see values
+
+    code = main([str(tmp_path), "--values", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["values_scanned"] is True
+    assert report["non_finite"] == counts == {"model.layers.2.moe.down_proj.weight": 3, "model.embed_tokens.weight": 1}
+    assert report["all_zero"] == ["model.layers.0.self_attn.k_proj.weight"]
+    assert report["missing"] == {} and report["wrong_shape"] == [] and report["file_problems"] == []
+
+    code = main([str(tmp_path), "--values"])
+    out = capsys.readouterr().out
+    assert code == 1 and "NON-FINITE VALUES (2)" in out and "ALL-ZERO (1)" in out
+    assert "model.layers.2.moe.down_proj.weight  3 NaN or Inf" in out
+
+
+def test_values_of_a_clean_checkpoint_are_ok_including_float8(tmp_path, capsys):
+    state = {name: t.to(torch.bfloat16) for name, t in good_state().items()}
+    state["model.layers.1.moe.gate_proj.weight"] = state["model.layers.1.moe.gate_proj.weight"].to(torch.float8_e4m3fn)
+    bf16_checkpoint(tmp_path, state, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    code = main([str(tmp_path), "--values"])
+    out = capsys.readouterr().out
+    assert code == 0 and "every tensor read" in out and "no NaN, Inf or all-zero tensor" in out
+
+    nan8 = state["model.layers.1.moe.gate_proj.weight"].float()
+    nan8[0, 0, :2] = float("nan")
+    state["model.layers.1.moe.gate_proj.weight"] = nan8.to(torch.float8_e4m3fn)
+    bf16_checkpoint(tmp_path, state, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    report = inspect_checkpoint(tmp_path, values=True)
+    assert report.non_finite == {"model.layers.1.moe.gate_proj.weight": 2}
+
+
+def test_values_are_read_in_bounded_slices(tmp_path, monkeypatch):
+    """However large a tensor, no read returns more than VALUE_CHUNK_BYTES (one row when a row is larger)."""
+    import step3_hf.inspect_checkpoint as inspector
+
+    state, counts = poisoned_state()
+    write(tmp_path, state)
+    largest_read = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            tensor = self.inner.get_tensor(name)
+            largest_read.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        def get_slice(self, name):
+            view = self.inner.get_slice(name)
+
+            class Slice:
+                get_shape, get_dtype = view.get_shape, view.get_dtype
+
+                def __getitem__(self, index):
+                    tensor = view[index]
+                    largest_read.append(tensor.numel() * tensor.element_size())
+                    return tensor
+
+            return Slice()
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(inspector, "VALUE_CHUNK_BYTES", 1024)
+    report = inspect_checkpoint(tmp_path, values=True)
+    assert report.non_finite == counts and report.all_zero == ["model.layers.0.self_attn.k_proj.weight"]
+    # The largest tensor (256 x 64 fp32 = 64 KiB) was read 1 KiB at a time; a 64 x 24 expert row is 6 KiB.
+    assert max(largest_read) == 64 * 24 * 4
+    # Every tensor, vision included, read exactly once.
+    assert sum(largest_read) == 4 * sum(math.prod(shape) for shape in written_tensors(tmp_path).values())
+
+
+def test_values_progress_bar_and_truncated_shard(tmp_path, capsys):
+    write(tmp_path, good_state())
+    report = inspect_checkpoint(tmp_path, values=True, progress=True)
+    assert report.ok and "reading values" in capsys.readouterr().err
+    shard = tmp_path / "model-00002-of-00003.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    code = main([str(tmp_path), "--values", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and len(report["file_problems"]) == 1 and "is truncated" in report["file_problems"][0]

@@ -16,8 +16,8 @@ from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, moe_deco
 from step3_hf.modeling_step3 import Step3Experts, Step3ForCausalLM
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
-# The module, which the package's `moe_decode` function shadows.
-moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
+# The transformers hookup, whose module globals the dispatcher tests count calls through.
+experts_module = importlib.import_module("step3_hf.kernels.transformers_experts")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -137,7 +137,7 @@ def path_calls(monkeypatch):
     """Counts the calls that reach the kernel and those handed to grouped_mm, so that a silent hand-off cannot
     pass for the kernel."""
     calls = {"kernel": 0, "grouped_mm": 0}
-    kernel, grouped = moe_decode_module.moe_decode, moe_decode_module.grouped_mm_experts_forward
+    kernel, grouped = experts_module.moe_decode, experts_module.grouped_mm_experts_forward
 
     def counted_kernel(*args, **kwargs):
         calls["kernel"] += 1
@@ -147,8 +147,8 @@ def path_calls(monkeypatch):
         calls["grouped_mm"] += 1
         return grouped(*args, **kwargs)
 
-    monkeypatch.setattr(moe_decode_module, "moe_decode", counted_kernel)
-    monkeypatch.setattr(moe_decode_module, "grouped_mm_experts_forward", counted_grouped)
+    monkeypatch.setattr(experts_module, "moe_decode", counted_kernel)
+    monkeypatch.setattr(experts_module, "grouped_mm_experts_forward", counted_grouped)
     return calls
 
 
@@ -171,7 +171,7 @@ def tiny_experts(device):
 def test_dispatcher_takes_the_kernel_for_decode_inference_only(device, case, path, path_calls, monkeypatch):
     experts, x, index, weights = tiny_experts(device)
     if case == "many_tokens":
-        monkeypatch.setattr(moe_decode_module, "MAX_MOE_DECODE_TOKENS", x.shape[0] - 1)
+        monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", x.shape[0] - 1)
     with torch.set_grad_enabled(case == "grad"):
         out = experts(x, index, weights)
     reference = reference_experts(x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach())

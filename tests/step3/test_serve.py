@@ -69,7 +69,8 @@ def server(checkpoint, tmp_path_factory):
     port = free_loopback_port()
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
     command = [sys.executable, "-m", "step3_hf.serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--device", "cpu"]
+    # A small paged cache: sized from free memory, it would take most of the machine's RAM on CPU.
+    command += ["--device", "cpu", "--cb-num-blocks", "64", "--cb-max-batch-tokens", "512"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -156,6 +157,48 @@ def test_bad_requests_get_http_errors_and_the_server_keeps_serving(server):
     assert http(f"{server['base']}/health")[0] == 200
     again = api.chat.completions.create(model=server["model"], messages=MESSAGES, max_tokens=4, temperature=0)
     assert again.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "path, body, status, named",
+    [
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": "lots"}, 422, "max_tokens"),
+        ("/v1/chat/completions", {"messages": "the cat sees"}, 422, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 422, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": -5}, 422, "max_tokens"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "temperature": -1}, 422, "temperature"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_p": 0}, 422, "top_p"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "stream": "yes"}, 422, "stream"),
+        ("/v1/completions", {"prompt": 5}, 422, "prompt"),
+        ("/v1/completions", {"prompt": "the cat sees " * 200, "max_tokens": 4}, 400, "context is"),
+        ("/v1/responses", {"input": 5}, 422, "input"),
+        ("/v1/responses", {"input": "the cat sees", "max_output_tokens": 0}, 422, "max_output_tokens"),
+        ("/v1/responses", {"input": "the cat sees a red box " * 200}, 400, "context is"),
+        ("/v1/responses", {"input": "the cat sees", "max_output_tokens": 600}, 400, "max_output_tokens"),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": 3}]}]}, 422,
+         "input[0].content[0].text"),
+    ],
+)
+def test_malformed_or_oversized_requests_get_4xx_naming_the_field(server, path, body, status, named):
+    code, text = http(server["base"] + path, json.dumps({"model": server["model"], **body}).encode())
+    assert code == status, text
+    assert named in text, text
+    assert http(f"{server['base']}/health")[0] == 200  # still serving
+
+
+def test_every_endpoint_answers_a_request_that_fits(server):
+    api = client(server)
+    completion = api.completions.create(model=server["model"], prompt="the cat sees", max_tokens=4, temperature=0)
+    assert completion.choices[0].text
+    # `stream=False` spelled out: transformers 5.17 streams /v1/responses unless told otherwise.
+    response = api.responses.create(
+        model=server["model"], input="the cat sees", max_output_tokens=4, temperature=0, stream=False
+    )
+    assert response.output_text
+    # No token limit: the server's default (1024) would run past the 512-token context; it stops at the context.
+    chat = api.chat.completions.create(model=server["model"], messages=MESSAGES, temperature=0)
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= TINY_CONFIG["max_position_embedding"]
 
 
 def test_clean_shutdown_on_sigterm(server):

@@ -9,6 +9,7 @@ field name from dicts, config.json files or any config object (duck typing).
 """
 
 from .accounting import (
+    MAX_CONTEXT,
     PRESETS,
     AttentionSpec,
     FFNSpec,
@@ -16,6 +17,7 @@ from .accounting import (
     PerToken,
     Quantization,
     UnsupportedConfigError,
+    check_context,
     model_spec,
     per_token,
 )
@@ -23,7 +25,7 @@ from .cost import CostReport, attention_cost, cost_report, ffn_cost, min_active_
 from .hardware import Card, builtin_cards, load_cards
 
 __all__ = [
-    "PRESETS", "AttentionSpec", "FFNSpec", "ModelSpec", "PerToken", "Quantization", "UnsupportedConfigError",
-    "model_spec", "per_token", "CostReport", "attention_cost", "cost_report", "ffn_cost", "min_active_experts",
-    "min_sparsity", "Card", "builtin_cards", "load_cards",
+    "MAX_CONTEXT", "PRESETS", "AttentionSpec", "FFNSpec", "ModelSpec", "PerToken", "Quantization",
+    "UnsupportedConfigError", "check_context", "model_spec", "per_token", "CostReport", "attention_cost",
+    "cost_report", "ffn_cost", "min_active_experts", "min_sparsity", "Card", "builtin_cards", "load_cards",
 ]

@@ -18,6 +18,7 @@ Counting conventions (they reproduce the report's Tables 2 and 3):
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -31,12 +32,16 @@ __all__ = [
     "Quantization",
     "UnsupportedConfigError",
     "PRESETS",
+    "MAX_CONTEXT",
+    "check_context",
     "load_config",
     "model_spec",
     "per_token",
 ]
 
 PRESETS = ("step3", "deepseek-v3", "kimi-k2", "qwen3-235b-a22b", "qwen3-32b")
+# Longest context the model accepts (2^40 tokens): far beyond any real model, small enough for exact floats.
+MAX_CONTEXT = 2**40
 
 
 class UnsupportedConfigError(ValueError):
@@ -49,6 +54,13 @@ class Quantization:
 
     weight_bytes: float = 1.0
     kv_bytes: float = 1.0
+
+    def __post_init__(self) -> None:
+        # 1 to 32 bits per element; anything else is a typo that would print nonsense (or negative) costs.
+        for key in ("weight_bytes", "kv_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 / 8 <= value <= 4:
+                raise ValueError(f"`{key}` must be between 1/8 and 4 bytes (1 to 32 bits), got {value!r}")
 
     @property
     def eight_bit(self) -> bool:
@@ -135,7 +147,11 @@ def load_config(source: Any) -> tuple[str, Any]:
                 f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or folder"
             )
         with open(path) as fh:
-            return os.path.basename(os.path.dirname(os.path.abspath(path))) or path, json.load(fh)
+            try:
+                raw = json.load(fh)
+            except ValueError as err:  # JSON syntax or encoding
+                raise ValueError(f"{path} is not a JSON config: {err}") from None
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) or path, raw
     return str(_get(source, "model_type") or type(source).__name__), source
 
 
@@ -155,16 +171,38 @@ def _need(cfg: Any, keys: tuple[str, ...], what: str, model_type: str) -> dict[s
     return values
 
 
+def _sizes(cfg: Any, keys: tuple[str, ...], model_type: str, *, zero_ok: bool = False) -> dict[str, Any]:
+    """The fields ``keys`` (None where absent), each present one checked to be a positive (or, with
+    ``zero_ok``, non-negative) integer: a negative head count would print negative FLOPs."""
+    values = {k: _get(cfg, k) for k in keys}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = values[key] = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+            bound = "a non-negative" if zero_ok else "a positive"
+            raise ValueError(f"config (model_type {model_type!r}): `{key}` must be {bound} integer, got {value!r}")
+    return values
+
+
 def _text_config(cfg: Any) -> Any:
     # Multimodal wrappers (step3_vl and most VLMs) keep the language model under text_config.
     inner = _get(cfg, "text_config")
     return inner if inner is not None else cfg
 
 
-def _layer_indices(value: Any) -> list[int]:
-    if isinstance(value, str):
-        return [int(v) for v in value.split(",") if v.strip()]
-    return [int(v) for v in value]
+def _layer_indices(value: Any, key: str, layers: int, model_type: str) -> list[int]:
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        indices = [int(v) for v in items if str(v).strip()]
+    except (TypeError, ValueError):
+        indices = None
+    if indices is None or not all(0 <= i < layers for i in indices):
+        raise ValueError(
+            f"config (model_type {model_type!r}): `{key}` must be layer indices from 0 to {layers - 1}, got {value!r}"
+        )
+    return indices
 
 
 # ----------------------------------------------------------------------------- attention families
@@ -178,14 +216,17 @@ _NON_FULL_MARKERS = ("attn_type_list", "attention_chunk_size", "linear_attn_conf
 
 def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
     if _get(cfg, "share_q_dim") is not None or _get(cfg, "num_attention_groups") is not None:
-        v = _need(cfg, _MFA_KEYS, "MFA (Step-3 style)", model_type)
+        _need(cfg, _MFA_KEYS, "MFA (Step-3 style)", model_type)
+        v = _sizes(cfg, _MFA_KEYS, model_type)
         n, g, d, q = v["num_attention_heads"], v["num_attention_groups"], v["head_dim"], v["share_q_dim"]
         # q_proj (H->q), inter-norm, wq (q->n*d); one K and one V head per group; o_proj.
         linear = hidden * q + 2 * hidden * g * d + q * n * d + n * d * hidden
         return AttentionSpec("MFA", n, 2 * g * d, n * 2 * (d + d), linear)
 
     if _get(cfg, "kv_lora_rank") is not None:
-        v = _need(cfg, _MLA_KEYS, "MLA (DeepSeek-V3 style)", model_type)
+        _need(cfg, _MLA_KEYS, "MLA (DeepSeek-V3 style)", model_type)
+        v = {**_sizes(cfg, ("num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"), model_type),
+             **_sizes(cfg, ("q_lora_rank", "qk_nope_head_dim"), model_type, zero_ok=True)}
         n, c, r = v["num_attention_heads"], v["kv_lora_rank"], v["qk_rope_head_dim"]
         nope, dv, ql = v["qk_nope_head_dim"], v["v_head_dim"], v["q_lora_rank"]
         latent = c + r
@@ -211,15 +252,19 @@ def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
             f"model_type {model_type!r} looks like a hybrid/linear/chunked-attention model ({', '.join(markers)}); "
             "the cost model only counts full attention (MFA, MLA, GQA/MHA)"
         )
-    n = _get(cfg, "num_attention_heads")
+    sizes = _sizes(cfg, ("num_attention_heads", "num_key_value_heads", "head_dim"), model_type)
+    n = sizes["num_attention_heads"]
     if n is None:
         raise UnsupportedConfigError(
             f"cannot tell the attention family of model_type {model_type!r}: it has none of the MFA fields "
             f"({', '.join(_MFA_KEYS[1:])}), the MLA field kv_lora_rank, or the GQA/MHA field "
             "num_attention_heads; missing: num_attention_heads"
         )
-    kv = _get(cfg, "num_key_value_heads") or n  # MHA when absent
-    d = _get(cfg, "head_dim") or hidden // n
+    kv = sizes["num_key_value_heads"] or n  # MHA when absent
+    d = sizes["head_dim"] or hidden // n
+    if d < 1:
+        raise ValueError(f"config (model_type {model_type!r}): hidden_size {hidden} is smaller than "
+                         f"num_attention_heads {n} and no head_dim is given")
     linear = hidden * n * d + 2 * hidden * kv * d + n * d * hidden
     return AttentionSpec("GQA" if kv < n else "MHA", n, 2 * kv * d, n * 2 * (d + d), linear)
 
@@ -228,41 +273,48 @@ def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
 
 
 def _ffn(cfg: Any, model_type: str, hidden: int, layers: int) -> FFNSpec:
-    dense_width = _get(cfg, "intermediate_size")
+    sizes = _sizes(cfg, ("intermediate_size", "moe_num_experts", "moe_top_k", "moe_intermediate_size",
+                         "n_routed_experts", "num_experts_per_tok", "moe_layer_freq", "decoder_sparse_step"),
+                   model_type)
+    sizes.update(_sizes(cfg, ("share_expert_dim", "first_k_dense_replace", "n_shared_experts", "num_experts",
+                              "num_local_experts", "shared_expert_intermediate_size"), model_type, zero_ok=True))
+    dense_width = sizes["intermediate_size"]
 
-    if _get(cfg, "moe_num_experts") is not None or _get(cfg, "moe_layers_enum") is not None:  # Step-3
+    if sizes["moe_num_experts"] is not None or _get(cfg, "moe_layers_enum") is not None:  # Step-3
         v = _need(cfg, ("moe_layers_enum", "moe_num_experts", "moe_top_k", "moe_intermediate_size",
                         "intermediate_size"), "Step-3 MoE", model_type)
-        moe = set(_layer_indices(v["moe_layers_enum"]))
-        experts, k, width = v["moe_num_experts"], v["moe_top_k"], v["moe_intermediate_size"]
-        shared_width = _get(cfg, "share_expert_dim") or 0
+        moe = set(_layer_indices(v["moe_layers_enum"], "moe_layers_enum", layers, model_type))
+        experts, k, width = sizes["moe_num_experts"], sizes["moe_top_k"], sizes["moe_intermediate_size"]
+        shared_width = sizes["share_expert_dim"] or 0
         shared = 1 if shared_width else 0
-    elif _get(cfg, "n_routed_experts") is not None:  # DeepSeek-V3 / Kimi K2
-        v = _need(cfg, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-                        "intermediate_size"), "DeepSeek MoE", model_type)
-        first_dense = _get(cfg, "first_k_dense_replace") or 0
-        freq = _get(cfg, "moe_layer_freq") or 1
+    elif sizes["n_routed_experts"] is not None:  # DeepSeek-V3 / Kimi K2
+        _need(cfg, ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "intermediate_size"), "DeepSeek MoE", model_type)
+        first_dense = sizes["first_k_dense_replace"] or 0
+        freq = sizes["moe_layer_freq"] or 1
         moe = {i for i in range(layers) if i >= first_dense and i % freq == 0}
-        experts, k, width = v["n_routed_experts"], v["num_experts_per_tok"], v["moe_intermediate_size"]
-        shared = _get(cfg, "n_shared_experts") or 0
+        experts, k, width = sizes["n_routed_experts"], sizes["num_experts_per_tok"], sizes["moe_intermediate_size"]
+        shared = sizes["n_shared_experts"] or 0
         shared_width = shared * width
-    elif (_get(cfg, "num_experts") or _get(cfg, "num_local_experts") or 0) > 0:  # Qwen-MoE, Mixtral
-        experts = _get(cfg, "num_experts") or _get(cfg, "num_local_experts")
-        v = _need(cfg, ("num_experts_per_tok",), "MoE", model_type)
-        k = v["num_experts_per_tok"]
-        width = _get(cfg, "moe_intermediate_size") or dense_width
+    elif (sizes["num_experts"] or sizes["num_local_experts"] or 0) > 0:  # Qwen-MoE, Mixtral
+        experts = sizes["num_experts"] or sizes["num_local_experts"]
+        _need(cfg, ("num_experts_per_tok",), "MoE", model_type)
+        k = sizes["num_experts_per_tok"]
+        width = sizes["moe_intermediate_size"] or dense_width
         if width is None:
             raise UnsupportedConfigError(f"MoE config (model_type {model_type!r}) is missing moe_intermediate_size")
-        step = _get(cfg, "decoder_sparse_step") or 1
-        dense_only = set(_get(cfg, "mlp_only_layers") or [])
+        step = sizes["decoder_sparse_step"] or 1
+        dense_only = set(_layer_indices(_get(cfg, "mlp_only_layers") or [], "mlp_only_layers", layers, model_type))
         moe = {i for i in range(layers) if i not in dense_only and (i + 1) % step == 0}
-        shared_width = _get(cfg, "shared_expert_intermediate_size") or 0
+        shared_width = sizes["shared_expert_intermediate_size"] or 0
         shared = 1 if shared_width else 0
     else:  # dense model
         if dense_width is None:
             raise UnsupportedConfigError(f"dense FFN config (model_type {model_type!r}) is missing intermediate_size")
         return FFNSpec(layers, 0, 3 * hidden * dense_width, 0, 0)
 
+    if k > experts:
+        raise ValueError(f"config (model_type {model_type!r}): {k} experts per token but only {experts} experts")
     n_dense = layers - len(moe)
     if n_dense and dense_width is None:
         raise UnsupportedConfigError(
@@ -288,8 +340,9 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
     label, raw = load_config(source)
     cfg = _text_config(raw)
     model_type = str(_get(cfg, "model_type") or _get(raw, "model_type") or "unknown")
-    v = _need(cfg, ("hidden_size", "num_hidden_layers"), "model", model_type)
-    hidden, layers = int(v["hidden_size"]), int(v["num_hidden_layers"])
+    _need(cfg, ("hidden_size", "num_hidden_layers"), "model", model_type)
+    v = _sizes(cfg, ("hidden_size", "num_hidden_layers"), model_type)
+    hidden, layers = v["hidden_size"], v["num_hidden_layers"]
     return ModelSpec(
         name=name or label,
         model_type=model_type,
@@ -300,10 +353,15 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
     )
 
 
+def check_context(context: Any) -> None:
+    """A context is a whole number of tokens from 1 to :data:`MAX_CONTEXT`; else ``ValueError``."""
+    if isinstance(context, bool) or not isinstance(context, numbers.Integral) or not 1 <= context <= MAX_CONTEXT:
+        raise ValueError(f"context must be at least 1 token and at most 2**40 tokens, got {context!r}")
+
+
 def per_token(model: Any, context: int, quant: Quantization = Quantization()) -> PerToken:
     """Per-decoded-token figures at ``context`` tokens of context (report Tables 2 and 3)."""
-    if context < 1:
-        raise ValueError(f"context must be at least 1 token, got {context}")
+    check_context(context)
     spec = model_spec(model)
     a, f, L = spec.attention, spec.ffn, spec.num_layers
     kv = L * context * a.kv_elements_per_layer * quant.kv_bytes

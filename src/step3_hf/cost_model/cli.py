@@ -5,16 +5,18 @@
     step3-cost sparsity [--model step3] [--json]
 
 Models are preset names or config.json paths/folders; ``--hardware-file`` adds cards (JSON).
+Exit codes: 0 done; 2 a user error (bad argument, unknown model or card, invalid file), printed as one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, Sequence
 
-from .accounting import PRESETS, Quantization, model_spec
+from .accounting import MAX_CONTEXT, PRESETS, Quantization, model_spec
 from .cost import cost_report, min_active_experts, min_sparsity
 from .hardware import Card, load_cards
 from .planner import PlanAssumptions, plan_afd
@@ -24,13 +26,50 @@ __all__ = ["main", "parse_context", "plot_costs"]
 PLOT_CONTEXTS = tuple(4096 * 2**i for i in range(6))  # 4K .. 128K
 
 
+class _UsageError(Exception):
+    """A command-line error; `main` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print the whole usage block and exit; one line naming the argument is enough.
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
 def parse_context(text: str) -> int:
-    """'8k' / '8K' -> 8192, '128k' -> 131072, '5000' -> 5000."""
+    """'8k' / '8K' -> 8192, '128k' -> 131072, '5000' -> 5000; from 1 token to 2**40."""
     t = text.strip().lower()
     try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
-    except ValueError:
+        tokens = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except (ValueError, OverflowError):  # OverflowError: 'infk'
         raise argparse.ArgumentTypeError(f"context {text!r} is not a number of tokens like 8192 or 8k") from None
+    if not 1 <= tokens <= MAX_CONTEXT:
+        raise argparse.ArgumentTypeError(f"context {text!r} must be from 1 token to 2**40 tokens")
+    return tokens
+
+
+def _bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = 0
+    if not 1 <= bits <= 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width from 1 to 32")
+    return bits
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {'integer' if kind is int else 'number'}")
+        return value
+
+    parse.__name__ = f"positive_{kind.__name__}"
+    return parse
 
 
 def _ctx_label(n: int) -> str:
@@ -41,13 +80,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware-file", action="append", default=[], metavar="JSON",
                    help="extra cards (one object or a list with name, price_per_hour_usd, bf16_flops, "
                         "fp8_flops, memory_bandwidth, nics_per_server, nic_gbps)")
-    p.add_argument("--weight-bits", type=int, default=8, help="weight storage bits (default 8, as the report)")
-    p.add_argument("--kv-bits", type=int, default=8, help="KV-cache storage bits (default 8, as the report)")
+    p.add_argument("--weight-bits", type=_bits, default=8, help="weight storage bits, 1-32 (default 8, as the report)")
+    p.add_argument("--kv-bits", type=_bits, default=8, help="KV-cache storage bits, 1-32 (default 8, as the report)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="step3-cost", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="step3-cost", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command")
 
     c = sub.add_parser("cost", help="per-token figures and USD per 1M decoded tokens (report Tables 2, 3, 6)")
@@ -63,11 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-card", default="H800")
     p.add_argument("--ffn-card", default="H800")
     p.add_argument("--contexts", nargs="+", type=parse_context, default=[4096, 8192, 16384, 32768], metavar="N")
-    p.add_argument("--tpot-ms", type=float, default=50.0)
-    p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--gpus-per-instance", type=int, default=8)
-    p.add_argument("--ffn-bandwidth-efficiency", type=float, default=0.5)
-    p.add_argument("--micro-batch", type=int, default=None, help="fix tokens per micro-batch")
+    p.add_argument("--tpot-ms", type=_positive(float), default=50.0)
+    p.add_argument("--stages", type=_positive(int), default=3)
+    p.add_argument("--gpus-per-instance", type=_positive(int), default=8)
+    p.add_argument("--ffn-bandwidth-efficiency", type=float, default=0.5, help="in (0, 1]")
+    p.add_argument("--micro-batch", type=_positive(int), default=None, help="fix tokens per micro-batch")
     _common(p)
 
     s = sub.add_parser("sparsity", help="minimum MoE sparsity per card for a 3-stage pipeline (report Table 7)")
@@ -83,7 +122,7 @@ def _cards(args: argparse.Namespace, names: Sequence[str] | None) -> dict[str, C
         return cards
     unknown = [n for n in names if n not in cards]
     if unknown:
-        raise SystemExit(f"step3-cost: unknown card(s) {', '.join(unknown)}; known: {', '.join(cards)}")
+        raise ValueError(f"unknown card(s) {', '.join(unknown)}; known: {', '.join(cards)}")
     return {n: cards[n] for n in names}
 
 
@@ -132,16 +171,25 @@ def _cost_table(records: list[dict[str, Any]], cards: Sequence[str]) -> str:
                          f"{t['activated_params'] / 1e9:>12.1f}B{t['arithmetic_intensity']:>8.0f}")
         head = "".join(f"{c:>7}" for c in cards)
         lines.append(f"USD per 1M decoded tokens at {_ctx_label(ctx)}")
-        lines.append(f"  {'model':<18}| attention{' ' * max(0, 7 * len(cards) - 9)}| FFN{' ' * max(0, 7 * len(cards) - 3)}"
+        lines.append(f"  {'model':<18}| attention{' ' * max(0, 7 * len(cards) - 10)}| FFN{' ' * max(0, 7 * len(cards) - 4)}"
                      f"| {'AFD':>6}  pair (attention+FFN)")
         lines.append(f"  {'':<18}|{head}|{head}|")
         for r in rows:
-            a = "".join(f"{r['attention_usd_per_1m'][c]:>7.3f}" for c in cards)
-            f = "".join(f"{r['ffn_usd_per_1m'][c]:>7.3f}" for c in cards)
+            a = "".join(_usd(r["attention_usd_per_1m"][c], 7) for c in cards)
+            f = "".join(_usd(r["ffn_usd_per_1m"][c], 7) for c in cards)
             pair = r["afd_pair"]
-            lines.append(f"  {r['model']:<18}|{a}|{f}| {r['afd_usd_per_1m']:>6.3f}  {pair['attention']}+{pair['ffn']}")
+            afd = _usd(r["afd_usd_per_1m"], 6)
+            lines.append(f"  {r['model']:<18}|{a}|{f}| {afd}  {pair['attention']}+{pair['ffn']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _usd(value: float, width: int) -> str:
+    # Three decimals as the report; huge costs (contexts near 2**40) in short exponent form keep the columns.
+    text = f"{value:.3f}"
+    if len(text) >= width:
+        text = f"{value:.1e}" if len(f"{value:.1e}") < width else f"{value:.0e}"
+    return f"{text:>{width}}"
 
 
 def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
@@ -180,14 +228,19 @@ def plot_costs(models: Sequence[str], cards: dict[str, Card], path: str,
 
 def _plan_table(plans: list[Any], fixed: bool = False) -> str:
     p0 = plans[0]
+    # Contexts up to 2**40 give long labels, shapes and ratios: widen those columns rather than run them together.
+    cw = max(8, *(len(_ctx_label(p.context)) + 1 for p in plans))
+    sw = max(8, *(len(p.shape) + 1 for p in plans))
+    rw = max(6, *(len(f"{p.ratio:.2g}") + 1 for p in plans))
     lines = [f"AFD plan for {p0.model}: attention on {p0.attention_card}, FFN on {p0.ffn_card}; "
              f"stage budget {p0.stage_budget_us:.0f} us per layer",
-             f"  {'context':>8}{'shape':>8}{'A:F':>6}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
+             f"  {'context':>{cw}}{'shape':>{sw}}{'A:F':>{rw}}{'tokens/mb':>10}{'B_MoE':>7}{'attn us':>9}{'FFN us':>8}"
              f"{'net us':>8}{'A->F MB':>9}{'F->A MB':>9}{'FFN NIC GB/s':>14}{'tok/s/GPU':>10}{'KV GB/GPU':>10}"
              f"{'KV fits':>8}  fits"]
     for p in plans:
         lines.append(
-            f"  {_ctx_label(p.context):>8}{p.shape:>8}{p.ratio:>6.2g}{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
+            f"  {_ctx_label(p.context):>{cw}}{p.shape:>{sw}}{p.ratio:>{rw}.2g}"
+            f"{p.micro_batch:>10}{p.min_efficient_micro_batch:>7}"
             f"{p.attention_time_us:>9.0f}{p.ffn_time_us:>8.0f}{p.network_time_us:>8.0f}"
             f"{p.a2f_bytes_per_layer / 1e6:>9.1f}{p.f2a_bytes_per_layer / 1e6:>9.1f}"
             f"{p.ffn_server_bandwidth_needed / 1e9:>14.0f}{p.tokens_per_s_per_gpu:>10.0f}"
@@ -210,12 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("cost", "plan", "sparsity", "-h", "--help"):
         argv = ["cost", *argv]  # `step3-cost` alone prints the report-style comparison
-    args = _parser().parse_args(argv)
     try:
-        return _run(args)
-    except (OSError, ValueError) as err:  # unknown model or card, unreadable file, invalid context or config
-        print(f"step3-cost: error: {err}", file=sys.stderr)
+        return _run(_parser().parse_args(argv))
+    # A bad argument; an unknown model or card; an unreadable file; an invalid context, config or hardware entry.
+    except (_UsageError, OSError, ValueError) as err:
+        print(f"step3-cost: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: Exception) -> str:
+    text = err.strerror and f"{err.filename}: {err.strerror}" if isinstance(err, OSError) else str(err)
+    return " ".join(str(text or err).split())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,14 +6,20 @@ fields (one card object, or a list of them)."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, Iterable
 
 __all__ = ["Card", "builtin_cards", "load_cards", "card_from_dict"]
 
 _REQUIRED = ("name", "price_per_hour_usd", "bf16_flops", "memory_bandwidth")
+# Every figure a cost is divided by or multiplied with must be a positive, finite number: a zero bandwidth
+# divides by zero and a negative price prints a negative cost.
+_POSITIVE = ("price_per_hour_usd", "bf16_flops", "memory_bandwidth", "fp8_flops", "nic_gbps", "memory_bytes")
+_POSITIVE_INT = ("nics_per_server", "gpus_per_server")
+_OPTIONAL = ("fp8_flops", "memory_bytes")
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,21 @@ class Card:
     gpus_per_server: int = 8
     memory_bytes: float | None = None  # HBM capacity; None: unknown, capacity is not checked
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"hardware entry: `name` must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"hardware entry {self.name!r}: `description` must be a string, got {self.description!r}")
+        for key in _POSITIVE + _POSITIVE_INT:
+            value = getattr(self, key)
+            if value is None and key in _OPTIONAL:
+                continue
+            integral = key in _POSITIVE_INT
+            kind = int if integral else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or not (math.isfinite(value) and value > 0):
+                what = "a positive integer" if integral else "a positive number"
+                raise ValueError(f"hardware entry {self.name!r}: `{key}` must be {what}, got {value!r}")
 
     def peak_flops(self, eight_bit: bool = True) -> float:
         return self.fp8_flops if (eight_bit and self.fp8_flops) else self.bf16_flops
@@ -49,11 +70,14 @@ class Card:
 
 
 def card_from_dict(data: dict[str, Any]) -> Card:
+    """A :class:`Card` from one JSON object; every missing or invalid field is a ``ValueError`` naming it."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a hardware entry must be a JSON object with {', '.join(_REQUIRED)}, got {data!r:.80}")
     missing = [k for k in _REQUIRED if data.get(k) is None]
     if missing:
         raise ValueError(f"hardware entry {data.get('name', '?')!r} is missing {', '.join(missing)}")
-    fields = Card.__dataclass_fields__
-    return Card(**{k: v for k, v in data.items() if k in fields})
+    names = {f.name for f in fields(Card)}
+    return Card(**{k: v for k, v in data.items() if k in names})
 
 
 def builtin_cards() -> dict[str, Card]:
@@ -67,9 +91,12 @@ def load_cards(paths: Iterable[str | os.PathLike] = ()) -> dict[str, Card]:
     """Built-in cards plus those in ``paths`` (a later file overrides a card of the same name)."""
     cards = builtin_cards()
     for path in paths:
-        with open(path) as fh:
-            data = json.load(fh)
-        for entry in data if isinstance(data, list) else [data]:
-            card = card_from_dict(entry)
-            cards[card.name] = card
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+            entries = data if isinstance(data, list) else [data]
+            loaded = [card_from_dict(entry) for entry in entries]
+        except ValueError as err:  # JSON syntax, encoding, or a field
+            raise ValueError(f"{os.fspath(path)}: {err}") from None
+        cards.update((card.name, card) for card in loaded)
     return cards

@@ -32,7 +32,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .accounting import ModelSpec, Quantization, model_spec
+from .accounting import ModelSpec, Quantization, check_context, model_spec
 from .hardware import Card
 
 __all__ = ["PlanAssumptions", "AFDPlan", "plan_afd"]
@@ -50,6 +50,24 @@ class PlanAssumptions:
     dispatch_bytes: float = 1.0  # FP8 hidden state A->F
     combine_bytes: float = 2.0  # BF16 result F->A
     micro_batch: int | None = None  # fix the tokens per micro-batch instead of deriving them
+
+    def __post_init__(self) -> None:
+        def bad(key: str, rule: str) -> ValueError:
+            return ValueError(f"`{key}` must be {rule}, got {getattr(self, key)!r}")
+
+        if not (isinstance(self.tpot_ms, (int, float)) and math.isfinite(self.tpot_ms) and self.tpot_ms > 0):
+            raise bad("tpot_ms", "a positive number of milliseconds")
+        if not 0 < self.ffn_bandwidth_efficiency <= 1:
+            raise bad("ffn_bandwidth_efficiency", "in (0, 1]")
+        for key in ("stages", "gpus_per_instance", "scale_block", "micro_batch"):
+            value = getattr(self, key)
+            if value is None and key == "micro_batch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, "an integer >= 1")
+        for key in ("expert_id_bytes", "expert_weight_bytes", "dispatch_bytes", "combine_bytes"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "positive")
 
 
 @dataclass(frozen=True)
@@ -97,10 +115,9 @@ class AFDPlan:
 def plan_afd(model: Any, attention_card: Card, ffn_card: Card, context: int,
              assumptions: PlanAssumptions = PlanAssumptions(),
              quant: Quantization = Quantization()) -> AFDPlan:
+    check_context(context)
     spec: ModelSpec = model_spec(model)
     p, g = assumptions, assumptions.gpus_per_instance
-    if p.stages < 1 or g < 1 or not 0 < p.ffn_bandwidth_efficiency <= 1:
-        raise ValueError("stages and gpus_per_instance must be >= 1 and ffn_bandwidth_efficiency in (0, 1]")
     budget = p.tpot_ms * 1e-3 / p.stages / spec.num_layers  # seconds per layer per stage
 
     # FFN: the largest FFN layer sets the pace (MoE layers for MoE models).

@@ -1,20 +1,15 @@
-"""Fast Step-3 decoding: a Triton split-KV decode-attention kernel, a float8 KV cache, a fused-MoE decode kernel,
-and their transformers hookup.
+"""Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
+that picks between them, a float8 KV cache, a fused-MoE decode kernel, and their transformers hookup
+(`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"` and `experts_implementation="moe_decode"` with
 transformers.
 """
 
-from .decode_attention import decode_attention, default_num_splits
+from .decode_attention import decode_attention
+from .decode_attention_plan import default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
-from .moe_decode import (
-    MAX_MOE_DECODE_TOKENS,
-    MOE_DECODE_EXPERTS,
-    align_pairs_to_blocks,
-    moe_decode,
-    moe_decode_experts_forward,
-    register_moe_decode,
-)
+from .moe_decode import align_pairs_to_blocks, moe_decode
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
     MAX_DECODE_TOKENS,
@@ -22,6 +17,12 @@ from .transformers_attention import (
     decode_kernel_preferred,
     mfa_decode_attention_forward,
     register,
+)
+from .transformers_experts import (
+    MAX_MOE_DECODE_TOKENS,
+    MOE_DECODE_EXPERTS,
+    moe_decode_experts_forward,
+    register_moe_decode,
 )
 
 register()

@@ -7,6 +7,8 @@ the M dimension of one tensor-core tile and reads its slice of the cache exactly
 merges the slices' partial results by their log-sum-exp. The cache may be bf16/fp16/fp32, or float8 e4m3 with one
 float32 scale per cached token (see `float8_kv_cache.py`). On Hopper, float8 caches in value tiles without a mask
 run the Gluon kernel of `decode_attention_sm90.py` where their slices are short enough, with the same merge.
+`decode_attention_plan.py` decides which kernel runs and how (splits, stages, early merge, unchecked loads); this
+module checks the arguments and executes that plan.
 
 With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors through Triton's
 interpreter (the tests do this).
@@ -15,26 +17,16 @@ interpreter (the tests do this).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
-from .decode_attention_sm90 import float8_attention_sm90, sm90_float8_applies
-from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
+from .decode_attention_plan import DecodePlan, decode_device, plan_decode_attention
+from .decode_attention_sm90 import dense_layout, float8_attention_sm90
+from .triton_support import check_kernel_inputs, tl, triton, triton_jit
 
-__all__ = ["decode_attention", "default_num_splits", "kv_bounds_from_mask"]
+__all__ = ["decode_attention", "kv_bounds_from_mask"]
 
-# Each split writes a partial result that the merge reads back; a split narrower than this many cache positions is
-# not worth that traffic.
-_MIN_POSITIONS_PER_SPLIT = 512
-# Split counts aim at one program per multiprocessor: a bf16 program's pipeline fills its shared memory. Float8 tiles
-# are half the size, so two programs fit, and two stream faster than one (one float8 program is bound by its own
-# instruction latency); but each program also pays fixed costs (its prologue, unequal finish times, the merge). Float8
-# slices of at most this many positions run one per multiprocessor, with a deeper pipeline (swept on the H200,
-# docs/performance.md).
-_SHORT_FLOAT8_SLICE = 4096
-# On Hopper, float8 slices of at most this many positions (at one program per multiprocessor) run the Gluon kernel
-# of `decode_attention_sm90.py`; longer ones the Triton kernel at two programs per multiprocessor (swept on the H200).
-_SM90_LONGEST_SLICE = 8192
 _CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 # Query rows (query heads per KV head x new tokens) that one program's tensor-core tile holds.
 MAX_QUERY_ROWS = 256
@@ -222,7 +214,7 @@ def _split_kv_attention(
             acc = tl.dot(p_v.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
         m_i = m_new
 
-    if LAUNCH_MERGE:  # the merge (launched early, see below) may start on the resources this grid frees from now on
+    if LAUNCH_MERGE:  # the merge (launched early, see the plan) may start on the resources this grid frees from now on
         tl.extra.cuda.gdc_launch_dependents()
     if IS_FP8:
         acc = acc / p_unit
@@ -314,45 +306,13 @@ def _mask_bounds(
     tl.atomic_max(KV_END + b, tl.max(tl.where(allowed, n + 1, 0), 0))
 
 
-def _indexable(tensor: torch.Tensor, dim: int, size: int) -> bool:
-    """Whether indices up to `size - 1` along `dim` (the others within the shape) stay inside `tensor`'s storage."""
-    last = tensor.storage_offset() + (size - 1) * tensor.stride(dim)
-    last += sum((n - 1) * stride for d, (n, stride) in enumerate(zip(tensor.shape, tensor.stride())) if d != dim)
-    return last < tensor.untyped_storage().nbytes() // tensor.element_size()
-
-
-def float8_tensor_cores(device: torch.device | str) -> bool:
-    """Whether a float8 cache is multiplied on e4m3 tensor cores (compute capability 8.9+; emulated by the
-    interpreter) rather than widened to fp16 tile by tile."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so that the tests cross split boundaries
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_count(programs: int, kv_len: int, sms: int, float8: bool, one_program_per_sm: bool = False) -> int:
-    """`default_num_splits` for `programs` (sequences x KV heads) on `sms` multiprocessors; `one_program_per_sm`:
-    for the Hopper float8 kernel, whose pipeline fills a multiprocessor's shared memory."""
-    widest = math.ceil(kv_len / _MIN_POSITIONS_PER_SPLIT)
-    if not float8:
-        return max(1, min(round(sms / programs), widest))
-    one_per_sm = max(1, min(sms // programs, widest))  # never more programs than multiprocessors
-    if one_program_per_sm or kv_len / one_per_sm <= _SHORT_FLOAT8_SLICE:
-        return one_per_sm
-    return max(1, min(round(2 * sms / programs), widest))
-
-
-def default_num_splits(
-    batch_size: int, num_kv_heads: int, kv_len: int, device: torch.device | str, float8: bool = False
-) -> int:
-    """Slices per (sequence, KV head): enough programs to fill the GPU, none narrower than a few hundred positions."""
-    return _split_count(batch_size * num_kv_heads, kv_len, _num_sms(torch.device(device)), float8)
+def _stored_positions(tensor: torch.Tensor, dim: int) -> int:
+    """How many indices along `dim` (the other indices anywhere within the shape) stay inside `tensor`'s storage."""
+    room = tensor.untyped_storage().nbytes() // tensor.element_size() - 1 - tensor.storage_offset()
+    room -= sum((n - 1) * stride for d, (n, stride) in enumerate(zip(tensor.shape, tensor.stride())) if d != dim)
+    if room < 0:
+        return 0
+    return sys.maxsize if tensor.stride(dim) == 0 else room // tensor.stride(dim) + 1
 
 
 def kv_bounds_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,8 +369,8 @@ def decode_attention(
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens; one more
             for a float8 cache read by at most one program per multiprocessor). The Hopper float8 kernel takes
-            block_n=64 and num_warps=4 only, and num_stages from 3 up to what fits in shared memory (default 5);
-            other values run the Triton kernel.
+            block_n=64 and num_warps=4 only, and num_stages from 3 up to what fits in shared memory (default 5, or
+            fewer where shared memory holds fewer); other values run the Triton kernel.
     """
     others = {"key": key, "value": value, "attention_mask": attention_mask, "key_scale": key_scale,
               "value_scale": value_scale}  # fmt: skip
@@ -480,6 +440,10 @@ def decode_attention(
                 raise ValueError("`attention_mask` must be the same for every head")
     else:
         mask = None
+    if block_n < 16 or block_n & (block_n - 1) or num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"`block_n` (>= 16) and `num_warps` must be powers of two, got {block_n} and {num_warps}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"`num_stages` must be at least 1, got {num_stages}")
     if kv_lengths is not None:
         kv_lengths = kv_lengths.to(device=query.device, dtype=torch.int32)
     scale = head_dim**-0.5 if scale is None else scale
@@ -508,11 +472,12 @@ def _decode_attention_op(
     num_stages: int | None,
 ) -> torch.Tensor:
     """The launches behind `decode_attention`, on arguments it has checked; `mask` is `[B, q_len, kv_len]`."""
+    plan = _plan(query, key, value, mask, key_scale, value_scale, num_splits, block_n, num_warps, num_stages)
     batch, num_heads, q_len, head_dim = query.shape
     _, num_kv_heads, kv_len, _ = key.shape
     is_fp8 = key.dtype == torch.float8_e4m3fn
-    group = num_heads // num_kv_heads
-    block_m = max(16, triton.next_power_of_2(group * q_len))
+    rows = num_heads // num_kv_heads * q_len
+    num_splits = plan.num_splits
     device = query.device
     if mask is not None:
         kv_start, kv_end = kv_bounds_from_mask(mask)
@@ -521,31 +486,8 @@ def _decode_attention_op(
     else:  # the kernel takes [0, kv_len) for every sequence: no bounds tensors to fill (two launches less)
         kv_start = kv_end = None
 
-    # Float8 value tiles on Hopper without a mask, one program per multiprocessor on slices of at most
-    # _SM90_LONGEST_SLICE positions: the Gluon kernel (asynchronous tensor-core products). Longer slices stream
-    # faster as two Triton programs per multiprocessor (measured, docs/performance.md).
-    programs = batch * num_kv_heads
-    sms = _num_sms(device)
-    sm90 = False
-    if is_fp8 and mask is None and float8_tensor_cores(device):
-        sm90_splits = num_splits
-        if sm90_splits is None:
-            sm90_splits = _split_count(programs, kv_len, sms, float8=True, one_program_per_sm=True)
-        sm90 = (
-            0 < programs * sm90_splits <= sms
-            and kv_len <= _SM90_LONGEST_SLICE * sm90_splits
-            and sm90_float8_applies(query, key, value, key_scale, value_scale, block_n, num_warps, num_stages)
-        )
-    if num_splits is None:
-        num_splits = sm90_splits if sm90 else _split_count(programs, kv_len, sms, float8=is_fp8)
-    num_splits = max(1, min(num_splits, triton.cdiv(kv_len, block_n)))
-    if num_stages is None and not sm90:  # three stages of K/V tiles (+ a per-token mask tile) fill shared memory,
-        # or for float8 with one program per multiprocessor, four
-        num_stages = 2 if mask is not None and q_len > 1 else 3
-        num_stages += int(is_fp8 and batch * num_kv_heads * num_splits <= sms)
     out = torch.empty(batch, q_len, num_heads, head_dim, dtype=query.dtype, device=device)
     out_view = out.transpose(1, 2)  # [B, Hq, q_len, D] strides for the kernel
-    rows = group * q_len
     if num_splits > 1:
         # Each split's partial output is normalised; float32, except for a float8 cache, whose e4m3 rounding (2^-4
         # relative) dwarfs bf16's (2^-9), and whose splits are short enough that partials were ~10% of its traffic.
@@ -554,79 +496,93 @@ def _decode_attention_op(
         part_lse = torch.empty(batch * num_kv_heads * num_splits * rows, dtype=torch.float32, device=device)
     else:
         part_out = part_lse = out  # unused
-    # On Hopper and later the merge is launched while the attention kernel drains (programmatic dependent launch):
-    # each attention program lets it start once its loop is done, and the merge waits for the whole grid in-kernel.
-    merge_early = num_splits > 1 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    if sm90:
+    scale_log2 = scale * math.log2(math.e)
+    if plan.kernel == "sm90":
         float8_attention_sm90(
-            query, key, value, key_scale, value_scale, kv_end, out_view, part_out, part_lse, scale * math.log2(math.e),
-            num_splits, num_stages, merge_early,
+            query, key, value, key_scale, value_scale, kv_end, out_view, part_out, part_lse, scale_log2, num_splits,
+            plan.num_stages, plan.merge_early,
         )  # fmt: skip
     else:
-        dummy = out  # stands in for absent optional pointers
-        k_scale = key_scale if is_fp8 else dummy
-        v_scale = value_scale if is_fp8 else dummy
-        ks_strides = key_scale.stride() if is_fp8 else (0, 0, 0)
-        vs_strides = value_scale.stride() if is_fp8 else (0, 0, 0)
-        m_strides = mask.stride() if mask is not None else (0, 0, 0)
-
-        if value.ndim == 5:  # value tiles [B, H, tiles, D, T]: (batch, head, tile, position in tile, d) strides
-            v_tile = value.shape[-1]
-            v_strides = (*value.stride()[:3], value.stride(4), value.stride(3))
-        else:
-            v_tile = 0
-            v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
-        launch_args = (
-            query, key, value, k_scale, v_scale, mask if mask is not None else dummy,
-            kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy, out_view,
-            part_out, part_lse,
-            *query.stride(), *key.stride(), *v_strides, *ks_strides, *vs_strides, *m_strides, *out_view.stride(),
-            num_kv_heads, q_len, kv_len, scale * math.log2(math.e), num_splits,
+        _launch_triton(
+            plan, query, key, value, mask, kv_start, kv_end, key_scale, value_scale, out_view, part_out, part_lse,
+            scale_log2, block_n, num_warps,
         )  # fmt: skip
-        # Unchecked loads read whatever lies past each sequence's valid range, with probability 0; 0 * NaN is NaN, so
-        # they are only for the float8 cache layout (value tiles), whose storage holds zeros or written values there,
-        # and only where the last block of a slice (up to block_n - 1 positions past the cache's end) stays inside it.
-        reach = kv_len + block_n - 1
-        readable = (
-            v_tile > 0
-            and _indexable(key, 2, reach)
-            and _indexable(value, 2, -(-reach // v_tile))
-            and _indexable(key_scale, 2, reach)
-            and _indexable(value_scale, 2, reach)
-        )
-        fp8_mma = is_fp8 and float8_tensor_cores(device)
-        constants = dict(
-            GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
-            # e4m3 tensor-core products reduce over at least 32 elements
-            BLOCK_D=max(32 if fp8_mma else 16, triton.next_power_of_2(head_dim)),
-            HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8, FP8_MMA=fp8_mma,
-            V_TILE=v_tile, READABLE=readable, HAS_BOUNDS=kv_end is not None,
-            SINGLE_SPLIT=num_splits == 1, SINGLE_TOKEN=q_len == 1,
-            DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
-            LAUNCH_MERGE=merge_early,
-        )  # fmt: skip
-        # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
-        for stages in range(num_stages, 0, -1):
-            try:
-                _split_kv_attention[(num_splits, batch * num_kv_heads)](
-                    *launch_args, **constants, num_warps=num_warps, num_stages=stages
-                )
-                break
-            except triton.runtime.errors.OutOfResources:
-                if stages == 1:
-                    raise
     if num_splits > 1:
-        # Rows per merge program: up to 16, fewer where that leaves fewer than two programs per multiprocessor.
-        block_r = min(16, triton.next_power_of_2(rows))
-        while block_r > 1 and batch * num_kv_heads * triton.cdiv(rows, block_r) < 2 * sms:
-            block_r //= 2
-        _merge_splits[(triton.cdiv(rows, block_r), batch * num_kv_heads)](
+        _merge_splits[(triton.cdiv(rows, plan.merge_rows), batch * num_kv_heads)](
             part_out, part_lse, out_view, *out_view.stride(), num_kv_heads, q_len, num_splits,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=block_r,
-            BLOCK_S=min(64, max(2, triton.next_power_of_2(num_splits))), WAIT_FOR_PRIOR_GRID=merge_early,
-            num_warps=max(1, min(4, block_r // 2)), **({"launch_pdl": True} if merge_early else {}),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_R=plan.merge_rows, BLOCK_S=min(64, max(2, triton.next_power_of_2(num_splits))),
+            WAIT_FOR_PRIOR_GRID=plan.merge_early, num_warps=max(1, min(4, plan.merge_rows // 2)),
+            **({"launch_pdl": True} if plan.merge_early else {}),
         )  # fmt: skip
     return out
+
+
+def _plan(query, key, value, mask, key_scale, value_scale, num_splits, block_n, num_warps, num_stages) -> DecodePlan:
+    """`plan_decode_attention` for these tensors on their device."""
+    batch, num_heads, q_len, head_dim = query.shape
+    _, num_kv_heads, kv_len, _ = key.shape
+    value_tile = value.shape[-1] if value.ndim == 5 else 0
+    if value_tile:  # float8 value tiles; the key and scales are `[B, Hkv, positions(, D)]`
+        stored = min(
+            _stored_positions(value, 2) * value_tile,
+            *(_stored_positions(t, 2) for t in (key, key_scale, value_scale)),
+        )
+    else:
+        stored = kv_len  # rows: every load is bounds-checked
+    return plan_decode_attention(
+        batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+        float8=key.dtype == torch.float8_e4m3fn, float32_query=query.dtype == torch.float32,
+        masked=mask is not None, device=decode_device(query.device), value_tile=value_tile,
+        dense=bool(value_tile) and dense_layout(query, key, value, key_scale, value_scale), stored_positions=stored,
+        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+def _launch_triton(
+    plan, query, key, value, mask, kv_start, kv_end, key_scale, value_scale, out_view, part_out, part_lse,
+    scale_log2, block_n, num_warps,
+):  # fmt: skip
+    """The Triton attention kernel, as `plan` says."""
+    batch, num_heads, q_len, head_dim = query.shape
+    _, num_kv_heads, kv_len, _ = key.shape
+    is_fp8 = key.dtype == torch.float8_e4m3fn
+    group = num_heads // num_kv_heads
+    dummy = out_view  # stands in for absent optional pointers
+    if value.ndim == 5:  # value tiles [B, H, tiles, D, T]: (batch, head, tile, position in tile, d) strides
+        v_tile = value.shape[-1]
+        v_strides = (*value.stride()[:3], value.stride(4), value.stride(3))
+    else:
+        v_tile = 0
+        v_strides = (*value.stride()[:2], 0, *value.stride()[2:])
+    launch_args = (
+        query, key, value, key_scale if is_fp8 else dummy, value_scale if is_fp8 else dummy,
+        mask if mask is not None else dummy, kv_start if kv_start is not None else dummy,
+        kv_end if kv_end is not None else dummy, out_view, part_out, part_lse,
+        *query.stride(), *key.stride(), *v_strides,
+        *(key_scale.stride() if is_fp8 else (0, 0, 0)), *(value_scale.stride() if is_fp8 else (0, 0, 0)),
+        *(mask.stride() if mask is not None else (0, 0, 0)), *out_view.stride(),
+        num_kv_heads, q_len, kv_len, scale_log2, plan.num_splits,
+    )  # fmt: skip
+    constants = dict(
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), HEAD_DIM=head_dim, BLOCK_N=block_n,
+        # e4m3 tensor-core products reduce over at least 32 elements
+        BLOCK_D=max(32 if plan.float8_products else 16, triton.next_power_of_2(head_dim)),
+        HAS_MASK=mask is not None, CAUSAL_TAIL=mask is None and q_len > 1, IS_FP8=is_fp8,
+        FP8_MMA=plan.float8_products, V_TILE=v_tile, READABLE=plan.unchecked_loads, HAS_BOUNDS=kv_end is not None,
+        SINGLE_SPLIT=plan.num_splits == 1, SINGLE_TOKEN=q_len == 1, DOT_F32=plan.float32_products,
+        LAUNCH_MERGE=plan.merge_early,
+    )  # fmt: skip
+    # A GPU with less shared memory than the H200 cannot hold the default pipeline: one stage fewer per retry.
+    for stages in range(plan.num_stages, 0, -1):
+        try:
+            _split_kv_attention[(plan.num_splits, batch * num_kv_heads)](
+                *launch_args, **constants, num_warps=num_warps, num_stages=stages
+            )
+            return
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
 
 
 @_decode_attention_op.register_fake

@@ -9,14 +9,13 @@ scales are requested before them, and the result leaves in 16-byte stores. On th
 4096-position slice against 72-74 us for the Triton kernel's (timestamped copies; docs/performance.md).
 
 Same inputs, partial results and merge pass as the Triton kernel. `decode_attention` runs it for float8 caches in
-value tiles without a mask on compute capability 9.x, where slices are short enough (see `_SM90_LONGEST_SLICE`).
+value tiles without a mask on compute capability 9.x, where slices are short enough (`decode_attention_plan.py`
+says when).
 """
 
 from __future__ import annotations
 
 import torch
-
-from .triton_support import interpreter_enabled
 
 try:
     from triton.experimental import gluon
@@ -30,13 +29,12 @@ try:
 except ImportError:  # Triton without Gluon (before 3.5): the Triton kernel serves every call
     gluon = gl = None
 
-__all__ = ["float8_attention_sm90", "sm90_float8_applies"]
+__all__ = ["dense_layout", "float8_attention_sm90", "shared_memory_bytes"]
 
 BLOCK_M = 64  # query rows per program: one warpgroup's tensor-core tile
 BLOCK_N = 64  # cache positions per block: one value tile of the float8 cache (`VALUE_TILE`)
 HEAD_DIMS = (64, 128, 256)
 DEFAULT_STAGES = 5  # faster than 4 on every shape it serves (H200); 178.75 KiB of shared memory at Step-3's width
-SHARED_MEMORY_LIMIT = 232_448  # bytes of shared memory one program may use on Hopper (227 KiB)
 
 
 def shared_memory_bytes(head_dim: int, num_stages: int) -> int:
@@ -251,41 +249,20 @@ def _float8_attention_sm90(
         gl.store(PART_LSE + part + row, lse, mask=row < GROUP * q_len)
 
 
-def sm90_float8_applies(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_scale: torch.Tensor,
-    value_scale: torch.Tensor,
-    block_n: int,
-    num_warps: int,
-    num_stages: int | None,
+def dense_layout(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor
 ) -> bool:
-    """Whether this kernel implements a float8 call (the caller checks the mask and the slicing): Hopper, Gluon
-    present, value tiles of BLOCK_N positions, Step-3-like widths, unit inner strides, its launch parameters, and a
-    pipeline that fits in shared memory."""
-    if gluon is None or interpreter_enabled() or query.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(query.device)[0] != 9:
-        return False
-    batch, num_heads, q_len, head_dim = query.shape
-    group = num_heads // key.shape[1]
-    tiles_ok = value.ndim == 5 and value.shape[-1] == BLOCK_N and value.stride(-1) == 1 and value.stride(-2) == BLOCK_N
-    strides_ok = (
-        query.stride(-1) == 1
+    """Whether the tensors have the unit inner strides this kernel assumes: query and key rows, value tiles stored
+    D-major with positions contiguous, and both scales. (The plan checks the rest: `decode_attention_plan.py`.)"""
+    return (
+        value.ndim == 5
+        and value.stride(-1) == 1
+        and value.stride(-2) == value.shape[-1]
+        and query.stride(-1) == 1
         and key.stride(-1) == 1
-        and key.stride(-2) == head_dim
+        and key.stride(-2) == key.shape[-1]
         and key_scale.stride(-1) == 1
         and value_scale.stride(-1) == 1
-    )
-    return (
-        tiles_ok
-        and strides_ok
-        and head_dim in HEAD_DIMS
-        and group * q_len <= BLOCK_M
-        and block_n == BLOCK_N
-        and num_warps == 4
-        and (num_stages is None or 3 <= num_stages and shared_memory_bytes(head_dim, num_stages) <= SHARED_MEMORY_LIMIT)
     )
 
 
@@ -293,7 +270,7 @@ def float8_attention_sm90(
     query, key, value, key_scale, value_scale, kv_end, out_view, part_out, part_lse, scale_log2, num_splits,
     num_stages, launch_merge,
 ):  # fmt: skip
-    """Launches the kernel on arguments `decode_attention` has checked (see `sm90_float8_applies`)."""
+    """Launches the kernel on arguments `decode_attention` has checked, as its plan says (`plan_decode_attention`)."""
     batch, num_heads, q_len, head_dim = query.shape
     _, num_kv_heads, kv_len, _ = key.shape
     _float8_attention_sm90[(num_splits, batch * num_kv_heads)](
@@ -307,6 +284,6 @@ def float8_attention_sm90(
         out_view.stride(0), out_view.stride(1), out_view.stride(2),
         num_kv_heads, q_len, kv_len, scale_log2, num_splits,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        NUM_STAGES=num_stages or DEFAULT_STAGES, HAS_BOUNDS=kv_end is not None, CAUSAL_TAIL=q_len > 1,
+        NUM_STAGES=num_stages, HAS_BOUNDS=kv_end is not None, CAUSAL_TAIL=q_len > 1,
         SINGLE_SPLIT=num_splits == 1, LAUNCH_MERGE=launch_merge, num_warps=4,
     )  # fmt: skip

@@ -14,39 +14,21 @@ weights, so in the common case (an expert's rows fit one block) every weight byt
 - Kernel 2: `down_proj[e]` `[H, I]` against that buffer, scaled by each pair's routing weight, fp32 `[S, H]`; the
   top-k partial outputs of each token are then summed in fp32.
 
-`moe_decode_experts_forward` is the transformers experts function registered as `experts_implementation=
-"moe_decode"`: it runs the kernel for inference calls with up to `MAX_MOE_DECODE_TOKENS` tokens and hands every
-other call (training, long prefill, CPU without the interpreter) to transformers' `grouped_mm_experts_forward`.
+`transformers_experts.py` registers it with transformers as `experts_implementation="moe_decode"`.
 With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors (the tests do this).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
-from transformers.utils import logging
 
-from .triton_support import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
 
-__all__ = [
-    "MAX_MOE_DECODE_TOKENS",
-    "MOE_DECODE_EXPERTS",
-    "align_pairs_to_blocks",
-    "default_block_m",
-    "moe_decode",
-    "moe_decode_experts_forward",
-    "register_moe_decode",
-]
+__all__ = ["SUPPORTED_ACTIVATIONS", "SUPPORTED_DTYPES", "align_pairs_to_blocks", "default_block_m", "moe_decode"]
 
-logger = logging.get_logger(__name__)
-
-MOE_DECODE_EXPERTS = "moe_decode"
-# Tokens per call up to which the experts function takes the kernel; above it the call is a prefill, where
-# `grouped_mm`'s large tiles are the right tool.
-MAX_MOE_DECODE_TOKENS = 512
 # transformers' activation names that the kernel computes (SiLU, as Step-3's `hidden_act`).
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton_jit
@@ -250,9 +232,9 @@ def moe_decode(
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
     dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
-    if len(dtypes) != 1 or hidden_states.dtype not in _DTYPES:
+    if len(dtypes) != 1 or hidden_states.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"hidden_states and expert weights must share one of {_DTYPES}, got {sorted(map(str, dtypes))}"
+            f"hidden_states and expert weights must share one of {SUPPORTED_DTYPES}, got {sorted(map(str, dtypes))}"
         )
     if block_m is None:
         block_m = default_block_m(top_k_index.numel(), num_experts)
@@ -314,52 +296,11 @@ def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, block_
     return torch.empty_like(hidden_states)
 
 
-def _layout_unsupported(experts: torch.nn.Module) -> str | None:
-    """Why the kernel cannot compute this experts module (a property of the model, not of the call), or None."""
-    activation = getattr(experts.config, "hidden_act", None)
-    if activation not in SUPPORTED_ACTIVATIONS:
-        return f"activation `{activation}` (the kernel computes {SUPPORTED_ACTIVATIONS})"
-    layout = {
-        "has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
-        "has_post_expert_norm": False,
-    }  # fmt: skip
-    for name, wanted in layout.items():
-        if getattr(experts, name, wanted) != wanted:  # transformers 5.17 lacks some of these flags
-            return f"`{name}={not wanted}`"
-    return None
+def __getattr__(name: str):
+    # Transitional: modeling_step3 imports the registration name from here until issue 17 part 4 moves its kernel
+    # defaults into kernels/; the name lives in transformers_experts.py.
+    if name == "MOE_DECODE_EXPERTS":
+        from .transformers_experts import MOE_DECODE_EXPERTS
 
-
-def _kernel_takes(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
-    """Whether this call goes to the kernel: an inference call of decode size, on a device the kernel runs on."""
-    weights = (experts.gate_up_proj, experts.down_proj)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *weights))
-    return (
-        kernel_available(hidden_states.device)
-        and not needs_grad
-        and hidden_states.shape[0] <= MAX_MOE_DECODE_TOKENS
-        and hidden_states.dtype in _DTYPES
-        and all(w.dtype == hidden_states.dtype for w in weights)
-        and not getattr(experts, "_is_expert_parallel", False)  # sentinel expert ids past E
-    )
-
-
-def moe_decode_experts_forward(
-    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """transformers experts function (`experts_implementation="moe_decode"`): the kernel for decode-sized inference
-    calls, `grouped_mm_experts_forward` for the rest (training, prefill beyond `MAX_MOE_DECODE_TOKENS` tokens, CPU
-    without the interpreter, layouts the kernel does not compute)."""
-    unsupported = _layout_unsupported(self)
-    if unsupported is not None:
-        logger.warning_once(f"moe_decode: experts with {unsupported} run through grouped_mm instead")
-    elif _kernel_takes(self, hidden_states, top_k_weights):
-        return moe_decode(
-            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-            activation=self.config.hidden_act,
-        )  # fmt: skip
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-def register_moe_decode() -> None:
-    """Make `experts_implementation="moe_decode"` known to transformers (idempotent)."""
-    ALL_EXPERTS_FUNCTIONS.register(MOE_DECODE_EXPERTS, moe_decode_experts_forward)
+        return MOE_DECODE_EXPERTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

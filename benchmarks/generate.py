@@ -1,0 +1,158 @@
+"""`model.generate()` as users call it, on a Step-3 with the released layer widths but few layers, against the roofline.
+
+`Step3ForCausalLM` with 1 dense + 3 MoE layers (7168 hidden, 64x256 MFA heads, 48 experts top-3, the real vocab),
+bf16, random weights, greedy. A decode step is `(time of 1 + N new tokens - time of 1 new token) / N`. Columns:
+
+- default: `generate(input_ids, attention_mask, max_new_tokens=...)`, nothing else (the dynamic cache, and the
+  kernels Step-3 picks on CUDA);
+- static: the same with `cache_implementation="static"` (transformers compiles the decode step);
+- stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache.
+
+Roofline = (weights a step reads + KV bytes at the mean context of the run) / device-copy bandwidth measured in the
+same run (see `decode_step.step_bytes`).
+
+    python benchmarks/generate.py [--shapes 16x2048 64x1024 128x1024 64x2048] [--new-tokens 32]
+    python benchmarks/generate.py --profile 128x1024     # top CUDA kernels of a short default generate()
+"""
+
+import argparse
+import time
+
+import torch
+from decode_attention import machine_and_ceiling
+from decode_step import build_model, step_bytes
+
+VARIANTS = {
+    "default": ({}, None, None),
+    "static": ({"cache_implementation": "static"}, None, None),
+    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm"),
+}
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    batch, prompt = text.lower().split("x")
+    return int(batch), int(prompt)
+
+
+def generate_seconds(model, input_ids, new_tokens: int, reps: int, **kwargs) -> float:
+    """Median wall time of `generate` producing exactly `new_tokens` tokens."""
+    attention_mask = torch.ones_like(input_ids)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                **kwargs,
+            )
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_step_seconds(model, batch: int, prompt: int, new_tokens: int, reps: int, **kwargs) -> float:
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    generate_seconds(model, input_ids, new_tokens + 1, 1, **kwargs)  # warm up (and compile, for the static cache)
+    one = generate_seconds(model, input_ids, 1, reps, **kwargs)
+    many = generate_seconds(model, input_ids, new_tokens + 1, reps, **kwargs)
+    return (many - one) / new_tokens
+
+
+def profile(model, batch: int, prompt: int, new_tokens: int) -> None:
+    """Per-op GPU time of `new_tokens - 1` decode steps: a profile of `generate` for `new_tokens` tokens minus one
+    for a single token (the prefill)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    generate_seconds(model, input_ids, new_tokens, 1)
+    per_op, wall = [], []
+    for tokens in (1, new_tokens):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall.append(generate_seconds(model, input_ids, tokens, 1))
+        per_op.append({e.key: (e.self_device_time_total, e.count, e.self_cpu_time_total) for e in prof.key_averages()})
+    steps = new_tokens - 1
+    decode = {
+        key: ((t - per_op[0].get(key, (0, 0, 0))[0]) / steps / 1e3, (n - per_op[0].get(key, (0, 0, 0))[1]) / steps)
+        for key, (t, n, _) in per_op[1].items()
+    }
+    host = {key: (c - per_op[0].get(key, (0, 0, 0))[2]) / steps / 1e3 for key, (_, _, c) in per_op[1].items()}
+    # Operator rows (aten::mm, step3_hf::moe_decode) repeat the time of the kernels they launch.
+    busy = sum(ms for key, (ms, _) in decode.items() if "::" not in key)
+    print(f"\nprofile {batch}x{prompt}: per decode step wall {(wall[1] - wall[0]) / steps * 1e3:.2f} ms, "
+          f"GPU kernels {busy:.2f} ms")
+    for key, (ms, count) in sorted(decode.items(), key=lambda item: -item[1][0])[:12]:
+        print(f"  {ms:8.3f} ms  {count:6.1f} calls  {key[:110]}")
+    print(f"host time per decode step (self CPU), {sum(host.values()):.2f} ms in all:")
+    for key, ms in sorted(host.items(), key=lambda item: -item[1])[:25]:
+        print(f"  {ms:8.3f} ms  {decode.get(key, (0, 0))[1]:6.1f} calls  {key[:110]}")
+
+    # Python functions of the host side (cProfile inflates Python time; the ranking is what matters).
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    generate_seconds(model, input_ids, new_tokens, 1)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["16x2048", "64x1024", "128x1024", "64x2048"])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--profile", nargs="*", default=None, help="shapes to profile instead of timing")
+    args = parser.parse_args()
+    bandwidth = machine_and_ceiling("generate.py")
+    model = build_model("cuda")
+    model.generation_config.pad_token_id = 0
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    print(f"default kernels: attention {model.config._attn_implementation}, "
+          f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
+    default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation
+
+    if args.profile is not None:
+        for shape in args.profile or args.shapes:
+            profile(model, *parse_shape(shape), new_tokens=9)
+        return
+
+    rows = []
+    for shape in args.shapes:
+        batch, prompt = parse_shape(shape)
+        row = {"shape": shape}
+        for name in args.variants:
+            kwargs, attention, experts = VARIANTS[name]
+            model.set_attn_implementation(attention or default_attention)
+            model.set_experts_implementation(experts or default_experts)
+            try:
+                row[name] = decode_step_seconds(model, batch, prompt, args.new_tokens, args.reps, **kwargs)
+            except Exception as err:  # report, keep measuring the others
+                row[name] = f"{type(err).__name__}: {str(err)[:80]}"
+            print(f"  {shape} {name}: {row[name]}", flush=True)
+            torch.cuda.empty_cache()
+        weights, kv = step_bytes(model, batch, prompt + args.new_tokens // 2, float8=False)
+        row["roofline"] = (weights + kv) / bandwidth
+        rows.append(row)
+
+    print(f"\ngenerate() decode step, Step-3 widths (1 dense + 3 MoE layers), bf16, greedy, {args.new_tokens} new "
+          f"tokens; ms per step (x roofline); roofline at {bandwidth / 1e12:.2f} TB/s\n")  # fmt: skip
+    print("| batch x prompt | " + " | ".join(args.variants) + " | roofline |")
+    print("|---" * (2 + len(args.variants)) + "|")
+    for row in rows:
+        cells = [
+            value if isinstance(value, str) else f"{value * 1e3:.1f} ms ({value / row['roofline']:.2f}x)"
+            for value in (row[name] for name in args.variants)
+        ]
+        print(f"| {row['shape']} | " + " | ".join(cells) + f" | {row['roofline'] * 1e3:.1f} ms |")
+
+
+if __name__ == "__main__":
+    main()
