@@ -1,19 +1,33 @@
 """Step-3 (StepFun, arXiv 2507.19427) as a native transformers model.
 
 Importing this package registers `step3_text` and `step3_vl` with transformers' Auto classes, so that
-`AutoModelForCausalLM.from_pretrained(path)` loads an official Step-3 checkpoint, and, when peft is installed,
-Step-3's default LoRA target modules, so that `get_peft_model(model, LoraConfig(r=16))` needs no `target_modules`.
+`AutoModelForCausalLM.from_pretrained(path)` loads the language model of an official Step-3 checkpoint,
+`AutoModelForImageTextToText.from_pretrained(path)` the whole vision-language model (the official architecture
+`Step3VLForConditionalGeneration`) and `AutoProcessor.from_pretrained(path)` its processor; and, when peft is
+installed, Step-3's default LoRA target modules, so that `get_peft_model(model, LoraConfig(r=16))` needs no
+`target_modules` (they name language-model layers only, so the vision tower is never adapted by default).
 """
 
 import importlib.util
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
+from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3VLForCausalLM
+from .modeling_step3_vl import Step3VisionModel, Step3VLForConditionalGeneration
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
+from .processing_step3_vl import Step3VLProcessor
+from .vision_layout import count_vision_parameters
 
 # Unless the caller names one, Step-3 decodes through the CUDA decode kernels where they run.
 Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_implementation)
@@ -25,6 +39,14 @@ AutoConfig.register(Step3VLConfig.model_type, Step3VLConfig, exist_ok=True)
 AutoModel.register(Step3Config, Step3Model, exist_ok=True)
 AutoModelForCausalLM.register(Step3Config, Step3ForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(Step3VLConfig, Step3VLForCausalLM, exist_ok=True)
+AutoModel.register(Step3VisionConfig, Step3VisionModel, exist_ok=True)
+AutoModelForImageTextToText.register(Step3VLConfig, Step3VLForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(
+    Step3VLConfig,
+    image_processor_classes={"torchvision": Step3VLImageProcessor, "pil": Step3VLImageProcessorPil},
+    exist_ok=True,
+)
+AutoProcessor.register(Step3VLConfig, Step3VLProcessor, exist_ok=True)
 
 if importlib.util.find_spec("peft") is not None:
     from .peft_support import register_lora_defaults
@@ -39,6 +61,12 @@ __all__ = [
     "Step3Model",
     "Step3ForCausalLM",
     "Step3VLForCausalLM",
+    "Step3VisionModel",
+    "Step3VLForConditionalGeneration",
+    "Step3VLImageProcessor",
+    "Step3VLImageProcessorPil",
+    "Step3VLProcessor",
+    "count_vision_parameters",
     "ParameterCounts",
     "count_parameters",
     "kv_cache_bytes_per_token",

@@ -200,9 +200,17 @@ class Step3Config(PreTrainedConfig):
 
 @strict
 class Step3VisionConfig(PreTrainedConfig):
-    """Fields of the official `step3_vision_encoder` config, kept so a VL checkpoint's config round-trips.
+    """The official `step3_vision_encoder` config: the ViT of `Step3VLForConditionalGeneration`.
 
-    This package builds the language model only; the vision tower's tensors are skipped at load time.
+    Args:
+        hidden_size / intermediate_size / num_hidden_layers / num_attention_heads:
+            Width, MLP width, depth and heads of the ViT (1792, 3072, 63, 16 in the release).
+        output_hidden_size (`int`, defaults to 4096):
+            Channels of the first downsampling convolution (`vit_downsampler`); the second one doubles them.
+        image_size / patch_size:
+            Side of the global view (728) and of a ViT patch (14): 52 x 52 patches, `(728 / 14) ** 2 + 1` learned
+            positions (a class token first).
+        hidden_act (`str`, defaults to `"quick_gelu"`), layer_norm_eps (`float`, defaults to 1e-5).
     """
 
     model_type = "step3_vision_encoder"
@@ -218,14 +226,42 @@ class Step3VisionConfig(PreTrainedConfig):
     patch_size: int = 14
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: each error names its field."""
+        super().validate_architecture()
+        for name in (
+            "hidden_size", "intermediate_size", "output_hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_channels", "image_size", "patch_size",
+        ):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`vision_config.{name}` must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`vision_config.hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})"
+            )
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"`vision_config.image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})"
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"`vision_config.layer_norm_eps` must be positive, got {self.layer_norm_eps}")
 
 
 @strict
 class Step3VLConfig(PreTrainedConfig):
     """The top-level `step3_vl` config of the official checkpoint: `text_config` + `vision_config` + token ids.
 
-    `AutoModelForCausalLM.from_pretrained` on an official checkpoint directory builds the text model
-    (`Step3VLForCausalLM`) from `text_config`.
+    `AutoModelForImageTextToText.from_pretrained` on an official checkpoint directory builds the whole model
+    (`Step3VLForConditionalGeneration`); `AutoModelForCausalLM.from_pretrained` builds the text model alone
+    (`Step3VLForCausalLM`) from `text_config`. `understand_projector_stride` is the stride of `vit_downsampler`
+    and `projector_bias` the bias of `vit_large_projector`.
     """
 
     model_type = "step3_vl"
