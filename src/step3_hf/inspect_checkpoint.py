@@ -27,6 +27,7 @@ from typing import Any
 from huggingface_hub.errors import StrictDataclassError
 
 from .checkpoint_layout import is_vision_tensor, official_tensor_shapes
+from .vision_layout import count_vision_parameters
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .parameters import count_parameters, human_count, kv_cache_bytes_per_token
 
@@ -161,8 +162,13 @@ class InspectionReport:
     text_parameters: int
     """Sum of numel over those tensors, from their header shapes."""
     vision_tensors_skipped: int
+    """Vision tensors found (not checked against a layout: the language model's report)."""
     dtypes: dict[str, DtypeUsage]
     """Every tensor on disk, vision included, by safetensors dtype."""
+    vision_parameters: int = 0
+    """Sum of numel over those vision tensors, from their header shapes."""
+    vision_parameters_expected: int | None = None
+    """What a `step3_vl` config's vision tower, downsamplers and projector hold (1.90B for the release)."""
     missing: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Expected name -> expected shape, for tensors the checkpoint lacks."""
     unexpected: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -476,12 +482,16 @@ def compare_tensors(
         text_tensors=0,
         text_parameters=0,
         vision_tensors_skipped=0,
+        vision_parameters_expected=(
+            count_vision_parameters(config) if getattr(config, "vision_config", None) is not None else None
+        ),
         dtypes=dict(sorted(dtypes.items())),
     )
     seen: dict[str, TensorHeader] = {}
     for t in tensors:
         if is_vision_tensor(t.name):
             report.vision_tensors_skipped += 1
+            report.vision_parameters += t.numel
             continue
         if t.name in seen:
             report.file_problems.append(f"{t.name} is stored twice: in {seen[t.name].file} and {t.file}")
@@ -548,7 +558,13 @@ def format_report(report: InspectionReport) -> str:
         f"routed experts {human_count(c.routed_expert_parameters)}",
         f"  KV cache/token    {c.kv_cache_bytes_per_token_bf16:,} B bf16, {c.kv_cache_bytes_per_token_fp8:,} B fp8",
         f"  text tensors      {report.text_tensors:,} holding {report.text_parameters:,} parameters",
-        f"  vision tensors    {report.vision_tensors_skipped:,} skipped",
+        f"  vision tensors    {report.vision_tensors_skipped:,} holding {report.vision_parameters:,} parameters"
+        + (
+            f" (the config's vision side: {human_count(report.vision_parameters_expected)}, "
+            f"{report.vision_parameters_expected:,})"
+            if report.vision_parameters_expected is not None
+            else ""
+        ),
         "  dtypes            "
         + ", ".join(f"{d}: {u.tensors:,} tensors, {human_count(u.bytes, 'B')}" for d, u in report.dtypes.items()),
         "  dtype check       "

@@ -387,7 +387,7 @@ def test_module_runs_as_a_console_script(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "OK: every tensor matches the config" in result.stdout
-    assert "5 skipped" in result.stdout and "step3_vl" in result.stdout
+    assert "vision tensors    5 holding" in result.stdout and "step3_vl" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------- dtypes

@@ -253,3 +253,14 @@ def test_vision_trains_with_and_without_gradient_checkpointing(checkpoint):
     assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_inspect_counts_the_vision_parameters(checkpoint):
+    # step3-inspect reads the vision tensors' headers: their parameters equal the config's arithmetic.
+    from step3_hf.inspect_checkpoint import format_report, inspect_checkpoint
+    from step3_hf.vision_layout import count_vision_parameters
+
+    report = inspect_checkpoint(checkpoint)
+    expected = count_vision_parameters(AutoConfig.from_pretrained(checkpoint))
+    assert report.ok and report.vision_parameters == report.vision_parameters_expected == expected > 0
+    assert f"holding {expected:,} parameters" in format_report(report)
