@@ -61,6 +61,41 @@ def test_every_official_tensor_belongs_to_exactly_one_side(checkpoint):
     assert sides["lm_head.weight"] is sides["model.layers.3.self_attn.wq.weight"] is Role.ATTENTION
 
 
+def _rewrite_tensor(source, target, name, tensor):
+    """A copy of the single-file checkpoint `source` in `target`, with tensor `name` replaced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    files = sorted(target.glob("*.safetensors"))
+    for file in files:
+        tensors = load_file(file)
+        if name in tensors:
+            tensors[name] = tensor
+            save_file(tensors, file, metadata={"format": "pt"})
+            return target
+    raise AssertionError(f"{name} not found")
+
+
+@pytest.mark.parametrize("bad", ["one_row", "31_rows", "int32"])
+def test_reader_refuses_a_tensor_of_the_wrong_shape_or_dtype_by_name(checkpoint, tmp_path, bad):
+    # Tensor.copy_ would broadcast a [1, H] embedding into [V, H]; the reader must name the tensor instead.
+    from step3_hf.loading import BrokenCheckpointError
+
+    name = "model.embed_tokens.weight"
+    vocab, hidden = official_tensor_shapes(CheckpointReader(checkpoint).config)[name]
+    tensor = {
+        "one_row": torch.zeros(1, hidden),
+        "31_rows": torch.zeros(31, hidden),
+        "int32": torch.zeros(vocab, hidden, dtype=torch.int32),
+    }[bad]
+    broken = _rewrite_tensor(checkpoint, tmp_path / "broken", name, tensor)
+    with pytest.raises(BrokenCheckpointError, match=name.replace(".", r"\.")):
+        reader = CheckpointReader(broken)  # the shape check of from_pretrained, on opening
+        Step3AFDAttentionForCausalLM.from_checkpoint(reader)  # the dtype check, on reading
+
+
 @pytest.mark.parametrize("ffn_ranks", [1, 2, 4])
 def test_each_side_reads_and_holds_only_its_own_tensors(checkpoint, reference, ffn_ranks):
     config = CheckpointReader(checkpoint).config
