@@ -280,7 +280,9 @@ def test_a_lost_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint,
     assert attention.returncode != 0
     assert "step3_hf.afd: error:" in err and "peer rank 1 (ffn 0)" in err, err[-2000:]
     assert ("is gone" if fault == "killed" else "stopped answering") in err, err[-2000:]
-    assert elapsed < timeout + 10
+    # The process group is destroyed, or given up on after a bounded wait, before the rank exits.
+    assert "step3_hf.afd: process group torn down" in err or "process group not torn down within" in err, err[-2000:]
+    assert elapsed < timeout + 15
     assert "completion_ids" not in out  # no partial output presented as complete
 
 

@@ -167,11 +167,36 @@ def main(argv=None) -> int:
     return 0
 
 
+# How long a failing rank waits for its process group to be destroyed before it leaves anyway.
+TEARDOWN_TIMEOUT_S = 5.0
+
+
+def tear_down_process_group(timeout_s: float = TEARDOWN_TIMEOUT_S) -> str:
+    """Destroy the default process group, waiting at most `timeout_s`: with a lost peer the destruction can block on
+    it, so it runs in a daemon thread that the process does not wait for past the timeout. Returns what happened."""
+    import threading
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return "no process group to tear down"
+    destroyed = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        destroyed.set()
+
+    threading.Thread(target=destroy, name="teardown", daemon=True).start()
+    if destroyed.wait(timeout_s):
+        return "process group torn down"
+    return f"process group not torn down within {timeout_s:g} s (a peer is gone); leaving without it"
+
+
 if __name__ == "__main__":
     try:
         code = main()
     except (PeerLostError, ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"step3_hf.afd: error: {err}", file=sys.stderr, flush=True)
-        # A lost peer leaves the process group's threads blocked on it: leave without the normal teardown.
-        os._exit(1)
+        print(f"step3_hf.afd: {tear_down_process_group()}", file=sys.stderr, flush=True)
+        os._exit(1)  # a lost peer can leave the process group's threads blocked: no further teardown
     sys.exit(code)
