@@ -9,8 +9,6 @@ unchanged at `model.*` / `lm_head.*` (its MoE tensors go through the `step3_text
 saves back in the official layout).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
@@ -26,7 +24,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_step3 import Step3VisionConfig, Step3VLConfig
-from .modeling_step3 import Step3ForCausalLM, Step3PreTrainedModel
+from .modeling_step3 import Step3ForCausalLM, Step3PreTrainedModel, cache_kwarg
 from .vision_layout import image_feature_tokens
 
 # The official ViT prepends three copies of the class token to the sequence (a padding the authors added for tensor
@@ -309,6 +307,7 @@ class Step3VLForConditionalGeneration(Step3VLPreTrainedModel, Step3ForCausalLM):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
     @can_return_tuple
+    @cache_kwarg
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
