@@ -90,6 +90,7 @@ ENDPOINTS = {
     "/v1/responses": Endpoint("input", ("max_output_tokens",)),
 }
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_PARTS = ("text", "input_text", "output_text")
 
 
 def _text_of_content(field: str, content: Any, *, allow_none: bool) -> str:
@@ -105,9 +106,16 @@ def _text_of_content(field: str, content: Any, *, allow_none: bool) -> str:
         part_field = f"{field}[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise RequestError(INVALID, part_field, f"`{part_field}` must be an object with a string `type`.")
-        if part["type"] in ("text", "input_text", "output_text"):
-            _check_type(f"{part_field}.text", part.get("text"), (str,), "a string")
-            texts.append(part["text"])
+        if part["type"] not in TEXT_PARTS:
+            # The server runs the language model; an image would be dropped or fetched, never seen by the model.
+            raise RequestError(
+                INVALID,
+                f"{part_field}.type",
+                f"`{part_field}.type` is {part['type']!r}; step3-serve takes text content only "
+                f"({', '.join(TEXT_PARTS)})",
+            )
+        _check_type(f"{part_field}.text", part.get("text"), (str,), "a string")
+        texts.append(part["text"])
     return "".join(texts)
 
 

@@ -61,6 +61,8 @@ def test_prompt_is_counted_as_the_chat_template_renders_it(limits):
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
          "messages[0].content[0].text"),
         (CHAT, {"messages": [{"role": "user", "content": [7]}]}, "messages[0].content[0]"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+         "messages[0].content[0].type"),
         (CHAT, {"messages": [MESSAGES[0], "hi"]}, "messages[1]"),
         (CHAT, {"messages": MESSAGES, "temperature": -1}, "temperature"),
         (CHAT, {"messages": MESSAGES, "temperature": 2.5}, "temperature"),
