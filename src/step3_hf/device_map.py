@@ -131,7 +131,7 @@ def layer_placement(model: Any, max_memory: Mapping[int | str, float | int | str
     special = None
     if weights == "fp8":
         special = {name: torch.bfloat16 for name, _ in meta.named_parameters() if any(k in name for k in _UNQUANTISED)}
-    no_split = meta._no_split_modules
+    no_split = sorted(meta._no_split_modules)  # a set in some transformers releases; accelerate wants a list
     # accelerate warns once per device id that is not present on this machine: planning for absent GPUs is the point.
     log = logging.getLogger("accelerate.utils.modeling")
     level = log.level
