@@ -1,12 +1,17 @@
 """benchmarks/parallel_decode.py under torchrun on CPU (gloo, 2 ranks, tiny widths): every layout is checked against
 one process before it is timed, and a layout with wrong logits is reported, never timed."""
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 
 from afd_launch import REPO, free_port
+from transformers import DistributedConfig
+
+# transformers < 5.21 has no `ep_size` and no `ep_dispatch_experts` style, which the model's EP plan uses.
+HAS_EP_DISPATCH = "ep_size" in inspect.signature(DistributedConfig).parameters
 
 
 def test_two_ranks_on_cpu(tmp_path):
@@ -25,8 +30,11 @@ def test_two_ranks_on_cpu(tmp_path):
     assert rows["device_map"]["status"] == "ok (reference)" and rows["device_map"]["tokens_per_s"] > 0
     # Expert parallelism matches one process and splits the 6 experts 3 + 3.
     ep = rows["ep"]
-    assert ep["status"] == "ok" and ep["rel_err"] <= 1e-4 and ep["tokens_per_s"] > 0
-    assert ep["experts_per_rank"] == 3
+    if HAS_EP_DISPATCH:
+        assert ep["status"] == "ok" and ep["rel_err"] <= 1e-4 and ep["tokens_per_s"] > 0
+        assert ep["experts_per_rank"] == 3
+    else:  # reported as a failed layout, not a crash of the benchmark
+        assert ep["status"].startswith("failed") and "ep_dispatch_experts" in ep["status"]
     # Tensor parallelism is timed only when its logits match (the declared plan is wrong today: issue 19, part 1).
     tp = rows["tp"]
     assert "rel_err" in tp
