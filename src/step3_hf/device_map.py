@@ -1,9 +1,12 @@
 """Where `from_pretrained(..., device_map="auto", max_memory=...)` would put each layer, without loading a weight.
 
-The model is built on the meta device (accelerate's `init_empty_weights`) and placed by accelerate's public
-`get_balanced_memory` + `infer_auto_device_map`, the two steps transformers runs for `device_map="auto"`, with the
-model's own `_no_split_modules` (a decoder layer is never split, so its residual stream stays on one device).
-`max_memory` keys may be integer GPU ids, "cpu" or "disk"; the devices need not exist here.
+The model is built on the meta device (accelerate's `init_empty_weights`) and placed by the two steps
+`from_pretrained` runs for `device_map="auto"`: `get_balanced_memory`, then `infer_auto_device_map`, with the model's
+own `_no_split_modules` (a decoder layer is never split, so its residual stream stays on one device). Both are
+transformers' copies in `transformers.integrations.accelerate`, not accelerate's: accelerate's balancing sizes its
+slack from the first decoder layer, a dense one in Step-3, ten times smaller than a MoE layer, and on 16 x 80 GB it
+leaves six layers on disk where `from_pretrained` places them all. `max_memory` keys may be integer GPU ids, "cpu"
+or "disk"; the devices need not exist here.
 
 FP8 weights are a size figure: linear and expert weights at one byte, embedding, LM head, norms and router at bf16
 (as in the block-FP8 release), the fp32 block scales (0.02% more) not counted.
@@ -110,7 +113,12 @@ def layer_placement(model: Any, max_memory: Mapping[int | str, float | int | str
     """Place a Step-3 model (config, preset or config path) over ``max_memory`` as ``device_map`` ("auto",
     "balanced", "balanced_low_0" or "sequential") would, on the meta device."""
     from accelerate import init_empty_weights
-    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    from transformers.integrations.accelerate import (
+        compute_module_sizes,
+        get_balanced_memory,
+        get_max_memory,
+        infer_auto_device_map,
+    )
 
     if weights not in _DTYPES:
         raise ValueError(f"`weights` must be one of {', '.join(_DTYPES)}, got {weights!r}")
@@ -127,23 +135,24 @@ def layer_placement(model: Any, max_memory: Mapping[int | str, float | int | str
     finally:
         torch.set_default_dtype(default)
 
-    dtype = _DTYPES[weights]
-    special = None
-    if weights == "fp8":
-        special = {name: torch.bfloat16 for name, _ in meta.named_parameters() if any(k in name for k in _UNQUANTISED)}
-    no_split = sorted(meta._no_split_modules)  # a set in some transformers releases; accelerate wants a list
+    if weights == "fp8":  # sizes come from the element size: the quantised weights become float8 (still on meta)
+        for name, param in meta.named_parameters():
+            if not any(k in name for k in _UNQUANTISED):
+                param.data = param.data.to(_DTYPES[weights])
+    no_split = meta._no_split_modules
     # accelerate warns once per device id that is not present on this machine: planning for absent GPUs is the point.
     log = logging.getLogger("accelerate.utils.modeling")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        memory = dict(max_memory)
-        if device_map != "sequential":
-            memory = get_balanced_memory(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype,
-                                         special_dtypes=special, low_zero=device_map == "balanced_low_0")
-        placed = infer_auto_device_map(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype,
-                                       special_dtypes=special)
+        if device_map == "sequential":
+            memory = get_max_memory(dict(max_memory))
+        else:
+            memory = get_balanced_memory(meta, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+        placed = infer_auto_device_map(meta, max_memory=memory, no_split_module_classes=no_split,
+                                       no_placement_params=getattr(meta, "_no_placement_params", None))
     finally:
         log.setLevel(level)
-    sizes = compute_module_sizes(meta, dtype=dtype, special_dtypes=special)
+    sizes, _ = compute_module_sizes(meta)
     return LayerPlacement(dict(placed), {name: sizes[name] for name in placed}, dict(memory), weights)

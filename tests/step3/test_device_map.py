@@ -69,6 +69,18 @@ def test_released_config_on_8x80GB_bf16():
     assert "layers 0-8, embed_tokens" in placement.table()
 
 
+def test_released_config_on_16x80GB_bf16_is_balanced_by_the_largest_layer():
+    # from_pretrained's balancing adds 1.25 x the largest no-split module (a MoE layer) to weights/16 per GPU;
+    # slack from the first (dense) layer alone would be too little and push layers to disk.
+    total = 2 * (2 * V * H + H + 5 * DENSE_LAYER + 56 * MOE_LAYER)
+    placement = layer_placement("step3", {i: GB80 for i in range(16)})
+    cap = placement.max_memory[0]
+    assert cap == pytest.approx(total / 16 + 1.25 * 2 * MOE_LAYER, abs=1e4)
+    devices = placement.layer_devices()
+    assert devices == sorted(devices) and all(isinstance(d, int) for d in devices)
+    assert max(placement.used_bytes().values()) <= cap
+
+
 def test_released_config_on_8x80GB_fp8_fits_with_room_for_the_cache():
     placement = layer_placement("step3", {i: GB80 for i in range(8)}, weights="fp8")
     moe_fp8 = MOE_QUANTISED + 2 * (NORMS + E * H)
