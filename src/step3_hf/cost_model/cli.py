@@ -52,7 +52,7 @@ def parse_context(text: str) -> int:
 _MEMORY_UNITS = {"": 1e9, "gb": 1e9, "gib": 2.0**30, "tb": 1e12, "tib": 2.0**40, "mb": 1e6, "mib": 2.0**20}
 
 
-def parse_memory(text: str) -> float:
+def parse_memory(text: str, *, zero_ok: bool = False) -> float:
     """'80GB' / '80' -> 8e10 bytes, '141GiB' -> 141 * 2**30; a positive size (a bare number is GB)."""
     t = text.strip().lower()
     number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -60,10 +60,15 @@ def parse_memory(text: str) -> float:
     try:
         value = float(number) * _MEMORY_UNITS[unit]
     except (ValueError, KeyError):
-        value = 0.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive memory size like 80GB, 141GiB or 96")
+        value = -1.0
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        kind = "non-negative" if zero_ok else "positive"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind} memory size like 80GB, 141GiB or 96")
     return value
+
+
+def _reserve(text: str) -> float:
+    return parse_memory(text, zero_ok=True)
 
 
 def _bits(text: str) -> int:
@@ -138,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=_positive(int), default=64, help="sequences decoded together (default 64)")
     f.add_argument("--context", type=parse_context, default=8192, help="tokens per sequence (default 8k)")
     f.add_argument("--gpus-per-instance", type=_positive(int), default=None, help="AFD instance size")
-    f.add_argument("--reserve", type=parse_memory, default=2e9, metavar="SIZE",
+    f.add_argument("--reserve", type=_reserve, default=2e9, metavar="SIZE",
                    help="per card for the CUDA context, allocator slack and communication buffers (default 2GB)")
     f.add_argument("--device-map", action="store_true",
                    help="also place the layers with accelerate (device_map='auto', meta device, needs torch)")
