@@ -8,7 +8,8 @@ Launched with torchrun, one process per GPU (or per CPU rank with gloo):
 Steps, the same for every batch size:
 
 1. Rank 0 writes a random checkpoint in the official layout (Step-3 widths; `--layers auto`: as many layers as
-   the memory planner, `step3-cost fit`, says TP and EP both hold at the largest batch, layer 0 dense, the rest MoE).
+   the memory planner, `step3-cost fit`, says TP and EP both hold at the largest batch and as 80% of the free disk
+   holds (11 GB a layer: point `--checkpoint` at a large disk); layer 0 dense, the rest MoE).
 2. Reference, one process: rank 0 loads it with `device_map="auto"` over every GPU (on CPU: whole), prefills a
    random prompt and decodes greedily, keeping the logits of the prefill and the first decode steps and the tokens.
    This is also the `device_map` row: a single process walking the layers device by device.
@@ -95,14 +96,15 @@ def step3_widths(layers: int) -> dict:
     return dict(num_hidden_layers=layers, moe_layers_enum=",".join(str(i) for i in range(1, layers)) or "")
 
 
-def layers_that_fit(world: int, memory: float, batch: int, context: int) -> int:
-    """Most layers (1..61) for which the planner says TP=world and EP=world both fit in `memory` per card."""
+def layers_that_fit(world: int, memory: float, batch: int, context: int, disk: float = math.inf) -> int:
+    """Most layers (1..61) for which the planner says TP=world and EP=world both fit in `memory` per card, and
+    whose bf16 checkpoint fits in `disk` bytes."""
     best = 1
     for layers in range(2, 62):
         config = {**Step3Config().to_dict(), **step3_widths(layers)}
         fit = planner.fit_layouts(config, memory, world, weights="bf16", kv="bf16", batch=batch, context=context)
         wanted = {f"TP={world}", f"EP={world}"}
-        if not all(layout.fits for layout in fit.layouts if layout.layout in wanted):
+        if fit.weight_bytes > disk or not all(layout.fits for layout in fit.layouts if layout.layout in wanted):
             break
         best = layers
     return best
@@ -203,7 +205,9 @@ def main(argv=None) -> int:
     else:
         if args.layers == "auto":
             memory = 0.9 * (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 64e9)
-            layers = layers_that_fit(world, memory, max(args.batches), args.context + args.steps)
+            folder = Path(args.checkpoint or tempfile.gettempdir())
+            disk = 0.8 * shutil.disk_usage(folder if folder.exists() else folder.parent).free
+            layers = layers_that_fit(world, memory, max(args.batches), args.context + args.steps, disk)
         else:
             layers = int(args.layers)
         config = Step3Config(**step3_widths(layers))
