@@ -23,9 +23,11 @@ from .accounting import (
 )
 from .cost import CostReport, attention_cost, cost_report, ffn_cost, min_active_experts, min_sparsity
 from .hardware import Card, builtin_cards, load_cards
+from .memory import LayoutFit, MemoryFit, WeightParams, fit_layouts, weight_params
 
 __all__ = [
     "MAX_CONTEXT", "PRESETS", "AttentionSpec", "FFNSpec", "ModelSpec", "PerToken", "Quantization",
     "UnsupportedConfigError", "check_context", "model_spec", "per_token", "CostReport", "attention_cost",
     "cost_report", "ffn_cost", "min_active_experts", "min_sparsity", "Card", "builtin_cards", "load_cards",
+    "LayoutFit", "MemoryFit", "WeightParams", "fit_layouts", "weight_params",
 ]

@@ -74,7 +74,10 @@ class AttentionSpec:
     query_heads: int
     kv_elements_per_layer: int  # cached values per context token per layer
     core_flops_per_layer: int  # attention-core FLOPs per context token per layer
-    linear_params_per_layer: int  # projection weights around attention (absorbed for MLA)
+    linear_params_per_layer: int  # projection weights around attention (absorbed for MLA; as many as stored)
+    norm_params_per_layer: int = 0  # norms inside attention (MFA inter_norm, MLA q/kv latent norms)
+    replicated_params_per_layer: int = 0  # projections tensor parallelism cannot split (see `_attention`)
+    kv_heads: int = 0  # cached K/V heads (MFA groups, GQA KV heads); 0: one latent that is never split (MLA)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class FFNSpec:
     experts: int = 0
     top_k: int = 0
     shared_experts: int = 0
+    shared_params: int = 0  # always-on shared-expert weights of a MoE layer (part of moe_total_params)
+    router_params: int = 0  # router weights of a MoE layer (not in the FLOP counts)
 
     @property
     def sparsity(self) -> float | None:
@@ -102,6 +107,8 @@ class ModelSpec:
     num_layers: int
     attention: AttentionSpec
     ffn: FFNSpec
+    vocab_size: int | None = None  # None: the config has none; embedding and LM head are then not counted
+    tie_word_embeddings: bool = False
 
     @property
     def max_ffn_layer_active_params(self) -> int:
@@ -221,7 +228,9 @@ def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
         n, g, d, q = v["num_attention_heads"], v["num_attention_groups"], v["head_dim"], v["share_q_dim"]
         # q_proj (H->q), inter-norm, wq (q->n*d); one K and one V head per group; o_proj.
         linear = hidden * q + 2 * hidden * g * d + q * n * d + n * d * hidden
-        return AttentionSpec("MFA", n, 2 * g * d, n * 2 * (d + d), linear)
+        # inter_norm normalises the whole low-rank query, so q_proj stays whole under tensor parallelism.
+        return AttentionSpec("MFA", n, 2 * g * d, n * 2 * (d + d), linear, norm_params_per_layer=q,
+                             replicated_params_per_layer=hidden * q, kv_heads=g)
 
     if _get(cfg, "kv_lora_rank") is not None:
         _need(cfg, _MLA_KEYS, "MLA (DeepSeek-V3 style)", model_type)
@@ -236,7 +245,9 @@ def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
             q_params = hidden * n * (nope + r)
         # Absorbed form: W_UK folds into the query, W_UV into the output; both are n*d*c matmuls.
         linear = q_params + hidden * latent + n * nope * c + n * dv * c + n * dv * hidden
-        return AttentionSpec("MLA", n, latent, n * 2 * (latent + latent), linear)
+        # The down-projections feed latent norms over their whole width: they stay whole under TP.
+        return AttentionSpec("MLA", n, latent, n * 2 * (latent + latent), linear, norm_params_per_layer=(ql or 0) + c,
+                             replicated_params_per_layer=hidden * (ql or 0) + hidden * latent)
 
     layer_types = _get(cfg, "layer_types")
     if layer_types is not None:
@@ -266,7 +277,7 @@ def _attention(cfg: Any, model_type: str, hidden: int) -> AttentionSpec:
         raise ValueError(f"config (model_type {model_type!r}): hidden_size {hidden} is smaller than "
                          f"num_attention_heads {n} and no head_dim is given")
     linear = hidden * n * d + 2 * hidden * kv * d + n * d * hidden
-    return AttentionSpec("GQA" if kv < n else "MHA", n, 2 * kv * d, n * 2 * (d + d), linear)
+    return AttentionSpec("GQA" if kv < n else "MHA", n, 2 * kv * d, n * 2 * (d + d), linear, kv_heads=kv)
 
 
 # ----------------------------------------------------------------------------- FFN / MoE layouts
@@ -330,6 +341,8 @@ def _ffn(cfg: Any, model_type: str, hidden: int, layers: int) -> FFNSpec:
         experts=experts,
         top_k=k,
         shared_experts=shared,
+        shared_params=3 * hidden * shared_width,
+        router_params=experts * hidden,
     )
 
 
@@ -343,6 +356,7 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
     _need(cfg, ("hidden_size", "num_hidden_layers"), "model", model_type)
     v = _sizes(cfg, ("hidden_size", "num_hidden_layers"), model_type)
     hidden, layers = v["hidden_size"], v["num_hidden_layers"]
+    vocab = _sizes(cfg, ("vocab_size",), model_type)["vocab_size"]
     return ModelSpec(
         name=name or label,
         model_type=model_type,
@@ -350,6 +364,8 @@ def model_spec(source: Any, name: str | None = None) -> ModelSpec:
         num_layers=layers,
         attention=_attention(cfg, model_type, hidden),
         ffn=_ffn(cfg, model_type, hidden, layers),
+        vocab_size=vocab,
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings") or _get(raw, "tie_word_embeddings")),
     )
 
 

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 from .accounting import MAX_CONTEXT, PRESETS, Quantization, model_spec
 from .cost import cost_report, min_active_experts, min_sparsity
 from .hardware import Card, load_cards
+from .memory import KV_FORMATS, WEIGHT_FORMATS, MemoryFit, fit_layouts
 from .planner import PlanAssumptions, plan_afd
 
-__all__ = ["main", "parse_context", "plot_costs"]
+__all__ = ["main", "parse_context", "parse_memory", "plot_costs"]
 
 PLOT_CONTEXTS = tuple(4096 * 2**i for i in range(6))  # 4K .. 128K
 
@@ -46,6 +47,28 @@ def parse_context(text: str) -> int:
     if not 1 <= tokens <= MAX_CONTEXT:
         raise argparse.ArgumentTypeError(f"context {text!r} must be from 1 token to 2**40 tokens")
     return tokens
+
+
+_MEMORY_UNITS = {"": 1e9, "gb": 1e9, "gib": 2.0**30, "tb": 1e12, "tib": 2.0**40, "mb": 1e6, "mib": 2.0**20}
+
+
+def parse_memory(text: str, *, zero_ok: bool = False) -> float:
+    """'80GB' / '80' -> 8e10 bytes, '141GiB' -> 141 * 2**30; a positive size (a bare number is GB)."""
+    t = text.strip().lower()
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(number):]
+    try:
+        value = float(number) * _MEMORY_UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        kind = "non-negative" if zero_ok else "positive"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {kind} memory size like 80GB, 141GiB or 96")
+    return value
+
+
+def _reserve(text: str) -> float:
+    return parse_memory(text, zero_ok=True)
 
 
 def _bits(text: str) -> int:
@@ -109,6 +132,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=_positive(int), default=None, help="fix tokens per micro-batch")
     _common(p)
 
+    f = sub.add_parser("fit", help="which TP / EP / TP x EP / AFD layouts hold weights, KV and activations per card")
+    f.add_argument("--model", default="step3", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
+    f.add_argument("--card", default=None, help="a card whose memory_bytes sets the memory (default H800, 80 GB)")
+    f.add_argument("--memory", type=parse_memory, default=None, metavar="SIZE",
+                   help="memory per card instead of --card's, e.g. 80GB, 141GB, 96GiB")
+    f.add_argument("--cards", type=_positive(int), default=8, help="number of cards (default 8)")
+    f.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="bf16", help="weight format (default bf16)")
+    f.add_argument("--kv", choices=list(KV_FORMATS), default="bf16", help="KV-cache format (default bf16)")
+    f.add_argument("--batch", type=_positive(int), default=64, help="sequences decoded together (default 64)")
+    f.add_argument("--context", type=parse_context, default=8192, help="tokens per sequence (default 8k)")
+    f.add_argument("--gpus-per-instance", type=_positive(int), default=None, help="AFD instance size")
+    f.add_argument("--reserve", type=_reserve, default=2e9, metavar="SIZE",
+                   help="per card for the CUDA context, allocator slack and communication buffers (default 2GB)")
+    f.add_argument("--device-map", action="store_true",
+                   help="also place the layers with accelerate (device_map='auto', meta device, needs torch)")
+    f.add_argument("--hardware-file", action="append", default=[], metavar="JSON", help="extra cards")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+
     s = sub.add_parser("sparsity", help="minimum MoE sparsity per card for a 3-stage pipeline (report Table 7)")
     s.add_argument("--model", default="step3")
     s.add_argument("--hardware", nargs="+", default=None, metavar="CARD")
@@ -127,6 +168,8 @@ def _cards(args: argparse.Namespace, names: Sequence[str] | None) -> dict[str, C
 
 
 def _quant(args: argparse.Namespace) -> Quantization:
+    if args.command == "fit":
+        return Quantization()
     return Quantization(weight_bytes=args.weight_bits / 8, kv_bytes=args.kv_bits / 8)
 
 
@@ -255,13 +298,70 @@ def _plan_table(plans: list[Any], fixed: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- fit
+
+
+def _fit(args: argparse.Namespace) -> int:
+    if args.memory is not None and args.card is not None:
+        raise ValueError("give --card or --memory, not both")
+    card_name = None
+    memory = args.memory
+    if memory is None:
+        card_name = args.card or "H800"
+        card = _cards(args, [card_name])[card_name]
+        if card.memory_bytes is None:
+            raise ValueError(f"card {card_name} has no memory_bytes; give --memory")
+        memory = card.memory_bytes
+    result = fit_layouts(args.model, memory, args.cards, weights=args.weights, kv=args.kv, batch=args.batch,
+                         context=args.context, gpus_per_instance=args.gpus_per_instance, reserve_bytes=args.reserve)
+    placement = None
+    if args.device_map:
+        from ..device_map import layer_placement  # torch and accelerate: only for this option
+
+        placement = layer_placement(args.model, {i: memory for i in range(args.cards)}, weights=args.weights)
+    if args.json:
+        out = result.to_dict()
+        out["card"] = card_name
+        if placement is not None:
+            out["device_map"] = placement.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(_fit_table(result, card_name), end="")
+        if placement is not None:
+            print()
+            print(placement.table(), end="")
+    return 0
+
+
+def _fit_table(r: MemoryFit, card: str | None) -> str:
+    gb = 1e9
+    where = f"{r.cards} x {card} ({r.memory_bytes / gb:.1f} GB)" if card else f"{r.cards} x {r.memory_bytes / gb:.1f} GB"
+    lines = [f"Memory per card for {r.model} on {where}: {r.weights} weights ({r.weight_bytes / gb:.1f} GB in all), "
+             f"{r.kv} KV ({r.kv_bytes_per_sequence / gb:.2f} GB per {_ctx_label(r.context)}-token sequence), "
+             f"batch {r.batch}, {r.reserve_bytes / gb:.1f} GB reserve per card",
+             f"  {'layout':<18}{'cards':>6}  {'role':<15}{'weights':>9}{'KV':>8}{'act.':>7}{'total':>8}"
+             f"{'headroom':>10}  fits  (GB per card)"]
+    for layout in r.layouts:
+        if layout.impossible:
+            lines.append(f"  {layout.layout:<18}{'':>6}  {'-':<15}{'':>42}  no    {layout.impossible}")
+            continue
+        for i, c in enumerate(layout.loads):
+            name = layout.layout if i == 0 else ""
+            lines.append(f"  {name:<18}{c.cards:>6}  {c.role:<15}{c.weight_bytes / gb:>9.1f}{c.kv_bytes / gb:>8.1f}"
+                         f"{c.activation_bytes / gb:>7.2f}{c.total_bytes / gb:>8.1f}{c.headroom_bytes / gb:>10.1f}"
+                         f"  {_yes_no(c.fits)}")
+    fitting = [layout.layout for layout in r.layouts if layout.fits]
+    lines.append(f"  fits: {', '.join(fitting) if fitting else 'none of these layouts'}")
+    return "\n".join(lines) + "\n"
+
+
 def _yes_no(value: bool | None) -> str:
     return "?" if value is None else ("yes" if value else "no")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("cost", "plan", "sparsity", "-h", "--help"):
+    if not argv or argv[0] not in ("cost", "plan", "fit", "sparsity", "-h", "--help"):
         argv = ["cost", *argv]  # `step3-cost` alone prints the report-style comparison
     try:
         return _run(_parser().parse_args(argv))
@@ -300,6 +400,9 @@ def _run(args: argparse.Namespace) -> int:
                  for c in args.contexts]
         print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else _plan_table(plans, args.micro_batch is not None))
         return 0
+
+    if args.command == "fit":
+        return _fit(args)
 
     cards = _cards(args, args.hardware)
     spec = model_spec(args.model)
