@@ -71,7 +71,8 @@ class Step3Config(PreTrainedConfig):
     }
 
     # Tensor-parallel plan: one KV head cannot be split, so K/V stay replicated; the query is sharded after the
-    # low-rank bottleneck (wq), and o_proj gathers. Experts are sharded by expert.
+    # low-rank bottleneck (wq), and o_proj gathers. The routed experts are not in it (each rank holds them all, as
+    # upstream MoE models since transformers 5.25 deprecated `moe_tp_experts`); the EP plan splits them by expert.
     base_model_tp_plan = {
         "layers.*.self_attn.wq": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
@@ -81,9 +82,6 @@ class Step3Config(PreTrainedConfig):
         "layers.*.mlp.shared_expert.gate_proj": "colwise",
         "layers.*.mlp.shared_expert.up_proj": "colwise",
         "layers.*.mlp.shared_expert.down_proj": "rowwise",
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
     }
     base_model_ep_plan = {
         "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",

@@ -23,7 +23,7 @@ from afd_launch import PYTHON, REPO, finish, launch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from step3_reference import step3_logits
-from tp_worker import UNEVEN_SHARDS_REFUSED
+from tp_worker import INPUT_IDS, UNEVEN_SHARDS_REFUSED
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
@@ -270,6 +270,11 @@ def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(caus
     reference = tp["hidden"].double() @ state["lm_head.weight"].double().T
     assert tp["logits"].shape == (2, 7, config.vocab_size)
     torch.testing.assert_close(tp["logits"].double(), reference, rtol=1e-5, atol=1e-5)
+    # The whole plan (MFA, dense and shared-expert MLPs, routed experts, head) against one process.
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        expected = single(torch.tensor(INPUT_IDS)).logits
+    torch.testing.assert_close(tp["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection

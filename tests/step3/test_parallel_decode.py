@@ -35,7 +35,7 @@ def test_two_ranks_on_cpu(tmp_path):
         assert ep["experts_per_rank"] == 3
     else:  # reported as a failed layout, not a crash of the benchmark
         assert ep["status"].startswith("failed") and "ep_dispatch_experts" in ep["status"]
-    # Tensor parallelism is timed only when its logits match (the declared plan is wrong today: issue 19, part 1).
+    # Tensor parallelism is timed only when its logits match one process.
     tp = rows["tp"]
     assert "rel_err" in tp
     if tp["rel_err"] > 1e-4:

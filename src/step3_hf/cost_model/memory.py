@@ -7,8 +7,10 @@ decides which card holds which share. Per card, for every layout:
 
 Layouts over ``N`` cards (``t`` x ``e`` = ``N`` for the mixed one):
 
-* ``TP=N``: transformers' tensor parallelism. Query heads, ``o_proj``, dense and shared-expert MLPs split ``N``
-  ways; routed experts split by expert; the LM head by vocabulary. Replicated: the embedding, norms, router,
+* ``TP=N``: tensor parallelism with the routed experts split by expert over the same ``N`` cards. Query heads,
+  ``o_proj``, dense and shared-expert MLPs split ``N`` ways; the LM head by vocabulary. (transformers'
+  ``tp_plan="auto"`` alone keeps every routed expert on every card; the split by expert is its EP plan, so this row
+  is ``tp_size=N`` with ``ep_size=N``, a combination not yet run.) Replicated: the embedding, norms, router,
   the low-rank query projection (``inter_norm`` needs all of it), and the K/V heads when there are fewer than ``N``
   (Step-3 has one, so every card holds the whole KV cache of every sequence). Query heads must divide by ``N``.
 * ``EP=N``: expert parallelism as transformers runs it today (``DistributedConfig(tp_size=N, ep_size=N,
