@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -571,6 +571,10 @@ class Step3VocabProjection(nn.Linear):
         return torch.cat((head, tail), dim=-1)
 
 
+# Shortest static cache `generate` allocates by default (positions): one compiled decode graph serves all shorter runs.
+STATIC_CACHE_MIN_LENGTH = 256
+
+
 class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
     """Step-3 language model with its (untied) LM head, loading the official text-only layout."""
 
@@ -584,6 +588,20 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.vocab_size = text_config.vocab_size
         self.lm_head = Step3VocabProjection(text_config.hidden_size, text_config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+        """`GenerationMixin.generate`; a static cache without a set `max_cache_len` is sized to the next power of two
+        of prompt plus new tokens (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph
+        while only the prompt length or `max_new_tokens` change (transformers reuses a cache at least as long)."""
+        config = generation_config if generation_config is not None else self.generation_config
+        static = kwargs.get("cache_implementation", config.cache_implementation) == "static"
+        if static and kwargs.get("max_cache_len", config.max_cache_len) is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+            if prompt is not None and new_tokens is not None:
+                needed = prompt.shape[1] + new_tokens
+                kwargs["max_cache_len"] = max(STATIC_CACHE_MIN_LENGTH, 1 << (needed - 1).bit_length())
+        return super().generate(inputs, generation_config, **kwargs)
 
     @can_return_tuple
     @cache_kwarg

@@ -244,6 +244,17 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
         )
     assert hasattr(model, "_compiled_call")  # the decode steps did run compiled
     assert torch.equal(out, expected)
+    # Another prompt length and more new tokens: the cache keeps its (bucketed) length, so the graph is reused.
+    longer_ids, longer_mask, _ = padded_batch([[1, 17, 33, 90, 4, 5, 6, 7], [1, 200, 7]], "left")
+    longer = GenerationConfig(max_new_tokens=9, do_sample=False, pad_token_id=PAD, eos_token_id=None,
+                              cache_implementation="static")  # fmt: skip
+    with torch.no_grad():
+        expected = model.generate(longer_ids, attention_mask=longer_mask, generation_config=longer, disable_compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        out = model.generate(
+            longer_ids, attention_mask=longer_mask, generation_config=longer, compile_config=compile_config
+        )
+    assert torch.equal(out, expected)
     torch._dynamo.reset()
 
 
