@@ -155,6 +155,31 @@ class Step3RotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+class _SumGradOverTensorParallelRanks(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the tensor-parallel ranks. Under TP every rank holds the
+    whole (replicated) K/V heads but only its own query heads, so each rank's gradient of K and V is the share of
+    its heads: summed, it is the whole gradient (and so are the grads of `k_proj`, `v_proj` and their input)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _tensor_parallel_group(weight: torch.Tensor):
+    """The process group a tensor-parallel weight (a DTensor) is split over, or None when it is not split."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return None
+    return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+
+
 class Step3Attention(nn.Module):
     """Multi-Matrix Factorization Attention.
 
@@ -197,6 +222,9 @@ class Step3Attention(nn.Module):
         query_states = self.wq(self.inter_norm(self.q_proj(hidden_states))).view(hidden_shape).transpose(1, 2)
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if torch.is_grad_enabled() and (group := _tensor_parallel_group(self.wq.weight)) is not None:
+            key_states = _SumGradOverTensorParallelRanks.apply(key_states, group)
+            value_states = _SumGradOverTensorParallelRanks.apply(value_states, group)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)

@@ -23,7 +23,7 @@ from afd_launch import PYTHON, REPO, finish, launch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from step3_reference import step3_logits
-from tp_worker import INPUT_IDS, UNEVEN_SHARDS_REFUSED
+from tp_worker import EP_UNSUPPORTED, GRAD_NAMES, INPUT_IDS, NEW_TOKENS, UNEVEN_SHARDS_REFUSED
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
@@ -261,31 +261,81 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
 # ------------------------------------------------------------------------------------- tensor parallelism
 
 
+def run_on_two_ranks(path: Path, tmp_path: Path, layout: str) -> dict:
+    """What rank 0 of a two-rank CPU (gloo) launch of `tp_worker.py` saved under `layout`; skips where this
+    transformers cannot express the layout."""
+    out = tmp_path / f"{layout}.pt"
+    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
+    env = {"PYTHONPATH": str(REPO / "src")}
+    with launch(lambda rank: [PYTHON, worker, str(path), str(out), layout], 2, extra_env=env) as procs:
+        results = finish(procs, timeout=300)
+    codes = {code for code, *_ in results}
+    if UNEVEN_SHARDS_REFUSED in codes:
+        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
+    if EP_UNSUPPORTED in codes:
+        pytest.skip("this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21")
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    return torch.load(out)
+
+
+def one_process_logits_and_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    input_ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        return single(input_ids).logits, single.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
 def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(causal_lm_checkpoint, tmp_path):
     """Two CPU ranks (gloo) with `tp_plan="auto"`: the head's vocabulary shards are uneven (126 and 125 rows of
     251) and each splits at its own aligned row count; the gathered logits are the final hidden states times the
     whole head weight, in float64."""
     path, config, state = causal_lm_checkpoint
-    out = tmp_path / "rank0.pt"
-    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
-    env = {"PYTHONPATH": str(REPO / "src")}
-    with launch(lambda rank: [PYTHON, worker, str(path), str(out)], 2, extra_env=env) as procs:
-        results = finish(procs, timeout=300)
-    if any(code == UNEVEN_SHARDS_REFUSED for code, *_ in results):
-        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
-    for rank, (code, _, err) in enumerate(results):
-        assert code == 0, f"rank {rank}: {err[-3000:]}"
-    tp = torch.load(out)
+    tp = run_on_two_ranks(path, tmp_path, "tp")
     assert tp["local_rows"] == 126
     torch.testing.assert_close(tp["head_weight"], state["lm_head.weight"], rtol=0, atol=0)
     reference = tp["hidden"].double() @ state["lm_head.weight"].double().T
     assert tp["logits"].shape == (2, 7, config.vocab_size)
     torch.testing.assert_close(tp["logits"].double(), reference, rtol=1e-5, atol=1e-5)
     # The whole plan (MFA, dense and shared-expert MLPs, routed experts, head) against one process.
-    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        expected = single(torch.tensor(INPUT_IDS)).logits
-    torch.testing.assert_close(tp["logits"], expected, rtol=1e-5, atol=1e-5)
+    logits, tokens = one_process_logits_and_tokens(path)
+    torch.testing.assert_close(tp["logits"], logits, rtol=1e-5, atol=1e-5)
+    assert tp["tokens"].tolist() == tokens.tolist()
+
+
+@pytest.mark.parametrize("layout", ["ep", "tp_ep"])
+def test_expert_parallel_alone_and_with_tensor_parallel_match_one_process(causal_lm_checkpoint, tmp_path, layout):
+    """Two CPU ranks (gloo): `ep` splits the 6 experts 3 and 3 and keeps the rest whole
+    (`DistributedConfig(tp_size=2, ep_size=2, tp_plan={})`); `tp_ep` adds the TP plan on the same two ranks
+    (`tp_plan="auto"`). Logits and greedy tokens equal one process's."""
+    path, config, _ = causal_lm_checkpoint
+    parallel = run_on_two_ranks(path, tmp_path, layout)
+    logits, tokens = one_process_logits_and_tokens(path)
+    assert parallel["local_rows"] == (config.vocab_size if layout == "ep" else 126)  # EP alone leaves the head whole
+    torch.testing.assert_close(parallel["logits"], logits, rtol=1e-5, atol=1e-5)
+    assert parallel["tokens"].shape == (2, 7 + NEW_TOKENS)
+    assert parallel["tokens"].tolist() == tokens.tolist()
+
+
+def test_a_training_step_under_tensor_parallelism_gives_the_loss_and_gradients_of_one_process(
+    causal_lm_checkpoint, tmp_path
+):
+    """One fp32 batch, backward on two CPU ranks with `tp_plan="auto"`: the loss and the whole gradients (gathered
+    with `full_tensor()`) of split (`wq`, `o_proj`, MLPs, head) and replicated (`q_proj`, `k_proj`, experts,
+    embedding) parameters equal one process's. The replicated K/V head sees only each rank's query heads, so its
+    gradient is summed over the ranks (without that sum every gradient below the head was wrong)."""
+    path, _, _ = causal_lm_checkpoint
+    tp = run_on_two_ranks(path, tmp_path, "tp_train")
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
+    input_ids = torch.tensor(INPUT_IDS)
+    loss = single(input_ids, labels=input_ids).loss
+    loss.backward()
+    params = dict(single.named_parameters())
+    torch.testing.assert_close(tp["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    assert set(tp["grads"]) == set(GRAD_NAMES)
+    for name, grad in tp["grads"].items():
+        assert params[name].grad.abs().max() > 0, name  # a gradient that is there to compare
+        torch.testing.assert_close(grad, params[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection
