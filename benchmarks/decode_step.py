@@ -38,16 +38,20 @@ VARIANTS = {
 }
 
 
-def build_model(device: str, **overrides) -> Step3ForCausalLM:
-    config = Step3Config(**LAYERS, **overrides)
+def build_bf16(model_class, config, device: str):
+    """`model_class(config)` with bf16 random weights created on `device`, in eval mode."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = Step3ForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default_dtype)
     return model.eval()
+
+
+def build_model(device: str, **overrides) -> Step3ForCausalLM:
+    return build_bf16(Step3ForCausalLM, Step3Config(**LAYERS, **overrides), device)
 
 
 def step_bytes(model: Step3ForCausalLM, batch: int, context: int, float8: bool) -> tuple[float, float]:

@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from decode_step import build_bf16
 from PIL import Image
 
 from step3_hf import Step3Config, Step3VLConfig, Step3VLForConditionalGeneration, Step3VLImageProcessor
@@ -24,15 +25,7 @@ def build(device: str) -> Step3VLForConditionalGeneration:
         hidden_size=7168, num_hidden_layers=1, moe_layers_enum="", intermediate_size=256, vocab_size=1024,
         num_attention_heads=8, share_q_dim=256, head_dim=64,
     )  # fmt: skip
-    config = Step3VLConfig(text_config=text.to_dict())
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Step3VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    return model.eval()
+    return build_bf16(Step3VLForConditionalGeneration, Step3VLConfig(text_config=text.to_dict()), device)
 
 
 def seconds_per_call(fn, reps: int = 5) -> float:

@@ -130,7 +130,6 @@ def _validating_build_server(build_server, served: ServedModel):
         app.add_middleware(RequestValidationMiddleware, load=served.load_limits)
         return app
 
-    build_validated_server.step3_served_model = served
     return build_validated_server
 
 
