@@ -27,7 +27,7 @@ from typing import Any
 from huggingface_hub.errors import StrictDataclassError
 
 from .checkpoint_layout import is_vision_tensor, official_tensor_shapes
-from .vision_layout import count_vision_parameters
+from .vision_layout import count_vision_parameters, official_vision_tensor_shapes
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .parameters import count_parameters, human_count, kv_cache_bytes_per_token
 
@@ -162,7 +162,8 @@ class InspectionReport:
     text_parameters: int
     """Sum of numel over those tensors, from their header shapes."""
     vision_tensors_skipped: int
-    """Vision tensors found (not checked against a layout: the language model's report)."""
+    """Vision tensors found. With a `step3_vl` config they are checked against its vision layout (missing,
+    unexpected and mis-shaped ones are problems) unless the checkpoint holds none: a language-model-only export."""
     dtypes: dict[str, DtypeUsage]
     """Every tensor on disk, vision included, by safetensors dtype."""
     vision_parameters: int = 0
@@ -487,18 +488,24 @@ def compare_tensors(
         ),
         dtypes=dict(sorted(dtypes.items())),
     )
+    vision_config = getattr(config, "vision_config", None)
+    check_vision = vision_config is not None and any(is_vision_tensor(t.name) for t in tensors)
+    if check_vision:
+        expected = {**expected, **official_vision_tensor_shapes(config)}
     seen: dict[str, TensorHeader] = {}
     for t in tensors:
-        if is_vision_tensor(t.name):
-            report.vision_tensors_skipped += 1
-            report.vision_parameters += t.numel
-            continue
         if t.name in seen:
             report.file_problems.append(f"{t.name} is stored twice: in {seen[t.name].file} and {t.file}")
             continue
         seen[t.name] = t
-        report.text_tensors += 1
-        report.text_parameters += t.numel
+        if is_vision_tensor(t.name):
+            report.vision_tensors_skipped += 1
+            report.vision_parameters += t.numel
+            if not check_vision:
+                continue
+        else:
+            report.text_tensors += 1
+            report.text_parameters += t.numel
         if t.name not in expected:
             report.unexpected[t.name] = t.shape
         elif t.shape != expected[t.name]:

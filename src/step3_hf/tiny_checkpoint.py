@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint_layout import official_tensor_shapes
-from .configuration_step3 import Step3Config, Step3VLConfig
+from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
+from .vision_layout import official_vision_tensor_shapes
 
 TINY_CONFIG = dict(
     vocab_size=256,
@@ -39,14 +40,16 @@ TINY_CONFIG = dict(
     pad_token_id=0,
 )
 
-# Stand-ins for the vision tower's tensors, which the language model must skip.
-_TINY_VISION_TENSORS = {
-    "vision_model.embeddings.patch_embedding.weight": (8, 3, 14, 14),
-    "vision_model.transformer.layers.0.self_attn.qkv_proj.weight": (24, 8),
-    "vit_downsampler.weight": (8, 8, 2, 2),
-    "vit_downsampler2.weight": (8, 8, 3, 3),
-    "vit_large_projector.weight": (64, 16),
-}
+# The vision tower of the tiny `step3_vl` checkpoints: the released architecture at toy widths.
+TINY_VISION_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    output_hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=168,
+    patch_size=14,
+)
 
 
 def random_official_state_dict(
@@ -64,6 +67,21 @@ def random_official_state_dict(
     return state
 
 
+
+def random_vision_state_dict(
+    config: Step3VLConfig, *, std: float = 0.05, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random vision tensors under their official names, shaped by `config`; LayerNorm weights around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in official_vision_tensor_shapes(config).items():
+        scale = std if "layer_norm" not in name or name.endswith("bias") else 0.1
+        tensor = scale * torch.randn(shape, generator=generator)
+        if "layer_norm" in name and name.endswith("weight"):
+            tensor = tensor + 1.0
+        state[name] = tensor.to(dtype)
+    return state
+
 def write_official_checkpoint(
     path: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -73,15 +91,15 @@ def write_official_checkpoint(
     with_vision: bool | None = None,
 ) -> Path:
     """Write `state_dict` as sharded safetensors + `model.safetensors.index.json` + `config.json`, in the layout
-    of the official release (`with_vision` defaults to True for a `step3_vl` config)."""
+    of the official release. `with_vision` (default: True for a `step3_vl` config) adds random vision tensors of the
+    config's shapes for any that `state_dict` lacks."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = dict(state_dict)
     if with_vision if with_vision is not None else isinstance(config, Step3VLConfig):
-        generator = torch.Generator().manual_seed(1)
         dtype = next(iter(state.values())).dtype
-        for name, shape in _TINY_VISION_TENSORS.items():
-            state[name] = torch.randn(shape, generator=generator).to(dtype)
+        for name, tensor in random_vision_state_dict(config, dtype=dtype).items():
+            state.setdefault(name, tensor)
 
     names = list(state)
     shard_names = [names[i::num_shards] for i in range(num_shards)]
@@ -111,7 +129,11 @@ def write_tiny_checkpoint(
 ) -> Path:
     """A tiny random Step-3 checkpoint in the official layout (`vl=True`: the `step3_vl` wrapper)."""
     text_config = Step3Config(**{**TINY_CONFIG, **overrides})
-    config = Step3VLConfig(text_config=text_config, image_token_id=3) if vl else text_config
+    config = (
+        Step3VLConfig(text_config=text_config, vision_config=Step3VisionConfig(**TINY_VISION_CONFIG), image_token_id=3)
+        if vl
+        else text_config
+    )
     state = random_official_state_dict(text_config, seed=seed, dtype=dtype)
     return write_official_checkpoint(path, state, config)
 

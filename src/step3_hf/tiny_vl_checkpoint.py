@@ -17,18 +17,16 @@ import torch
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor
 from .processing_step3_vl import IMAGE_TOKEN, SPECIAL_TOKENS, Step3VLProcessor
-from .tiny_checkpoint import TINY_CONFIG, random_official_state_dict, write_official_checkpoint, write_tiny_tokenizer
-from .vision_layout import image_feature_tokens, official_vision_tensor_shapes
-
-TINY_VISION_CONFIG = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    output_hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=168,
-    patch_size=14,
+from .tiny_checkpoint import (
+    TINY_CONFIG,
+    TINY_VISION_CONFIG,
+    random_official_state_dict,
+    random_vision_state_dict,
+    write_official_checkpoint,
+    write_tiny_tokenizer,
 )
+from .vision_layout import image_feature_tokens
+
 # Global view, crop and size cap of the tiny processor: the released 728 / 504 / 3024 scaled by about 1 / 4.3.
 TINY_GEOMETRY = dict(image_size=168, patch_size=84, max_image_size=504)
 
@@ -41,21 +39,6 @@ TINY_VL_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def random_vision_state_dict(
-    config: Step3VLConfig, *, std: float = 0.05, seed: int = 1, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Random vision tensors under their official names; LayerNorm weights around 1 so that they matter."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_vision_tensor_shapes(config).items():
-        scale = std if "layer_norm" not in name or name.endswith("bias") else 0.1
-        tensor = scale * torch.randn(shape, generator=generator)
-        if "layer_norm" in name and name.endswith("weight"):
-            tensor = tensor + 1.0
-        state[name] = tensor.to(dtype)
-    return state
 
 
 def tiny_vl_config(image_token_id: int, vocab_size: int, **text_overrides) -> Step3VLConfig:

@@ -16,10 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from step3_hf import Step3Config, Step3VLConfig
+from step3_hf import Step3Config, Step3VisionConfig, Step3VLConfig
 from step3_hf.checkpoint_layout import official_tensor_shapes
 from step3_hf.inspect_checkpoint import inspect_checkpoint, main, summarize_config
-from step3_hf.tiny_checkpoint import TINY_CONFIG, random_official_state_dict, write_official_checkpoint
+from step3_hf.vision_layout import official_vision_tensor_shapes
+from step3_hf.tiny_checkpoint import (
+    TINY_CONFIG,
+    TINY_VISION_CONFIG,
+    random_official_state_dict,
+    write_official_checkpoint,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 # Names the official step3_vl checkpoint uses for its vision tower (spelled out here, not imported).
@@ -28,7 +34,13 @@ VISION_PREFIXES = ("vision_model.", "vit_")
 
 def tiny_configs(vl: bool) -> tuple[Step3Config, Step3Config | Step3VLConfig]:
     text = Step3Config(**TINY_CONFIG)
-    return text, (Step3VLConfig(text_config=text, image_token_id=3) if vl else text)
+    vision = Step3VisionConfig(**TINY_VISION_CONFIG)
+    return text, (Step3VLConfig(text_config=text, vision_config=vision, image_token_id=3) if vl else text)
+
+
+# The tiny vision side's tensors, counted by hand: class / patch (weight, bias) / position embeddings, per layer
+# qkv, out, fc1, fc2 (weight, bias) and two LayerNorms (weight, bias), two downsamplers (weight, bias), projector.
+TINY_VISION_TENSORS = 4 + TINY_VISION_CONFIG["num_hidden_layers"] * (4 * 2 + 2 * 2) + 4 + 1
 
 
 def write(path: Path, state: dict[str, torch.Tensor], vl: bool = True, **kwargs) -> Path:
@@ -76,8 +88,10 @@ def test_good_sharded_checkpoint_matches_and_totals_equal_what_was_written(tmp_p
     assert report["config"]["total_parameters"] == written_params
     on_disk = written_tensors(tmp_path)
     vision = [name for name in on_disk if name.startswith(VISION_PREFIXES)]
-    assert len(vision) == (5 if vl else 0)
+    assert len(vision) == (TINY_VISION_TENSORS if vl else 0)
     assert report["vision_tensors_skipped"] == len(vision)
+    assert report["vision_parameters"] == sum(math.prod(on_disk[name]) for name in vision)
+    assert report["vision_parameters"] == (report["vision_parameters_expected"] if vl else 0)
     assert report["dtypes"] == {
         "F32": {"tensors": len(on_disk), "bytes": 4 * sum(math.prod(shape) for shape in on_disk.values())}
     }
@@ -88,6 +102,43 @@ def test_good_sharded_checkpoint_matches_and_totals_equal_what_was_written(tmp_p
     # 4 layers x (K + V) x 1 KV head x head_dim 16
     assert report["config"]["kv_cache_bytes_per_token_bf16"] == 4 * 2 * 1 * 16 * 2
     assert report["config"]["kv_cache_bytes_per_token_fp8"] == 4 * 2 * 1 * 16 * 1
+
+
+def test_vision_tensors_are_checked_against_the_vision_config(tmp_path, capsys):
+    """A mis-shaped, a missing and a stray vision tensor are each named; the language model's tensors are fine."""
+    write(tmp_path, good_state(), vl=True)
+    shard = next(tmp_path.glob("*.safetensors"))
+    tensors = safetensors.torch.load_file(shard)
+    vision = sorted(name for name in tensors if name.startswith(VISION_PREFIXES))
+    assert len(vision) >= 2, "the fixture needs two vision tensors in one shard"
+    reshaped, dropped = vision[0], vision[1]
+    good_shape = tuple(tensors[reshaped].shape)
+    tensors[reshaped] = torch.zeros(3, 5)
+    del tensors[dropped]
+    tensors["vision_model.transformer.layers.9.mlp.fc1.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    del index["weight_map"][dropped]
+    index["weight_map"]["vision_model.transformer.layers.9.mlp.fc1.weight"] = shard.name
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    code, report = run_json(tmp_path, capsys)
+    assert code == 1 and report["ok"] is False
+    assert report["wrong_shape"] == [
+        {"name": reshaped, "expected": list(good_shape), "found": [3, 5], "file": shard.name}
+    ]
+    assert list(report["missing"]) == [dropped]
+    assert report["unexpected"] == {"vision_model.transformer.layers.9.mlp.fc1.weight": [2, 2]}
+    code, out, _ = run_text(tmp_path, capsys)
+    assert f"{reshaped}  expected {good_shape}, found (3, 5) in {shard.name}" in out
+    assert f"{dropped}  expected" in out and "MISMATCH: 3 problem(s)" in out
+
+
+def test_language_model_only_step3_vl_export_is_not_asked_for_vision_tensors(tmp_path, capsys):
+    write(tmp_path, good_state(), vl=True, with_vision=False)
+    code, report = run_json(tmp_path, capsys)
+    assert code == 0 and report["ok"] is True
+    assert report["vision_tensors_skipped"] == 0 and report["vision_parameters"] == 0
 
 
 def test_single_file_bf16_checkpoint_with_bare_text_config(tmp_path, capsys):
@@ -122,11 +173,16 @@ def test_hand_written_official_vl_config_with_loader_keys(tmp_path, capsys):
         "transformers_version": "4.54.0",
         "image_token_id": 3,
         "text_config": text,
-        "vision_config": {"model_type": "step3_vision_encoder", "hidden_size": 1792},
+        "vision_config": {"model_type": "step3_vision_encoder", **TINY_VISION_CONFIG},
     }
     (tmp_path / "config.json").write_text(json.dumps(official))
     code, report = run_json(tmp_path, capsys)
     assert code == 0, report
+    # The vision tensors were checked against the hand-written vision config: a released width there mismatches.
+    official["vision_config"]["hidden_size"] = 1792
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    code, mismatched = run_json(tmp_path, capsys)
+    assert code == 1 and mismatched["wrong_shape"][0]["name"].startswith(VISION_PREFIXES)
     assert report["model_type"] == "step3_vl" and report["config"]["num_moe_layers"] == 2
 
 
@@ -331,7 +387,8 @@ def test_header_only_shard_writer_makes_valid_safetensors(tmp_path):
 def test_full_size_632_gb_checkpoint_is_inspected_from_headers_in_seconds(tmp_path, capsys):
     """The released model's tensor list in 8 sparse shards (~632 GB apparent size, no disk used)."""
     config = Step3VLConfig()
-    shapes = official_tensor_shapes(config.get_text_config())
+    text_shapes = official_tensor_shapes(config.get_text_config())
+    shapes = {**text_shapes, **official_vision_tensor_shapes(config)}
     names = list(shapes)
     weight_map = {}
     for index in range(8):
@@ -347,10 +404,18 @@ def test_full_size_632_gb_checkpoint_is_inspected_from_headers_in_seconds(tmp_pa
     code, report = run_json(tmp_path, capsys)
     assert time.perf_counter() - start < 10
     assert code == 0, report
-    numel = sum(math.prod(shape) for shape in shapes.values())
+    numel = sum(math.prod(shape) for shape in text_shapes.values())
     assert report["text_parameters"] == numel == report["config"]["total_parameters"]
     assert round(numel / 1e9, 1) == 316.3
-    assert report["dtypes"] == {"BF16": {"tensors": len(names), "bytes": 2 * numel}}
+    # hidden 1792, intermediate 3072, 63 layers, patch 14 at 728 px (52 x 52 + 1 positions), downsamplers
+    # 1792 -> 4096 (k2) -> 8192 (k3), projector 8192 -> 7168 without bias: summed by hand.
+    d, i = 1792, 3072
+    layer = (3 * d * d + 3 * d) + (d * d + d) + (i * d + i) + (d * i + d) + 4 * d
+    vision = d + (d * 3 * 14 * 14 + d) + (52 * 52 + 1) * d + 63 * layer
+    vision += (4096 * d * 4 + 4096) + (8192 * 4096 * 9 + 8192) + 7168 * 8192
+    assert report["vision_parameters"] == vision == report["vision_parameters_expected"] == 1_900_068_352
+    total = numel + vision
+    assert report["dtypes"] == {"BF16": {"tensors": len(names), "bytes": 2 * total}}
 
 
 # ------------------------------------------------------------------------------------------ config only
@@ -387,7 +452,7 @@ def test_module_runs_as_a_console_script(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "OK: every tensor matches the config" in result.stdout
-    assert "vision tensors    5 holding" in result.stdout and "step3_vl" in result.stdout
+    assert f"vision tensors    {TINY_VISION_TENSORS} holding" in result.stdout and "step3_vl" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------- dtypes
