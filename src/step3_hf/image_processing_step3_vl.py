@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
 from transformers.processing_utils import ImagesKwargs
 
 IMAGE_SIZE = 728
@@ -212,7 +212,10 @@ class _Step3VLImageProcessorMixin:
         )
 
     def _to_uint8_tensor(self, image) -> torch.Tensor:
-        """A PIL image, or an RGB uint8 array / tensor (`HWC` or `CHW`), as a uint8 `[3, H, W]` tensor."""
+        """A PIL image, a URL, path or base64 string (read as transformers' `load_image` reads it, as other image
+        processors do), or an RGB uint8 array / tensor (`HWC` or `CHW`), as a uint8 `[3, H, W]` tensor."""
+        if isinstance(image, str):
+            image = load_image(image)
         if isinstance(image, Image.Image):
             image = image.convert("RGB") if self.do_convert_rgb else image
             return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()

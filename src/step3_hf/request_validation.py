@@ -8,12 +8,21 @@ the model's context, and answers what it refuses with an OpenAI-style error nami
 reaches the server unchanged, except that a missing token limit is lowered to what is left of the context when the
 server's default would run past it.
 
+A model served with images (a `step3_vl` checkpoint with its processor) also takes OpenAI `image_url` /
+`input_image` content parts, given as `data:image/...;base64,...` URLs only: each is decoded and opened here, and
+the server never fetches a URL or reads a path. Any other URL, bad base64 or bytes that are not an image get HTTP 422.
+
 The checks are plain functions of the body (`check_request`), testable without a server.
 """
 
 import asyncio
+import base64
+import binascii
+import io
 import json
 import math
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,63 +100,112 @@ ENDPOINTS = {
 }
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "input_text", "output_text")
+# Chat completions' `{"type": "image_url", "image_url": {"url": ...}}`, the Responses API's
+# `{"type": "input_image", "image_url": ...}`.
+IMAGE_PARTS = ("image_url", "input_image")
+# An image part's URL: `data:image/<format>;base64,<bytes>`, the only kind the server takes (it never fetches).
+DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp|gif|bmp);base64,(.*)", re.DOTALL)
+MAX_IMAGE_URL_CHARS = 32 * 1024 * 1024
 
 
-def _text_of_content(field: str, content: Any, *, allow_none: bool) -> str:
-    """The text of a message's `content`: a string, or a list of parts of which the text parts are counted."""
+def decode_image_url(field: str, url: Any):
+    """The RGB `PIL.Image` of a `data:image/...;base64,...` URL; HTTP 422 naming `field` for anything else."""
+    from PIL import Image
+
+    _check_type(field, url, (str,), "a data URL string")
+    if len(url) > MAX_IMAGE_URL_CHARS:
+        raise RequestError(INVALID, field, f"`{field}` is over {MAX_IMAGE_URL_CHARS // 2**20} MiB.")
+    match = DATA_URL.fullmatch(url)
+    if match is None:
+        raise RequestError(
+            INVALID,
+            field,
+            f"`{field}` must be a data URL (data:image/png;base64,...); step3-serve never fetches an image from a "
+            f"URL or a path, got {url[:40]!r}.",
+        )
+    try:
+        data = base64.b64decode(match.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(INVALID, field, f"`{field}` holds invalid base64.") from None
+    try:
+        with warnings.catch_warnings():
+            # PIL's guard against decompression bombs (`Image.MAX_IMAGE_PIXELS`) as an error, not a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except Exception as err:  # PIL's UnidentifiedImageError, truncated files, decompression bombs
+        raise RequestError(INVALID, field, f"`{field}` is not a readable image: {err}") from None
+    if image.width == 0 or image.height == 0:
+        raise RequestError(INVALID, field, f"`{field}` is an empty image.")
+    return image.convert("RGB")
+
+
+def _content(field: str, content: Any, *, allow_none: bool, images: bool) -> str | list[dict]:
+    """A message's `content` as the processor renders it: its text, or (when it holds images) a list of
+    `{"type": "text", "text"}` and `{"type": "image", "image": PIL.Image}` parts."""
     if content is None and allow_none:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise RequestError(INVALID, field, f"`{field}` must be a string or a list of content parts.")
-    texts = []
+    parts = []
     for j, part in enumerate(content):
         part_field = f"{field}[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise RequestError(INVALID, part_field, f"`{part_field}` must be an object with a string `type`.")
-        if part["type"] not in TEXT_PARTS:
-            # The server runs the language model; an image would be dropped or fetched, never seen by the model.
+        if part["type"] in TEXT_PARTS:
+            _check_type(f"{part_field}.text", part.get("text"), (str,), "a string")
+            parts.append({"type": "text", "text": part["text"]})
+        elif part["type"] in IMAGE_PARTS and images:
+            url = part.get("image_url")
+            url_field = f"{part_field}.image_url"
+            if isinstance(url, dict):  # chat completions nest the URL
+                url, url_field = url.get("url"), f"{url_field}.url"
+            parts.append({"type": "image", "image": decode_image_url(url_field, url)})
+        else:
+            # A part the model would not see (dropped, or fetched from somewhere) is refused instead.
+            taken = TEXT_PARTS + (IMAGE_PARTS if images else ())
             raise RequestError(
                 INVALID,
                 f"{part_field}.type",
-                f"`{part_field}.type` is {part['type']!r}; step3-serve takes text content only "
-                f"({', '.join(TEXT_PARTS)})",
+                f"`{part_field}.type` is {part['type']!r}; this model takes {', '.join(taken)} content"
+                + ("" if images else " (its checkpoint has no image processor)"),
             )
-        _check_type(f"{part_field}.text", part.get("text"), (str,), "a string")
-        texts.append(part["text"])
-    return "".join(texts)
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
 
 
-def _chat_messages(field: str, messages: Any) -> list[dict]:
+def _chat_messages(field: str, messages: Any, images: bool) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise RequestError(INVALID, field, f"`{field}` must be a non-empty list of messages.")
-    return [_chat_message(f"{field}[{i}]", message) for i, message in enumerate(messages)]
+    return [_chat_message(f"{field}[{i}]", message, images) for i, message in enumerate(messages)]
 
 
-def _chat_message(field: str, message: Any) -> dict:
+def _chat_message(field: str, message: Any, images: bool) -> dict:
     if not isinstance(message, dict):
         raise RequestError(INVALID, field, f"`{field}` must be an object with `role` and `content`.")
     role = message.get("role")
     if role not in MESSAGE_ROLES:
         raise RequestError(INVALID, f"{field}.role", f"`{field}.role` must be one of {', '.join(MESSAGE_ROLES)}.")
     # An assistant message that only calls tools may have no content.
-    text = _text_of_content(f"{field}.content", message.get("content"), allow_none=role == "assistant")
-    return {"role": role, "content": text}
+    content = _content(f"{field}.content", message.get("content"), allow_none=role == "assistant", images=images)
+    return {"role": role, "content": content}
 
 
-def _response_messages(body: dict) -> list[dict]:
+def _response_messages(body: dict, images: bool) -> list[dict]:
     """`/v1/responses` input as chat messages: a string, a list of content parts, or a list of items."""
     value = body.get("input")
     if isinstance(value, str):
         messages = [{"role": "user", "content": value}]
     elif isinstance(value, list) and value:
         if isinstance(value[0], dict) and "role" not in value[0]:  # a flat list of content parts, as the server reads it
-            messages = [{"role": "user", "content": _text_of_content("input", value, allow_none=False)}]
+            messages = [{"role": "user", "content": _content("input", value, allow_none=False, images=images)}]
         else:
             # Messages, and the tool calls and outputs of a previous response (counted by their JSON text).
             messages = [
-                _chat_message(f"input[{i}]", item)
+                _chat_message(f"input[{i}]", item, images)
                 if not isinstance(item, dict) or "role" in item
                 else {"role": "user", "content": json.dumps(item)}
                 for i, item in enumerate(value)
@@ -161,8 +219,9 @@ def _response_messages(body: dict) -> list[dict]:
     return messages
 
 
-def check_fields(path: str, body: Any) -> tuple[Endpoint, list[dict] | str]:
-    """Check the types and ranges of a generation request; return its endpoint and its prompt (messages or text)."""
+def check_fields(path: str, body: Any, *, images: bool = False) -> tuple[Endpoint, list[dict] | str]:
+    """Check the types and ranges of a generation request; return its endpoint and its prompt (messages or text).
+    `images`: the served model takes image parts (data URLs, decoded into the returned messages)."""
     endpoint = ENDPOINTS[path]
     if not isinstance(body, dict):
         raise RequestError(INVALID, None, "The request body must be a JSON object.")
@@ -184,29 +243,35 @@ def check_fields(path: str, body: Any) -> tuple[Endpoint, list[dict] | str]:
     if endpoint.prompt_field == "messages":
         if "messages" not in body:
             raise RequestError(INVALID, "messages", "`messages` is required.")
-        return endpoint, _chat_messages("messages", body["messages"])
+        return endpoint, _chat_messages("messages", body["messages"], images)
     if endpoint.prompt_field == "prompt":
         _check_type("prompt", body.get("prompt"), (str,), "a string")
         return endpoint, body["prompt"]
-    return endpoint, _response_messages(body)
+    return endpoint, _response_messages(body, images)
 
 
-def check_request(
-    path: str,
-    body: Any,
-    count_tokens: Callable[[list[dict] | str, dict], int],
-    context_length: int,
-    default_token_limit: int,
-) -> dict:
+@dataclass(frozen=True)
+class ServedLimits:
+    """What requests are checked against. `count_tokens(prompt, body)` gives the prompt's length in tokens as the
+    server renders it (image tokens included); without a token limit the server generates up to
+    `default_token_limit` tokens; `takes_images`: image parts are accepted (as data URLs)."""
+
+    count_tokens: Callable[[list[dict] | str, dict], int]
+    context_length: int
+    default_token_limit: int
+    takes_images: bool = False
+
+
+def check_request(path: str, body: Any, limits: ServedLimits) -> dict:
     """Validate a generation request to `path` and return the body to forward.
 
-    `count_tokens(prompt, body)` gives the prompt's length in tokens as the server renders it. A prompt that leaves
-    no room for one token, or a token limit that runs past the context, is refused with HTTP 400. Without a token
-    limit, the server generates up to `default_token_limit` tokens: where that would run past the context, the
-    returned body asks for what is left of it instead.
+    A prompt that leaves no room for one token, or a token limit that runs past the context, is refused with HTTP
+    400. Without a token limit, where the server's default would run past the context, the returned body asks for
+    what is left of it instead.
     """
-    endpoint, prompt = check_fields(path, body)
-    prompt_tokens = count_tokens(prompt, body)
+    context_length, default_token_limit = limits.context_length, limits.default_token_limit
+    endpoint, prompt = check_fields(path, body, images=limits.takes_images)
+    prompt_tokens = limits.count_tokens(prompt, body)
     if prompt_tokens >= context_length:
         raise RequestError(
             TOO_LONG,
@@ -233,17 +298,16 @@ def check_request(
 class RequestValidationMiddleware:
     """ASGI middleware: `check_request` on every POST to a generation endpoint, before the app sees it.
 
-    `load` is called once, on the first request, off the event loop, and returns `(count_tokens, context_length,
-    default_token_limit)` for `check_request`.
+    `load` is called once, on the first request, off the event loop, and returns the `ServedLimits` of the model.
     """
 
-    def __init__(self, app, load: Callable[[], tuple[Callable[[list[dict] | str, dict], int], int, int]]):
+    def __init__(self, app, load: Callable[[], ServedLimits]):
         self.app = app
         self._load = load
-        self._loaded: tuple | None = None
+        self._loaded: ServedLimits | None = None
         self._lock = asyncio.Lock()
 
-    async def _limits(self) -> tuple:
+    async def _limits(self) -> ServedLimits:
         async with self._lock:
             if self._loaded is None:
                 self._loaded = await asyncio.to_thread(self._load)
@@ -260,10 +324,7 @@ class RequestValidationMiddleware:
             await self.app(scope, _replay(raw, receive), send)
             return
         try:
-            count_tokens, context_length, default_token_limit = await self._limits()
-            checked = await asyncio.to_thread(
-                check_request, scope["path"], body, count_tokens, context_length, default_token_limit
-            )
+            checked = await asyncio.to_thread(check_request, scope["path"], body, await self._limits())
         except RequestError as err:
             await _send_json(send, err.status, err.body())
             return

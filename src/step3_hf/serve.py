@@ -3,13 +3,16 @@
     step3-serve path/to/checkpoint --port 8000            # the model is loaded at start and pinned
     step3-serve path/to/checkpoint --no-continuous-batching --device cuda:0
 
-Everything is `transformers serve`, with three additions:
+Everything is `transformers serve`, with four additions:
 
 - the Step-3 classes are visible to the server, which builds a checkpoint's model class with
   `getattr(transformers, config.architectures[0])` (in its own model process since transformers 5.25: that process
   re-imports this module, which sets them again);
 - the app the server builds gets `RequestValidationMiddleware`: a malformed request gets HTTP 422 naming the field,
   one that does not fit the model's context HTTP 400 (see `step3_hf.request_validation`);
+- a `step3_vl` checkpoint that ships its processor is served with images: OpenAI `image_url` content parts given as
+  data URLs (never fetched: any other URL is refused) reach `Step3VLForConditionalGeneration` through the processor;
+  transformers' server generates for image-text models one request at a time;
 - Step-3 defaults: continuous batching on, and SDPA attention for it (continuous batching accepts only SDPA, eager
   and flash kernels).
 
@@ -28,14 +31,38 @@ from importlib.metadata import PackageNotFoundError, requires
 import transformers
 
 from .modeling_step3 import Step3ForCausalLM, Step3VLForCausalLM
-from .request_validation import RequestValidationMiddleware
+from .modeling_step3_vl import Step3VLForConditionalGeneration
+from .processing_step3_vl import Step3VLProcessor
+from .request_validation import INVALID, RequestError, RequestValidationMiddleware, ServedLimits
 
-# Architecture name in a config.json -> the class that loads it.
+def image_text_processor(path: str) -> Step3VLProcessor | None:
+    """The checkpoint's Step-3 processor when it ships one (its images are served), else None (text only)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError):  # no processor files: a tokenizer alone
+        return None
+    return processor if isinstance(processor, Step3VLProcessor) else None
+
+
+class Step3VLCheckpoint:
+    """What the server builds for an official `Step3VLForConditionalGeneration` checkpoint: the image-text model
+    when the checkpoint ships its processor, so that images are served, else the language model alone, which keeps
+    continuous batching (transformers' server batches text-only models only)."""
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        model_class = Step3VLForConditionalGeneration if image_text_processor(path) else Step3VLForCausalLM
+        return model_class.from_pretrained(path, *args, **kwargs)
+
+
+# Architecture name in a config.json -> what loads it.
 STEP3_ARCHITECTURES = {
     "Step3ForCausalLM": Step3ForCausalLM,
     "Step3TextForCausalLM": Step3ForCausalLM,  # what `save_pretrained` and the official release write
     "Step3VLForCausalLM": Step3VLForCausalLM,
-    "Step3VLForConditionalGeneration": Step3VLForCausalLM,  # the official multimodal checkpoint
+    "Step3VLForConditionalGeneration": Step3VLCheckpoint,  # the official multimodal checkpoint
 }
 # What of transformers' CLI the launcher uses: module -> name.
 SERVER_HOOKS = {"transformers.cli.serve": "Serve", "transformers.cli.serving.server": "build_server"}
@@ -68,10 +95,15 @@ def missing_server_hook() -> str | None:
 
 
 def expose_step3_to_server() -> None:
-    """Make the Step-3 classes resolvable by the server's `getattr(transformers, architecture)`."""
+    """Make the Step-3 classes resolvable by the server's `getattr(transformers, architecture)`, and the image-text
+    model known as one: the server tells an image-text model (`Modality.VLM`) by its architecture's name in
+    `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` (docs/compatibility.md)."""
+    from transformers.models.auto import modeling_auto
+
     for name, model_class in STEP3_ARCHITECTURES.items():
         setattr(transformers, name, model_class)
         setattr(sys.modules["transformers"], name, model_class)  # another import may have replaced the entry
+    modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.setdefault("step3_vl", Step3VLForConditionalGeneration.__name__)
 
 
 # A spawned model process imports this module (as its parent's main module) before it loads the model.
@@ -85,13 +117,13 @@ class ServedModel:
     path: str
     max_model_len: int | None = None
 
-    def load_limits(self):
-        """`(count_tokens, context_length, default_token_limit)` for `request_validation.check_request`."""
+    def load_limits(self) -> ServedLimits:
+        """What `request_validation.check_request` checks this checkpoint's requests against."""
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        from .request_validation import INVALID, RequestError
-
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        processor = image_text_processor(self.path)
+        tokenizer = AutoTokenizer.from_pretrained(self.path) if processor is None else processor.tokenizer
+        renderer = tokenizer if processor is None else processor
         context = AutoConfig.from_pretrained(self.path).get_text_config().max_position_embeddings
         if self.max_model_len is not None:
             context = min(context, self.max_model_len)
@@ -106,7 +138,8 @@ class ServedModel:
             if isinstance(prompt, str):
                 return len(tokenizer(prompt)["input_ids"])
             try:
-                encoded = tokenizer.apply_chat_template(
+                # With a processor, images expand to their crops' and global view's tokens, as the server's do.
+                encoded = renderer.apply_chat_template(
                     prompt,
                     add_generation_prompt=True,
                     tokenize=True,
@@ -116,9 +149,10 @@ class ServedModel:
                 )
             except Exception as err:  # the template's own complaint, e.g. about the tools or the roles
                 raise RequestError(INVALID, "messages", f"The chat template cannot render this request: {err}")
-            return len(encoded["input_ids"])
+            input_ids = encoded["input_ids"]
+            return len(input_ids[0] if input_ids and isinstance(input_ids[0], list) else input_ids)
 
-        return count_tokens, context, default_token_limit
+        return ServedLimits(count_tokens, context, default_token_limit, takes_images=processor is not None)
 
 
 def _validating_build_server(build_server, served: ServedModel):

@@ -2,12 +2,17 @@
 (`tests/step3/test_serve.py` sends the same kinds of request to a running one). Also: a transformers without the
 server hooks the launcher needs gets one line naming the supported range."""
 
+import base64
+import dataclasses
+import io
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 from step3_hf import Step3Config
-from step3_hf.request_validation import INVALID, TOO_LONG, RequestError, check_request
+from step3_hf.request_validation import INVALID, TOO_LONG, RequestError, check_fields, check_request
 from step3_hf.serve import ServedModel, supported_transformers
 from step3_hf.tiny_checkpoint import (
     TINY_CONFIG,
@@ -16,7 +21,8 @@ from step3_hf.tiny_checkpoint import (
     write_official_checkpoint,
     write_tiny_tokenizer,
 )
-from transformers import AutoTokenizer
+from step3_hf.tiny_vl_checkpoint import write_tiny_vl_checkpoint
+from transformers import AutoProcessor, AutoTokenizer
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "the cat sees"}]
@@ -32,14 +38,15 @@ def limits(tmp_path_factory):
 
 
 def refused(limits, path, body) -> RequestError:
-    count_tokens, context, default_limit = limits[1]
     with pytest.raises(RequestError) as error:
-        check_request(path, body, count_tokens, context, default_limit)
+        check_request(path, body, limits[1])
     return error.value
 
 
 def test_prompt_is_counted_as_the_chat_template_renders_it(limits):
-    path, (count_tokens, context, default_limit) = limits
+    path, served = limits
+    count_tokens, context, default_limit = served.count_tokens, served.context_length, served.default_token_limit
+    assert served.takes_images is False  # a tokenizer, no image processor
     tokenizer = AutoTokenizer.from_pretrained(path)
     rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert count_tokens(MESSAGES, {}) == len(rendered["input_ids"]) > 3
@@ -61,8 +68,6 @@ def test_prompt_is_counted_as_the_chat_template_renders_it(limits):
         (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
          "messages[0].content[0].text"),
         (CHAT, {"messages": [{"role": "user", "content": [7]}]}, "messages[0].content[0]"),
-        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
-         "messages[0].content[0].type"),
         (CHAT, {"messages": [MESSAGES[0], "hi"]}, "messages[1]"),
         (CHAT, {"messages": MESSAGES, "temperature": -1}, "temperature"),
         (CHAT, {"messages": MESSAGES, "temperature": 2.5}, "temperature"),
@@ -106,15 +111,17 @@ def test_requests_beyond_the_context_are_refused_on_every_endpoint(limits):
 
 
 def test_a_request_that_fits_passes_and_a_missing_limit_is_capped_at_the_context(limits):
-    count_tokens, context, default_limit = limits[1]
+    served = limits[1]
+    context = served.context_length
     body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True, "stop": ["."]}
-    assert check_request(CHAT, body, count_tokens, context, default_limit) is body  # forwarded unchanged
-    prompt_tokens = count_tokens(MESSAGES, {})
-    capped = check_request(CHAT, {"messages": MESSAGES}, count_tokens, context, default_limit)
+    assert check_request(CHAT, body, served) is body  # forwarded unchanged
+    prompt_tokens = served.count_tokens(MESSAGES, {})
+    capped = check_request(CHAT, {"messages": MESSAGES}, served)
     assert capped == {"messages": MESSAGES, "max_tokens": context - prompt_tokens}
     # A default that fits the context is left to the server.
-    assert "max_tokens" not in check_request(CHAT, {"messages": MESSAGES}, count_tokens, 100_000, default_limit)
-    capped = check_request("/v1/responses", {"input": "hi"}, count_tokens, context, default_limit)
+    roomy = dataclasses.replace(served, context_length=100_000)
+    assert "max_tokens" not in check_request(CHAT, {"messages": MESSAGES}, roomy)
+    capped = check_request("/v1/responses", {"input": "hi"}, served)
     assert 0 < capped["max_output_tokens"] < context
 
 
@@ -132,3 +139,78 @@ def test_missing_server_hook_exits_with_one_line_naming_the_supported_range():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "build_server" in lines[0] and f"transformers {supported_transformers()}" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def png_data_url(width: int = 40, height: int = 30, color=(200, 30, 60)) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_claiming_size(width: int, height: int) -> str:
+    """A 1x1 PNG whose header (CRC fixed) claims `width x height`: a decompression bomb's first bytes."""
+    raw = bytearray(base64.b64decode(png_data_url(1, 1).split(",", 1)[1]))
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    raw[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr : ihdr + 17])))
+    return "data:image/png;base64," + base64.b64encode(bytes(raw)).decode()
+
+
+def image_message(url, text: str = "the cat sees") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def vl_limits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("door-vl") / "step3-vl-tiny"
+    write_tiny_vl_checkpoint(path, synthetic_corpus(500))
+    return path, ServedModel(str(path)).load_limits()
+
+
+def test_an_image_is_counted_as_the_processor_expands_it(vl_limits):
+    path, served = vl_limits
+    assert served.takes_images is True
+    processor = AutoProcessor.from_pretrained(path)
+    text_only = served.count_tokens([{"role": "user", "content": "the cat sees"}], {})
+    for width, height in [(40, 30), (400, 90)]:  # a global view alone; a wide image with crops
+        _, messages = check_fields(CHAT, {"messages": image_message(png_data_url(width, height))}, images=True)
+        image = messages[0]["content"][0]["image"]
+        assert image.size == (width, height) and image.mode == "RGB"
+        assert served.count_tokens(messages, {}) == text_only + processor.num_image_tokens(width, height)
+    assert processor.num_image_tokens(400, 90) > processor.num_image_tokens(40, 30)
+    body = {"messages": image_message(png_data_url()), "max_tokens": 4}
+    assert check_request(CHAT, body, served) is body
+    responses = {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": png_data_url()}]}]}
+    assert check_request("/v1/responses", responses, served) is responses
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("https://example.com/cat.png", "never fetches"),
+        ("http://127.0.0.1:1/cat.png", "never fetches"),
+        ("/etc/passwd", "never fetches"),
+        ("file:///etc/passwd", "never fetches"),
+        ("data:text/plain;base64,aGk=", "never fetches"),
+        ("data:image/png;base64,***", "invalid base64"),
+        ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(), "not a readable image"),
+        (png_claiming_size(10_000, 10_000), "decompression bomb"),  # past PIL's 89.5M-pixel guard
+
+        (7, "must be a data URL string"),
+    ],
+)
+def test_image_urls_other_than_readable_data_urls_are_refused_by_name(vl_limits, url, says):
+    error = refused(vl_limits, CHAT, {"messages": image_message(url)})
+    assert error.status == INVALID and error.field == "messages[0].content[0].image_url.url"
+    assert says in error.message
+
+
+def test_a_text_model_refuses_image_parts_by_name(limits):
+    error = refused(limits, CHAT, {"messages": image_message(png_data_url())})
+    assert error.status == INVALID and error.field == "messages[0].content[0].type"
+    assert "no image processor" in error.message

@@ -4,6 +4,9 @@ clean shutdown. Every wait has a timeout and the server process is killed in a `
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import signal
 import socket
@@ -64,13 +67,13 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(checkpoint, log_dir, *extra_args):
+    """`step3-serve checkpoint` on a free loopback port, until it answers `/health`; killed on exit."""
     port = free_loopback_port()
-    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    log_path = log_dir / "server.log"
     command = [sys.executable, "-m", "step3_hf.serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
-    # A small paged cache: sized from free memory, it would take most of the machine's RAM on CPU.
-    command += ["--device", "cpu", "--cb-num-blocks", "64", "--cb-max-batch-tokens", "512"]
+    command += ["--device", "cpu", *extra_args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -92,6 +95,14 @@ def server(checkpoint, tmp_path_factory):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    # A small paged cache: sized from free memory, it would take most of the machine's RAM on CPU.
+    cache = ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "512"]
+    with running_server(checkpoint, tmp_path_factory.mktemp("serve-log"), *cache) as running:
+        yield running
 
 
 def client(server) -> "openai.OpenAI":
@@ -207,3 +218,63 @@ def test_clean_shutdown_on_sigterm(server):
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)  # raises TimeoutExpired (and the fixture kills it) if a worker thread keeps it alive
     assert "Application shutdown complete" in server["log"].read_text()
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def png_data_url(width: int, height: int) -> str:
+    from PIL import Image
+
+    pixels = torch.arange(width * height * 3, dtype=torch.int64).reshape(height, width, 3) * 37 % 251
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def vl_checkpoint(tmp_path_factory):
+    from step3_hf.tiny_vl_checkpoint import write_tiny_vl_checkpoint
+
+    path = tmp_path_factory.mktemp("serve-vl") / "step3-vl-tiny"
+    return write_tiny_vl_checkpoint(path, synthetic_corpus(2000))
+
+
+def test_images_as_data_urls_are_served_as_generate_sees_them_and_never_fetched(vl_checkpoint, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    url = png_data_url(200, 60)  # wide: the global view and crops
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "the cat sees"}]
+    processor = AutoProcessor.from_pretrained(vl_checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(vl_checkpoint)
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}, content[1]]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    assert int(inputs["num_patches"][0]) > 0  # the request exercises the crops
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    expected = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    with torch.no_grad():  # the image matters: without it the model says something else
+        text_only = processor.apply_chat_template([{"role": "user", "content": [content[1]]}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+        assert not torch.equal(model(**inputs).logits[0, -1], model(**text_only).logits[0, -1])
+
+    with running_server(vl_checkpoint, tmp_path_factory.mktemp("serve-vl-log")) as running:
+        api = client(running)
+        response = api.chat.completions.create(
+            model=running["model"],
+            messages=[{"role": "user", "content": content}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        assert response.choices[0].message.content == expected
+        assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
+
+        for bad_url, says in [("http://127.0.0.1:9/cat.png", "never fetches"), ("data:image/png;base64,AAAA", "image")]:
+            body = {"model": running["model"], "max_tokens": 2,
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad_url}}]}]}  # fmt: skip
+            status, text = http(f"{running['base']}/v1/chat/completions", json.dumps(body).encode())
+            error = json.loads(text)["error"]
+            assert status == 422 and error["param"] == "messages[0].content[0].image_url.url", text
+            assert says in error["message"]
+        assert http(f"{running['base']}/health")[0] == 200
