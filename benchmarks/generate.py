@@ -6,9 +6,7 @@ bf16, random weights, greedy. A decode step is `(time of 1 + N new tokens - time
 - default: `generate(input_ids, attention_mask, max_new_tokens=...)`, nothing else (the dynamic cache, and the
   kernels Step-3 picks on CUDA);
 - static: the same with `cache_implementation="static"` (transformers compiles the decode step);
-- stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache;
-- default, host-read mask: the default with `sdpa_mask` as the mask builder (what `mfa_decode` used before
-  `mfa_decode_mask`), which reads the padding mask on the host every step to skip the mask.
+- stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache.
 
 Roofline = (weights a step reads + KV bytes at the mean context of the run) / device-copy bandwidth measured in the
 same run (see `decode_step.step_bytes`).
@@ -22,17 +20,12 @@ import time
 
 import torch
 from decode_attention import machine_and_ceiling
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-from step3_hf.kernels.transformers_attention import MFA_DECODE_ATTENTION, mfa_decode_mask
 from decode_step import build_model, step_bytes
 
-# name -> (generate kwargs, attention, experts, mask builder); None = what Step-3 picks.
 VARIANTS = {
-    "default": ({}, None, None, None),
-    "static": ({"cache_implementation": "static"}, None, None, None),
-    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm", None),
-    "default, host-read mask": ({}, None, None, sdpa_mask),
+    "default": ({}, None, None),
+    "static": ({"cache_implementation": "static"}, None, None),
+    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm"),
 }
 
 
@@ -136,16 +129,13 @@ def main() -> None:
         batch, prompt = parse_shape(shape)
         row = {"shape": shape}
         for name in args.variants:
-            kwargs, attention, experts, mask = VARIANTS[name]
+            kwargs, attention, experts = VARIANTS[name]
             model.set_attn_implementation(attention or default_attention)
             model.set_experts_implementation(experts or default_experts)
-            AttentionMaskInterface.register(MFA_DECODE_ATTENTION, mask or mfa_decode_mask)
             try:
                 row[name] = decode_step_seconds(model, batch, prompt, args.new_tokens, args.reps, **kwargs)
             except Exception as err:  # report, keep measuring the others
                 row[name] = f"{type(err).__name__}: {str(err)[:80]}"
-            finally:
-                AttentionMaskInterface.register(MFA_DECODE_ATTENTION, mfa_decode_mask)
             print(f"  {shape} {name}: {row[name]}", flush=True)
             torch.cuda.empty_cache()
         weights, kv = step_bytes(model, batch, prompt + args.new_tokens // 2, float8=False)

@@ -1,7 +1,7 @@
 """`attn_implementation="mfa_decode"`: the split-KV decode kernel for decode steps, SDPA for everything else.
 
-Registered with transformers' `AttentionInterface` and, with `mfa_decode_mask` (SDPA's boolean mask, built on the
-device for decode steps), its `AttentionMaskInterface`, so `from_pretrained(..., attn_implementation="mfa_decode")` and `generate()` use it with
+Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask builder, its
+`AttentionMaskInterface`, so `from_pretrained(..., attn_implementation="mfa_decode")` and `generate()` use it with
 dynamic, static and `Float8StaticCache` caches. Each call takes the kernel only when the kernel computes exactly
 what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolean (or no) mask shared by the
 heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`). The kernel is a custom op
@@ -14,19 +14,13 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .decode_attention import MAX_QUERY_ROWS, decode_attention
 from .triton_support import kernel_available, triton
 from .float8_kv_cache import Float8KV
 
-__all__ = [
-    "MFA_DECODE_ATTENTION",
-    "MAX_DECODE_TOKENS",
-    "decode_kernel_preferred",
-    "mfa_decode_attention_forward",
-    "mfa_decode_mask",
-]
+__all__ = ["MFA_DECODE_ATTENTION", "MAX_DECODE_TOKENS", "decode_kernel_preferred", "mfa_decode_attention_forward"]
 
 MFA_DECODE_ATTENTION = "mfa_decode"
 # New tokens per sequence that still count as decoding (speculative drafts, a few tokens of chunked input); above
@@ -99,40 +93,7 @@ def mfa_decode_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def mfa_decode_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int | torch.Tensor = 0,
-    kv_offset: int = 0,
-    mask_function=causal_mask_function,
-    attention_mask: torch.Tensor | None = None,
-    local_size: int | None = None,
-    device: torch.device | str = "cpu",
-    **kwargs,
-) -> torch.Tensor | None:
-    """transformers mask function: `sdpa_mask`'s boolean `[B, 1, q, kv]` mask, but for decode steps of the plain
-    causal mask it is built on the device and never skipped. Skipping it needs the padding mask's values on the host
-    (`padding_mask.all()`), a synchronisation per step that stops the host from queueing the next kernels while the
-    GPU runs; the decode kernel reads the mask at no measurable cost. Without a padding mask, a decode step that sees
-    the whole cache needs no mask, which is known from the sizes alone."""
-    if q_length > MAX_DECODE_TOKENS or mask_function is not causal_mask_function or local_size is not None:
-        return sdpa_mask(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-            mask_function=mask_function, attention_mask=attention_mask, local_size=local_size, device=device, **kwargs,
-        )  # fmt: skip
-    if attention_mask is None and q_length == 1 and isinstance(q_offset, int) and kv_offset + kv_length <= q_offset + 1:
-        return None
-    kv_positions = torch.arange(kv_offset, kv_offset + kv_length, device=device)
-    q_positions = torch.arange(q_length, device=device) + q_offset
-    mask = (kv_positions[None, :] <= q_positions[:, None])[None, None]
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is not None:
-        mask = mask & padding[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)[:, None, None]
-    return mask.expand(batch_size, -1, -1, -1)
-
-
 def register() -> None:
     """Make `attn_implementation="mfa_decode"` known to transformers (idempotent)."""
     AttentionInterface.register(MFA_DECODE_ATTENTION, mfa_decode_attention_forward)
-    AttentionMaskInterface.register(MFA_DECODE_ATTENTION, mfa_decode_mask)
+    AttentionMaskInterface.register(MFA_DECODE_ATTENTION, sdpa_mask)
