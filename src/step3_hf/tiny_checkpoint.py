@@ -8,6 +8,7 @@ bare `step3_text` config), so everything that loads them exercises the real load
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,14 +53,14 @@ TINY_VISION_CONFIG = dict(
 )
 
 
-def random_official_state_dict(
-    config: Step3Config, *, std: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32
+def random_tensors(
+    shapes: dict[str, tuple[int, ...]], *, std: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Random tensors under their official names; norms are around 1 so that they matter in the math."""
+    """Random tensors of `shapes`: normal with `std`, and norm weights around 1 so that they matter in the math."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in official_tensor_shapes(config).items():
-        if name.endswith("norm.weight"):
+    for name, shape in shapes.items():
+        if re.search(r"norm\d*\.weight$", name):  # RMSNorm / LayerNorm scales (`layer_norm1.weight`, ...)
             tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             tensor = std * torch.randn(shape, generator=generator)
@@ -67,20 +68,19 @@ def random_official_state_dict(
     return state
 
 
+def random_official_state_dict(
+    config: Step3Config, *, std: float = 0.05, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random language-model tensors under their official names."""
+    return random_tensors(official_tensor_shapes(config), std=std, seed=seed, dtype=dtype)
+
 
 def random_vision_state_dict(
     config: Step3VLConfig, *, std: float = 0.05, seed: int = 1, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Random vision tensors under their official names, shaped by `config`; LayerNorm weights around 1."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_vision_tensor_shapes(config).items():
-        scale = std if "layer_norm" not in name or name.endswith("bias") else 0.1
-        tensor = scale * torch.randn(shape, generator=generator)
-        if "layer_norm" in name and name.endswith("weight"):
-            tensor = tensor + 1.0
-        state[name] = tensor.to(dtype)
-    return state
+    """Random vision tensors under their official names, shaped by `config`."""
+    return random_tensors(official_vision_tensor_shapes(config), std=std, seed=seed, dtype=dtype)
+
 
 def write_official_checkpoint(
     path: str | Path,
