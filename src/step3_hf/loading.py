@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .checkpoint_layout import (
@@ -219,7 +220,19 @@ def from_pretrained_checked(load: Callable, pretrained_model_name_or_path, *args
         check_loaded_model(model, loading_info["missing_keys"], pretrained_model_name_or_path)
     if block_size is not None:
         model._step3_fp8_saving = Fp8Saving(block_size, directory.resolve())
+        _cast_unquantized(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
     return (model, loading_info) if output_loading_info else model
+
+
+def _cast_unquantized(model: nn.Module, dtype) -> None:
+    """Give the checkpoint's bf16 tensors the dtype asked for. transformers 5.17 passes the tensors that its FP8
+    dequantizing converter matches without a scale (the router) through in their stored dtype."""
+    if not isinstance(dtype, torch.dtype):
+        return
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.element_size() > 1 and param.dtype != dtype:
+            if not name.endswith(SCALE_SUFFIX):
+                param.data = param.data.to(dtype)
 
 
 def fp8_saving(model: nn.Module) -> Fp8Saving | None:
