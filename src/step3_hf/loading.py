@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .checkpoint_layout import (
     LM_HEAD,
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 _SHOWN = 20
+logger = logging.get_logger(__name__)
 
 
 class BrokenCheckpointError(ValueError):
@@ -221,6 +223,10 @@ def from_pretrained_checked(load: Callable, pretrained_model_name_or_path, *args
     if block_size is not None:
         model._step3_fp8_saving = Fp8Saving(block_size, directory.resolve())
         _cast_unquantized(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
+        from .kernels.fp8_linear import use_fp8_kernels
+
+        if use_fp8_kernels(model):
+            logger.info("Step-3 FP8: float8 weights kept; linears compute through step3_hf.kernels.fp8_linear")
     return (model, loading_info) if output_loading_info else model
 
 
