@@ -41,7 +41,9 @@ __all__ = [
     "is_quantized_weight",
     "quantize_block_fp8",
     "quantize_checkpoint",
+    "quantize_model",
     "quantize_state_dict",
+    "save_fp8_weights",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -450,6 +452,53 @@ def save_fp8_weights(
     )
     write_sharded(directory, sizes, tensors, max_shard_bytes=max_shard_bytes, progress=progress,
                   description="saving fp8")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+
+
+def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE) -> torch.nn.Module:
+    """Quantize a loaded (bf16) Step-3 model in place into transformers' FP8 modules, as if it had been loaded from
+    the FP8 layout: every linear `is_quantized_weight` names becomes an `FP8Linear` and every routed-experts module
+    an `FP8Experts`, holding float8 weights and float32 scales (`quantize_block_fp8`, one expert at a time so that
+    the float32 temporaries stay small). Norms, router, embeddings, head and vision tower are left as they are;
+    `config.quantization_config` is set, so `save_pretrained` writes the FP8 layout. Returns `model`."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts, FP8Linear
+    from transformers.integrations.moe import use_experts_implementation
+
+    from .kernels.fp8_linear import use_fp8_kernels
+    from .modeling_step3 import Step3Experts
+
+    block_size = tuple(block_size)
+    if fp8_block_size(model.config) is not None:
+        raise Fp8LayoutError("the model is already quantized (its config has a quantization_config)")
+    experts_class = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
+    text_config = model.config.get_text_config()
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and module.bias is None and is_quantized_weight(name + ".weight"):
+            with torch.device("meta"):
+                new = FP8Linear(module.in_features, module.out_features, block_size=block_size)
+            weight, scale = quantize_block_fp8(module.weight.detach(), block_size)
+            new.weight = torch.nn.Parameter(weight, requires_grad=False)
+            new.weight_scale_inv = torch.nn.Parameter(scale, requires_grad=False)
+        elif isinstance(module, Step3Experts):
+            if (module.intermediate_dim % block_size[0]) or any(d % b for d, b in zip((module.hidden_dim,) * 2, block_size)):
+                raise Fp8LayoutError(f"{name}: FP8 experts need whole tiles ({list(block_size)}) in every dimension")
+            with torch.device("meta"):
+                new = experts_class(config=text_config, block_size=block_size)
+            for param in ("gate_up_proj", "down_proj"):
+                stacked = getattr(module, param).detach()
+                quantized = [quantize_block_fp8(expert, block_size) for expert in stacked]
+                setattr(new, param, torch.nn.Parameter(torch.stack([q for q, _ in quantized]), requires_grad=False))
+                scales = torch.stack([s for _, s in quantized])
+                setattr(new, param + SCALE_SUFFIX, torch.nn.Parameter(scales, requires_grad=False))
+                del stacked, quantized
+        else:
+            continue
+        model.set_submodule(name, new)
+    model.config.quantization_config = fp8_quantization_config(block_size)
+    use_fp8_kernels(model)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ command

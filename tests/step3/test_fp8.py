@@ -365,3 +365,37 @@ def test_released_fp8_size_from_the_config_alone():
     fp8 = expected_bytes(config, fp8_tensor_shapes(config.get_text_config(), (128, 128)))
     # The hub lists ~642 GB (bf16) and ~326 GB (fp8); the tensors alone are 636 GB and 322 GB.
     assert round(bf16 / 1e9) == 636 and round(fp8 / 1e9) == 322
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+
+
+def test_quantize_model_in_memory_equals_the_streaming_quantizer(tmp_path):
+    """A bf16 model quantized in memory (transformers' FP8 modules, computing through step3_hf's FP8 paths: here the
+    CPU fallbacks) gives the dequantized float64 reference's logits and saves the same bytes as
+    `quantize_checkpoint` of its checkpoint."""
+    from step3_hf.fp8 import quantize_model
+
+    config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
+    state = random_official_state_dict(config, seed=7, std=0.08, dtype=torch.bfloat16)
+    write_official_checkpoint(tmp_path / "bf16", state, config)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32,
+                                                 experts_implementation="moe_decode")  # fmt: skip
+    quantize_model(model, BLOCK)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router stays
+
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", block_size=BLOCK, progress=False)
+    with torch.no_grad():
+        logits = model(IDS).logits.double()
+    reference = step3_logits(dequantized_state(tmp_path / "fp8"), config, IDS)
+    assert (logits - reference).abs().max() < 1e-5 * reference.abs().max()
+
+    # Saved from bf16 (the checkpoint's dtype, so that the unquantized tensors compare too).
+    model = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16"), BLOCK)
+    model.save_pretrained(tmp_path / "saved")
+    saved, streamed = read_all(tmp_path / "saved"), read_all(tmp_path / "fp8")
+    assert saved.keys() == streamed.keys() and all(same_bytes(saved[k], streamed[k]) for k in streamed)
+    with pytest.raises(Fp8LayoutError, match="already quantized"):
+        quantize_model(model, BLOCK)
