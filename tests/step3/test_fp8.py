@@ -399,3 +399,41 @@ def test_quantize_model_in_memory_equals_the_streaming_quantizer(tmp_path):
     assert saved.keys() == streamed.keys() and all(same_bytes(saved[k], streamed[k]) for k in streamed)
     with pytest.raises(Fp8LayoutError, match="already quantized"):
         quantize_model(model, BLOCK)
+
+
+def test_fp8_modules_load_and_save_byte_identical_where_transformers_keeps_float8(fp8_checkpoint, tmp_path, monkeypatch):
+    """transformers keeps the FP8 modules (FP8Linear, FP8Experts) only where it sees a GPU of compute capability 8.9+;
+    made to see one, CPU runs the same loading: every float8 weight and scale lands where it belongs (the fused
+    gate/up experts and their scales concatenated), the model computes (CPU fallbacks of step3_hf's FP8 paths) and
+    saves the checkpoint's bytes back."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from step3_hf.kernels import Step3FP8Linear
+
+    path, _ = fp8_checkpoint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, device_map="cpu", output_loading_info=True, attn_implementation="sdpa", experts_implementation="moe_decode"
+    )
+    assert not any(info.values())
+    source = read_all(path)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, FP8Experts) and type(model.model.layers[0].self_attn.q_proj) is Step3FP8Linear
+    gate_up = torch.cat([source[f"model.layers.1.moe.{p}_proj.weight"] for p in ("gate", "up")], 1)
+    gate_up_scale = torch.cat([source[f"model.layers.1.moe.{p}_proj.weight_scale_inv"] for p in ("gate", "up")], 1)
+    assert same_bytes(experts.gate_up_proj, gate_up) and torch.equal(experts.gate_up_proj_scale_inv, gate_up_scale)
+    assert same_bytes(experts.down_proj, source["model.layers.1.moe.down_proj.weight"])
+    shared = model.model.layers[1].mlp.shared_expert.up_proj
+    assert torch.equal(shared.weight_scale_inv, source["model.layers.1.share_expert.up_proj.weight_scale_inv"])
+    assert torch.equal(model.model.layers[1].mlp.gate.weight, source["model.layers.1.moe.gate.weight"])
+
+    with torch.no_grad():
+        logits = model(IDS).logits.double()
+    reference = step3_logits(dequantized_state(path), model.config.get_text_config(), IDS)
+    assert ((logits - reference).norm() / reference.norm()) < 2e-2  # bf16 compute
+
+    model.save_pretrained(tmp_path / "saved")
+    saved = read_all(tmp_path / "saved")
+    source = {k: v for k, v in source.items() if not k.startswith("vi")}
+    assert saved.keys() == source.keys() and all(same_bytes(saved[k], source[k]) for k in source)
