@@ -349,14 +349,18 @@ def quantize_checkpoint(
                     yield name, handle.get_tensor(name)
 
     dst.mkdir(parents=True, exist_ok=True)
-    write_sharded(dst, sizes, quantize_state_dict(read(), block_size), max_shard_bytes=max_shard_bytes,
-                  progress=progress, description="quantizing")  # fmt: skip
-    for extra in src.iterdir():
-        if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (CONFIG_FILE, INDEX_FILE):
-            shutil.copy2(extra, dst / extra.name)
-    raw = json.loads((src / CONFIG_FILE).read_text())
-    raw["quantization_config"] = fp8_quantization_config(block_size)
-    (dst / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    try:
+        write_sharded(dst, sizes, quantize_state_dict(read(), block_size), max_shard_bytes=max_shard_bytes,
+                      progress=progress, description="quantizing")  # fmt: skip
+        for extra in src.iterdir():
+            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (CONFIG_FILE, INDEX_FILE):
+                shutil.copy2(extra, dst / extra.name)
+        raw = json.loads((src / CONFIG_FILE).read_text())
+        raw["quantization_config"] = fp8_quantization_config(block_size)
+        (dst / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # it was empty: no half-written checkpoint is left behind
+        raise
     return dst
 
 
@@ -504,6 +508,16 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
 # ------------------------------------------------------------------------------------------------ command
 
 
+def _shard_size_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def _block_size_arg(text: str) -> tuple[int, int]:
     try:
         parts = tuple(int(p) for p in text.replace("x", ",").split(","))
@@ -527,16 +541,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", type=Path, help="new directory for the FP8 checkpoint")
     parser.add_argument("--block-size", type=_block_size_arg, default=DEFAULT_BLOCK_SIZE, metavar="ROWS,COLS",
                         help="weight_block_size (default 128,128, the release's)")  # fmt: skip
-    parser.add_argument("--max-shard-size", type=float, default=DEFAULT_SHARD_BYTES / 1e9, metavar="GB",
+    parser.add_argument("--max-shard-size", type=_shard_size_arg, default=DEFAULT_SHARD_BYTES / 1e9, metavar="GB",
                         help="largest shard in GB (default %(default)g)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.max_shard_size <= 0:
-        parser.error("--max-shard-size must be positive")
     try:
         quantize_checkpoint(args.src, args.dst, block_size=args.block_size,
                             max_shard_bytes=int(args.max_shard_size * 1e9))  # fmt: skip
     except (Fp8LayoutError, BrokenCheckpointError, CheckpointError) as err:
-        parser.error(str(err).splitlines()[0] if isinstance(err, BrokenCheckpointError) else str(err))
+        message = " ".join(line.strip() for line in str(err).splitlines())
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
     print(f"wrote {args.dst}")
     return 0
 

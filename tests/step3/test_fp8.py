@@ -317,9 +317,20 @@ def test_quantize_refuses_a_quantized_source_and_a_full_destination(fp8_checkpoi
         quantize_checkpoint(path, tmp_path / "out")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(SystemExit):
-        quantize_main([str(path), str(tmp_path / "full")])
-    assert "is not an empty directory" in capsys.readouterr().err
+    assert quantize_main([str(path), str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("step3-quantize-fp8: error:") and "is not an empty directory" in err
+
+
+def test_quantize_refuses_a_non_finite_weight_and_leaves_nothing(tmp_path, capsys):
+    config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
+    state = random_official_state_dict(config, dtype=torch.bfloat16)
+    state["model.layers.2.moe.down_proj.weight"][3, 0, 0] = float("inf")
+    src = write_official_checkpoint(tmp_path / "bf16", state, config)
+    assert quantize_main([str(src), str(tmp_path / "fp8"), "--block-size", "16,16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.layers.2.moe.down_proj.weight: the weight holds NaN or Inf" in err
+    assert not (tmp_path / "fp8").exists()
 
 
 # ------------------------------------------------------------------------------------------------ inspect
