@@ -102,11 +102,11 @@ def checkpoint_conversion_mapping() -> list[WeightRenaming | WeightConverter]:
     reverse, so checkpoints are written back in the official layout."""
     return [
         WeightRenaming(source_patterns=re.escape("." + ROUTER), target_patterns="." + MODULE_ROUTER),
-        WeightRenaming(source_patterns=re.escape("." + EXPERTS_DOWN), target_patterns="." + MODULE_EXPERTS_DOWN),
         WeightRenaming(source_patterns=re.escape("." + SHARED_EXPERT), target_patterns="." + MODULE_SHARED_EXPERT),
         WeightConverter(
             source_patterns=[EXPERTS_GATE, EXPERTS_UP],
             target_patterns=MODULE_EXPERTS_GATE_UP,
             operations=[Concatenate(dim=1)],
         ),
+        WeightConverter(source_patterns=[EXPERTS_DOWN], target_patterns=MODULE_EXPERTS_DOWN, operations=[Concatenate(dim=0)]),
     ]

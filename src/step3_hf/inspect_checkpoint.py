@@ -27,6 +27,7 @@ from typing import Any
 from huggingface_hub.errors import StrictDataclassError
 
 from .checkpoint_layout import is_vision_tensor, official_tensor_shapes
+from .fp8 import SCALE_SUFFIX, Fp8LayoutError, fp8_block_size, fp8_tensor_shapes, is_quantized_weight
 from .vision_layout import count_vision_parameters, official_vision_tensor_shapes
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .parameters import count_parameters, human_count, kv_cache_bytes_per_token
@@ -160,7 +161,7 @@ class InspectionReport:
     text_tensors: int
     """Language-model tensors found in the checkpoint (vision tensors excluded)."""
     text_parameters: int
-    """Sum of numel over those tensors, from their header shapes."""
+    """Sum of numel over those tensors, from their header shapes (FP8 scales are not parameters)."""
     vision_tensors_skipped: int
     """Vision tensors found. With a `step3_vl` config they are checked against its vision layout (missing,
     unexpected and mis-shaped ones are problems) unless the checkpoint holds none: a language-model-only export."""
@@ -179,17 +180,25 @@ class InspectionReport:
     dtype_rules: list[DtypeRule] = field(default_factory=list)
     """What the dtypes were checked against; empty when the config names no dtype."""
     wrong_dtype: list[DtypeMismatch] = field(default_factory=list)
+    bytes_on_disk: int = 0
+    """Sum of the tensors' bytes over every file, from the headers."""
+    bytes_expected: int = 0
+    """What the config's layout takes: text and vision tensors in the config dtype, or block FP8 with its scales."""
+    fp8_block_size: list[int] | None = None
+    """`weight_block_size` of a block-FP8 checkpoint; its scales are checked like any tensor."""
     values_scanned: bool = False
     """True when every tensor's values were read (`--values`)."""
     non_finite: dict[str, int] = field(default_factory=dict)
     """Tensor name -> number of NaN or Inf values (only with `values_scanned`)."""
     all_zero: list[str] = field(default_factory=list)
+    bad_scales: dict[str, str] = field(default_factory=dict)
+    """FP8 scale name -> its zero or non-finite entries (only with `values_scanned`): a weight it scales is lost."""
 
     @property
     def ok(self) -> bool:
         return not (
             self.missing or self.unexpected or self.wrong_shape or self.file_problems or self.wrong_dtype
-            or self.non_finite or self.all_zero
+            or self.non_finite or self.all_zero or self.bad_scales
         )  # fmt: skip
 
     def problems(self) -> list[str]:
@@ -204,6 +213,7 @@ class InspectionReport:
             + [f"unexpected {name} {_shape(shape)}" for name, shape in self.unexpected.items()]
             + [f"non-finite values in {name}: {count:,} NaN or Inf" for name, count in self.non_finite.items()]
             + [f"all-zero tensor {name}" for name in self.all_zero]
+            + [f"bad scale {name}: {what}" for name, what in self.bad_scales.items()]
             + self.file_problems
         )
 
@@ -372,14 +382,23 @@ def dtype_rules(config: Step3Config | Step3VLConfig) -> list[DtypeRule]:
     if quantization.get("quant_method") != "fp8":
         return []
     float8 = FLOAT8_FORMATS.get(str(quantization.get("fmt", "e4m3")), "F8_E4M3")
-    return [DtypeRule("*", (float8, stored), f"fp8 quantization_config, config dtype {name}")]
+    return [
+        DtypeRule("*" + SCALE_SUFFIX, ("F32",), "fp8 weight_scale_inv"),
+        DtypeRule("fp8-quantized", (float8,), "fp8 quantization_config"),
+        DtypeRule("*", (stored,), f"config dtype {name}, kept unquantized in fp8"),
+    ]
+
+
+def _rule_matches(rule: DtypeRule, name: str) -> bool:
+    # "fp8-quantized" names the weights the FP8 layout stores as float8 (`fp8.is_quantized_weight`).
+    return is_quantized_weight(name) if rule.pattern == "fp8-quantized" else fnmatch.fnmatchcase(name, rule.pattern)
 
 
 def check_dtypes(tensors: list[TensorHeader], rules: list[DtypeRule]) -> list[DtypeMismatch]:
     """Every tensor that a rule covers and whose dtype the rule does not allow."""
     mismatches = []
     for t in tensors:
-        rule = next((r for r in rules if fnmatch.fnmatchcase(t.name, r.pattern)), None)
+        rule = next((r for r in rules if _rule_matches(r, t.name)), None)
         if rule is not None and t.dtype not in rule.dtypes:
             mismatches.append(DtypeMismatch(t.name, rule.dtypes, t.dtype, t.file, rule.source))
     return mismatches
@@ -387,8 +406,9 @@ def check_dtypes(tensors: list[TensorHeader], rules: list[DtypeRule]) -> list[Dt
 
 def scan_values(
     files: list[Path], progress: bool | None = None
-) -> tuple[dict[str, int], list[str], list[str]]:
-    """Read every tensor of `files` once and return (name -> NaN/Inf count, all-zero names, unreadable files).
+) -> tuple[dict[str, int], list[str], list[str], dict[str, int]]:
+    """Read every tensor of `files` once and return (name -> NaN/Inf count, all-zero names, unreadable files,
+    FP8 scale name -> number of zero entries).
 
     safetensors maps the file; each tensor is read in slices of at most `VALUE_CHUNK_BYTES` along its first axis,
     so memory stays bounded however large the tensor. `progress`: a tqdm bar on stderr (None: only for
@@ -405,24 +425,27 @@ def scan_values(
     non_finite: dict[str, int] = {}
     all_zero: list[str] = []
     unreadable: list[str] = []
+    zero_scales: dict[str, int] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading values", disable=disable, file=sys.stderr) as bar:
         for file in files:
             try:
                 with safe_open(file, framework="pt") as handle:
                     for name in handle.keys():
-                        bad, nonzero, nbytes = _scan_tensor(handle, name, torch)
+                        bad, nonzero, nbytes, zeros = _scan_tensor(handle, name, torch)
                         if bad:
                             non_finite[name] = bad
                         if not nonzero:
                             all_zero.append(name)
+                        if zeros and name.endswith(SCALE_SUFFIX):
+                            zero_scales[name] = zeros
                         bar.update(nbytes)
             except Exception as err:  # safetensors raises its own error types; any of them means unreadable data
                 unreadable.append(f"{file.name}: tensor data could not be read ({type(err).__name__}: {err})")
-    return non_finite, all_zero, unreadable
+    return non_finite, all_zero, unreadable, zero_scales
 
 
-def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int]:
-    """(NaN/Inf count, whether any value is non-zero, bytes read) of one tensor, read slice by slice."""
+def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int, int]:
+    """(NaN/Inf count, whether any value is non-zero, bytes read, zero count) of one tensor, slice by slice."""
     view = handle.get_slice(name)
     shape = view.get_shape()
     itemsize = DTYPE_BYTES.get(view.get_dtype(), 1)
@@ -432,7 +455,7 @@ def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int]:
         row = max(1, math.prod(shape[1:]) * itemsize)
         step = max(1, VALUE_CHUNK_BYTES // row)
         chunks = (view[start : start + step] for start in range(0, shape[0], step))
-    bad, nonzero, nbytes = 0, False, 0
+    bad, nonzero, nbytes, zeros = 0, False, 0, 0
     for chunk in chunks:
         nbytes += chunk.numel() * chunk.element_size()
         if chunk.is_floating_point():
@@ -440,7 +463,8 @@ def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int]:
                 chunk = chunk.float()
             bad += int((~torch.isfinite(chunk)).sum())
         nonzero = nonzero or bool(chunk.any())
-    return bad, nonzero, nbytes
+        zeros += int((chunk == 0).sum())
+    return bad, nonzero, nbytes, zeros
 
 
 def index_problems(tensors: list[TensorHeader], weight_map: dict[str, str]) -> list[str]:
@@ -468,7 +492,13 @@ def compare_tensors(
     sharded: bool = False,
 ) -> InspectionReport:
     """Check tensor headers against the official layout of `config` (header-level API, no files needed)."""
-    expected = official_tensor_shapes(config.get_text_config())
+    text = config.get_text_config()
+    try:
+        block_size = fp8_block_size(config)
+    except Fp8LayoutError as err:
+        raise CheckpointError(f"{CONFIG_FILE}: {err}") from err
+    text_layout = fp8_tensor_shapes(text, block_size) if block_size else official_tensor_shapes(text)
+    expected = text_layout
     dtypes: dict[str, DtypeUsage] = {}
     for t in tensors:
         usage = dtypes.get(t.dtype, DtypeUsage(0, 0))
@@ -505,15 +535,34 @@ def compare_tensors(
                 continue
         else:
             report.text_tensors += 1
-            report.text_parameters += t.numel
+            if not (block_size and t.name.endswith(SCALE_SUFFIX)):
+                report.text_parameters += t.numel
         if t.name not in expected:
             report.unexpected[t.name] = t.shape
         elif t.shape != expected[t.name]:
             report.wrong_shape.append(ShapeMismatch(t.name, expected[t.name], t.shape, t.file))
     report.missing = {name: shape for name, shape in expected.items() if name not in seen}
+    report.bytes_on_disk = sum(t.nbytes for t in tensors)
+    report.bytes_expected = expected_bytes(config, text_layout)
+    report.fp8_block_size = list(block_size) if block_size else None
     report.dtype_rules = dtype_rules(config)
     report.wrong_dtype = check_dtypes([t for t in seen.values() if t.name in expected], report.dtype_rules)
     return report
+
+
+def expected_bytes(config: Step3Config | Step3VLConfig, layout: dict[str, tuple[int, ...]]) -> int:
+    """Bytes of the tensors `layout` (a language-model layout) plus the vision tower, in the config's dtype (bf16
+    when it names none); FP8 weights take one byte per value and their scales four."""
+    dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+    itemsize = DTYPE_BYTES.get(CONFIG_DTYPES.get(str(dtype).removeprefix("torch."), "BF16"), 2)
+    quantized = fp8_block_size(config) is not None
+    total = 0
+    for name, shape in layout.items():
+        each = 4 if name.endswith(SCALE_SUFFIX) else 1 if quantized and is_quantized_weight(name) else itemsize
+        total += math.prod(shape) * each
+    if getattr(config, "vision_config", None) is not None:
+        total += count_vision_parameters(config) * itemsize
+    return total
 
 
 def inspect_checkpoint(directory: str | Path, values: bool = False, progress: bool | None = None) -> InspectionReport:
@@ -536,8 +585,12 @@ def inspect_checkpoint(directory: str | Path, values: bool = False, progress: bo
     if values:
         # A truncated shard is already a problem, and safetensors refuses to map it.
         readable = [file for file, shard in zip(files, shards) if shard.truncation is None]
-        report.non_finite, report.all_zero, unreadable = scan_values(readable, progress)
+        report.non_finite, report.all_zero, unreadable, zero_scales = scan_values(readable, progress)
         report.file_problems += unreadable
+        for name in sorted({*zero_scales, *(n for n in report.non_finite if n.endswith(SCALE_SUFFIX))}):
+            what = [f"{zero_scales[name]:,} zero" if name in zero_scales else "",
+                    f"{report.non_finite[name]:,} NaN or Inf" if name in report.non_finite else ""]  # fmt: skip
+            report.bad_scales[name] = ", ".join(w for w in what if w) + " entries"
         report.values_scanned = True
     return report
 
@@ -579,6 +632,14 @@ def format_report(report: InspectionReport) -> str:
             "; ".join(f"{_dtypes(r.dtypes)} ({r.source})" for r in report.dtype_rules)
             or "none (the config names no dtype)"
         ),
+        f"  bytes on disk     {human_count(report.bytes_on_disk, 'B')} ({report.bytes_on_disk:,}); the config's "
+        f"layout: {human_count(report.bytes_expected, 'B')} ({report.bytes_expected:,})",
+        "  fp8               "
+        + (
+            f"block FP8 e4m3, weight_block_size {report.fp8_block_size}, scales checked by name and shape"
+            if report.fp8_block_size
+            else "no (unquantized)"
+        ),
         "  values            "
         + ("every tensor read" if report.values_scanned else "not read (headers only; --values reads them)"),
     ]
@@ -606,6 +667,9 @@ def format_report(report: InspectionReport) -> str:
     if report.all_zero:
         lines.append(f"  ALL-ZERO ({len(report.all_zero)}):")
         lines += [f"    {name}" for name in report.all_zero]
+    if report.bad_scales:
+        lines.append(f"  BAD SCALES ({len(report.bad_scales)}):")
+        lines += [f"    {name}  {what}" for name, what in report.bad_scales.items()]
     if report.file_problems:
         lines.append(f"  FILE PROBLEMS ({len(report.file_problems)}):")
         lines += [f"    {problem}" for problem in report.file_problems]

@@ -13,9 +13,12 @@ checkpoint filled only in part is refused the same way.
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
+from transformers.utils import logging
 
 from .checkpoint_layout import (
     LM_HEAD,
@@ -24,9 +27,21 @@ from .checkpoint_layout import (
     module_tensor_shapes,
     official_tensor_shapes,
 )
+from .fp8 import (
+    DEFAULT_SHARD_BYTES,
+    MODULES_NOT_CONVERTED,
+    SCALE_SUFFIX,
+    Fp8LayoutError,
+    fp8_block_size,
+    fp8_quantization_config,
+    fp8_tensor_shapes,
+    is_quantized_weight,
+    save_fp8_weights,
+)
 from .inspect_checkpoint import (
     CONFIG_CLASSES,
     CONFIG_FILE,
+    INDEX_FILE,
     CheckpointError,
     checkpoint_files,
     index_problems,
@@ -34,9 +49,17 @@ from .inspect_checkpoint import (
     read_safetensors_header,
 )
 
-__all__ = ["BrokenCheckpointError", "check_checkpoint_files", "check_loaded_model", "from_pretrained_checked"]
+__all__ = [
+    "BrokenCheckpointError",
+    "check_checkpoint_files",
+    "check_loaded_model",
+    "fp8_saving",
+    "from_pretrained_checked",
+    "save_pretrained_fp8",
+]
 
 _SHOWN = 20
+logger = logging.get_logger(__name__)
 
 
 class BrokenCheckpointError(ValueError):
@@ -71,10 +94,12 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
     """
     directory = Path(directory)
     try:
-        config = load_config(directory).get_text_config()
+        full_config = load_config(directory)
+        config = full_config.get_text_config()
+        block_size = fp8_block_size(full_config)
         files, weight_map = checkpoint_files(directory)
         shards = [read_safetensors_header(file) for file in files]
-    except CheckpointError as err:
+    except (CheckpointError, Fp8LayoutError) as err:
         raise BrokenCheckpointError(f"{directory} is not a usable Step-3 checkpoint: {err}") from err
 
     tensors = [t for shard in shards for t in shard.tensors if not is_vision_tensor(t.name)]
@@ -87,7 +112,11 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
             problems.append(f"{t.name} is stored twice")
         on_disk[t.name] = t.shape
 
-    full = [official_tensor_shapes(config), module_tensor_shapes(config)]
+    if block_size is not None:  # block FP8: the official names only, each quantized weight with its scale
+        full = [fp8_tensor_shapes(config, block_size)]
+        problems += fp8_problems([t for t in tensors], block_size)
+    else:
+        full = [official_tensor_shapes(config), module_tensor_shapes(config)]
     layouts = full + [base_model_layout(shapes) for shapes in full]
     expected = max(layouts, key=lambda layout: len(layout.keys() & on_disk.keys()))
     if expected.keys() & on_disk.keys():
@@ -99,8 +128,38 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
                 for name, shape in on_disk.items()
                 if name in expected and shape != expected[name]
             ]
+    if block_size is None:
+        problems += [f"{t.name} is a block-FP8 scale, but {CONFIG_FILE} has no fp8 quantization_config"
+                     for t in tensors if t.name.endswith(SCALE_SUFFIX)]  # fmt: skip
+    else:
+        problems += [f"unexpected {t.name} {_shape(t.shape)}" for t in tensors
+                     if t.name.endswith(SCALE_SUFFIX) and t.name not in expected]  # fmt: skip
     if problems:
         _raise_broken(directory, problems)
+
+
+def fp8_problems(tensors: list, block_size: tuple[int, int]) -> list[str]:
+    """What transformers' FP8 loading cannot take from headers that otherwise fit the layout: a quantized weight or
+    scale of the wrong dtype, and a quantized dimension that is not a whole number of blocks (transformers derives
+    the block from the scale grid, and the fused gate/up experts need whole tiles; the release's are all whole)."""
+    problems = []
+    for t in tensors:
+        base = t.name.removesuffix(SCALE_SUFFIX)
+        if not is_quantized_weight(base):
+            continue
+        if t.name.endswith(SCALE_SUFFIX):
+            if t.dtype != "F32":
+                problems.append(f"wrong dtype {t.name}: expected F32, found {t.dtype}")
+            continue
+        if t.dtype != "F8_E4M3":
+            problems.append(f"wrong dtype {t.name}: expected F8_E4M3, found {t.dtype}")
+        rows, cols = t.shape[-2:] if len(t.shape) >= 2 else (0, 0)
+        if rows % block_size[0] or cols % block_size[1]:
+            problems.append(
+                f"partial FP8 tiles in {t.name} {_shape(t.shape)}: transformers' FP8 loading needs each quantized "
+                f"dimension to be a multiple of weight_block_size {list(block_size)}"
+            )
+    return problems
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -125,19 +184,101 @@ def check_loaded_model(model: nn.Module, missing_keys: set[str] | list[str], sou
         )
 
 
-def from_pretrained_checked(load: Callable, pretrained_model_name_or_path, *args, **kwargs):
-    """`load(pretrained_model_name_or_path, *args, **kwargs)` (transformers' `from_pretrained`) with the checks."""
+@dataclass(frozen=True)
+class Fp8Saving:
+    """How a model loaded from a block-FP8 checkpoint is saved: its block size, and the checkpoint it came from
+    (whose bytes are reused for every weight still equal to them)."""
+
+    block_size: tuple[int, int]
+    source: Path | None
+
+
+def from_pretrained_checked(load: Callable, pretrained_model_name_or_path, *args, config_class=None, **kwargs):
+    """`load(pretrained_model_name_or_path, *args, **kwargs)` (transformers' `from_pretrained`) with the checks.
+
+    A local block-FP8 checkpoint whose `quantization_config` names no `modules_to_not_convert` gets Step-3's list
+    (`fp8.MODULES_NOT_CONVERTED`), so that transformers' FP8 linears replace only what the checkpoint quantized."""
     local = (
         isinstance(pretrained_model_name_or_path, (str, os.PathLike))
         and kwargs.get("gguf_file") is None
         and kwargs.get("use_safetensors") is not False
     )
     directory = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "") if local else None
+    block_size = None
     if directory is not None and directory.is_dir() and _is_step3_directory(directory):
         check_checkpoint_files(directory, check_shapes=not kwargs.get("ignore_mismatched_sizes", False))
+        block_size = fp8_block_size(load_config(directory))
+        if block_size is not None and kwargs.get("config") is None and config_class is not None:
+            config = config_class.from_pretrained(directory)
+            quantization = config.quantization_config
+            quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+            if not quantization.get("modules_to_not_convert"):
+                config.quantization_config = {**quantization, "modules_to_not_convert": list(MODULES_NOT_CONVERTED)}
+                kwargs["config"] = config
 
     output_loading_info = kwargs.pop("output_loading_info", False)
     model, loading_info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
     if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
         check_loaded_model(model, loading_info["missing_keys"], pretrained_model_name_or_path)
+    if block_size is not None:
+        model._step3_fp8_saving = Fp8Saving(block_size, directory.resolve())
+        _cast_unquantized(model, kwargs.get("dtype", kwargs.get("torch_dtype")))
+        from .kernels.fp8_linear import use_fp8_kernels
+
+        if use_fp8_kernels(model):
+            logger.info("Step-3 FP8: float8 weights kept; linears compute through step3_hf.kernels.fp8_linear")
     return (model, loading_info) if output_loading_info else model
+
+
+def _cast_unquantized(model: nn.Module, dtype) -> None:
+    """Give the checkpoint's bf16 tensors the dtype asked for. transformers 5.17 passes the tensors that its FP8
+    dequantizing converter matches without a scale (the router) through in their stored dtype."""
+    if not isinstance(dtype, torch.dtype):
+        return
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.element_size() > 1 and param.dtype != dtype:
+            if not name.endswith(SCALE_SUFFIX):
+                param.data = param.data.to(dtype)
+
+
+def fp8_saving(model: nn.Module) -> Fp8Saving | None:
+    """The FP8 saving plan of a model loaded from a block-FP8 checkpoint (dequantized or not), else None."""
+    plan = getattr(model, "_step3_fp8_saving", None)
+    if plan is not None:
+        return plan
+    try:
+        block_size = fp8_block_size(model.config)
+    except Fp8LayoutError:
+        return None  # another quantization method: transformers saves it
+    return Fp8Saving(block_size, None) if block_size is not None else None
+
+
+def save_pretrained_fp8(model: nn.Module, save: Callable, save_directory, plan: Fp8Saving, *args, **kwargs):
+    """transformers' `save` for everything but the weights (config, generation config, hub upload is not done:
+    `push_to_hub` is refused), then the weights in the official block-FP8 layout (`fp8.save_fp8_weights`)."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("push_to_hub is not supported when saving a Step-3 FP8 model; save, then upload the folder")
+    directory = Path(save_directory)
+    source = plan.source
+    if source is not None and directory.exists() and directory.resolve() == source:
+        source = None  # overwriting the source itself: nothing left to compare with
+    max_shard = kwargs.pop("max_shard_size", None)
+    save(save_directory, *args, state_dict={}, **kwargs)
+    for written in [*directory.glob("*.safetensors"), directory / INDEX_FILE]:
+        written.unlink(missing_ok=True)
+    save_fp8_weights(model, directory, plan.block_size, source=source, max_shard_bytes=_shard_bytes(max_shard))
+    config_path = directory / CONFIG_FILE
+    raw = json.loads(config_path.read_text())
+    raw["quantization_config"] = fp8_quantization_config(plan.block_size)
+    config_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _shard_bytes(max_shard_size) -> int:
+    """transformers' `max_shard_size` (an int of bytes or a string such as "5GB") in bytes."""
+    if max_shard_size is None:
+        return DEFAULT_SHARD_BYTES
+    if isinstance(max_shard_size, int):
+        return max_shard_size
+    from transformers.utils.hub import convert_file_size_to_int
+
+    return convert_file_size_to_int(max_shard_size)

@@ -38,7 +38,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_layout import VISION_PREFIXES, VISION_TENSOR_PATTERNS, checkpoint_conversion_mapping
 from .configuration_step3 import Step3Config, Step3VLConfig
-from .loading import from_pretrained_checked
+from .loading import fp8_saving, from_pretrained_checked, save_pretrained_fp8
 
 logger = logging.get_logger(__name__)
 
@@ -414,8 +414,19 @@ class Step3PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         # transformers' loading, whose missing and unexpected weights are reported, not refused; a broken Step-3
-        # checkpoint (files that contradict each other or the config) fails loudly, naming the tensor.
-        return from_pretrained_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        # checkpoint (files that contradict each other or the config) fails loudly, naming the tensor. A block-FP8
+        # checkpoint goes through transformers' fine-grained FP8 support (`step3_hf.fp8`).
+        return from_pretrained_checked(
+            super().from_pretrained, pretrained_model_name_or_path, *args, config_class=cls.config_class, **kwargs
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`; a model loaded from a block-FP8 checkpoint is written back in that layout
+        (unchanged weights byte for byte, also after a dequantizing load on CPU; changed ones quantized afresh)."""
+        fp8 = fp8_saving(self)
+        if fp8 is None or kwargs.get("state_dict") is not None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return save_pretrained_fp8(self, super().save_pretrained, save_directory, fp8, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention is None:

@@ -196,3 +196,34 @@ def synthetic_corpus(num_sentences: int, *, seed: int = 0) -> list[str]:
         return words[int(torch.randint(len(words), (1,), generator=generator))]
 
     return [f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)} {pick(_PLACES)}." for _ in range(num_sentences)]
+
+
+# Tiny FP8 checkpoints use 16x16 tiles (the release: 128x128); `TINY_FP8_CONFIG` makes every quantized dimension a
+# whole number of tiles, as transformers' FP8 loading needs (the release's are too).
+TINY_FP8_BLOCK_SIZE = (16, 16)
+TINY_FP8_CONFIG = dict(moe_intermediate_size=32, share_expert_dim=32)
+
+
+def write_tiny_fp8_checkpoint(
+    path: str | Path,
+    *,
+    vl: bool = True,
+    seed: int = 0,
+    block_size: tuple[int, int] = TINY_FP8_BLOCK_SIZE,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **overrides,
+) -> Path:
+    """A tiny random Step-3 checkpoint in the official block-FP8 layout: float8 e4m3 weights with float32
+    `weight_scale_inv` per `block_size` tile (partial tiles at the edges where a dimension is not a multiple),
+    bf16 for the tensors `fp8.UNQUANTIZED` lists, `quantization_config` in `config.json`.
+
+    `state_dict`: official-name float tensors to quantize (default: `random_official_state_dict`, in bf16)."""
+    from .fp8 import fp8_quantization_config, quantize_state_dict
+
+    text_config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG, **overrides})
+    config = Step3VLConfig(text_config=text_config, image_token_id=3) if vl else text_config
+    if state_dict is None:
+        state_dict = random_official_state_dict(text_config, seed=seed, dtype=torch.bfloat16)
+    state = dict(quantize_state_dict(state_dict.items(), block_size))
+    config.quantization_config = fp8_quantization_config(block_size)
+    return write_official_checkpoint(path, state, config)

@@ -158,3 +158,86 @@ def test_cuda_out_of_vocabulary_id_is_a_value_error_and_the_context_survives(tmp
             model.generate(torch.tensor(bad, dtype=torch.long, device="cuda").reshape(1, -1), **kwargs)
     torch.cuda.synchronize()
     assert model.generate(good, **kwargs).tolist() == before.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ block FP8
+
+FP8_CONFIG = dict(hidden_size=256, head_dim=128, num_attention_heads=4, share_q_dim=128, intermediate_size=256,
+                  moe_intermediate_size=128, share_expert_dim=128)  # fmt: skip  every quantized width: whole 128 tiles
+
+
+def fp8_checkpoint(path, seed: int = 0):
+    from step3_hf.tiny_checkpoint import write_tiny_fp8_checkpoint
+
+    config = Step3Config(**{**TINY_CONFIG, **FP8_CONFIG})
+    state = random_official_state_dict(config, seed=seed, std=0.08, dtype=torch.bfloat16)
+    write_tiny_fp8_checkpoint(path, state_dict=state, vl=False, block_size=(128, 128), **FP8_CONFIG)
+    return config
+
+
+def dequantized_official_state(path):
+    from safetensors.torch import load_file
+
+    from step3_hf.fp8 import dequantize_block_fp8
+
+    tensors = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return {
+        name: dequantize_block_fp8(t, tensors[name + "_scale_inv"], (128, 128), torch.float64)
+        if name + "_scale_inv" in tensors else t.double()
+        for name, t in tensors.items() if not name.endswith("_scale_inv")
+    }  # fmt: skip
+
+
+def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_reference(tmp_path):
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from step3_hf.kernels import MOE_DECODE_EXPERTS, Step3FP8Linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 compute needs compute capability 8.9+")
+    config = fp8_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda").eval()
+    attention = model.model.layers[0].self_attn
+    assert type(attention.q_proj) is Step3FP8Linear and attention.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert type(model.model.layers[0].mlp.down_proj) is Step3FP8Linear
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, FP8Experts) and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert model.config.get_text_config()._experts_implementation == MOE_DECODE_EXPERTS
+    reference_state = dequantized_official_state(tmp_path)
+    for length in (1, 64):  # decode-sized (moe_decode on float8 experts) and prefill-sized (per-expert GEMMs)
+        input_ids = torch.randint(3, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            logits = model(input_ids.cuda()).logits.double().cpu()
+        reference = step3_logits(reference_state, config, input_ids)
+        # bf16 activations quantized to e4m3 per 128 columns for the cuBLAS GEMMs: FP8-sized error.
+        assert ((logits - reference).norm() / reference.norm()).item() < 6e-2, length
+
+
+def test_fp8_save_on_cuda_is_byte_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    fp8_checkpoint(tmp_path / "fp8")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cuda")
+    model.save_pretrained(tmp_path / "saved")
+    written = {k: v for f in (tmp_path / "fp8").glob("*.safetensors") for k, v in load_file(f).items()}
+    saved = {k: v for f in (tmp_path / "saved").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert saved.keys() == written.keys()
+    for name, tensor in written.items():
+        assert saved[name].dtype == tensor.dtype and torch.equal(saved[name].view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_fp8_block_linear_cublas_path_matches_dequantized_weights():
+    from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
+    from step3_hf.kernels import fp8_block_linear
+    from step3_hf.kernels.fp8_linear import scaled_mm_supported
+
+    generator = torch.Generator().manual_seed(0)
+    weight, scale = quantize_block_fp8(torch.randn(384, 512, generator=generator) * 0.05, (128, 128))
+    x = torch.randn(37, 512, generator=generator).bfloat16()  # 37 rows: padded to a multiple of 4 inside
+    weight, scale = weight.cuda(), scale.cuda()
+    if not scaled_mm_supported(weight, (128, 128)):
+        pytest.skip("cuBLAS block-scaled FP8 GEMM needs compute capability 9.0+")
+    out = fp8_block_linear(x.cuda(), weight, scale, (128, 128)).double().cpu()
+    reference = x.double() @ dequantize_block_fp8(weight.cpu(), scale.cpu(), (128, 128), torch.float64).T
+    assert out.shape == (37, 384)
+    assert ((out - reference).norm() / reference.norm()).item() < 3e-2

@@ -490,21 +490,42 @@ def test_tensor_of_another_dtype_than_the_config_is_named(tmp_path, capsys, spel
     assert "model.norm.weight  expected BF16 (config dtype bfloat16), found I32 in model-0000" in out
 
 
-def test_fp8_quantization_config_allows_float8_or_the_config_dtype(tmp_path, capsys):
-    # The FP8 release's exact layout (which tensors stay bf16, scale names) is not pinned: the rule is loose.
-    state = {name: t.to(torch.bfloat16) for name, t in good_state().items()}
-    for name in state:
-        if name.endswith("_proj.weight"):
-            state[name] = state[name].to(torch.float8_e4m3fn)
-    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    bf16_checkpoint(tmp_path, state, quantization_config=fp8)
-    code, report = run_json(tmp_path, capsys)
+def fp8_checkpoint_with_dtype(path: Path, edit=None) -> Path:
+    """A tiny block-FP8 checkpoint (one file) whose config names dtype bfloat16, with `edit(tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    from step3_hf.tiny_checkpoint import write_tiny_fp8_checkpoint
+
+    source = write_tiny_fp8_checkpoint(path / "source", vl=False)
+    tensors = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    if edit is not None:
+        edit(tensors)
+    target = path / "edited"
+    target.mkdir(exist_ok=True)
+    save_file(tensors, target / "model.safetensors")
+    raw = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**raw, "dtype": "bfloat16"}))
+    return target
+
+
+def test_fp8_dtype_rules_follow_the_layout(tmp_path, capsys):
+    # Quantized weights float8, their scales float32, everything else (norms, router, embeddings) the config dtype.
+    code, report = run_json(fp8_checkpoint_with_dtype(tmp_path), capsys)
     assert code == 0, report["wrong_dtype"]
-    assert report["dtype_rules"][0]["dtypes"] == ["F8_E4M3", "BF16"]
-    state["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
-    bf16_checkpoint(tmp_path, state, quantization_config=fp8)
-    code, report = run_json(tmp_path, capsys)
-    assert code == 1 and [m["name"] for m in report["wrong_dtype"]] == ["model.norm.weight"]
+    assert [r["dtypes"] for r in report["dtype_rules"]] == [["F32"], ["F8_E4M3"], ["BF16"]]
+
+    def edit(tensors):
+        tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+        tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].bfloat16()
+        tensors["model.layers.0.self_attn.q_proj.weight_scale_inv"] = torch.ones(2, 4, dtype=torch.bfloat16)
+
+    code, report = run_json(fp8_checkpoint_with_dtype(tmp_path, edit), capsys)
+    wrong = {m["name"]: (m["expected"], m["found"]) for m in report["wrong_dtype"]}
+    assert code == 1 and wrong == {
+        "model.norm.weight": (["BF16"], "I32"),
+        "model.layers.0.self_attn.q_proj.weight": (["F8_E4M3"], "BF16"),
+        "model.layers.0.self_attn.q_proj.weight_scale_inv": (["F32"], "BF16"),
+    }
 
 
 def test_unknown_config_dtype_exits_2(tmp_path, capsys):
@@ -547,18 +568,17 @@ def test_values_names_non_finite_and_all_zero_tensors(tmp_path, capsys):
 
 
 def test_values_of_a_clean_checkpoint_are_ok_including_float8(tmp_path, capsys):
-    state = {name: t.to(torch.bfloat16) for name, t in good_state().items()}
-    state["model.layers.1.moe.gate_proj.weight"] = state["model.layers.1.moe.gate_proj.weight"].to(torch.float8_e4m3fn)
-    bf16_checkpoint(tmp_path, state, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
-    code = main([str(tmp_path), "--values"])
+    path = fp8_checkpoint_with_dtype(tmp_path)
+    code = main([str(path), "--values"])
     out = capsys.readouterr().out
     assert code == 0 and "every tensor read" in out and "no NaN, Inf or all-zero tensor" in out
 
-    nan8 = state["model.layers.1.moe.gate_proj.weight"].float()
-    nan8[0, 0, :2] = float("nan")
-    state["model.layers.1.moe.gate_proj.weight"] = nan8.to(torch.float8_e4m3fn)
-    bf16_checkpoint(tmp_path, state, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
-    report = inspect_checkpoint(tmp_path, values=True)
+    def poison(tensors):
+        nan8 = tensors["model.layers.1.moe.gate_proj.weight"].float()
+        nan8[0, 0, :2] = float("nan")
+        tensors["model.layers.1.moe.gate_proj.weight"] = nan8.to(torch.float8_e4m3fn)
+
+    report = inspect_checkpoint(fp8_checkpoint_with_dtype(tmp_path, poison), values=True)
     assert report.non_finite == {"model.layers.1.moe.gate_proj.weight": 2}
 
 

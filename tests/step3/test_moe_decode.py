@@ -330,3 +330,63 @@ def test_cuda_graph_capture_without_host_syncs(step3_expert_weights):
         torch.cuda.synchronize()
     reference = reference_by_expert(new_x, new_index, new_weights, gate_up, down)
     assert relative_error(out, reference) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ block-FP8 experts
+
+
+def fp8_experts(hidden, inter, num_experts, block_size, device, seed):
+    """Random experts quantized to block FP8, and the same weights dequantized in float64 (the reference's)."""
+    from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
+
+    _, _, _, gate_up, down = random_experts(2, hidden, inter, num_experts, 2, torch.float32, "cpu", seed)
+    quantized = [quantize_block_fp8(w, block_size) for w in (gate_up, down)]
+    exact = [dequantize_block_fp8(q, s, block_size, torch.float64) for q, s in quantized]
+    on_device = [(q.to(device), s.to(device)) for q, s in quantized]
+    return on_device, exact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
+    # hidden 72 with 16 x 16 tiles: a partial tile column in gate_up and a masked K tail; 20 tokens x top-3 over 8
+    # experts, one expert's rows crossing a 16-row block.
+    block = (16, 16)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(72, 32, 8, block, device, 3)
+    x, index, weights, _, _ = random_experts(20, 72, 32, 8, 3, dtype, device, seed=4)
+    out = moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                     block_size=block, block_n=16)  # fmt: skip
+    ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
+    assert out.dtype == dtype and relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device):
+    """transformers' own `FP8Experts` with `experts_implementation="moe_decode"`: decode calls take the kernel, calls
+    with a gradient go expert by expert; both equal the dequantized float64 reference."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+
+    config = Step3Config(**{**TINY_CONFIG, "moe_intermediate_size": 32, "hidden_size": 64})
+    config._experts_implementation = MOE_DECODE_EXPERTS
+    block = (16, 16)
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
+    experts = cls(config=config, block_size=block).to(device)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(64, 32, 6, block, device, 5)
+    with torch.no_grad():
+        for name, value in (("gate_up_proj", gate_up), ("gate_up_proj_scale_inv", gate_up_scale),
+                            ("down_proj", down), ("down_proj_scale_inv", down_scale)):  # fmt: skip
+            getattr(experts, name).data = value
+    x, index, weights, _, _ = random_experts(6, 64, 32, 6, 2, torch.float32, device, seed=6)
+    ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
+    calls = []
+    original = experts_module.moe_decode
+    experts_module.moe_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            decoded = experts(x, index, weights)
+        by_expert = experts(x.requires_grad_(), index, weights)
+    finally:
+        experts_module.moe_decode = original
+    assert calls == [1]  # only the no-grad call took the kernel
+    assert relative_error(decoded, ref) < 1e-5 and relative_error(by_expert.detach(), ref) < 1e-5

@@ -1,5 +1,6 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
-that picks between them, a float8 KV cache, a fused-MoE decode kernel, and their transformers hookup
+that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
+linears, and their transformers hookup
 (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"` and `experts_implementation="moe_decode"` with
@@ -9,6 +10,7 @@ transformers.
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
+from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
@@ -21,6 +23,7 @@ from .transformers_attention import (
 from .transformers_experts import (
     MAX_MOE_DECODE_TOKENS,
     MOE_DECODE_EXPERTS,
+    fp8_moe_decode_experts_forward,
     moe_decode_experts_forward,
     register_moe_decode,
 )
@@ -46,4 +49,8 @@ __all__ = [
     "align_pairs_to_blocks",
     "moe_decode",
     "moe_decode_experts_forward",
+    "fp8_moe_decode_experts_forward",
+    "Step3FP8Linear",
+    "fp8_block_linear",
+    "use_fp8_kernels",
 ]

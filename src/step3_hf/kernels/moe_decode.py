@@ -14,7 +14,13 @@ weights, so in the common case (an expert's rows fit one block) every weight byt
 - Kernel 2: `down_proj[e]` `[H, I]` against that buffer, scaled by each pair's routing weight, fp32 `[S, H]`; the
   top-k partial outputs of each token are then summed in fp32.
 
-`transformers_experts.py` registers it with transformers as `experts_implementation="moe_decode"`.
+Block-FP8 expert weights (float8 e4m3 with one float32 `scale_inv` per `[SN, SK]` tile, transformers' `FP8Experts`)
+run through the same kernels: each `BLOCK_K` step lies within one scale column, so a step's float8 tile is widened
+exactly to the activations' dtype, multiplied, and the fp32 partial product scaled per output row; weights are read
+as one byte each.
+
+`transformers_experts.py` registers it with transformers as `experts_implementation="moe_decode"` (also for
+`FP8Experts`).
 With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors (the tests do this).
 """
 
@@ -61,12 +67,27 @@ def _add_product(acc, a, w, DOT_F32: tl.constexpr):
 
 
 @triton_jit
+def _add_scaled_product(acc, a, w, S, rows_ok, k, DOT_F32: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SN: tl.constexpr, SK: tl.constexpr, offs_rows, stride_sn, stride_sk):  # fmt: skip
+    """`acc + a @ w.T`, with block-FP8 `w` widened to `a`'s dtype and the product scaled by each weight row's tile
+    scale for this K step (`S` points at the expert's scales)."""
+    if FP8:
+        scale = tl.load(S + (offs_rows // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=rows_ok, other=0.0)
+        partial = tl.zeros(acc.shape, tl.float32)
+        partial = _add_product(partial, a, w.to(a.dtype), DOT_F32)
+        acc += partial * scale[None, :]
+    else:
+        acc = _add_product(acc, a, w, DOT_F32)
+    return acc
+
+
+@triton_jit
 def _gate_up_swiglu(
-    X, W, SORTED_PAIR, BLOCK_EXPERT, INTER,
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_is, stride_in,
+    X, W, S, SORTED_PAIR, BLOCK_EXPERT, INTER,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_is, stride_in,
     num_pairs, num_experts, hidden, inter, top_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up)."""
     pid_n = tl.program_id(0)
@@ -83,13 +104,18 @@ def _gate_up_swiglu(
     # tiles, multiplied transposed.
     gate_ptrs = W + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     up_ptrs = gate_ptrs + inter * stride_wn
+    scales = S + expert * stride_se
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(hidden, BLOCK_K)):
         k_left = hidden - k * BLOCK_K
         x = _load_k_tile(x_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
-        acc_gate = _add_product(acc_gate, x, _load_k_tile(gate_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
-        acc_up = _add_product(acc_up, x, _load_k_tile(up_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
+        gate = _load_k_tile(gate_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        up = _load_k_tile(up_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        acc_gate = _add_scaled_product(acc_gate, x, gate, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK,
+                                       offs_n, stride_sn, stride_sk)  # fmt: skip
+        acc_up = _add_scaled_product(acc_up, x, up, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK,
+                                     inter + offs_n, stride_sn, stride_sk)  # fmt: skip
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
@@ -101,11 +127,11 @@ def _gate_up_swiglu(
 
 @triton_jit
 def _down_weighted(
-    INTER, W, SORTED_PAIR, BLOCK_EXPERT, ROUTING, OUT,
-    stride_is, stride_in, stride_we, stride_wn, stride_wk, stride_os, stride_oh,
+    INTER, W, S, SORTED_PAIR, BLOCK_EXPERT, ROUTING, OUT,
+    stride_is, stride_in, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_os, stride_oh,
     num_pairs, num_experts, hidden, inter,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights."""
     pid_n = tl.program_id(0)
@@ -119,11 +145,14 @@ def _down_weighted(
 
     a_ptrs = INTER + safe_pair[:, None] * stride_is + offs_k[None, :] * stride_in
     w_ptrs = W + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    scales = S + expert * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
         k_left = inter - k * BLOCK_K
         a = _load_k_tile(a_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
-        acc = _add_product(acc, a, _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K), DOT_F32)
+        w = _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        acc = _add_scaled_product(acc, a, w, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK, offs_n,
+                                  stride_sn, stride_sk)  # fmt: skip
         a_ptrs += BLOCK_K * stride_in
         w_ptrs += BLOCK_K * stride_wk
 
@@ -185,6 +214,9 @@ def moe_decode(
     down_proj: torch.Tensor,
     *,
     activation: str = "silu",
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
     block_m: int | None = None,
     block_n: int = 64,
     block_k: int = 128,
@@ -200,6 +232,9 @@ def moe_decode(
         gate_up_proj: `[E, 2I, H]`, the gate rows first (transformers' concatenated, untransposed layout).
         down_proj: `[E, H, I]`.
         activation: the gate's activation, a transformers name; SiLU only.
+        gate_up_scale, down_scale, block_size: for block-FP8 weights (float8 e4m3 `gate_up_proj` and `down_proj`),
+            their `weight_scale_inv` `[E, ceil(out/b0), ceil(in/b1)]` and `block_size` `(b0, b1)`; `block_k` is then
+            capped to `b1`, which it must divide.
         block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block, default from
             the rows per expert; output columns and reduction depth per program; warps; pipelining depth).
 
@@ -207,7 +242,7 @@ def moe_decode(
         `[T, H]` in `hidden_states`' dtype (products in fp32, the intermediate activation in the weights' dtype).
     """
     others = {"top_k_index": top_k_index, "top_k_weights": top_k_weights, "gate_up_proj": gate_up_proj,
-              "down_proj": down_proj}  # fmt: skip
+              "down_proj": down_proj, "gate_up_scale": gate_up_scale, "down_scale": down_scale}  # fmt: skip
     check_kernel_inputs("moe_decode", "hidden_states", hidden_states, others)
     if activation not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"moe_decode computes SiLU-gated experts ({SUPPORTED_ACTIVATIONS}), not `{activation}`")
@@ -231,7 +266,15 @@ def moe_decode(
         )
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
+    fp8 = gate_up_scale is not None or down_scale is not None or block_size is not None
+    scale_n = scale_k = 1
+    if fp8:
+        block_k, scale_n, scale_k = _check_fp8_experts(
+            gate_up_proj, down_proj, gate_up_scale, down_scale, block_size, block_k
+        )
+        dtypes = {hidden_states.dtype}
+    else:
+        dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
     if len(dtypes) != 1 or hidden_states.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"hidden_states and expert weights must share one of {SUPPORTED_DTYPES}, got {sorted(map(str, dtypes))}"
@@ -239,9 +282,30 @@ def moe_decode(
     if block_m is None:
         block_m = default_block_m(top_k_index.numel(), num_experts)
     return torch.ops.step3_hf.moe_decode(
-        hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj,
-        block_m, block_n, block_k, num_warps, num_stages,
+        hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
+        block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k,
     )  # fmt: skip
+
+
+def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block_size, block_k) -> tuple[int, ...]:
+    """Checks of block-FP8 expert weights; returns the `block_k` the kernels use and the scale tile `(b0, b1)`."""
+    if gate_up_scale is None or down_scale is None or block_size is None:
+        raise ValueError("block-FP8 experts need gate_up_scale, down_scale and block_size together")
+    if gate_up_proj.dtype != torch.float8_e4m3fn or down_proj.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"block-FP8 experts are float8_e4m3fn, got {gate_up_proj.dtype} and {down_proj.dtype}")
+    b0, b1 = (int(b) for b in block_size)
+    num_experts, two_inter, hidden = gate_up_proj.shape
+    for name, weight, scale in (("gate_up_scale", gate_up_proj, gate_up_scale), ("down_scale", down_proj, down_scale)):
+        expected = (num_experts, -(-weight.shape[1] // b0), -(-weight.shape[2] // b1))
+        if tuple(scale.shape) != expected or scale.dtype != torch.float32:
+            raise ValueError(f"`{name}` must be float32 {expected} for blocks {[b0, b1]}, got {scale.dtype} "
+                             f"{tuple(scale.shape)}")  # fmt: skip
+    if (two_inter // 2) % b0:
+        raise ValueError(f"the fused gate/up rows split inside a scale tile: intermediate {two_inter // 2} % {b0}")
+    block_k = min(block_k, b1)
+    if b1 % block_k or block_k < 16:
+        raise ValueError(f"block_k {block_k} must divide the scale tile width {b1} and be at least 16")
+    return block_k, b0, b1
 
 
 # A custom op, so that compiled callers keep the kernels inside their graph instead of breaking it.
@@ -252,11 +316,15 @@ def _moe_decode_op(
     top_k_weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    gate_up_scale: torch.Tensor | None,
+    down_scale: torch.Tensor | None,
     block_m: int,
     block_n: int,
     block_k: int,
     num_warps: int,
     num_stages: int,
+    scale_n: int,
+    scale_k: int,
 ) -> torch.Tensor:
     """The alignment and the two launches behind `moe_decode`, on arguments it has checked."""
     num_tokens, hidden = hidden_states.shape
@@ -270,29 +338,41 @@ def _moe_decode_op(
     sorted_pair_ids, block_expert = align_pairs_to_blocks(top_k_index.reshape(-1), num_experts, block_m)
     num_blocks = block_expert.numel()
     dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
-    launch = dict(num_warps=num_warps, num_stages=num_stages)
+    fp8 = gate_up_scale is not None
+    launch = dict(num_warps=num_warps, num_stages=num_stages, FP8=fp8, SN=scale_n, SK=scale_k, DOT_F32=dot_f32)
+    # Without scales the kernels never read them: any float32 tensor stands in for the pointer.
+    gate_up_scale = gate_up_scale if fp8 else _no_scales(device)
+    down_scale = down_scale if fp8 else gate_up_scale
 
-    activated = torch.empty(num_pairs, inter, dtype=gate_up_proj.dtype, device=device)
+    activated = torch.empty(num_pairs, inter, dtype=hidden_states.dtype, device=device)
     _gate_up_swiglu[(triton.cdiv(inter, block_n), num_blocks)](
-        hidden_states, gate_up_proj, sorted_pair_ids, block_expert, activated,
-        *hidden_states.stride(), *gate_up_proj.stride(), *activated.stride(),
+        hidden_states, gate_up_proj, gate_up_scale, sorted_pair_ids, block_expert, activated,
+        *hidden_states.stride(), *gate_up_proj.stride(), *_scale_strides(gate_up_scale), *activated.stride(),
         num_pairs, num_experts, hidden, inter, top_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, DOT_F32=dot_f32, **launch,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
     routing = top_k_weights.reshape(-1)
     partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
-        activated, down_proj, sorted_pair_ids, block_expert, routing, partial,
-        *activated.stride(), *down_proj.stride(), *partial.stride(),
+        activated, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
+        *activated.stride(), *down_proj.stride(), *_scale_strides(down_scale), *partial.stride(),
         num_pairs, num_experts, hidden, inter,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, DOT_F32=dot_f32, **launch,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch,
     )  # fmt: skip
     return partial.view(num_tokens, top_k, hidden).sum(1).to(hidden_states.dtype)  # fp32 sum, then one rounding
 
 
+def _no_scales(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, 1, 1, dtype=torch.float32, device=device)
+
+
+def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
+    return tuple(scale.stride()) if scale.dim() == 3 else (0, 0, 0)
+
+
 @_moe_decode_op.register_fake
-def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, block_m, block_n, block_k, num_warps,
-      num_stages):  # fmt: skip
+def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale, block_m,
+      block_n, block_k, num_warps, num_stages, scale_n, scale_k):  # fmt: skip
     return torch.empty_like(hidden_states)
 
 

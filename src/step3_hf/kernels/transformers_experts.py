@@ -8,6 +8,10 @@ only for inference with up to `MAX_MOE_DECODE_TOKENS` tokens, on a device the ke
 parallelism, other layouts) goes to `grouped_mm_experts_forward`, an inference prefill in slices of at most
 `MAX_GROUPED_MM_TOKENS` tokens so that its temporaries stay bounded. Step-3 models pick it by default where
 `decode_kernel_preferred()` holds.
+
+Block-FP8 experts (transformers' `FP8Experts`, loaded from the FP8 release on a GPU) pick the same name from
+transformers' FP8 experts functions: `fp8_moe_decode_experts_forward` runs the kernel on the float8 weights and their
+scales for decode-sized calls, and larger calls expert by expert through `fp8_linear.fp8_block_linear`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from transformers.utils import logging
 from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, moe_decode
 from .triton_support import kernel_available
 
-__all__ = ["MAX_MOE_DECODE_TOKENS", "MOE_DECODE_EXPERTS", "moe_decode_experts_forward", "register_moe_decode"]
+__all__ = [
+    "MAX_MOE_DECODE_TOKENS",
+    "MOE_DECODE_EXPERTS",
+    "fp8_moe_decode_experts_forward",
+    "moe_decode_experts_forward",
+    "register_moe_decode",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -94,6 +104,53 @@ def _grouped_mm_in_slices(
     return output
 
 
+def fp8_moe_decode_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_implementation="moe_decode"` for transformers' `FP8Experts`: the kernel on float8 weights for
+    decode-sized inference calls, one block-FP8 GEMM per hit expert for the rest."""
+    decode = (
+        kernel_available(hidden_states.device)
+        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        and hidden_states.shape[0] <= MAX_MOE_DECODE_TOKENS
+        and hidden_states.dtype in SUPPORTED_DTYPES
+        and getattr(self, "has_gate", True)
+        and getattr(self, "activation_scheme", "dynamic") == "dynamic"
+        and not getattr(self, "_is_expert_parallel", False)
+    )
+    if decode:
+        return moe_decode(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+            activation=self.config.hidden_act, gate_up_scale=self.gate_up_proj_scale_inv,
+            down_scale=self.down_proj_scale_inv, block_size=self.block_size,
+        )  # fmt: skip
+    return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _fp8_experts_by_expert(
+    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Prefill-sized calls: each hit expert's rows through two block-FP8 GEMMs, summed in fp32."""
+    from .fp8_linear import fp8_block_linear
+
+    output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    tokens, choices = torch.where(top_k_index < experts.num_experts)
+    experts_of_pairs = top_k_index[tokens, choices]
+    for expert in experts_of_pairs.unique().tolist():
+        rows = experts_of_pairs == expert
+        token, choice = tokens[rows], choices[rows]
+        gate_up = fp8_block_linear(hidden_states[token], experts.gate_up_proj[expert],
+                                   experts.gate_up_proj_scale_inv[expert], experts.block_size)  # fmt: skip
+        activated = experts._apply_gate(gate_up)
+        down = fp8_block_linear(activated, experts.down_proj[expert], experts.down_proj_scale_inv[expert],
+                                experts.block_size)  # fmt: skip
+        output.index_add_(0, token, down.float() * top_k_weights[token, choice, None].float())
+    return output.to(hidden_states.dtype)
+
+
 def register_moe_decode() -> None:
-    """Make `experts_implementation="moe_decode"` known to transformers (idempotent)."""
+    """Make `experts_implementation="moe_decode"` known to transformers (idempotent), for bf16 and FP8 experts."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+
     ALL_EXPERTS_FUNCTIONS.register(MOE_DECODE_EXPERTS, moe_decode_experts_forward)
+    ALL_FP8_EXPERTS_FUNCTIONS.register(MOE_DECODE_EXPERTS, fp8_moe_decode_experts_forward)

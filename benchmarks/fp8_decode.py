@@ -1,0 +1,172 @@
+"""Step-3 with block-FP8 weights (the `stepfun-ai/step3-fp8` format) against bf16, each against its own roofline.
+
+`Step3ForCausalLM` with 1 dense + 3 MoE layers at the released widths (7168 hidden, 64x256 MFA heads, 48 experts
+top-3, the real vocab), random bf16 weights, then quantized in memory with `step3_hf.fp8.quantize_model` (128 x 128
+tiles, e4m3, the release's format; embeddings, head, norms and router stay bf16). One model: the bf16 variants run
+first, then the same weights quantized. Reported:
+
+- weight memory, bf16 and FP8 (parameter bytes, scales included);
+- a decode step (one new token per sequence against a static cache prefilled to the context, replayed as a CUDA
+  graph) at each batch x context, in tokens/s, for
+  - bf16: `mfa_decode` attention + `moe_decode` experts (the fastest bf16 path, `decode_step.py`);
+  - fp8: the same kernels with FP8 weights (`moe_decode` on float8 experts, cuBLAS block-scaled GEMMs for the
+    attention projections and the dense and shared MLPs, `step3_hf.kernels.fp8_linear`);
+  - fp8 + fp8 KV: the same with `Float8StaticCache`;
+  - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
+    `kernels` hub package, absent offline, in which case the cell says why), eager;
+- each against its roofline = (weight bytes the step reads + KV bytes) / device-copy bandwidth measured in the same
+  run (routed experts counted with the probability that at least one token of the batch picks them);
+- prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8.
+
+    python benchmarks/fp8_decode.py [--batches 16 64 256] [--contexts 4096 16384] [--prefill 1x4096 4x4096]
+    python benchmarks/fp8_decode.py --quick      # batch 16 and 64 at 4K, prefill 1x2048: under 3 minutes
+
+The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from decode_attention import machine_and_ceiling, timed_per_call
+from decode_step import build_model, decode_step_fn, eager_seconds
+
+from step3_hf import kv_cache_bytes_per_token
+from step3_hf.fp8 import quantize_model
+
+BLOCK_SIZE = (128, 128)
+# name -> (float8 KV cache, experts implementation, CUDA graph)
+BF16_VARIANTS = {"bf16": (False, "moe_decode", True)}
+FP8_VARIANTS = {
+    "fp8": (False, "moe_decode", True),
+    "fp8 + fp8 KV": (True, "moe_decode", True),
+    "fp8, transformers' experts": (False, "grouped_mm", False),
+}
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_bytes(model, batch: int, context: int, float8_kv: bool) -> tuple[float, float]:
+    """(weight bytes one decode step reads, KV cache bytes), from the parameters as they are stored."""
+    config = model.config
+    experts = others = 0.0
+    for name, param in model.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if ".experts." in name:
+            experts += nbytes
+        elif name.endswith("embed_tokens.weight"):
+            others += batch * config.hidden_size * param.element_size()  # only the batch's rows
+        else:
+            others += nbytes
+    hit = 1 - (1 - config.moe_top_k / config.moe_num_experts) ** batch
+    per_value = 1 + 4 / config.head_dim if float8_kv else 2
+    kv = batch * context * kv_cache_bytes_per_token(config, per_value)
+    return others + hit * experts, kv
+
+
+def decode_seconds(model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool) -> float | str:
+    model.set_attn_implementation("mfa_decode")
+    model.set_experts_implementation(experts)
+    step = None
+    try:
+        step = decode_step_fn(model, batch, context, float8_kv, "cuda")
+        with torch.no_grad():
+            return timed_per_call(step, [()]) if graph else eager_seconds(step, reps=3)
+    except Exception as err:  # report it in the table, keep measuring the others
+        return f"{type(err).__name__}: {str(err)[:90]}"
+    finally:
+        del step
+        torch.cuda.empty_cache()
+
+
+def prefill_seconds(model, batch: int, length: int) -> float | str:
+    model.set_attn_implementation("sdpa")
+    model.set_experts_implementation("moe_decode")  # hands prefill-sized calls on (grouped_mm, or FP8 per expert)
+    input_ids = torch.randint(3, model.config.vocab_size, (batch, length), device="cuda")
+    try:
+        with torch.no_grad():
+            return eager_seconds(lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=1), reps=3)
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err)[:90]}"
+    finally:
+        torch.cuda.empty_cache()
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    batch, length = text.lower().split("x")
+    return int(batch), int(length)
+
+
+def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dict, prefill: dict) -> None:
+    for context in args.contexts:
+        for batch in args.batches:
+            row = rows.setdefault((batch, context), {})
+            for name, (float8_kv, experts, graph) in variants.items():
+                seconds = decode_seconds(model, batch, context, float8_kv, experts, graph)
+                weights, kv = step_bytes(model, batch, context, float8_kv)
+                row[name] = (seconds, (weights + kv) / bandwidth)
+                print(f"  B={batch} ctx={context} {name}: {seconds} (roofline {row[name][1] * 1e3:.2f} ms)", flush=True)
+    for shape in args.prefill:
+        prefill[(label, shape)] = prefill_seconds(model, *shape)
+        print(f"  prefill {label} {shape}: {prefill[(label, shape)]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--prefill", type=parse_shape, nargs="+", default=[(1, 4096), (4, 4096)])
+    parser.add_argument("--quick", action="store_true", help="batches 16 64, context 4096, prefill 1x2048")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.contexts, args.prefill = [16, 64], [4096], [(1, 2048)]
+    started = time.time()
+    bandwidth = machine_and_ceiling("fp8_decode.py")
+    model = build_model("cuda")
+    memory = {"bf16": weight_bytes(model)}
+    rows: dict = {}
+    prefill: dict = {}
+    measure(model, "bf16", BF16_VARIANTS, args, bandwidth, rows, prefill)
+
+    quantize_model(model, BLOCK_SIZE)
+    torch.cuda.empty_cache()
+    memory["fp8"] = weight_bytes(model)
+    print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
+          f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
+    measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
+
+    names = [*BF16_VARIANTS, *FP8_VARIANTS]
+    print(f"\nStep-3 widths, 1 dense + 3 MoE layers; weights bf16 {memory['bf16'] / 1e9:.2f} GB, block-FP8 "
+          f"{memory['fp8'] / 1e9:.2f} GB ({memory['fp8'] / memory['bf16']:.3f}x); ceiling {bandwidth / 1e12:.2f} TB/s; "
+          f"run took {time.time() - started:.0f} s\n")  # fmt: skip
+    print("Decode tokens/s (step ms) and time / own roofline:\n")
+    print("| context | batch | " + " | ".join(names) + " | fp8 / bf16 speed-up |")
+    print("|---" * (3 + len(names)) + "|")
+    for (batch, context), row in rows.items():
+        cells = []
+        for name in names:
+            seconds, roof = row[name]
+            if isinstance(seconds, str):
+                cells.append(seconds)
+            else:
+                cells.append(f"{batch / seconds:,.0f} ({seconds * 1e3:.2f} ms, {seconds / roof:.2f}x)")
+        bf16, fp8 = row["bf16"][0], row["fp8"][0]
+        speedup = f"{bf16 / fp8:.2f}x" if not isinstance(bf16, str) and not isinstance(fp8, str) else "n/a"
+        print(f"| {context} | {batch} | " + " | ".join(cells) + f" | {speedup} |")
+    print("\nPrefill tokens/s (ms):\n")
+    print("| shape | bf16 | fp8 |")
+    print("|---|---|---|")
+    for shape in args.prefill:
+        cells = []
+        for label in ("bf16", "fp8"):
+            value = prefill[(label, shape)]
+            cells.append(value if isinstance(value, str) else f"{shape[0] * shape[1] / value:,.0f} ({value * 1e3:.1f})")
+        print(f"| {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

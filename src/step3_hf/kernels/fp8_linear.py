@@ -1,0 +1,120 @@
+"""Block-FP8 linears on the GPU: the attention projections and the dense and shared MLPs of an FP8 Step-3.
+
+transformers' `FP8Linear` (which replaces those `nn.Linear`s when a block-FP8 checkpoint loads on a GPU of compute
+capability 8.9 or higher) computes through the `kernels-community/finegrained-fp8` hub kernel or DeepGEMM, which need
+the `kernels` package and a download. `fp8_block_linear` computes the same product with what torch ships: cuBLAS's
+block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations quantized per token and 128 columns, the
+weight's 128 x 128 scales as they are) on Hopper and later; and, where that does not apply (other block sizes,
+unaligned widths, older GPUs, CPU), the weight dequantized for the call (weight-only FP8), said once in the log.
+`use_fp8_kernels(model)` points a loaded model's `FP8Linear`s at it (`Step3FP8Linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+__all__ = ["Step3FP8Linear", "fp8_block_linear", "scaled_mm_supported", "use_fp8_kernels"]
+
+logger = logging.get_logger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+# cuBLAS's block-scaled FP8 GEMM: 1 x 128 activation groups, 128 x 128 weight tiles.
+CUBLAS_BLOCK = 128
+
+
+def scaled_mm_supported(weight: torch.Tensor, block_size) -> bool:
+    """Whether cuBLAS's block-scaled GEMM computes this weight: CUDA, compute capability 9.0+, 128 x 128 tiles, both
+    widths multiples of 128."""
+    if weight.device.type != "cuda" or not hasattr(F, "scaled_mm") or block_size is None:
+        return False
+    out_features, in_features = weight.shape
+    return (
+        torch.cuda.get_device_capability(weight.device) >= (9, 0)
+        and tuple(block_size) == (CUBLAS_BLOCK, CUBLAS_BLOCK)
+        and in_features % CUBLAS_BLOCK == 0
+        and out_features % CUBLAS_BLOCK == 0
+    )
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[M, K]` -> float8 `[M, K]` and float32 scales `[M, K/128]` (one per token and 128 columns), the scales laid out
+    M-contiguous as cuBLAS reads them."""
+    groups = x.float().unflatten(-1, (-1, CUBLAS_BLOCK))
+    scale = groups.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+    quantized = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).flatten(-2)
+    return quantized, scale.t().contiguous().t()
+
+
+def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    rows = x.shape[0]
+    if rows % 4:  # cuBLAS wants the token count a multiple of 4
+        x = F.pad(x, (0, 0, 0, -rows % 4))
+    a, a_scale = _quantize_activations(x)
+    k_blocks = scale_inv.shape[1]
+    if k_blocks % 4:  # ... and the weight's K blocks a multiple of 4
+        scale_inv = F.pad(scale_inv, (0, -k_blocks % 4))
+    out = F.scaled_mm(
+        a, weight.t(), a_scale, F.ScalingType.BlockWise1x128, scale_inv.t(), F.ScalingType.BlockWise128x128,
+        output_dtype=x.dtype,
+    )  # fmt: skip
+    return out[:rows]
+
+
+def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
+    """`weight * scale_inv` per tile (partial edge tiles cropped), in `dtype`."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.repeat_interleave(block_size[0], -2).repeat_interleave(block_size[1], -1)[..., :rows, :cols]
+    return (weight.to(torch.float32) * scale).to(dtype)
+
+
+def fp8_block_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ (weight * scale_inv).T (+ bias)` for a block-FP8 `weight` `[N, K]` and its `scale_inv`."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
+        out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
+    else:
+        if weight.device.type == "cuda":
+            logger.warning_once(
+                f"FP8 linear {tuple(weight.shape)} with blocks {list(block_size)}: cuBLAS's block-scaled GEMM does "
+                "not apply (it needs compute capability 9.0+, 128 x 128 blocks and widths that are multiples of 128); "
+                "its weights are dequantized at each call instead"
+            )
+        out = F.linear(x, dequantize_weight(weight, scale_inv, block_size, x.dtype))
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*shape[:-1], -1)
+
+
+def _fp8_linear_class():
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    return FP8Linear
+
+
+class Step3FP8Linear(_fp8_linear_class()):
+    """transformers' `FP8Linear` (same parameters, same state dict) computing through `fp8_block_linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight.element_size() > 1:
+            return F.linear(input, self.weight, self.bias)
+        if self.activation_scheme != "dynamic":
+            return super().forward(input)
+        return fp8_block_linear(input, self.weight, self.weight_scale_inv, self.block_size, self.bias)
+
+
+def use_fp8_kernels(model: torch.nn.Module) -> int:
+    """Point every transformers `FP8Linear` of `model` at `fp8_block_linear`; returns how many there were."""
+    fp8_linear = _fp8_linear_class()
+    count = 0
+    for module in model.modules():
+        if type(module) is fp8_linear:
+            module.__class__ = Step3FP8Linear  # a subclass with no state of its own: only `forward` changes
+            count += 1
+    return count
