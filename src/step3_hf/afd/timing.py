@@ -21,6 +21,7 @@ class StepTimes:
     wall_s: float
     phases_s: dict[str, float]
     started_at: float  # time.perf_counter() (CLOCK_MONOTONIC: comparable across processes of one host)
+    host_s: dict[str, float] = field(default_factory=dict)  # host time issuing each phase (launch-bound if ~ phases_s)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class PhaseTimer:
     labels: dict = field(default_factory=dict)  # attached to each phase as it opens (e.g. layer, micro-batch)
     last_trace: list[dict] = field(default_factory=list)
     _open: list[tuple[str, object, object, dict]] = field(default_factory=list)
+    _host: dict[str, float] = field(default_factory=dict)
     _step_start: float | None = None
     first_start: float | None = None  # perf_counter of the first step, to measure the busy share of a run
     last_end: float | None = None
@@ -42,15 +44,17 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
+        host_start = time.perf_counter()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end.record()
         else:
-            start = time.perf_counter()
+            start = host_start
             yield
             end = time.perf_counter()
+        self._host[name] = self._host.get(name, 0.0) + time.perf_counter() - host_start
         self._open.append((name, start, end, dict(self.labels) if self.keep_trace else {}))
 
     def end_step(self) -> None:
@@ -74,7 +78,8 @@ class PhaseTimer:
             ]
         self._open.clear()
         self._step_start = None
-        self.steps.append(StepTimes(wall, phases, self.last_end - wall))
+        self.steps.append(StepTimes(wall, phases, self.last_end - wall, self._host))
+        self._host = {}
 
     def summary(self, skip_first: int = 0) -> dict[str, float]:
         """Mean wall and per-phase time of the steps after the first `skip_first` (the prefill), and over the
