@@ -16,6 +16,16 @@ shared expert 5120) with `--layers` MoE layers, random bf16 weights, a KV cache 
 tokens (decode only). Batches that do not fit on one GPU next to the experts are the point of AFD.
 
     python benchmarks/afd_decode.py --layers 11 --context 1024 --out afd_results
+
+`--connector inprocess` asks instead where each half's time goes, on ONE GPU: both halves in one process
+(`InProcessConnector`), attention (+ norm + router), the wire's FP8 quantisation and the FFN each timed with CUDA
+events per micro-batch and layer, against their rooflines (weights + KV bytes over the measured copy bandwidth) and
+the cost model's prediction, for a static vs dynamic cache and mfa_decode vs sdpa; context 4096, as many of the
+61 layers' attention as fit (the FFN side holds one MoE layer of experts and serves every layer with it):
+
+    python benchmarks/afd_decode.py --connector inprocess --quick --out afd_inprocess \
+        --trace afd_inprocess/trace.json                          # < 4 min on one H100
+    python benchmarks/afd_timeline_svg.py afd_inprocess/trace.json --out docs/img/afd_step_timeline.svg
 """
 
 from __future__ import annotations
@@ -141,8 +151,16 @@ def run_afd(args) -> None:
 
     import torch.distributed as dist
 
-    from step3_hf.afd import Placement, Step3AFDAttentionForCausalLM, Step3FFNShard, WireFormat, serve
-    from step3_hf.afd.exchange import AttentionExchange, ExchangeGroups, FFNExchange
+    from step3_hf.afd import (
+        NcclAttentionConnector,
+        NcclFFNConnector,
+        Placement,
+        Step3AFDAttentionForCausalLM,
+        Step3FFNShard,
+        WireFormat,
+        serve,
+    )
+    from step3_hf.afd.exchange import ExchangeGroups
     from step3_hf.afd.timing import PhaseTimer
     from step3_hf.afd.wire import DispatchLayout
 
@@ -157,7 +175,7 @@ def run_afd(args) -> None:
     if rank == 0:
         model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16,
                                                          attn_implementation=args.attn_implementation)
-        exchange = AttentionExchange(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
+        exchange = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
                                      device=device, timeout_s=120)
         model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
@@ -169,11 +187,12 @@ def run_afd(args) -> None:
                     results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})  # no fit
                     continue
                 model.micro_batches = micro_batches
-                model.timer = PhaseTimer(device)
+                model.timer = exchange.timer = PhaseTimer(device)
                 row = decode(model, config, batch, args.context, args.steps, args.warmup, device)
                 timed = model.timer.steps[args.warmup:]
                 row.update(micro_batches=micro_batches,
-                           attention_ms=1e3 * sum(s.phases_s.get("attention", 0) for s in timed) / len(timed),
+                           attention_ms=1e3 * sum(s.phases_s.get("attention", 0) + s.phases_s.get("wire", 0)
+                                                  for s in timed) / len(timed),
                            wait_ms=1e3 * sum(s.phases_s.get("wait", 0) for s in timed) / len(timed))
                 results["rows"].append(row)
                 torch.cuda.empty_cache()
@@ -181,7 +200,7 @@ def run_afd(args) -> None:
         exchange.close()
     else:
         shard = Step3FFNShard.from_random(config, placement, 0, device=device, dtype=torch.bfloat16)
-        exchange = FFNExchange(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+        exchange = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
                                moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
                                timeout_s=600)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in shard.parameters()) / GIB
@@ -222,7 +241,7 @@ VARIANTS = {
     "dynamic+mfa_decode": ("dynamic", "mfa_decode"),
     "static+sdpa": ("static", "sdpa"),
 }
-QUICK = dict(batches=[128, 512], variants=["static+mfa_decode", "dynamic+mfa_decode"], steps=3, warmup=2)
+QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
             head_dim=16, share_q_dim=32, moe_num_experts=6, moe_top_k=2, moe_intermediate_size=24,
             share_expert_dim=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # the script's own CPU check (--tiny): same code path, toy widths
@@ -342,6 +361,7 @@ def run_inprocess(args) -> None:
         torch.cuda.set_device(device)
         name = torch.cuda.get_device_name(device)
         bandwidth = copy_bandwidth()
+        torch.cuda.empty_cache()  # the copy's 8 GiB go back before the layers that fit are counted
         card = "H200" if "H200" in name else "H100"
     else:
         name, card = "cpu", "H100"
@@ -424,7 +444,7 @@ def run_inprocess(args) -> None:
 
 def inprocess_table(summary: dict, args, card: str) -> str:
     lines = [
-        f"\nOne {summary['device']}, both halves in process (InProcessConnector), Step-3 widths, context "
+        f"\nOne {summary['device']}, both halves in process (InProcessConnector), {'toy' if args.tiny else 'Step-3'} widths, context "
         f"{args.context}, {args.micro_batches} micro-batches, bf16, FP8 wire. Per micro-batch and layer, µs (GPU time, "
         "CUDA events); roofline = bytes / measured copy bandwidth; pred = cost model (planner, "
         f"{card} spec, bf16; FFN at 50% of peak bandwidth)",
