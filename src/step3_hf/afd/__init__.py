@@ -16,6 +16,7 @@ from .exchange import (
     p2p_connector,
 )
 from .ffn_server import Step3FFNMoE, Step3FFNShard, serve
+from .graphs import AttentionGraphs
 from .remote_ffn import RemoteFFN
 from .placement import Placement, Role
 from .session import AFDRank, AFDSettings, start
@@ -26,6 +27,7 @@ __all__ = [
     "AFDSettings",
     "Arrival",
     "AttentionConnector",
+    "AttentionGraphs",
     "FFNConnector",
     "GlooAttentionConnector",
     "GlooFFNConnector",

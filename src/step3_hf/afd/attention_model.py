@@ -27,6 +27,7 @@ from ..modeling_step3 import (
 )
 from .checkpoint import CheckpointReader, module_name, role_of_tensor
 from .connector import AttentionConnector
+from .graphs import AttentionGraphs
 from .pipeline import run_layers
 from .placement import Role
 from .remote_ffn import RemoteFFN
@@ -58,6 +59,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.lm_head = Step3VocabProjection(config.hidden_size, config.vocab_size, bias=False)
         self.connector: AttentionConnector | None = None
         self.micro_batches = 3
+        self.attention_graphs: AttentionGraphs | None = None
         self.timer = PhaseTimer(torch.device("cpu"))
         self.post_init()
 
@@ -122,6 +124,14 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.wire = wire
         return self
 
+    def use_cuda_graphs(self, enabled: bool = True) -> "Step3AFDAttentionForCausalLM":
+        """Replay each layer's and micro-batch's attention phase from a CUDA graph on decode steps with a static
+        cache (`generate(..., cache_implementation="static")`); prefill and other caches run eagerly."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the attention side on a CUDA device; this model is on {self.device}")
+        self.attention_graphs = AttentionGraphs() if enabled else None
+        return self
+
     @property
     def wire(self) -> WireFormat:
         """How the hidden states travel to the FFN side (`fp8` or `raw`)."""
@@ -161,6 +171,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
             cache=cache,
             micro_batches=self.micro_batches,
             timer=self.timer,
+            graphs=self.attention_graphs,
             position_ids=position_ids,
         )
         hidden_states = self.model.norm(hidden_states)

@@ -12,12 +12,17 @@ step: `StaticRowsCache`) or a `DynamicCache` (grown once per layer and step for 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
 from .placement import even_split
 from .timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from .graphs import AttentionGraphs
 
 
 class MicroBatchedCache:
@@ -70,13 +75,14 @@ class StaticRowsCache:
     rows, in place, and attends over a view of its rows; no copy of the cache per step.
 
     Every micro-batch writes at the same positions (the layer's length so far); `commit(layer)` advances the
-    layer's length once all micro-batches have run it. A layer not yet allocated is allocated for the whole batch.
+    layer's length by the forward's `new_tokens` once all micro-batches have run it. A layer not yet allocated is
+    allocated for the whole batch. `update` does only device work, so it can be replayed from a CUDA graph.
     """
 
-    def __init__(self, cache: Cache, batch: int):
+    def __init__(self, cache: Cache, batch: int, new_tokens: int):
         self.cache = cache
         self.batch = batch
-        self._positions: dict[int, tuple[torch.Tensor, int]] = {}
+        self.new_tokens = new_tokens
 
     def rows(self, rows: slice) -> "_RowsOfCache":
         return _RowsOfCache(self, rows)
@@ -87,19 +93,14 @@ class StaticRowsCache:
             layer.lazy_initialization(
                 key_states[:1].expand(self.batch, -1, -1, -1), value_states[:1].expand(self.batch, -1, -1, -1)
             )
-        if layer_idx not in self._positions:
-            new = key_states.shape[-2]
-            self._positions[layer_idx] = (torch.arange(new, device=layer.keys.device) + layer.cumulative_length, new)
-        positions, _ = self._positions[layer_idx]
+        positions = torch.arange(key_states.shape[-2], device=layer.keys.device) + layer.cumulative_length
         keys, values = layer.keys[rows], layer.values[rows]  # views: the writes land in the shared tensors
         keys.index_copy_(2, positions, key_states)
         values.index_copy_(2, positions, value_states)
         return keys, values
 
     def commit(self, layer_idx: int) -> None:
-        if layer_idx in self._positions:
-            _, new = self._positions.pop(layer_idx)
-            self.cache.layers[layer_idx].cumulative_length.add_(new)
+        self.cache.layers[layer_idx].cumulative_length.add_(self.new_tokens)
 
 
 class _RowsOfCache:
@@ -124,21 +125,34 @@ def split_micro_batches(batch: int, micro_batches: int) -> list[slice]:
     return [slice(*even_split(batch, count, i)) for i in range(count)]
 
 
-def micro_batch_caches(cache: Cache | None, batch: int, rows: list[slice]):
-    """(shared cache to commit per layer or None, the cache each micro-batch's attention sees)."""
-    if len(rows) == 1 or cache is None:
+def is_static(cache: Cache | None) -> bool:
+    layers = getattr(cache, "layers", [])
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
+def micro_batch_caches(cache: Cache | None, batch: int, new_tokens: int, rows: list[slice], rows_view: bool = False):
+    """(shared cache to commit per layer or None, the cache each micro-batch's attention sees). `rows_view`: a
+    static cache goes through `StaticRowsCache` even for one micro-batch (what CUDA graphs replay)."""
+    if cache is None or (len(rows) == 1 and not (rows_view and is_static(cache))):
         return None, [cache] * len(rows)
     layers = getattr(cache, "layers", [])
     if type(cache) is DynamicCache and all(not getattr(layer, "is_sliding", False) for layer in layers):
         shared = MicroBatchedCache(cache)
-    elif layers and all(type(layer) is StaticLayer for layer in layers):
-        shared = StaticRowsCache(cache, batch)
+    elif is_static(cache):
+        shared = StaticRowsCache(cache, batch, new_tokens)
     else:
         raise TypeError(
             f"AFD with --micro-batches > 1 runs on a DynamicCache or a StaticCache; got {type(cache).__name__}. Use "
             "one of those (`cache_implementation` unset or \"static\") or one micro-batch."
         )
     return shared, [shared.rows(r) for r in rows]
+
+
+def attention_phase(layer, hidden_states, cos_sin, mask, cache, **attention_kwargs):
+    """One micro-batch through one layer's attention half: (new hidden states, normed `[n, H]`, routing)."""
+    hidden_states = layer.attention_block(hidden_states, cos_sin, mask, cache=cache, **attention_kwargs)
+    normed = layer.post_attention_layernorm(hidden_states).reshape(-1, hidden_states.shape[-1])
+    return hidden_states, normed, layer.mlp.route(normed)
 
 
 def run_layers(
@@ -150,20 +164,25 @@ def run_layers(
     cache: Cache | None,
     micro_batches: int,
     timer: PhaseTimer,
+    graphs: "AttentionGraphs | None" = None,
     **attention_kwargs,
 ) -> torch.Tensor:
     """All decoder layers over `hidden_states [B, S, H]`; each layer's `mlp` is a `RemoteFFN`, whose `dispatch` and
     `combine` bracket the FFN on the other side. The mask and the rotary embeddings are built once per step, by the
-    caller, and cut into micro-batches once."""
-    batch, hidden_size = hidden_states.shape[0], hidden_states.shape[-1]
+    caller, and cut into micro-batches once. With `graphs`, decode steps on a static cache replay each layer's and
+    micro-batch's attention phase from a CUDA graph."""
+    batch = hidden_states.shape[0]
     rows = split_micro_batches(batch, micro_batches)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"AFD splits the attention mask by rows; got a {type(attention_mask).__name__}")
-    shared, caches = micro_batch_caches(cache, batch, rows)
+    use_graphs = graphs is not None and graphs.applies(hidden_states, cache)
+    shared, caches = micro_batch_caches(cache, batch, hidden_states.shape[1], rows, rows_view=use_graphs)
     states = [hidden_states[r] for r in rows]
     masks = [_rows_of(attention_mask, r, batch) for r in rows]
     cos_sin = [tuple(_rows_of(t, r, batch) for t in position_embeddings) for r in rows]
     inflight: list[object | None] = [None] * len(rows)
+    if use_graphs:
+        graphs.prepare(layers, cache, rows, masks, cos_sin, hidden_states)
 
     def add_ffn_result(m: int, mlp) -> None:
         with timer.phase("wait"):
@@ -177,11 +196,12 @@ def run_layers(
             if inflight[m] is not None:
                 add_ffn_result(m, previous.mlp)
             with timer.phase("attention"):  # the attention half, its norm and the router
-                states[m] = layer.attention_block(
-                    states[m], cos_sin[m], masks[m], cache=caches[m], **attention_kwargs
-                )
-                normed = layer.post_attention_layernorm(states[m]).reshape(-1, hidden_size)
-                routing = layer.mlp.route(normed)
+                if use_graphs:
+                    states[m], normed, routing = graphs.run(layer_idx, layer, m, states[m], caches[m])
+                else:
+                    states[m], normed, routing = attention_phase(
+                        layer, states[m], cos_sin[m], masks[m], caches[m], **attention_kwargs
+                    )
             inflight[m] = layer.mlp.send(normed, *routing)  # the connector times the wire (and an in-process FFN)
         if shared is not None:
             shared.commit(layer_idx)
