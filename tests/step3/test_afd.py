@@ -358,7 +358,8 @@ def test_torchrun_cli_1a1f_prints_completions_and_timing(checkpoint, reference, 
     prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
     torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     done = subprocess.run(
-        torchrun + cli(checkpoint, prompts, 1, 1, "--max-new-tokens", NEW_TOKENS, "--wire", "raw")[1:],
+        torchrun + cli(checkpoint, prompts, 1, 1, "--max-new-tokens", NEW_TOKENS, "--wire", "raw",
+                       "--cache-implementation", "static")[1:],  # 3 micro-batches on one static cache
         cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]

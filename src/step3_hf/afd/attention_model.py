@@ -48,6 +48,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     only these tensors) or `from_random`, then `connect` it to the FFN ranks."""
 
     _keys_to_ignore_on_load_unexpected = None
+    # Each step exchanges with the FFN side (and may replay its own CUDA graphs): generate() must not compile it whole.
+    _can_compile_fullgraph = False
 
     def __init__(self, config: Step3Config):
         super().__init__(config)
