@@ -234,14 +234,17 @@ def run_afd(args) -> None:
 
 
 # ----- in process: both halves on one device, each timed on its own ---------------------------------------------
-# name -> (cache, attention implementation, CUDA graphs). "dynamic" is what the 2-GPU runs above used (DynamicCache
-# grown by a copy per layer and step); "static" is the preallocated cache whose micro-batches write their rows in
-# place; "graphs" replays each layer's and micro-batch's attention phase from a CUDA graph.
+# name -> (cache, attention implementation, CUDA graphs, FFN experts implementation). "dynamic" is what the 2-GPU
+# runs above used (DynamicCache grown by a copy per layer and step); "static" is the preallocated cache whose
+# micro-batches write their rows in place; "graphs" replays each layer's and micro-batch's attention phase from a
+# CUDA graph. The FFN runs Step-3's default experts kernel (moe_decode) except in "ffn:grouped_mm" (what the 2-GPU
+# runs above used).
 VARIANTS = {
-    "static+mfa_decode": ("static", "mfa_decode", False),
-    "dynamic+mfa_decode": ("dynamic", "mfa_decode", False),
-    "static+sdpa": ("static", "sdpa", False),
-    "static+mfa_decode+graphs": ("static", "mfa_decode", True),
+    "static+mfa_decode": ("static", "mfa_decode", False, "moe_decode"),
+    "dynamic+mfa_decode": ("dynamic", "mfa_decode", False, "moe_decode"),
+    "static+sdpa": ("static", "sdpa", False, "moe_decode"),
+    "static+mfa_decode+graphs": ("static", "mfa_decode", True, "moe_decode"),
+    "static+mfa_decode,ffn:grouped_mm": ("static", "mfa_decode", False, "grouped_mm"),
 }
 QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
@@ -403,7 +406,7 @@ def run_inprocess(args) -> None:
 
     for batch in args.batches:
         for variant in args.variants:
-            kind, attention, graphs = VARIANTS[variant]
+            kind, attention, graphs, experts = VARIANTS[variant]
             max_len = args.context + args.warmup + args.steps + 1
             layers = layers_that_fit(config, built, batch, max_len, kind, device)
             if layers < 1:
@@ -414,6 +417,7 @@ def run_inprocess(args) -> None:
             model.set_attn_implementation(attention)
             trace = bool(args.trace) and batch == args.trace_batch and variant == args.variants[0]
             try:
+                ffn.set_experts_implementation(experts)
                 model.use_cuda_graphs(graphs)
                 row = inprocess_run(model, inprocess_config(args, layers), kind, batch, args.context, args, device, trace)
             except torch.cuda.OutOfMemoryError:
@@ -455,15 +459,15 @@ def inprocess_table(summary: dict, args, card: str) -> str:
         f"{args.context}, {args.micro_batches} micro-batches, bf16, FP8 wire. Per micro-batch and layer, µs (GPU time, "
         "CUDA events); roofline = bytes / measured copy bandwidth; pred = cost model (planner, "
         f"{card} spec, bf16; FFN at 50% of peak bandwidth)",
-        f"{'batch':>6} {'variant':<24} {'layers':>6} {'mb tok':>6} | {'attn':>7} {'roof':>6} {'x':>5} {'pred':>6} "
+        f"{'batch':>6} {'variant':<32} {'layers':>6} {'mb tok':>6} | {'attn':>7} {'roof':>6} {'x':>5} {'pred':>6} "
         f"{'host':>6} | {'wire':>5} | {'FFN':>7} {'roof':>6} {'x':>5} {'pred':>6} | {'step ms':>8}",
     ]
     for r in summary["rows"]:
         if r.get("oom") or r.get("error"):
-            lines.append(f"{r['batch']:>6} {r['variant']:<24} {'no fit' if r.get('oom') else r['error']}")
+            lines.append(f"{r['batch']:>6} {r['variant']:<32} {'no fit' if r.get('oom') else r['error']}")
             continue
         lines.append(
-            f"{r['batch']:>6} {r['variant']:<24} {r['layers']:>6} {r['micro_batch_tokens']:>6} | "
+            f"{r['batch']:>6} {r['variant']:<32} {r['layers']:>6} {r['micro_batch_tokens']:>6} | "
             f"{r['attention_us']:>7.0f} {r['attention_roofline_us']:>6.0f} "
             f"{r['attention_us'] / r['attention_roofline_us']:>5.2f} {r['predicted_attention_us']:>6.0f} "
             f"{r['attention_host_us']:>6.0f} | {r['wire_us']:>5.0f} | "

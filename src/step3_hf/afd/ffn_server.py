@@ -15,10 +15,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
-from ..modeling_step3 import Step3MLP, Step3SparseMoeBlock
+from ..modeling_step3 import Step3MLP, Step3PreTrainedModel, Step3SparseMoeBlock
 from .checkpoint import CheckpointReader
 from .connector import FFNConnector
 from .placement import Placement
@@ -90,8 +91,9 @@ class Step3FFNShard(nn.Module):
     def __init__(self, config: Step3Config, placement: Placement, ffn_index: int):
         super().__init__()
         config = copy.deepcopy(config)
-        # grouped_mm: what `from_pretrained` picks for Step-3, and the implementation that skips EP sentinels.
-        config._experts_implementation = "grouped_mm"
+        # Step-3's default (the moe_decode kernel for decode-sized calls on CUDA, which hands expert-parallel calls
+        # to grouped_mm), else grouped_mm: the implementation that skips EP sentinels.
+        config._experts_implementation = Step3PreTrainedModel._default_experts_implementation() or "grouped_mm"
         self.config = config
         self.placement = placement
         self.ffn_index = ffn_index
@@ -134,6 +136,13 @@ class Step3FFNShard(nn.Module):
             for param in shard.parameters():
                 param.normal_(0.0, std, generator=generator)
         return shard
+
+    def set_experts_implementation(self, implementation: str) -> None:
+        """The routed experts' implementation (`moe_decode`, `grouped_mm`, ...), as `PreTrainedModel` sets it."""
+        known = {"eager", *ALL_EXPERTS_FUNCTIONS.keys()}
+        if implementation not in known:
+            raise ValueError(f"unknown experts implementation {implementation!r}; known: {sorted(known)}")
+        self.config._experts_implementation = implementation  # every layer's experts share this config
 
     def forward(self, layer: int, hidden, top_k_index=None, top_k_weights=None) -> torch.Tensor:
         """This rank's (partial) `FFN(hidden)` of layer `layer`, no residual; MoE layers take the routing."""
