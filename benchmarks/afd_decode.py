@@ -70,20 +70,6 @@ def kv_bytes(config: Step3Config, batch: int, context: int) -> int:
     return 2 * batch * context * config.num_attention_groups * config.head_dim * 2 * config.num_hidden_layers
 
 
-def filled_cache(config: Step3Config, batch: int, context: int, device):
-    from transformers.cache_utils import DynamicCache
-
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # transformers versions whose DynamicCache takes no config
-        cache = DynamicCache()
-    shape = (batch, config.num_attention_groups, context, config.head_dim)
-    for layer in range(config.num_hidden_layers):
-        cache.update(torch.randn(shape, device=device, dtype=torch.bfloat16),
-                     torch.randn(shape, device=device, dtype=torch.bfloat16), layer)
-    return cache
-
-
 def fits(config: Step3Config, batch: int, context: int, device, headroom: float = 1.25) -> bool:
     """KV cache + one grown layer + logits, with headroom for activations, against free memory."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -92,9 +78,9 @@ def fits(config: Step3Config, batch: int, context: int, device, headroom: float 
 
 
 @torch.no_grad()
-def decode(model, config, batch, context, steps, warmup, device) -> dict:
+def decode(model, config, batch, context, steps, warmup, device, kind: str = "dynamic") -> dict:
     """Greedy decode `steps` tokens after `warmup`, from a pre-filled cache; tokens/s of the timed steps."""
-    cache = filled_cache(config, batch, context, device)
+    cache = make_cache(kind, config, batch, context, context + warmup + steps + 1, device, torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     for i in range(warmup + steps):
         if i == warmup:
@@ -137,7 +123,7 @@ def run_colocated(args) -> None:
             results["rows"].append({"batch": batch, "oom": True})
             continue
         try:
-            results["rows"].append(decode(model, config, batch, args.context, args.steps, args.warmup, device))
+            results["rows"].append(decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache))
         except torch.cuda.OutOfMemoryError:
             results["rows"].append({"batch": batch, "oom": True})
         torch.cuda.empty_cache()
@@ -178,6 +164,7 @@ def run_afd(args) -> None:
         exchange = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
                                      device=device, timeout_s=120)
         model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
+        model.use_cuda_graphs(args.cuda_graphs)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
         results["attn_implementation"] = model.config._attn_implementation
         dist.barrier()
@@ -188,7 +175,7 @@ def run_afd(args) -> None:
                     continue
                 model.micro_batches = micro_batches
                 model.timer = exchange.timer = PhaseTimer(device)
-                row = decode(model, config, batch, args.context, args.steps, args.warmup, device)
+                row = decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache)
                 timed = model.timer.steps[args.warmup:]
                 row.update(micro_batches=micro_batches,
                            attention_ms=1e3 * sum(s.phases_s.get("attention", 0) + s.phases_s.get("wire", 0)
@@ -485,6 +472,7 @@ def worker_command(args, role: str, result: str, **extra) -> list[str]:
            "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.attn_implementation:
         cmd += ["--attn-implementation", args.attn_implementation]
+    cmd += ["--cache", args.cache] + (["--cuda-graphs"] if args.cuda_graphs else [])
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return cmd
@@ -583,6 +571,10 @@ def main() -> None:
     parser.add_argument("--attn-implementation", default=None,
                         help="attention backend of the attention side (default: Step-3's choice, mfa_decode on CUDA)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["smoke", "colocated", "replicas", "afd"])
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                        help="nccl: the KV cache of the attention side and the colocated model")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="nccl: replay the attention phases from CUDA graphs (needs --cache static)")
     parser.add_argument("--connector", choices=["nccl", "inprocess"], default="nccl",
                         help="nccl: the 2-GPU comparison above; inprocess: both halves on one device, timed apart")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -601,6 +593,8 @@ def main() -> None:
     for key, (ours, theirs) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, ours if inprocess else theirs)
+    if args.cuda_graphs and args.cache != "static":
+        parser.error("--cuda-graphs needs --cache static")
     if inprocess:
         if len(args.micro_batches) != 1:
             parser.error("--connector inprocess takes one --micro-batches value")
