@@ -20,7 +20,7 @@ tokens (decode only). Batches that do not fit on one GPU next to the experts are
 `--connector inprocess` asks instead where each half's time goes, on ONE GPU: both halves in one process
 (`InProcessConnector`), attention (+ norm + router), the wire's FP8 quantisation and the FFN each timed with CUDA
 events per micro-batch and layer, against their rooflines (weights + KV bytes over the measured copy bandwidth) and
-the cost model's prediction, for a static vs dynamic cache and mfa_decode vs sdpa; context 4096, as many of the
+the cost model's prediction, for a static vs dynamic cache, mfa_decode vs sdpa, CUDA graphs, and the FFN's experts kernel; context 4096, as many of the
 61 layers' attention as fit (the FFN side holds one MoE layer of experts and serves every layer with it):
 
     python benchmarks/afd_decode.py --connector inprocess --quick --out afd_inprocess \
@@ -229,7 +229,7 @@ def run_afd(args) -> None:
 VARIANTS = {
     "static+mfa_decode": ("static", "mfa_decode", False, "moe_decode"),
     "dynamic+mfa_decode": ("dynamic", "mfa_decode", False, "moe_decode"),
-    "static+sdpa": ("static", "sdpa", False, "moe_decode"),
+    "dynamic+sdpa": ("dynamic", "sdpa", False, "moe_decode"),  # the first 2-GPU runs' attention
     "static+mfa_decode+graphs": ("static", "mfa_decode", True, "moe_decode"),
     "static+mfa_decode,ffn:grouped_mm": ("static", "mfa_decode", False, "grouped_mm"),
 }
