@@ -93,6 +93,11 @@ class StaticRowsCache:
             layer.lazy_initialization(
                 key_states[:1].expand(self.batch, -1, -1, -1), value_states[:1].expand(self.batch, -1, -1, -1)
             )
+        elif layer.keys.shape[0] != self.batch:
+            raise ValueError(
+                f"the static cache holds {layer.keys.shape[0]} sequences but this forward has {self.batch}: use a "
+                "cache made for this batch"
+            )
         positions = torch.arange(key_states.shape[-2], device=layer.keys.device) + layer.cumulative_length
         keys, values = layer.keys[rows], layer.values[rows]  # views: the writes land in the shared tensors
         keys.index_copy_(2, positions, key_states)
