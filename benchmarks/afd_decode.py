@@ -16,6 +16,16 @@ shared expert 5120) with `--layers` MoE layers, random bf16 weights, a KV cache 
 tokens (decode only). Batches that do not fit on one GPU next to the experts are the point of AFD.
 
     python benchmarks/afd_decode.py --layers 11 --context 1024 --out afd_results
+
+`--connector inprocess` asks instead where each half's time goes, on ONE GPU: both halves in one process
+(`InProcessConnector`), attention (+ norm + router), the wire's FP8 quantisation and the FFN each timed with CUDA
+events per micro-batch and layer, against their rooflines (weights + KV bytes over the measured copy bandwidth) and
+the cost model's prediction, for a static vs dynamic cache, mfa_decode vs sdpa, CUDA graphs, and the FFN's experts kernel; context 4096, as many of the
+61 layers' attention as fit (the FFN side holds one MoE layer of experts and serves every layer with it):
+
+    python benchmarks/afd_decode.py --connector inprocess --quick --out afd_inprocess \
+        --trace afd_inprocess/trace.json                          # < 4 min on one H100
+    python benchmarks/afd_timeline_svg.py afd_inprocess/trace.json --out docs/img/afd_step_timeline.svg
 """
 
 from __future__ import annotations
@@ -60,20 +70,6 @@ def kv_bytes(config: Step3Config, batch: int, context: int) -> int:
     return 2 * batch * context * config.num_attention_groups * config.head_dim * 2 * config.num_hidden_layers
 
 
-def filled_cache(config: Step3Config, batch: int, context: int, device):
-    from transformers.cache_utils import DynamicCache
-
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # transformers versions whose DynamicCache takes no config
-        cache = DynamicCache()
-    shape = (batch, config.num_attention_groups, context, config.head_dim)
-    for layer in range(config.num_hidden_layers):
-        cache.update(torch.randn(shape, device=device, dtype=torch.bfloat16),
-                     torch.randn(shape, device=device, dtype=torch.bfloat16), layer)
-    return cache
-
-
 def fits(config: Step3Config, batch: int, context: int, device, headroom: float = 1.25) -> bool:
     """KV cache + one grown layer + logits, with headroom for activations, against free memory."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -82,9 +78,9 @@ def fits(config: Step3Config, batch: int, context: int, device, headroom: float 
 
 
 @torch.no_grad()
-def decode(model, config, batch, context, steps, warmup, device) -> dict:
+def decode(model, config, batch, context, steps, warmup, device, kind: str = "dynamic") -> dict:
     """Greedy decode `steps` tokens after `warmup`, from a pre-filled cache; tokens/s of the timed steps."""
-    cache = filled_cache(config, batch, context, device)
+    cache = make_cache(kind, config, batch, context, context + warmup + steps + 1, device, torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     for i in range(warmup + steps):
         if i == warmup:
@@ -127,7 +123,7 @@ def run_colocated(args) -> None:
             results["rows"].append({"batch": batch, "oom": True})
             continue
         try:
-            results["rows"].append(decode(model, config, batch, args.context, args.steps, args.warmup, device))
+            results["rows"].append(decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache))
         except torch.cuda.OutOfMemoryError:
             results["rows"].append({"batch": batch, "oom": True})
         torch.cuda.empty_cache()
@@ -141,8 +137,16 @@ def run_afd(args) -> None:
 
     import torch.distributed as dist
 
-    from step3_hf.afd import Placement, Step3AFDAttentionForCausalLM, Step3FFNShard, WireFormat, serve
-    from step3_hf.afd.exchange import AttentionExchange, ExchangeGroups, FFNExchange
+    from step3_hf.afd import (
+        NcclAttentionConnector,
+        NcclFFNConnector,
+        Placement,
+        Step3AFDAttentionForCausalLM,
+        Step3FFNShard,
+        WireFormat,
+        serve,
+    )
+    from step3_hf.afd.exchange import ExchangeGroups
     from step3_hf.afd.timing import PhaseTimer
     from step3_hf.afd.wire import DispatchLayout
 
@@ -157,9 +161,10 @@ def run_afd(args) -> None:
     if rank == 0:
         model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16,
                                                          attn_implementation=args.attn_implementation)
-        exchange = AttentionExchange(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
+        exchange = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
                                      device=device, timeout_s=120)
         model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
+        model.use_cuda_graphs(args.cuda_graphs)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
         results["attn_implementation"] = model.config._attn_implementation
         dist.barrier()
@@ -169,11 +174,12 @@ def run_afd(args) -> None:
                     results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})  # no fit
                     continue
                 model.micro_batches = micro_batches
-                model.timer = PhaseTimer(device)
-                row = decode(model, config, batch, args.context, args.steps, args.warmup, device)
+                model.timer = exchange.timer = PhaseTimer(device)
+                row = decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache)
                 timed = model.timer.steps[args.warmup:]
                 row.update(micro_batches=micro_batches,
-                           attention_ms=1e3 * sum(s.phases_s.get("attention", 0) for s in timed) / len(timed),
+                           attention_ms=1e3 * sum(s.phases_s.get("attention", 0) + s.phases_s.get("wire", 0)
+                                                  for s in timed) / len(timed),
                            wait_ms=1e3 * sum(s.phases_s.get("wait", 0) for s in timed) / len(timed))
                 results["rows"].append(row)
                 torch.cuda.empty_cache()
@@ -181,7 +187,7 @@ def run_afd(args) -> None:
         exchange.close()
     else:
         shard = Step3FFNShard.from_random(config, placement, 0, device=device, dtype=torch.bfloat16)
-        exchange = FFNExchange(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+        exchange = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
                                moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
                                timeout_s=600)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in shard.parameters()) / GIB
@@ -214,12 +220,259 @@ def run_afd(args) -> None:
     dist.destroy_process_group()
 
 
+# ----- in process: both halves on one device, each timed on its own ---------------------------------------------
+# name -> (cache, attention implementation, CUDA graphs, FFN experts implementation). "dynamic" is what the 2-GPU
+# runs above used (DynamicCache grown by a copy per layer and step); "static" is the preallocated cache whose
+# micro-batches write their rows in place; "graphs" replays each layer's and micro-batch's attention phase from a
+# CUDA graph. The FFN runs Step-3's default experts kernel (moe_decode) except in "ffn:grouped_mm" (what the 2-GPU
+# runs above used).
+VARIANTS = {
+    "static+mfa_decode": ("static", "mfa_decode", False, "moe_decode"),
+    "dynamic+mfa_decode": ("dynamic", "mfa_decode", False, "moe_decode"),
+    "dynamic+sdpa": ("dynamic", "sdpa", False, "moe_decode"),  # the first 2-GPU runs' attention
+    "static+mfa_decode+graphs": ("static", "mfa_decode", True, "moe_decode"),
+    "static+mfa_decode,ffn:grouped_mm": ("static", "mfa_decode", False, "grouped_mm"),
+}
+QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
+            head_dim=16, share_q_dim=32, moe_num_experts=6, moe_top_k=2, moe_intermediate_size=24,
+            share_expert_dim=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # the script's own CPU check (--tiny): same code path, toy widths
+
+
+class CyclicFFN(torch.nn.Module):
+    """FFN layer `l` of the attention model served by shard layer `l mod n`: one GPU cannot hold 61 layers of
+    experts beside the attention, and every MoE layer has the same shapes, so its time is the same."""
+
+    def __init__(self, shard: torch.nn.Module, layers: int):
+        super().__init__()
+        self.shard, self.layers = shard, layers
+
+    def forward(self, layer, hidden, top_k_index=None, top_k_weights=None):
+        return self.shard(layer % self.layers, hidden, top_k_index, top_k_weights)
+
+
+def inprocess_config(args, layers: int) -> Step3Config:
+    if args.tiny:
+        return Step3Config(**TINY, num_hidden_layers=layers, moe_layers_enum=",".join(map(str, range(layers))))
+    return step3_config(layers)
+
+
+def attention_layer_bytes(model) -> int:
+    """Weights one micro-batch's attention phase reads per layer: attention, both norms and the router."""
+    layer = model.model.layers[0]
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def ffn_layer_bytes(config: Step3Config, tokens: int, itemsize: int = 2) -> float:
+    """Expected weight bytes one micro-batch of `tokens` reads in an MoE layer: the shared expert plus each routed
+    expert with the probability that at least one token picks it."""
+    h, e, k = config.hidden_size, config.moe_num_experts, config.moe_top_k
+    hit = 1 - (1 - k / e) ** tokens
+    return itemsize * (3 * h * config.share_expert_dim + hit * e * 3 * h * config.moe_intermediate_size)
+
+
+def kv_layer_bytes(config: Step3Config, rows: int, length: int, itemsize: int = 2) -> int:
+    return 2 * rows * length * config.num_attention_groups * config.head_dim * itemsize
+
+
+def make_cache(kind: str, config: Step3Config, batch: int, context: int, max_len: int, device, dtype):
+    """A cache holding `context` random positions for `batch` sequences in every layer of `config`."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    shape = (batch, config.num_attention_groups, 1, config.head_dim)
+    if kind == "dynamic":
+        cache = DynamicCache(config=config)
+        full = (batch, config.num_attention_groups, context, config.head_dim)
+        for layer in range(config.num_hidden_layers):
+            cache.update(torch.randn(full, device=device, dtype=dtype), torch.randn(full, device=device, dtype=dtype), layer)
+        return cache
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    for layer in cache.layers:
+        layer.lazy_initialization(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        layer.keys[:, :, :context].normal_()
+        layer.values[:, :, :context].normal_()
+        layer.cumulative_length.fill_(context)
+    return cache
+
+
+def layers_that_fit(config, built: int, batch: int, max_len: int, kind: str, device) -> int:
+    """Attention layers whose KV cache (plus, for the dynamic cache, one layer's growth copy) fits beside the
+    weights, keeping room for the logits and activations."""
+    if device.type != "cuda":
+        return built
+    free, _ = torch.cuda.mem_get_info(device)
+    reserve = batch * config.vocab_size * 10 + (3 << 30)
+    per_layer = kv_layer_bytes(config, batch, max_len)
+    usable = free - reserve - (2 * per_layer if kind == "dynamic" else 0)
+    return max(0, min(built, int(usable // per_layer)))
+
+
+@torch.no_grad()
+def inprocess_run(model, config, kind: str, batch: int, context: int, args, device, trace: bool) -> dict:
+    """Greedy decode of `batch` sequences from a cache of `context` tokens; per-phase times per micro-batch-layer."""
+    from step3_hf.afd.pipeline import split_micro_batches
+    from step3_hf.afd.timing import PhaseTimer
+
+    steps = args.warmup + args.steps
+    cache = make_cache(kind, config, batch, context, context + steps + 1, device, torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    model.timer = PhaseTimer(device)
+    model.connector.timer = model.timer
+    for i in range(steps):
+        model.timer.keep_trace = trace and i == steps - 1
+        positions = torch.full((batch, 1), context + i, device=device)
+        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+    del cache
+    timed = model.timer.steps[args.warmup:]
+    sizes = [r.stop - r.start for r in split_micro_batches(batch, args.micro_batches)]
+    per = len(model.model.layers) * len(sizes)  # micro-batch-layers per step
+
+    def mean_us(name: str, host: bool = False) -> float:
+        return 1e6 * sum((s.host_s if host else s.phases_s).get(name, 0.0) for s in timed) / len(timed) / per
+
+    row = {"batch": batch, "cache": kind, "layers": len(model.model.layers), "micro_batches": len(sizes),
+           "micro_batch_tokens": max(sizes), "step_ms": 1e3 * sum(s.wall_s for s in timed) / len(timed)}
+    for name in ("attention", "wire", "ffn"):
+        row[f"{name}_us"] = mean_us(name)
+        row[f"{name}_host_us"] = mean_us(name, host=True)
+    if trace:
+        row["trace"] = model.timer.last_trace
+    return row
+
+
+def run_inprocess(args) -> None:
+    """Both halves in this process (`InProcessConnector`): attention and FFN µs per micro-batch and layer against
+    their rooflines and the cost model, for each cache / attention-implementation variant."""
+    from step3_hf.afd import InProcessConnector, Placement, Step3AFDAttentionForCausalLM, Step3FFNShard
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        from decode_attention import copy_bandwidth
+
+        torch.cuda.set_device(device)
+        name = torch.cuda.get_device_name(device)
+        bandwidth = copy_bandwidth()
+        torch.cuda.empty_cache()  # the copy's 8 GiB go back before the layers that fit are counted
+        card = "H200" if "H200" in name else "H100"
+    else:
+        name, card = "cpu", "H100"
+        src = torch.empty(1 << 26, dtype=torch.int16).random_()
+        started = time.perf_counter()
+        src.clone()
+        bandwidth = 2 * src.numel() * 2 / (time.perf_counter() - started)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# afd_decode in process {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(sys.argv)}",
+             f"{name}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)"]
+    print("\n".join(lines), flush=True)
+
+    # The attention side: as many of the requested layers as fit beside one FFN layer and the smallest batch's KV.
+    full = inprocess_config(args, args.layers)
+    ffn = Step3FFNShard.from_random(inprocess_config(args, args.ffn_layers), Placement(1, 1), 0, device=device,
+                                    dtype=torch.bfloat16)
+    with torch.device("meta"):  # sizes only
+        probe = Step3AFDAttentionForCausalLM(inprocess_config(args, 1)).to(torch.bfloat16)
+    per_layer = attention_layer_bytes(probe)
+    fixed = sum(p.numel() * 2 for n, p in probe.named_parameters() if ".layers." not in n)
+    built = args.layers
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        max_len = args.context + args.warmup + args.steps + 1
+        kv = kv_layer_bytes(full, min(args.batches), max_len)
+        room = free - fixed - min(args.batches) * full.vocab_size * 10 - (3 << 30)
+        built = max(1, min(args.layers, int(room // (per_layer + kv))))
+    config = inprocess_config(args, built)
+    model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16)
+    model.connect(InProcessConnector([CyclicFFN(ffn, args.ffn_layers)]), micro_batches=args.micro_batches, wire="fp8")
+    all_layers = model.model.layers
+    summary = {"args": vars(args), "device": name, "copy_bandwidth": bandwidth, "layers_built": built,
+               "attention_layer_bytes": per_layer, "rows": []}
+    print(f"attention side: {built} layers ({per_layer / GIB:.3f} GiB of weights each); FFN: {args.ffn_layers} "
+          f"MoE layer(s) of weights serving every layer", flush=True)
+
+    for batch in args.batches:
+        for variant in args.variants:
+            kind, attention, graphs, experts = VARIANTS[variant]
+            max_len = args.context + args.warmup + args.steps + 1
+            layers = layers_that_fit(config, built, batch, max_len, kind, device)
+            if layers < 1:
+                summary["rows"].append({"batch": batch, "variant": variant, "oom": True})
+                print(f"[in process] batch {batch} {variant}: no fit", flush=True)
+                continue
+            model.model.layers = all_layers[:layers]
+            model.set_attn_implementation(attention)
+            trace = bool(args.trace) and batch == args.trace_batch and variant == args.variants[0]
+            try:
+                ffn.set_experts_implementation(experts)
+                model.use_cuda_graphs(graphs)
+                row = inprocess_run(model, inprocess_config(args, layers), kind, batch, args.context, args, device, trace)
+            except torch.cuda.OutOfMemoryError:
+                row = {"batch": batch, "oom": True}
+            except Exception as err:  # report it and go on with the other variants
+                row = {"batch": batch, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            finally:
+                model.use_cuda_graphs(False)
+            row["variant"] = variant
+            if not row.get("oom") and not row.get("error"):
+                tokens = row["micro_batch_tokens"]
+                kv = kv_layer_bytes(config, tokens, args.context + args.warmup + args.steps // 2)
+                row["attention_roofline_us"] = 1e6 * (per_layer + kv) / bandwidth
+                row["ffn_roofline_us"] = 1e6 * ffn_layer_bytes(config, tokens) / bandwidth
+                pred = prediction(args, [tokens], card=card, config=config)[tokens]
+                row["predicted_attention_us"], row["predicted_ffn_us"] = pred["attention_us"], pred["ffn_us"]
+                if trace:
+                    trace_file = Path(args.trace)
+                    trace_file.parent.mkdir(parents=True, exist_ok=True)
+                    trace_file.write_text(json.dumps({
+                        "device": name, "batch": batch, "variant": variant, "layers": layers,
+                        "micro_batches": row["micro_batches"], "context": args.context, "events": row.pop("trace"),
+                    }))
+                    print(f"trace of one step written to {trace_file}", flush=True)
+            summary["rows"].append(row)
+            (out / "inprocess_summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"[in process] {json.dumps({k: v for k, v in row.items() if k != 'trace'})}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    model.model.layers = all_layers
+    text = inprocess_table(summary, args, card)
+    (out / "inprocess_table.txt").write_text("\n".join(lines) + "\n" + text + "\n")
+    print(text, flush=True)
+
+
+def inprocess_table(summary: dict, args, card: str) -> str:
+    lines = [
+        f"\nOne {summary['device']}, both halves in process (InProcessConnector), {'toy' if args.tiny else 'Step-3'} widths, context "
+        f"{args.context}, {args.micro_batches} micro-batches, bf16, FP8 wire. Per micro-batch and layer, µs (GPU time, "
+        "CUDA events); roofline = bytes / measured copy bandwidth; pred = cost model (planner, "
+        f"{card} spec, bf16; FFN at 50% of peak bandwidth)",
+        f"{'batch':>6} {'variant':<32} {'layers':>6} {'mb tok':>6} | {'attn':>7} {'roof':>6} {'x':>5} {'pred':>6} "
+        f"{'host':>6} | {'wire':>5} | {'FFN':>7} {'roof':>6} {'x':>5} {'pred':>6} | {'step ms':>8}",
+    ]
+    for r in summary["rows"]:
+        if r.get("oom") or r.get("error"):
+            lines.append(f"{r['batch']:>6} {r['variant']:<32} {'no fit' if r.get('oom') else r['error']}")
+            continue
+        lines.append(
+            f"{r['batch']:>6} {r['variant']:<32} {r['layers']:>6} {r['micro_batch_tokens']:>6} | "
+            f"{r['attention_us']:>7.0f} {r['attention_roofline_us']:>6.0f} "
+            f"{r['attention_us'] / r['attention_roofline_us']:>5.2f} {r['predicted_attention_us']:>6.0f} "
+            f"{r['attention_host_us']:>6.0f} | {r['wire_us']:>5.0f} | "
+            f"{r['ffn_us']:>7.0f} {r['ffn_roofline_us']:>6.0f} {r['ffn_us'] / r['ffn_roofline_us']:>5.2f} "
+            f"{r['predicted_ffn_us']:>6.0f} | {r['step_ms']:>8.1f}"
+        )
+    lines.append("attn: attention block + post-attention norm + router; host: CPU time issuing it (launch-bound where "
+                 "it reaches attn); wire: FP8 quantisation + dequantisation; x: measured / roofline (target <= 1.3)")
+    return "\n".join(lines)
+
+
 # ----- orchestration --------------------------------------------------------------------------------------------
 def worker_command(args, role: str, result: str, **extra) -> list[str]:
     cmd = [sys.executable, __file__, "--worker", role, "--result", result, "--layers", str(args.layers),
            "--context", str(args.context), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.attn_implementation:
         cmd += ["--attn-implementation", args.attn_implementation]
+    cmd += ["--cache", args.cache] + (["--cuda-graphs"] if args.cuda_graphs else [])
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return cmd
@@ -271,18 +524,29 @@ def nccl_smoke(args, out: Path, log) -> dict:
     return result
 
 
-def prediction(args, micro_batch_tokens: list[int]) -> dict:
-    """Cost-model roofline (H200, bf16 weights and KV) of attention and FFN per micro-batch per layer."""
-    from step3_hf.cost_model import Card, Quantization
+CARDS = {  # the cost model's view of the card (spec sheet, dense peaks); price is irrelevant to time
+    "H100": dict(bf16_flops=9.89e14, fp8_flops=1.979e15, memory_bandwidth=3.35e12, memory_bytes=80e9),
+    "H200": dict(bf16_flops=9.89e14, fp8_flops=1.979e15, memory_bandwidth=4.8e12, memory_bytes=141e9),
+}
+
+
+def cost_model_card(name: str = "H200"):
+    from step3_hf.cost_model import Card
+
+    return Card(name=name, price_per_hour_usd=1.0, **CARDS[name])
+
+
+def prediction(args, micro_batch_tokens: list[int], card: str = "H200", config: Step3Config | None = None) -> dict:
+    """Cost-model roofline (bf16 weights and KV) of attention and FFN per micro-batch per layer on `card`."""
+    from step3_hf.cost_model import Quantization
     from step3_hf.cost_model.planner import PlanAssumptions, plan_afd
 
-    h200 = Card(name="H200", price_per_hour_usd=0.0, bf16_flops=9.89e14, fp8_flops=1.979e15,
-                memory_bandwidth=4.8e12, memory_bytes=141e9)
-    config = step3_config(args.layers).to_dict()
+    gpu = cost_model_card(card)
+    config = (config or step3_config(args.layers)).to_dict()
     out = {}
     for tokens in micro_batch_tokens:
         # A loose TPOT keeps the planner at one attention and one FFN GPU; weights and KV in bf16.
-        plan = plan_afd(config, h200, h200, args.context,
+        plan = plan_afd(config, gpu, gpu, args.context,
                         PlanAssumptions(micro_batch=tokens, gpus_per_instance=1, tpot_ms=1e5),
                         Quantization(weight_bytes=2.0, kv_bytes=2.0))
         out[tokens] = {"attention_us": plan.attention_time_us, "ffn_us": plan.ffn_time_us}
@@ -294,19 +558,58 @@ def main() -> None:
     parser.add_argument("--worker", choices=["colocated", "afd"])
     parser.add_argument("--result")
     parser.add_argument("--gpu", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=11)
-    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--layers", type=int, help="MoE layers (default 11; inprocess: 61, or as many as fit)")
+    parser.add_argument("--context", type=int, help="cached tokens per sequence (default 1024; inprocess: 4096)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 2048, 4096, 8192])
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="sequences (default 64 256 1024 2048 4096 8192; inprocess: 128 256 512)")
+    parser.add_argument("--micro-batches", type=int, nargs="+", help="default 1 3; inprocess: one value, default 3")
     parser.add_argument("--transfer-tokens", type=int, nargs="+", help="default: every micro-batch size swept")
     parser.add_argument("--out", default="afd_results")
     parser.add_argument("--phase-timeout", type=float, default=150, help="seconds for each phase's workers")
     parser.add_argument("--attn-implementation", default=None,
                         help="attention backend of the attention side (default: Step-3's choice, mfa_decode on CUDA)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["smoke", "colocated", "replicas", "afd"])
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                        help="nccl: the KV cache of the attention side and the colocated model")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="nccl: replay the attention phases from CUDA graphs (needs --cache static)")
+    parser.add_argument("--connector", choices=["nccl", "inprocess"], default="nccl",
+                        help="nccl: the 2-GPU comparison above; inprocess: both halves on one device, timed apart")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="inprocess: cache and attention implementation of each run")
+    parser.add_argument("--ffn-layers", type=int, default=1, help="inprocess: distinct FFN layers held (reused cyclically)")
+    parser.add_argument("--device", default="cuda", help="inprocess: the device (cpu only with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="inprocess: toy widths, to check the script on CPU")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"inprocess: {QUICK['batches']} sequences, {QUICK['variants']}, {QUICK['steps']} steps")
+    parser.add_argument("--trace", help="inprocess: write one step's CUDA-event timeline (JSON) here")
+    parser.add_argument("--trace-batch", type=int, help="inprocess: the batch whose step is traced (default: the first)")
     args = parser.parse_args()
+    inprocess = args.connector == "inprocess"
+    defaults = dict(layers=(61, 11), context=(4096, 1024), batches=([128, 256, 512], [64, 256, 1024, 2048, 4096, 8192]),
+                    micro_batches=([3], [1, 3]))
+    for key, (ours, theirs) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, ours if inprocess else theirs)
+    if args.cuda_graphs and args.cache != "static":
+        parser.error("--cuda-graphs needs --cache static")
+    if inprocess:
+        if len(args.micro_batches) != 1:
+            parser.error("--connector inprocess takes one --micro-batches value")
+        args.micro_batches = args.micro_batches[0]
+        for key in ("layers", "context", "steps", "ffn_layers", "micro_batches"):
+            if getattr(args, key) < 1:
+                parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+        if args.quick:
+            for key, value in QUICK.items():
+                setattr(args, key, value)
+        if args.trace_batch is None:
+            args.trace_batch = args.batches[0]
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--connector inprocess runs on CUDA (or --device cpu --tiny)")
+        return run_inprocess(args)
     if not args.transfer_tokens:
         args.transfer_tokens = sorted({max(b // m, 1) for b in args.batches for m in args.micro_batches})
     if args.worker == "colocated":

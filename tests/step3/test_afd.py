@@ -16,11 +16,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import step3_hf  # noqa: F401
-from step3_hf.afd import Placement, Role, Step3AFDAttentionForCausalLM, Step3FFNShard, WireFormat
+from step3_hf.afd import (
+    InProcessConnector,
+    Placement,
+    RemoteFFN,
+    Role,
+    Step3AFDAttentionForCausalLM,
+    Step3FFNShard,
+    WireFormat,
+)
 from step3_hf.afd.checkpoint import CheckpointReader, role_of_tensor
 from step3_hf.afd.placement import even_split
 from step3_hf.afd.wire import DispatchLayout, decode_dispatch, encode_dispatch, wire_bytes_per_token
-from step3_hf.checkpoint_layout import official_tensor_shapes
+from step3_hf.checkpoint_layout import module_tensor_shapes, official_tensor_shapes
+from step3_hf.modeling_step3 import Step3DecoderLayer, Step3MLP, Step3SparseMoeBlock
 from step3_hf.tiny_checkpoint import write_tiny_checkpoint
 
 from afd_launch import PYTHON, REPO, finish, launch
@@ -125,6 +134,97 @@ def test_each_side_reads_and_holds_only_its_own_tensors(checkpoint, reference, f
         torch.testing.assert_close(partial_sum, layer.mlp(x), rtol=1e-5, atol=1e-6)
     assert shard_params == numel[Role.FFN]  # the FFN ranks together hold every FFN weight exactly once
     assert numel[Role.ATTENTION] + numel[Role.FFN] == sum(p.numel() for p in reference.parameters())
+
+
+def in_process_model(checkpoint, ffn_ranks=1, micro_batches=3, wire="raw"):
+    """Both halves in this process: the attention model and `ffn_ranks` FFN shards behind an InProcessConnector."""
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(CheckpointReader(checkpoint))
+    placement = Placement(1, ffn_ranks)
+    shards = [Step3FFNShard.from_checkpoint(CheckpointReader(checkpoint), placement, i) for i in range(ffn_ranks)]
+    return attention.connect(InProcessConnector(shards), micro_batches=micro_batches, wire=wire)
+
+
+def test_the_split_is_a_module_swap_under_the_single_process_names(checkpoint, reference):
+    # Attention side: the model's own decoder layers, `mlp` swapped for RemoteFFN (which keeps the router as
+    # `mlp.gate`); FFN side: the model's own MoE block (less its router) and MLP. Together they hold every weight of
+    # the single-process model under its names, with the values from_pretrained loads from the official names.
+    config = CheckpointReader(checkpoint).config
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(CheckpointReader(checkpoint))
+    shard = Step3FFNShard.from_checkpoint(CheckpointReader(checkpoint), Placement(1, 1), 0)
+    assert all(type(layer) is Step3DecoderLayer and isinstance(layer.mlp, RemoteFFN) for layer in attention.model.layers)
+    moe = set(config.moe_layer_indices)
+    assert all(isinstance(block, Step3SparseMoeBlock if i in moe else Step3MLP) for i, block in enumerate(shard.layers))
+    names = {name: p for name, p in attention.named_parameters()}
+    names.update({f"model.layers.{n.split('.')[1]}.mlp.{n.split('.', 2)[2]}": p for n, p in shard.named_parameters()})
+    expected = module_tensor_shapes(config)
+    assert {n: tuple(p.shape) for n, p in names.items()} == expected
+    state = reference.state_dict()
+    for name, param in names.items():
+        assert torch.equal(param, state[name]), name
+
+
+@pytest.mark.parametrize("ffn_ranks", [1, 2])
+def test_in_process_connector_matches_one_process(checkpoint, reference, ffn_ranks):
+    teacher, reference_logits = teacher_batch(reference)
+    model = in_process_model(checkpoint, ffn_ranks)
+    greedy = reference_generate(reference, PROMPTS)
+    ids, mask = left_pad(PROMPTS)
+    for micro_batches in (1, 3):
+        model.micro_batches = micro_batches
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=PAD, eos_token_id=None)
+        assert out[:, ids.shape[1]:].tolist() == greedy.tolist(), micro_batches
+        with torch.no_grad():
+            logits = model(**teacher).logits
+        torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_micro_batches_equal_dynamic(checkpoint):
+    # Several micro-batches write their rows of one preallocated StaticCache in place (no copy per step) and the
+    # layer's length advances once per step: the same logits as the DynamicCache with one micro-batch.
+    model = in_process_model(checkpoint)
+    ids, mask = left_pad(PROMPTS)
+    runs = {}
+    for cache, micro_batches in ((None, 1), ("static", 3), ("static", 2), (None, 3)):
+        model.micro_batches = micro_batches
+        with torch.no_grad():
+            runs[cache, micro_batches] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD,
+                eos_token_id=None, cache_implementation=cache, output_logits=True, return_dict_in_generate=True,
+                disable_compile=True,
+            )
+    base = runs[None, 1]
+    for key, run in runs.items():
+        assert type(run.past_key_values).__name__ == ("StaticCache" if key[0] else "DynamicCache"), key
+        assert torch.equal(run.sequences, base.sequences), key
+        torch.testing.assert_close(torch.stack(run.logits), torch.stack(base.logits), rtol=1e-5, atol=1e-5)
+    static = runs["static", 3].past_key_values
+    lengths = {int(layer.cumulative_length) for layer in static.layers}
+    assert lengths == {ids.shape[1] + NEW_TOKENS - 1}  # advanced once per step, not once per micro-batch
+
+
+def test_in_process_connector_times_attention_wire_and_ffn_apart(checkpoint):
+    from step3_hf.afd.timing import PhaseTimer
+
+    model = in_process_model(checkpoint, wire="fp8")
+    model.timer = PhaseTimer(torch.device("cpu"), keep_trace=True)
+    model.connector.timer = model.timer
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    layers, micro_batches = len(model.model.layers), 3
+    trace = model.timer.last_trace
+    for name in ("attention", "wire", "ffn"):
+        spans = sorted((e["layer"], e["micro_batch"]) for e in trace if e["name"] == name)
+        assert spans == [(l, m) for l in range(layers) for m in range(micro_batches)], name
+    assert all(0 <= e["start_us"] <= e["end_us"] for e in trace)
+    # phases do not nest: each micro-batch's attention ends before its wire starts, which ends before its FFN
+    by_key = {(e["name"], e["layer"], e["micro_batch"]): e for e in trace}
+    for l in range(layers):
+        for m in range(micro_batches):
+            assert by_key["attention", l, m]["end_us"] <= by_key["wire", l, m]["start_us"]
+            assert by_key["wire", l, m]["end_us"] <= by_key["ffn", l, m]["start_us"]
 
 
 def test_even_split_covers_every_item_once():
@@ -233,6 +333,13 @@ def test_launch_matches_single_process_generate(checkpoint, reference, tmp_path,
     if attention_ranks == 1:
         assert gather(saved, "sample_mb3", 1).tolist() == reference_generate(reference, PROMPTS, sample=True).tolist()
 
+    # The gloo connector computes what the in-process connector computes, FP8 quantisation included.
+    in_process = in_process_model(checkpoint, ffn_ranks)
+    for wire, got in (("raw", raw_logits), ("fp8", fp8_logits)):
+        in_process.wire = wire
+        with torch.no_grad():
+            torch.testing.assert_close(got, in_process(**teacher).logits, rtol=1e-5, atol=1e-5)
+
     # Each side held only its own weights; the FFN ranks batched what the attention ranks sent.
     attention_numel = sum(s["parameters"] for s in saved[:attention_ranks]) / attention_ranks
     ffn_numel = sum(s["parameters"] for s in saved[attention_ranks:])
@@ -251,7 +358,8 @@ def test_torchrun_cli_1a1f_prints_completions_and_timing(checkpoint, reference, 
     prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
     torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     done = subprocess.run(
-        torchrun + cli(checkpoint, prompts, 1, 1, "--max-new-tokens", NEW_TOKENS, "--wire", "raw")[1:],
+        torchrun + cli(checkpoint, prompts, 1, 1, "--max-new-tokens", NEW_TOKENS, "--wire", "raw",
+                       "--cache-implementation", "static")[1:],  # 3 micro-batches on one static cache
         cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -284,6 +392,27 @@ def test_a_lost_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint,
     assert "step3_hf.afd: process group torn down" in err or "process group not torn down within" in err, err[-2000:]
     assert elapsed < timeout + 15
     assert "completion_ids" not in out  # no partial output presented as complete
+
+
+def test_a_lost_attention_rank_fails_the_ffn_rank_within_the_timeout(checkpoint, tmp_path):
+    # The other direction: the FFN rank's wait for the next dispatch is bounded too, and names the lost peer.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    timeout = 5
+    argv = cli(checkpoint, prompts, 1, 1, "--max-new-tokens", 400, "--timeout", timeout, "--progress")
+    with launch(lambda rank: argv, 2) as (attention, ffn):
+        deadline = time.monotonic() + 60
+        for line in attention.stderr:
+            if "step 5" in line or time.monotonic() > deadline:
+                break
+        attention.send_signal(signal.SIGKILL)
+        lost = time.monotonic()
+        out, err = ffn.communicate(timeout=timeout + 30)
+        elapsed = time.monotonic() - lost
+    assert ffn.returncode != 0
+    assert "step3_hf.afd: error:" in err and "rank 0 (attention 0)" in err, err[-2000:]
+    assert "process group torn down" in err or "process group not torn down within" in err, err[-2000:]
+    assert elapsed < timeout + 15
 
 
 def test_mismatched_arguments_fail_fast_on_every_rank(checkpoint, tmp_path):

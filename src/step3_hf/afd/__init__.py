@@ -6,8 +6,18 @@ serve every layer's FFN half. See `docs/afd.md`; launch with `torchrun ... -m st
 """
 
 from .attention_model import Step3AFDAttentionForCausalLM
-from .exchange import AttentionExchange, FFNExchange, PeerLostError
-from .ffn_server import Step3FFNShard, serve
+from .connector import Arrival, AttentionConnector, FFNConnector, InProcessConnector
+from .exchange import (
+    GlooAttentionConnector,
+    GlooFFNConnector,
+    NcclAttentionConnector,
+    NcclFFNConnector,
+    PeerLostError,
+    p2p_connector,
+)
+from .ffn_server import Step3FFNMoE, Step3FFNShard, serve
+from .graphs import AttentionGraphs
+from .remote_ffn import RemoteFFN
 from .placement import Placement, Role
 from .session import AFDRank, AFDSettings, start
 from .wire import WireFormat, wire_bytes_per_token
@@ -15,14 +25,24 @@ from .wire import WireFormat, wire_bytes_per_token
 __all__ = [
     "AFDRank",
     "AFDSettings",
-    "AttentionExchange",
-    "FFNExchange",
+    "Arrival",
+    "AttentionConnector",
+    "AttentionGraphs",
+    "FFNConnector",
+    "GlooAttentionConnector",
+    "GlooFFNConnector",
+    "InProcessConnector",
+    "NcclAttentionConnector",
+    "NcclFFNConnector",
     "PeerLostError",
     "Placement",
+    "RemoteFFN",
     "Role",
     "Step3AFDAttentionForCausalLM",
+    "Step3FFNMoE",
     "Step3FFNShard",
     "WireFormat",
+    "p2p_connector",
     "serve",
     "start",
     "wire_bytes_per_token",

@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     parser.add_argument("--attn-implementation", default=None,
                         help="attention backend on attention ranks (default: Step-3's choice, mfa_decode on CUDA, else sdpa)")
+    parser.add_argument("--cache-implementation", choices=["dynamic", "static"], default="dynamic",
+                        help="attention ranks' KV cache: dynamic (grown per step) or static (preallocated, written in place)")
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -106,6 +108,7 @@ def generate_share(rank: AFDRank, args: argparse.Namespace) -> list[dict]:
         out = model.generate(
             ids.to(rank.device), attention_mask=mask.to(rank.device), max_new_tokens=args.max_new_tokens,
             do_sample=args.do_sample, pad_token_id=pad, stopping_criteria=stopping, **sampling,
+            cache_implementation=None if args.cache_implementation == "dynamic" else args.cache_implementation,
         )
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     completions = []

@@ -1,5 +1,6 @@
-"""The attention side of a disaggregated Step-3: a `GenerationMixin` model whose layers keep only their
-attention half (plus the post-attention norm and the MoE router) and hand the FFN half to the FFN ranks.
+"""The attention side of a disaggregated Step-3: a `GenerationMixin` model whose decoder layers are the model's
+own `Step3DecoderLayer`s with one module swapped: their `mlp` is a `RemoteFFN`, which keeps the MoE router and
+hands the FFN to the FFN side through a connector. So the parameter names are the single-process model's.
 
 `generate()` runs on it unchanged -- sampling, logits processors, stopping criteria, left padding -- because
 only the decoder-layer loop differs from `Step3ForCausalLM`: it is `pipeline.run_layers`.
@@ -13,7 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..checkpoint_layout import ROUTER, official_tensor_shapes
+from ..checkpoint_layout import official_tensor_shapes
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import (
     _CACHE_NAME,
@@ -24,26 +25,21 @@ from ..modeling_step3 import (
     Step3VocabProjection,
     prepare_decoder_inputs,
 )
-from .checkpoint import CheckpointReader, role_of_tensor
-from .exchange import AttentionExchange
+from .checkpoint import CheckpointReader, module_name, role_of_tensor
+from .connector import AttentionConnector
+from .graphs import AttentionGraphs
 from .pipeline import run_layers
 from .placement import Role
+from .remote_ffn import RemoteFFN
 from .timing import PhaseTimer
 from .wire import WireFormat
 
 
-def attention_module_name(official_name: str) -> str:
-    """Official tensor name -> this model's parameter name (only the MoE router moves: it is `layer.router`)."""
-    return official_name.replace("." + ROUTER, ".router.weight")
-
-
 def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:
-    # The FFN half is built on the meta device only to be dropped: no expert memory is ever allocated here.
+    # The FFN half is built on the meta device only to be swapped out: no expert memory is ever allocated here.
     with torch.device("meta"):
         layer = Step3DecoderLayer(config, layer_idx)
-    router = layer.mlp.gate if layer.is_moe_layer else None
-    del layer.mlp
-    layer.router = router
+    layer.mlp = RemoteFFN(config, layer_idx)
     return layer
 
 
@@ -52,6 +48,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     only these tensors) or `from_random`, then `connect` it to the FFN ranks."""
 
     _keys_to_ignore_on_load_unexpected = None
+    # Each step exchanges with the FFN side (and may replay its own CUDA graphs): generate() must not compile it whole.
+    _can_compile_fullgraph = False
 
     def __init__(self, config: Step3Config):
         super().__init__(config)
@@ -61,9 +59,9 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.model.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.model.rotary_emb = Step3RotaryEmbedding(config)
         self.lm_head = Step3VocabProjection(config.hidden_size, config.vocab_size, bias=False)
-        self.exchange: AttentionExchange | None = None
+        self.connector: AttentionConnector | None = None
         self.micro_batches = 3
-        self.wire = WireFormat.FP8
+        self.attention_graphs: AttentionGraphs | None = None
         self.timer = PhaseTimer(torch.device("cpu"))
         self.post_init()
 
@@ -88,16 +86,14 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         config = reader.config
         model = cls._empty(config, torch.device(device), dtype, attn_implementation)
         params = dict(model.named_parameters())
-        expected = {
-            attention_module_name(n) for n in official_tensor_shapes(config) if role_of_tensor(n) is Role.ATTENTION
-        }
+        expected = {module_name(n) for n in official_tensor_shapes(config) if role_of_tensor(n) is Role.ATTENTION}
         if expected != set(params):
             raise RuntimeError(f"attention-side parameters do not match the checkpoint layout: "
                                f"{sorted(expected ^ set(params))[:8]}")
         with torch.no_grad():
             for name in official_tensor_shapes(config):
                 if role_of_tensor(name) is Role.ATTENTION:
-                    params[attention_module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
+                    params[module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
         try:
             model.generation_config = GenerationConfig.from_pretrained(reader.path)
         except OSError:  # no generation_config.json: derive it from the top-level (possibly step3_vl) config
@@ -120,11 +116,33 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                     param.normal_(0.0, std, generator=generator)
         return model
 
-    def connect(self, exchange: AttentionExchange, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):
+    def connect(self, connector: AttentionConnector, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):
+        """Send every layer's FFN half through `connector`, `micro_batches` micro-batches in flight."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-        self.exchange, self.micro_batches, self.wire = exchange, micro_batches, WireFormat(wire)
+        self.connector, self.micro_batches = connector, micro_batches
+        for layer in self.model.layers:
+            layer.mlp.connector = connector
+        self.wire = wire
         return self
+
+    def use_cuda_graphs(self, enabled: bool = True) -> "Step3AFDAttentionForCausalLM":
+        """Replay each layer's and micro-batch's attention phase from a CUDA graph on decode steps with a static
+        cache (`generate(..., cache_implementation="static")`); prefill and other caches run eagerly."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the attention side on a CUDA device; this model is on {self.device}")
+        self.attention_graphs = AttentionGraphs() if enabled else None
+        return self
+
+    @property
+    def wire(self) -> WireFormat:
+        """How the hidden states travel to the FFN side (`fp8` or `raw`)."""
+        return self.model.layers[0].mlp.wire
+
+    @wire.setter
+    def wire(self, wire: WireFormat | str) -> None:
+        for layer in self.model.layers:
+            layer.mlp.wire = WireFormat(wire)
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(
@@ -138,8 +156,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if self.exchange is None:
-            raise RuntimeError("this attention-side model is not connected to FFN ranks: call `connect(exchange)` "
+        if self.connector is None:
+            raise RuntimeError("this attention-side model is not connected to an FFN side: call `connect(connector)` "
                                "or build it through `step3_hf.afd.start(...).attention_model()`")
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -153,10 +171,9 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
             position_embeddings=self.model.rotary_emb(inputs_embeds, position_ids=position_ids),
             attention_mask=causal_mask,
             cache=cache,
-            exchange=self.exchange,
             micro_batches=self.micro_batches,
-            wire=self.wire,
             timer=self.timer,
+            graphs=self.attention_graphs,
             position_ids=position_ids,
         )
         hidden_states = self.model.norm(hidden_states)

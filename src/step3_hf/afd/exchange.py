@@ -1,4 +1,5 @@
-"""The per-layer exchange between attention and FFN ranks over torch.distributed point-to-point messages.
+"""The gloo and NCCL connectors (`connector.py`): the per-layer exchange between attention and FFN ranks over
+torch.distributed point-to-point messages.
 
 Every message from an attention rank to an FFN rank is a 4-integer header `[kind, layer, tokens, wire]`
 followed (for `FORWARD`) by one dispatch buffer (see `wire.py`); the FFN rank answers each `FORWARD` with one
@@ -8,22 +9,27 @@ own stream) an answer never queues behind a posted receive of the next dispatch.
 several micro-batches in flight: `dispatch` only posts the sends and the receive of the answer, `combine`
 waits for it.
 
-Every wait is bounded on gloo: a peer that died (its connection closes) or stalled (no message within
-`timeout_s`) raises `PeerLostError` naming it. On NCCL the waits are stream-ordered (blocking the CPU on each
-would serialise the pipeline); there the groups' timeout and NCCL's watchdog bound them instead."""
+Every wait is bounded. On gloo (`GlooAttentionConnector`, `GlooFFNConnector`) a peer that died (its connection
+closes) or stalled (no message within `timeout_s`) raises `PeerLostError` naming it. On NCCL
+(`NcclAttentionConnector`, `NcclFFNConnector`) the waits are stream-ordered (blocking the CPU on each would
+serialise the pipeline); there the groups' timeout and NCCL's watchdog bound them instead. `p2p_connector` picks
+the pair for a backend; roles and process groups are explicit arguments."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .placement import Placement
+from .connector import Arrival, AttentionConnector, FFNConnector
+from .placement import Placement, Role
+from .timing import PhaseTimer
 from .wire import DispatchLayout, WireFormat, decode_dispatch, encode_dispatch
 
 FORWARD, DONE = 1, 2
@@ -59,13 +65,16 @@ class WireCounters:
 class _Link:
     """Point-to-point messages of one rank with bounded waits (see module docstring)."""
 
-    def __init__(self, placement: Placement, rank: int, device: torch.device, timeout_s: float, groups: "ExchangeGroups"):
+    def __init__(
+        self, placement: Placement, rank: int, device: torch.device, timeout_s: float, groups: "ExchangeGroups",
+        bounded: bool,
+    ):
         self.placement = placement
         self.groups = groups
         self.rank = rank
         self.device = device
         self.timeout_s = timeout_s
-        self.bounded = dist.get_backend() == "gloo"
+        self.bounded = bounded  # the CPU waits with a timeout (gloo); else stream-ordered waits (NCCL)
         self._sends: list[tuple[dist.Work, int, torch.Tensor]] = []  # in flight; the tensor must stay alive
 
     def send(self, tensor: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
@@ -111,19 +120,24 @@ class InFlight:
     works: list[dist.Work]
 
 
-class AttentionExchange:
+class P2PAttentionConnector(AttentionConnector):
     """The attention rank's end: dispatch normed hidden states (+ routing) to every FFN rank, sum what returns."""
 
+    bounded: bool  # the CPU waits for each answer with a timeout
+
     def __init__(
-        self, placement: Placement, rank: int, groups: "ExchangeGroups", *, hidden_size: int, dtype: torch.dtype,
+        self, placement: Placement, rank: int, groups: ExchangeGroups, *, hidden_size: int, dtype: torch.dtype,
         device: torch.device, timeout_s: float,
     ):
-        self.link = _Link(placement, rank, device, timeout_s, groups)
+        if placement.role(rank) is not Role.ATTENTION:
+            raise ValueError(f"{placement.describe(rank)} is not an attention rank")
+        self.link = _Link(placement, rank, device, timeout_s, groups, self.bounded)
         self.ffn_ranks = placement.ffn_rank_ids
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.counters = WireCounters()
         self.closed = False
+        self.timer: PhaseTimer | None = None  # times the wire encoding (FP8 quantisation) as phase `wire`
 
     def dispatch(
         self,
@@ -134,7 +148,8 @@ class AttentionExchange:
         wire: WireFormat,
     ) -> InFlight:
         tokens = hidden.shape[0]
-        payload = encode_dispatch(hidden, top_k_index, top_k_weights, wire)
+        with self.timer.phase("wire") if self.timer is not None else nullcontext():
+            payload = encode_dispatch(hidden, top_k_index, top_k_weights, wire)
         header = self.link.header(FORWARD, layer, tokens, wire.code)
         results, works = [], []
         for peer in self.ffn_ranks:
@@ -167,39 +182,32 @@ class AttentionExchange:
         self.link.flush_sends()
 
 
-@dataclass
-class Arrival:
-    """One micro-batch of one layer received from one attention rank."""
-
-    source: int
-    layer: int
-    hidden: torch.Tensor
-    top_k_index: torch.Tensor | None
-    top_k_weights: torch.Tensor | None
+class GlooAttentionConnector(P2PAttentionConnector):
+    bounded = True
 
 
-class FFNExchange:
+class NcclAttentionConnector(P2PAttentionConnector):
+    bounded = False  # stream-ordered: the groups' timeout and NCCL's watchdog bound the waits
+
+
+class P2PFFNConnector(FFNConnector):
     """The FFN rank's end. A round takes the messages that have arrived by the time the first one does, so
-    attention ranks at the same layer are computed as one batch and none waits for another.
+    attention ranks at the same layer are computed as one batch and none waits for another."""
 
-    gloo completes a receive only inside `wait`, so on gloo one thread per attention rank receives its messages
-    into a queue; on NCCL a round takes the next message of each running attention rank in turn.
-    """
+    bounded: bool
 
     def __init__(
-        self, placement: Placement, rank: int, groups: "ExchangeGroups", *, hidden_size: int, top_k: int,
+        self, placement: Placement, rank: int, groups: ExchangeGroups, *, hidden_size: int, top_k: int,
         moe_layers: set[int], dtype: torch.dtype, device: torch.device, timeout_s: float,
     ):
-        self.link = _Link(placement, rank, device, timeout_s, groups)
+        if placement.role(rank) is not Role.FFN:
+            raise ValueError(f"{placement.describe(rank)} is not an FFN rank")
+        self.link = _Link(placement, rank, device, timeout_s, groups, self.bounded)
         self.running = placement.attention_rank_ids
         self.hidden_size = hidden_size
         self.top_k = top_k
         self.moe_layers = moe_layers
         self.dtype = dtype
-        self._inbox: queue.Queue = queue.Queue()  # gloo: (source, Arrival | None for done | PeerLostError)
-        if self.link.bounded:
-            for source in self.running:
-                threading.Thread(target=self._listen, args=(source,), daemon=True).start()
 
     @property
     def finished(self) -> bool:
@@ -221,9 +229,35 @@ class FFNExchange:
         payload = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.link.device)
         return layer, layout, payload, dist.irecv(payload, source, group=self.link.groups.dispatch)
 
+    def _take(self, source: int, item) -> Arrival | None:
+        if isinstance(item, Exception):
+            raise item
+        if item is None:
+            self.running = [r for r in self.running if r != source]
+        return item
+
+    def respond(self, arrival: Arrival, result: torch.Tensor) -> None:
+        self.link.send(result.contiguous(), arrival.source, self.link.groups.combine)
+
+    def close(self) -> None:
+        self.link.flush_sends()
+
+
+class GlooFFNConnector(P2PFFNConnector):
+    """gloo completes a receive only inside `wait`, so one thread per attention rank receives its messages into a
+    queue, and a round is what the queue holds once its first item has come (within the timeout)."""
+
+    bounded = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._inbox: queue.Queue = queue.Queue()  # (source, Arrival | None for done | PeerLostError)
+        for source in self.running:
+            threading.Thread(target=self._listen, args=(source,), daemon=True).start()
+
     def _listen(self, source: int) -> None:
-        """gloo: receive `source`'s messages in order until it is done or lost. An idle attention rank is not an
-        error here; the main loop's timeout decides when silence means a stall."""
+        """Receive `source`'s messages in order until it is done or lost. An idle attention rank is not an error
+        here; the main loop's timeout decides when silence means a stall."""
         try:
             while True:
                 header, work = self._post_header(source)
@@ -251,14 +285,7 @@ class FFNExchange:
             "closing."
         )
 
-    def _take(self, source: int, item) -> Arrival | None:
-        if isinstance(item, Exception):
-            raise item
-        if item is None:
-            self.running = [r for r in self.running if r != source]
-        return item
-
-    def _receive_queued(self) -> list[Arrival]:
+    def receive_round(self) -> list[Arrival]:
         try:
             first = [self._inbox.get(timeout=self.link.timeout_s)]
         except queue.Empty:
@@ -267,10 +294,15 @@ class FFNExchange:
             first.append(self._inbox.get_nowait())
         return [a for a in (self._take(source, item) for source, item in first) if a is not None]
 
-    def _receive_in_turn(self) -> list[Arrival]:
-        """NCCL: the next message of every running attention rank, in rank order (the header's `tolist` waits for
-        it). Attention ranks run the same schedule, so this is also what has arrived together; an attention rank
-        that stops must `close()`, and NCCL's watchdog (the groups' timeout) bounds a wait on a lost one."""
+
+class NcclFFNConnector(P2PFFNConnector):
+    """A round takes the next message of every running attention rank, in rank order (the header's `tolist` waits
+    for it). Attention ranks run the same schedule, so this is also what has arrived together; an attention rank
+    that stops must `close()`, and NCCL's watchdog (the groups' timeout) bounds a wait on a lost one."""
+
+    bounded = False
+
+    def receive_round(self) -> list[Arrival]:
         arrivals = []
         for source in list(self.running):
             header, work = self._post_header(source)
@@ -284,11 +316,15 @@ class FFNExchange:
             arrivals.append(Arrival(source, layer, *decode_dispatch(payload, layout)))
         return arrivals
 
-    def receive_round(self) -> list[Arrival]:
-        return self._receive_queued() if self.link.bounded else self._receive_in_turn()
 
-    def respond(self, arrival: Arrival, result: torch.Tensor) -> None:
-        self.link.send(result.contiguous(), arrival.source, self.link.groups.combine)
+_CONNECTORS = {
+    "gloo": {Role.ATTENTION: GlooAttentionConnector, Role.FFN: GlooFFNConnector},
+    "nccl": {Role.ATTENTION: NcclAttentionConnector, Role.FFN: NcclFFNConnector},
+}
 
-    def close(self) -> None:
-        self.link.flush_sends()
+
+def p2p_connector(backend: str, role: Role) -> type[P2PAttentionConnector] | type[P2PFFNConnector]:
+    """The connector class of `role` for a torch.distributed backend (`gloo` or `nccl`)."""
+    if backend not in _CONNECTORS:
+        raise ValueError(f"AFD runs on the gloo or nccl backend, got {backend!r}")
+    return _CONNECTORS[backend][Role(role)]

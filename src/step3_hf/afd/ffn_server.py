@@ -1,9 +1,11 @@
 """The FFN side of a disaggregated Step-3: the dense MLPs, shared experts and (a range of) routed experts,
 and the serve loop that runs them on whatever the attention ranks send.
 
-With several FFN ranks, each owns a contiguous range of experts (`Step3Experts` in transformers' expert-parallel
-mode: tokens routed elsewhere get the sentinel id and weight 0, and grouped_mm skips them) and a slice of the
-intermediate channels of every dense MLP and shared expert; its output is a partial sum.
+Each layer's FFN half is the model's own module: `Step3MLP` for dense layers and `Step3SparseMoeBlock` without its
+router (`Step3FFNMoE`) for MoE layers. With several FFN ranks, each owns a contiguous range of experts
+(`Step3Experts` in transformers' expert-parallel mode: tokens routed elsewhere get the sentinel id and weight 0, and
+grouped_mm skips them) and a slice of the intermediate channels of every dense MLP and shared expert; its output is
+a partial sum.
 """
 
 from __future__ import annotations
@@ -13,48 +15,54 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
-from ..modeling_step3 import Step3Experts, Step3MLP
+from ..modeling_step3 import Step3MLP, Step3PreTrainedModel, Step3SparseMoeBlock
 from .checkpoint import CheckpointReader
-from .exchange import FFNExchange
+from .connector import FFNConnector
 from .placement import Placement
 from .timing import PhaseTimer
 
 
-class FFNLayerShard(nn.Module):
-    """One layer's FFN half on one FFN rank; `forward` returns this rank's (partial) `FFN(x)`, no residual."""
+class Step3FFNMoE(Step3SparseMoeBlock):
+    """The model's own MoE block without its router (the routing arrives with the hidden states), over this FFN
+    rank's range of experts and of shared-expert channels; returns this rank's (partial) sum."""
 
-    def __init__(self, config: Step3Config, layer_idx: int, placement: Placement, ffn_index: int):
-        super().__init__()
-        self.is_moe_layer = layer_idx in config.moe_layer_indices
-        self.split = placement.ffn_ranks > 1
-        if not self.is_moe_layer:
-            c0, c1 = placement.channel_range(ffn_index, config.intermediate_size)
-            self.mlp = Step3MLP(config, intermediate_size=c1 - c0)
-            return
-        c0, c1 = placement.channel_range(ffn_index, config.share_expert_dim)
-        self.shared_expert = Step3MLP(config, intermediate_size=c1 - c0)
-        self.first_expert, last = placement.expert_range(ffn_index, config.moe_num_experts)
-        self.experts = Step3Experts(config)
+    def __init__(self, config: Step3Config, experts: tuple[int, int], channels: tuple[int, int]):
+        super().__init__(config)
+        del self.gate  # the router runs on the attention side
+        self.first_expert, last = experts
         local = last - self.first_expert
-        self.experts.num_experts = local
-        self.experts.gate_up_proj = nn.Parameter(torch.empty(local, 2 * config.moe_intermediate_size, config.hidden_size))
-        self.experts.down_proj = nn.Parameter(torch.empty(local, config.hidden_size, config.moe_intermediate_size))
-        self.experts._is_expert_parallel = self.split
+        self.split = local != config.moe_num_experts
+        if self.split:
+            self.experts.num_experts = local
+            self.experts.gate_up_proj = nn.Parameter(torch.empty(local, 2 * config.moe_intermediate_size, config.hidden_size))
+            self.experts.down_proj = nn.Parameter(torch.empty(local, config.hidden_size, config.moe_intermediate_size))
+            self.experts._is_expert_parallel = True
+        if channels[1] - channels[0] != config.share_expert_dim:
+            self.shared_expert = Step3MLP(config, intermediate_size=channels[1] - channels[0])
 
-    def forward(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor | None, top_k_weights: torch.Tensor | None
-    ) -> torch.Tensor:
-        if not self.is_moe_layer:
-            return self.mlp(hidden)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.split:
             local = top_k_index - self.first_expert
             elsewhere = (local < 0) | (local >= self.experts.num_experts)
             top_k_index = local.masked_fill(elsewhere, self.experts.num_experts)
             top_k_weights = top_k_weights.masked_fill(elsewhere, 0.0)
-        return self.experts(hidden, top_k_index, top_k_weights) + self.shared_expert(hidden)
+        return self.experts(hidden_states, top_k_index, top_k_weights) + self.shared_expert(hidden_states)
+
+
+def ffn_layer_shard(config: Step3Config, layer_idx: int, placement: Placement, ffn_index: int) -> nn.Module:
+    """One layer's FFN half on one FFN rank: `Step3FFNMoE` or a channel slice of the dense `Step3MLP`."""
+    if layer_idx in config.moe_layer_indices:
+        return Step3FFNMoE(
+            config,
+            placement.expert_range(ffn_index, config.moe_num_experts),
+            placement.channel_range(ffn_index, config.share_expert_dim),
+        )
+    c0, c1 = placement.channel_range(ffn_index, config.intermediate_size)
+    return Step3MLP(config, intermediate_size=c1 - c0)
 
 
 def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
@@ -65,7 +73,7 @@ def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
         if layer in moe:
             mlp_src, mlp_dst, width = src + SHARED_EXPERT, dst + "shared_expert.", config.share_expert_dim
         else:
-            mlp_src, mlp_dst, width = src + "mlp.", dst + "mlp.", config.intermediate_size
+            mlp_src, mlp_dst, width = src + "mlp.", dst, config.intermediate_size
         channels = slice(*placement.channel_range(ffn_index, width))
         yield mlp_dst + "gate_proj.weight", [(mlp_src + "gate_proj.weight", (channels,))]
         yield mlp_dst + "up_proj.weight", [(mlp_src + "up_proj.weight", (channels,))]
@@ -77,18 +85,20 @@ def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
 
 
 class Step3FFNShard(nn.Module):
-    """All layers' FFN halves owned by one FFN rank."""
+    """All layers' FFN halves owned by one FFN rank; `layers.{i}` holds what `Step3ForCausalLM` holds as
+    `model.layers.{i}.mlp` (its share of it, with several FFN ranks), under the same names, less the router."""
 
     def __init__(self, config: Step3Config, placement: Placement, ffn_index: int):
         super().__init__()
         config = copy.deepcopy(config)
-        # grouped_mm: what `from_pretrained` picks for Step-3, and the implementation that skips EP sentinels.
-        config._experts_implementation = "grouped_mm"
+        # Step-3's default (the moe_decode kernel for decode-sized calls on CUDA, which hands expert-parallel calls
+        # to grouped_mm), else grouped_mm: the implementation that skips EP sentinels.
+        config._experts_implementation = Step3PreTrainedModel._default_experts_implementation() or "grouped_mm"
         self.config = config
         self.placement = placement
         self.ffn_index = ffn_index
         self.layers = nn.ModuleList(
-            FFNLayerShard(config, i, placement, ffn_index) for i in range(config.num_hidden_layers)
+            ffn_layer_shard(config, i, placement, ffn_index) for i in range(config.num_hidden_layers)
         )
 
     @classmethod
@@ -127,12 +137,25 @@ class Step3FFNShard(nn.Module):
                 param.normal_(0.0, std, generator=generator)
         return shard
 
+    def set_experts_implementation(self, implementation: str) -> None:
+        """The routed experts' implementation (`moe_decode`, `grouped_mm`, ...), as `PreTrainedModel` sets it."""
+        known = {"eager", *ALL_EXPERTS_FUNCTIONS.keys()}
+        if implementation not in known:
+            raise ValueError(f"unknown experts implementation {implementation!r}; known: {sorted(known)}")
+        self.config._experts_implementation = implementation  # every layer's experts share this config
+
     def forward(self, layer: int, hidden, top_k_index=None, top_k_weights=None) -> torch.Tensor:
-        return self.layers[layer](hidden, top_k_index, top_k_weights)
+        """This rank's (partial) `FFN(hidden)` of layer `layer`, no residual; MoE layers take the routing."""
+        block = self.layers[layer]
+        if isinstance(block, Step3FFNMoE):
+            if top_k_index is None:
+                raise ValueError(f"layer {layer} is an MoE layer: its FFN needs the routing (top_k_index, top_k_weights)")
+            return block(hidden, top_k_index, top_k_weights)
+        return block(hidden)
 
 
 @torch.no_grad()
-def serve(shard: Step3FFNShard, exchange: FFNExchange, timer: PhaseTimer) -> None:
+def serve(shard: Step3FFNShard, exchange: FFNConnector, timer: PhaseTimer) -> None:
     """Answer the attention ranks until every one of them has said it is done.
 
     Each round takes what has arrived; messages for the same layer (attention ranks run the same schedule, so

@@ -5,20 +5,24 @@ ago, so usually already back), runs `attention_block`, the post-attention norm a
 then micro-batch `m + 1` does the same. So while the FFN ranks compute micro-batch `m` of layer `l`, this rank
 computes the attention of micro-batch `m + 1`, and the exchange runs asynchronously underneath.
 
-With several micro-batches each one attends over its own rows of the shared `DynamicCache` through
-`MicroBatchedCache`, so the cache `generate()` holds stays the ordinary one.
+With several micro-batches each one attends over its own rows of the cache `generate()` holds, which stays the
+ordinary one: a `StaticCache` (preallocated; each micro-batch writes its rows in place, nothing is copied per
+step: `StaticRowsCache`) or a `DynamicCache` (grown once per layer and step for all rows: `MicroBatchedCache`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
-from .exchange import AttentionExchange, InFlight
 from .placement import even_split
 from .timing import PhaseTimer
-from .wire import WireFormat
+
+if TYPE_CHECKING:
+    from .graphs import AttentionGraphs
 
 
 class MicroBatchedCache:
@@ -66,10 +70,48 @@ class MicroBatchedCache:
             layer.keys, layer.values, _ = self._grown.pop(layer_idx)
 
 
+class StaticRowsCache:
+    """A `StaticCache` shared by the micro-batches of one forward: each writes its new keys and values into its own
+    rows, in place, and attends over a view of its rows; no copy of the cache per step.
+
+    Every micro-batch writes at the same positions (the layer's length so far); `commit(layer)` advances the
+    layer's length by the forward's `new_tokens` once all micro-batches have run it. A layer not yet allocated is
+    allocated for the whole batch. `update` does only device work, so it can be replayed from a CUDA graph.
+    """
+
+    def __init__(self, cache: Cache, batch: int, new_tokens: int):
+        self.cache = cache
+        self.batch = batch
+        self.new_tokens = new_tokens
+
+    def rows(self, rows: slice) -> "_RowsOfCache":
+        return _RowsOfCache(self, rows)
+
+    def update(self, rows: slice, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        layer = self.cache.layers[layer_idx]
+        if not layer.is_initialized:  # sized by the whole batch, not by the micro-batch that comes first
+            layer.lazy_initialization(
+                key_states[:1].expand(self.batch, -1, -1, -1), value_states[:1].expand(self.batch, -1, -1, -1)
+            )
+        elif layer.keys.shape[0] != self.batch:
+            raise ValueError(
+                f"the static cache holds {layer.keys.shape[0]} sequences but this forward has {self.batch}: use a "
+                "cache made for this batch"
+            )
+        positions = torch.arange(key_states.shape[-2], device=layer.keys.device) + layer.cumulative_length
+        keys, values = layer.keys[rows], layer.values[rows]  # views: the writes land in the shared tensors
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        return keys, values
+
+    def commit(self, layer_idx: int) -> None:
+        self.cache.layers[layer_idx].cumulative_length.add_(self.new_tokens)
+
+
 class _RowsOfCache:
     """What one micro-batch's attention sees as its cache: `update` goes to its rows of the shared cache."""
 
-    def __init__(self, shared: MicroBatchedCache, rows: slice):
+    def __init__(self, shared: MicroBatchedCache | StaticRowsCache, rows: slice):
         self.shared, self.rows = shared, rows
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -88,6 +130,36 @@ def split_micro_batches(batch: int, micro_batches: int) -> list[slice]:
     return [slice(*even_split(batch, count, i)) for i in range(count)]
 
 
+def is_static(cache: Cache | None) -> bool:
+    layers = getattr(cache, "layers", [])
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
+def micro_batch_caches(cache: Cache | None, batch: int, new_tokens: int, rows: list[slice], rows_view: bool = False):
+    """(shared cache to commit per layer or None, the cache each micro-batch's attention sees). `rows_view`: a
+    static cache goes through `StaticRowsCache` even for one micro-batch (what CUDA graphs replay)."""
+    if cache is None or (len(rows) == 1 and not (rows_view and is_static(cache))):
+        return None, [cache] * len(rows)
+    layers = getattr(cache, "layers", [])
+    if type(cache) is DynamicCache and all(not getattr(layer, "is_sliding", False) for layer in layers):
+        shared = MicroBatchedCache(cache)
+    elif is_static(cache):
+        shared = StaticRowsCache(cache, batch, new_tokens)
+    else:
+        raise TypeError(
+            f"AFD with --micro-batches > 1 runs on a DynamicCache or a StaticCache; got {type(cache).__name__}. Use "
+            "one of those (`cache_implementation` unset or \"static\") or one micro-batch."
+        )
+    return shared, [shared.rows(r) for r in rows]
+
+
+def attention_phase(layer, hidden_states, cos_sin, mask, cache, **attention_kwargs):
+    """One micro-batch through one layer's attention half: (new hidden states, normed `[n, H]`, routing)."""
+    hidden_states = layer.attention_block(hidden_states, cos_sin, mask, cache=cache, **attention_kwargs)
+    normed = layer.post_attention_layernorm(hidden_states).reshape(-1, hidden_states.shape[-1])
+    return hidden_states, normed, layer.mlp.route(normed)
+
+
 def run_layers(
     layers: nn.ModuleList,
     hidden_states: torch.Tensor,
@@ -95,53 +167,52 @@ def run_layers(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
     cache: Cache | None,
-    exchange: AttentionExchange,
     micro_batches: int,
-    wire: WireFormat,
     timer: PhaseTimer,
+    graphs: "AttentionGraphs | None" = None,
     **attention_kwargs,
 ) -> torch.Tensor:
-    """All decoder layers over `hidden_states [B, S, H]`, the FFN halves on the FFN ranks."""
-    batch, hidden_size = hidden_states.shape[0], hidden_states.shape[-1]
+    """All decoder layers over `hidden_states [B, S, H]`; each layer's `mlp` is a `RemoteFFN`, whose `dispatch` and
+    `combine` bracket the FFN on the other side. The mask and the rotary embeddings are built once per step, by the
+    caller, and cut into micro-batches once. With `graphs`, decode steps on a static cache replay each layer's and
+    micro-batch's attention phase from a CUDA graph."""
+    batch = hidden_states.shape[0]
     rows = split_micro_batches(batch, micro_batches)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"AFD splits the attention mask by rows; got a {type(attention_mask).__name__}")
-    shared = None
-    if len(rows) == 1 or cache is None:
-        caches = [cache] * len(rows)
-    elif type(cache) is DynamicCache and all(not getattr(layer, "is_sliding", False) for layer in cache.layers):
-        shared = MicroBatchedCache(cache)
-        caches = [shared.rows(r) for r in rows]
-    else:
-        raise TypeError(
-            f"AFD with --micro-batches > 1 runs on a DynamicCache; got {type(cache).__name__}. Use the default "
-            "cache (no `cache_implementation`) or one micro-batch."
-        )
+    use_graphs = graphs is not None and graphs.applies(hidden_states, cache)
+    shared, caches = micro_batch_caches(cache, batch, hidden_states.shape[1], rows, rows_view=use_graphs)
     states = [hidden_states[r] for r in rows]
     masks = [_rows_of(attention_mask, r, batch) for r in rows]
     cos_sin = [tuple(_rows_of(t, r, batch) for t in position_embeddings) for r in rows]
-    inflight: list[InFlight | None] = [None] * len(rows)
+    inflight: list[object | None] = [None] * len(rows)
+    if use_graphs:
+        graphs.prepare(layers, cache, rows, masks, cos_sin, hidden_states)
 
+    def add_ffn_result(m: int, mlp) -> None:
+        with timer.phase("wait"):
+            ffn_out = mlp.combine(inflight[m])
+        states[m] = states[m] + ffn_out.view_as(states[m])
+
+    previous = None
     for layer_idx, layer in enumerate(layers):
         for m in range(len(rows)):
+            timer.labels = {"layer": layer_idx, "micro_batch": m}
             if inflight[m] is not None:
-                with timer.phase("wait"):
-                    ffn_out = exchange.combine(inflight[m])
-                states[m] = states[m] + ffn_out.view_as(states[m])
-            with timer.phase("attention"):
-                states[m] = layer.attention_block(
-                    states[m], cos_sin[m], masks[m], cache=caches[m], **attention_kwargs
-                )
-                normed = layer.post_attention_layernorm(states[m]).reshape(-1, hidden_size)
-                top_k_index = top_k_weights = None
-                if layer.router is not None:
-                    _, top_k_weights, top_k_index = layer.router(normed)
-                inflight[m] = exchange.dispatch(layer_idx, normed, top_k_index, top_k_weights, wire)
+                add_ffn_result(m, previous.mlp)
+            with timer.phase("attention"):  # the attention half, its norm and the router
+                if use_graphs:
+                    states[m], normed, routing = graphs.run(layer_idx, layer, m, states[m], caches[m])
+                else:
+                    states[m], normed, routing = attention_phase(
+                        layer, states[m], cos_sin[m], masks[m], caches[m], **attention_kwargs
+                    )
+            inflight[m] = layer.mlp.send(normed, *routing)  # the connector times the wire (and an in-process FFN)
         if shared is not None:
             shared.commit(layer_idx)
+        previous = layer
 
     for m in range(len(rows)):
-        with timer.phase("wait"):
-            ffn_out = exchange.combine(inflight[m])
-        states[m] = states[m] + ffn_out.view_as(states[m])
+        timer.labels = {"layer": len(layers) - 1, "micro_batch": m}
+        add_ffn_result(m, previous.mlp)
     return torch.cat(states) if len(states) > 1 else states[0]

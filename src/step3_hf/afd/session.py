@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from .attention_model import Step3AFDAttentionForCausalLM
 from .checkpoint import CheckpointReader
-from .exchange import AttentionExchange, ExchangeGroups, FFNExchange
+from .connector import AttentionConnector, FFNConnector
+from .exchange import ExchangeGroups, P2PAttentionConnector, p2p_connector
 from .ffn_server import Step3FFNShard, serve
 from .placement import Placement, Role
 from .timing import PhaseTimer
@@ -70,8 +71,9 @@ class AFDRank:
     dtype: torch.dtype
     reader: CheckpointReader
     groups: ExchangeGroups
+    backend: str = "gloo"
     timer: PhaseTimer = field(init=False)
-    exchange: AttentionExchange | FFNExchange | None = None
+    connector: AttentionConnector | FFNConnector | None = None
     _model: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
@@ -96,12 +98,13 @@ class AFDRank:
             )
             model.timer = self.timer
             config = self.reader.config
-            self.exchange = AttentionExchange(
+            self.connector = p2p_connector(self.backend, Role.ATTENTION)(
                 self.placement, self.rank, self.groups, hidden_size=config.hidden_size, dtype=self.dtype, device=self.device,
                 timeout_s=self.settings.timeout_s,
             )
+            self.connector.timer = self.timer
             self._model = model.connect(
-                self.exchange, micro_batches=self.settings.micro_batches, wire=WireFormat(self.settings.wire)
+                self.connector, micro_batches=self.settings.micro_batches, wire=WireFormat(self.settings.wire)
             )
             self._ready()
         return self._model
@@ -115,7 +118,7 @@ class AFDRank:
                 device=self.device, dtype=self.dtype,
             )
             config = self.reader.config
-            self.exchange = FFNExchange(
+            self.connector = p2p_connector(self.backend, Role.FFN)(
                 self.placement, self.rank, self.groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
                 moe_layers=set(config.moe_layer_indices), dtype=self.dtype, device=self.device,
                 timeout_s=self.settings.timeout_s,
@@ -125,7 +128,7 @@ class AFDRank:
 
     def serve(self) -> None:
         """FFN ranks: answer the attention ranks until all of them are done."""
-        serve(self.ffn_shard(), self.exchange, self.timer)
+        serve(self.ffn_shard(), self.connector, self.timer)
 
     def _ready(self) -> None:
         # Everyone has its weights before the first layer is sent, so the per-message timeout never has to
@@ -142,8 +145,8 @@ class AFDRank:
         self.close()
         prefill = 1 if self.role is Role.ATTENTION else 0
         mine = {"rank": self.rank, "name": self.name, "role": self.role.value, **self.timer.summary(prefill)}
-        if isinstance(self.exchange, AttentionExchange):
-            c = self.exchange.counters
+        if isinstance(self.connector, P2PAttentionConnector):
+            c = self.connector.counters
             mine["bytes_to_ffn_per_token_layer"] = c.bytes_to_ffn / max(c.token_layers, 1)
             mine["bytes_from_ffn_per_token_layer"] = c.bytes_from_ffn / max(c.token_layers, 1)
         gathered = [None] * self.placement.world_size if self.rank == 0 else None
@@ -151,8 +154,8 @@ class AFDRank:
         return gathered
 
     def close(self) -> None:
-        if isinstance(self.exchange, AttentionExchange):
-            self.exchange.close()
+        if isinstance(self.connector, AttentionConnector):
+            self.connector.close()
 
     def __enter__(self) -> "AFDRank":
         return self
@@ -212,4 +215,4 @@ def start(settings: AFDSettings) -> AFDRank:
     placement.check_model(reader.config)
     # On NCCL the groups' timeout is what bounds a wait on a lost peer (the watchdog ends the process).
     groups = ExchangeGroups.create(timedelta(seconds=settings.timeout_s))
-    return AFDRank(settings, rank, placement, device, dtype, reader, groups)
+    return AFDRank(settings, rank, placement, device, dtype, reader, groups, backend)

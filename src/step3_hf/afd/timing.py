@@ -1,7 +1,8 @@
 """Per-step busy time of each side, measured without adding synchronisation inside a step.
 
 On CUDA a phase is a pair of events on the current stream (resolved once per step, by waiting for the last
-event only); on CPU it is wall time.
+event only); on CPU it is wall time. With `keep_trace`, the last step's phases are also kept as a timeline
+(`last_trace`: name, labels such as layer and micro-batch, start and end in µs from the step's first phase).
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ class StepTimes:
     wall_s: float
     phases_s: dict[str, float]
     started_at: float  # time.perf_counter() (CLOCK_MONOTONIC: comparable across processes of one host)
+    host_s: dict[str, float] = field(default_factory=dict)  # host time issuing each phase (launch-bound if ~ phases_s)
 
 
 @dataclass
 class PhaseTimer:
     device: torch.device
     steps: list[StepTimes] = field(default_factory=list)
-    _open: list[tuple[str, object, object]] = field(default_factory=list)
+    keep_trace: bool = False
+    labels: dict = field(default_factory=dict)  # attached to each phase as it opens (e.g. layer, micro-batch)
+    last_trace: list[dict] = field(default_factory=list)
+    _open: list[tuple[str, object, object, dict]] = field(default_factory=list)
+    _host: dict[str, float] = field(default_factory=dict)
     _step_start: float | None = None
     first_start: float | None = None  # perf_counter of the first step, to measure the busy share of a run
     last_end: float | None = None
@@ -38,16 +44,18 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
+        host_start = time.perf_counter()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end.record()
         else:
-            start = time.perf_counter()
+            start = host_start
             yield
             end = time.perf_counter()
-        self._open.append((name, start, end))
+        self._host[name] = self._host.get(name, 0.0) + time.perf_counter() - host_start
+        self._open.append((name, start, end, dict(self.labels) if self.keep_trace else {}))
 
     def end_step(self) -> None:
         if self.device.type == "cuda" and self._open:
@@ -57,12 +65,21 @@ class PhaseTimer:
         self.last_end = time.perf_counter()
         wall = self.last_end - (self._step_start or self.last_end)
         phases: dict[str, float] = {}
-        for name, start, end in self._open:
-            seconds = start.elapsed_time(end) / 1e3 if self.device.type == "cuda" else end - start
+        cuda = self.device.type == "cuda"
+        for name, start, end, _ in self._open:
+            seconds = start.elapsed_time(end) / 1e3 if cuda else end - start
             phases[name] = phases.get(name, 0.0) + seconds
+        if self.keep_trace and self._open:
+            origin = self._open[0][1]
+            offset = (lambda event: 1e3 * origin.elapsed_time(event)) if cuda else (lambda t: 1e6 * (t - origin))
+            self.last_trace = [
+                {"name": name, **labels, "start_us": offset(start), "end_us": offset(end)}
+                for name, start, end, labels in self._open
+            ]
         self._open.clear()
         self._step_start = None
-        self.steps.append(StepTimes(wall, phases, self.last_end - wall))
+        self.steps.append(StepTimes(wall, phases, self.last_end - wall, self._host))
+        self._host = {}
 
     def summary(self, skip_first: int = 0) -> dict[str, float]:
         """Mean wall and per-phase time of the steps after the first `skip_first` (the prefill), and over the
