@@ -200,15 +200,25 @@ def paged_decode_attention(
         part_out = part_lse = out  # unused
     dummy = kv_start
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _paged_split_kv_attention[(num_splits, programs)](
+    launch_args = (
         query, key, value, rows if rows is not None else dummy, tokens if tokens is not None else dummy,
         kv_start.to(torch.int32), kv_end.to(torch.int32), out, part_out, part_lse,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         num_kv_heads, scale * math.log2(math.e), num_splits,
+    )  # fmt: skip
+    constants = dict(
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, HAS_ROWS=rows is not None, HAS_TOKENS=tokens is not None, SINGLE_SPLIT=num_splits == 1,
-        DOT_F32=query.dtype == torch.float32 or interpreter_enabled(), num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=query.dtype == torch.float32 or interpreter_enabled(),
     )  # fmt: skip
+    # A GPU with less shared memory than asked for cannot hold the pipeline: one stage fewer per retry.
+    for stages in range(num_stages, 0, -1):
+        try:
+            _paged_split_kv_attention[(num_splits, programs)](*launch_args, **constants, num_warps=num_warps, num_stages=stages)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
     if num_splits > 1:
         merge_rows = min(16, triton.next_power_of_2(group))
         out_view = out[:, None]  # [n, 1, Hq, D]: the merge's (sequence, token) is our (token, -)
