@@ -47,7 +47,10 @@ def _paged_split_kv_attention(
     token_head = tl.program_id(1)
     i = token_head // num_kv_heads
     kv_head = token_head % num_kv_heads
-    t = tl.load(TOKENS + i) if HAS_TOKENS else i
+    if HAS_TOKENS:
+        t = tl.load(TOKENS + i)
+    else:
+        t = i
 
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < GROUP

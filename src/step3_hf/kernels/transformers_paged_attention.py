@@ -71,8 +71,8 @@ def paged_mfa_attention_forward(
     ragged (or the paged cache in `kwargs["cache"]`) -> `([1, T, Hq, D], None)`."""
     if "cu_seq_lens_q" not in kwargs:
         raise ValueError(
-            f"`{PAGED_MFA_ATTENTION}` runs continuous batching's packed batches (`generate_batch`); use "
-            f"`{MFA_DECODE_ATTENTION}` for other calls"
+            f"`{PAGED_MFA_ATTENTION}` was called without `cu_seq_lens_q`: it runs continuous batching's packed "
+            f"batches (`generate_batch`); use `{MFA_DECODE_ATTENTION}` for other calls"
         )
     if dropout and module.training:
         raise ValueError(f"`{PAGED_MFA_ATTENTION}` does not do attention dropout (the model is in training mode)")
