@@ -153,7 +153,7 @@ def paged_decode_attention(
     Args:
         query: `[T, Hq, D]` (any strides), the packed new tokens.
         key, value: `[N, Hkv, D]` with `Hq % Hkv == 0`, same dtype as the query: the ragged keys, or the paged cache's
-            rows when `rows` is given.
+            rows when `rows` is given (then the two may hold different numbers of rows).
         kv_start, kv_end: int32 `[n]`, the key range `[start, end)` of each computed token, as positions into `rows`
             (or into `key` without it); see `token_key_ranges`. Not checked against the store on the host (that
             would wait for the device): they must lie within it.
@@ -167,9 +167,9 @@ def paged_decode_attention(
     """
     others = {"key": key, "value": value, "kv_start": kv_start, "kv_end": kv_end, "rows": rows, "tokens": tokens}
     check_kernel_inputs("paged_decode_attention", "query", query, others)
-    if query.ndim != 3 or key.ndim != 3 or value.shape != key.shape:
+    if query.ndim != 3 or key.ndim != 3 or value.ndim != 3 or value.shape[1:] != key.shape[1:]:
         raise ValueError(
-            f"query must be [T, Hq, D] and key/value [N, Hkv, D] alike, got {tuple(query.shape)}, "
+            f"query must be [T, Hq, D] and key/value [N, Hkv, D] (any N each), got {tuple(query.shape)}, "
             f"{tuple(key.shape)}, {tuple(value.shape)}"
         )
     num_tokens, num_heads, head_dim = query.shape

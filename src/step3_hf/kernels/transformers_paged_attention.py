@@ -37,24 +37,36 @@ def _per_layer(value, layer_type: str = "full_attention"):
 
 
 def _write_paged_cache(cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs):
-    """Before transformers 5.24 the attention function updates the paged cache. Writes the new keys and values and
-    returns the key/value store with its read index (`rows`), or the new keys themselves when no request has cached
-    tokens; layers of a sliding window get transformers' own update (a gathered copy)."""
-    key = key[0].transpose(0, 1)  # [T, Hkv, D]
-    value = value[0].transpose(0, 1)
-    group, index_in_group = cache.layer_index_to_group_indices[layer_idx]
-    read_index = kwargs["read_index"][group]
-    if getattr(cache, "sliding_windows", {}).get(layer_idx, 1) != 1:
-        key, value = cache.update(key[None].transpose(1, 2), value[None].transpose(1, 2), layer_idx,
-                                  read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # fmt: skip
-        return key, value, None
-    key_cache, value_cache = cache.key_cache[index_in_group], cache.value_cache[index_in_group]
-    write_index = kwargs["write_index"][group]
-    key_cache.index_copy_(0, write_index, key)
-    value_cache.index_copy_(0, write_index, value)
+    """Writes the new keys and values into the paged cache and returns `(key store, value store, rows, cu_seq_lens_k,
+    max_seqlen_k)`: the cache's `[N, Hkv, D]` token rows with the read index naming each sequence's keys in them, or
+    the new keys themselves (rows None) when no request has cached tokens. Layouts this does not know (a sliding
+    window, another allocator) get transformers' own update, a gathered copy."""
+    new_key = key[0].transpose(0, 1)  # [T, Hkv, D]
+    new_value = value[0].transpose(0, 1)
+    if hasattr(cache, "layer_to_allocator"):  # transformers >= 5.24: one allocator per layer group
+        allocator = cache.layer_to_allocator[layer_idx]
+        group, layer_type = allocator.index, allocator.layer_type
+        views = getattr(allocator, "_kv_token_views", {}).get(layer_idx)
+        if layer_type != "full_attention" or views is None:
+            key, value = cache.update(key, value, layer_idx, kwargs=kwargs)
+            return key[0].transpose(0, 1), value[0].transpose(0, 1), None, kwargs["cu_seq_lens_k"], kwargs["max_length_k"]
+        key_cache, value_cache = views
+        cu_k, max_k = kwargs["cu_seq_lens_k"][layer_type], kwargs["max_length_k"][layer_type]
+    else:  # transformers < 5.24
+        group, index_in_group = cache.layer_index_to_group_indices[layer_idx]
+        cu_k = _per_layer(kwargs["cu_seq_lens_k"])
+        max_k = _per_layer(kwargs["max_seqlen_k"])
+        if cache.sliding_windows.get(layer_idx, 1) != 1:
+            key, value = cache.update(key, value, layer_idx,
+                                      read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # fmt: skip
+            return key, value, None, cu_k, max_k
+        key_cache, value_cache = cache.key_cache[index_in_group], cache.value_cache[index_in_group]
+    read_index, write_index = kwargs["read_index"][group], kwargs["write_index"][group]
+    key_cache.index_copy_(0, write_index, new_key)
+    value_cache.index_copy_(0, write_index, new_value)
     if read_index.numel() == 0:  # every request is a whole prompt: its keys are the new ones
-        return key, value, None
-    return key_cache, value_cache, read_index
+        return new_key, new_value, None, cu_k, max_k
+    return key_cache, value_cache, read_index, cu_k, max_k
 
 
 def paged_mfa_attention_forward(
@@ -77,16 +89,16 @@ def paged_mfa_attention_forward(
     if dropout and module.training:
         raise ValueError(f"`{PAGED_MFA_ATTENTION}` does not do attention dropout (the model is in training mode)")
     cache = kwargs.get("cache")
-    if isinstance(cache, PagedAttentionCache):  # transformers < 5.24
-        key, value, rows = _write_paged_cache(cache, key, value, module.layer_idx, kwargs)
+    if isinstance(cache, PagedAttentionCache):  # the model handed the cache over (`updates_paged_cache`)
+        key, value, rows, cu_k, max_k = _write_paged_cache(cache, key, value, module.layer_idx, kwargs)
     else:  # the model updated the cache and gathered each sequence's keys
         key, value, rows = key[0].transpose(0, 1), value[0].transpose(0, 1), None
+        cu_k = _per_layer(kwargs["cu_seq_lens_k"])
+        max_k = _per_layer(kwargs.get("max_seqlen_k", kwargs.get("max_length_k")))
     cu_q = kwargs["cu_seq_lens_q"]
-    cu_k = _per_layer(kwargs["cu_seq_lens_k"])
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"`cu_seq_lens_k` has {cu_k.numel()} entries, `cu_seq_lens_q` {cu_q.numel()}")
     max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
-    max_k = _per_layer(kwargs.get("max_seqlen_k", kwargs.get("max_length_k")))
     query = query[0].transpose(0, 1)  # [T, Hq, D]
     num_tokens = query.shape[0]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -119,6 +131,10 @@ def paged_mfa_attention_forward(
         )
         out.index_copy_(0, picked, decoded)
     return out[None], None
+
+
+# The model hands this function the paged cache instead of a gathered copy of it (see `Step3Attention.forward`).
+paged_mfa_attention_forward.updates_paged_cache = True
 
 
 def register_paged() -> None:
