@@ -5,6 +5,8 @@ The kernel cases run on CPU under Triton's interpreter in a subprocess (see `tri
 attention function and `generate_batch` also run here without the kernel (its SDPA path, what a CPU gets).
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -150,7 +152,9 @@ def model(tmp_path_factory):
     return model
 
 
-def test_generate_batch_on_mfa_paged_equals_generate_one_prompt_at_a_time(model):
+@pytest.mark.parametrize("device", ["cpu", *DEVICES[:1]] if not INTERPRETED else ["cpu"])
+def test_generate_batch_on_mfa_paged_equals_generate_one_prompt_at_a_time(model, device):
+    model = model if device == "cpu" else copy.deepcopy(model).to(device)  # float32 on CUDA too: exact products
     config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     # 8 tokens a step: the 21-token prompt is prefilled in chunks after cached tokens, beside other requests' decodes.
     paged = ContinuousBatchingConfig(block_size=16, num_blocks=16, max_batch_tokens=8)
@@ -169,12 +173,12 @@ def test_generate_batch_on_mfa_paged_equals_generate_one_prompt_at_a_time(model)
     finally:
         transformers_paged_attention.paged_decode_attention = kernel
     assert model.config._attn_implementation == MFA_DECODE_ATTENTION  # restored when the manager stopped
-    assert bool(decoded) == kernel_available("cpu")  # the kernel ran where it can (under the interpreter)
+    assert bool(decoded) == kernel_available(device)  # the kernel ran where it can (CUDA, or CPU under the interpreter)
     ordered = sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))
     assert len(ordered) == len(PROMPTS)
     for prompt, result in zip(PROMPTS, ordered):
         with torch.no_grad():
-            alone = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+            alone = model.generate(torch.tensor([prompt], device=device), generation_config=config)[0, len(prompt) :]
         assert result.prompt_ids == prompt
         assert result.generated_tokens == alone.tolist()
 
