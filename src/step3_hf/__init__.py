@@ -23,6 +23,7 @@ from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
+from .kernels.transformers_paged_attention import init_continuous_batching
 from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3VLForCausalLM
 from .modeling_step3_vl import Step3VisionModel, Step3VLForConditionalGeneration
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
@@ -32,6 +33,8 @@ from .vision_layout import count_vision_parameters
 # Unless the caller names one, Step-3 decodes through the CUDA decode kernels where they run.
 Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_implementation)
 Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
+# ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
+Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 
 AutoConfig.register(Step3Config.model_type, Step3Config, exist_ok=True)
 AutoConfig.register(Step3VisionConfig.model_type, Step3VisionConfig, exist_ok=True)

@@ -229,14 +229,17 @@ class Step3Attention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if _ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
-            kwargs["cache"] = cache  # transformers < 5.24: the paged attention functions update their cache
-        elif cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        # transformers < 5.24: the paged attention functions update their cache; an attention function that marks
+        # itself `updates_paged_cache` does so on every version (it reads the cache in place, not a gathered copy).
+        if isinstance(cache, PagedAttentionCache) and (
+            _ATTENTION_UPDATES_PAGED_CACHE or getattr(attention_interface, "updates_paged_cache", False)
+        ):
+            kwargs["cache"] = cache
+        elif cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

@@ -13,8 +13,8 @@ Everything is `transformers serve`, with four additions:
 - a `step3_vl` checkpoint that ships its processor is served with images: OpenAI `image_url` content parts given as
   data URLs (never fetched: any other URL is refused) reach `Step3VLForConditionalGeneration` through the processor;
   transformers' server generates for image-text models one request at a time;
-- Step-3 defaults: continuous batching on, and SDPA attention for it (continuous batching accepts only SDPA, eager
-  and flash kernels).
+- Step-3 defaults: continuous batching on, on Step-3's MFA decode kernel where it runs (a CUDA GPU with Triton:
+  `--attn-implementation mfa_decode`, which batches on `mfa_paged`), else on SDPA.
 
 The server is reached through two names of transformers' CLI package, `transformers.cli.serve.Serve` and
 `transformers.cli.serving.server.build_server`; `main` checks for both at start and, if either is missing, exits
@@ -30,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, requires
 
 import transformers
 
+from .kernels import MFA_DECODE_ATTENTION, decode_kernel_preferred
 from .modeling_step3 import Step3ForCausalLM, Step3VLForCausalLM
 from .modeling_step3_vl import Step3VLForConditionalGeneration
 from .processing_step3_vl import Step3VLProcessor
@@ -180,13 +181,20 @@ def _usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
+def continuous_batching_attention() -> str:
+    """The attention Step-3 serves continuous batching with: `mfa_decode` where the decode kernel runs (a CUDA GPU
+    with Triton; the model then batches on `mfa_paged`, see `step3_hf.kernels.transformers_paged_attention`), else
+    SDPA (transformers' paged SDPA)."""
+    return MFA_DECODE_ATTENTION if decode_kernel_preferred() else "sdpa"
+
+
 def _with_step3_defaults(args: list[str]) -> list[str]:
     args = list(args)
     if not any(a in ("--continuous-batching", "--no-continuous-batching") for a in args):
         args.append("--continuous-batching")
     continuous = "--no-continuous-batching" not in args
     if continuous and not any(a == "--attn-implementation" or a.startswith("--attn-implementation=") for a in args):
-        args += ["--attn-implementation", "sdpa"]
+        args += ["--attn-implementation", continuous_batching_attention()]
     return args
 
 
@@ -216,8 +224,9 @@ def _serve_command():
                     self._model_manager.shutdown()
 
     Step3Serve.__doc__ = (
-        "transformers serve for Step-3 checkpoints (continuous batching and SDPA by default; malformed requests get "
-        "HTTP 422 and requests longer than the model's context HTTP 400).\n\n" + (Serve.__doc__ or "")
+        "transformers serve for Step-3 checkpoints (continuous batching by default, on the MFA decode kernel on "
+        "CUDA; malformed requests get HTTP 422 and requests longer than the model's context HTTP 400).\n\n"
+        + (Serve.__doc__ or "")
     )
     return Step3Serve
 

@@ -3,8 +3,9 @@ that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for 
 linears, and their transformers hookup
 (`transformers_attention.py`, `transformers_experts.py`).
 
-Importing this package registers `attn_implementation="mfa_decode"` and `experts_implementation="moe_decode"` with
-transformers.
+Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
+`"mfa_paged"` (`paged_attention.py`, `transformers_paged_attention.py`) and `experts_implementation="moe_decode"`
+with transformers.
 """
 
 from .decode_attention import decode_attention
@@ -12,6 +13,7 @@ from .decode_attention_plan import default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
+from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
     MAX_DECODE_TOKENS,
@@ -20,6 +22,7 @@ from .transformers_attention import (
     mfa_decode_attention_forward,
     register,
 )
+from .transformers_paged_attention import PAGED_MFA_ATTENTION, paged_mfa_attention_forward, register_paged
 from .transformers_experts import (
     MAX_MOE_DECODE_TOKENS,
     MOE_DECODE_EXPERTS,
@@ -29,6 +32,7 @@ from .transformers_experts import (
 )
 
 register()
+register_paged()
 register_moe_decode()
 
 __all__ = [
@@ -44,6 +48,11 @@ __all__ = [
     "MFA_DECODE_ATTENTION",
     "decode_kernel_preferred",
     "mfa_decode_attention_forward",
+    "PAGED_MFA_ATTENTION",
+    "paged_decode_attention",
+    "paged_mfa_attention_forward",
+    "ragged_sdpa_attention",
+    "token_key_ranges",
     "MAX_MOE_DECODE_TOKENS",
     "MOE_DECODE_EXPERTS",
     "align_pairs_to_blocks",

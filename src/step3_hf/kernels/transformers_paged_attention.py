@@ -1,0 +1,164 @@
+"""`attn_implementation="mfa_paged"`: continuous batching (`generate_batch`, `step3-serve`) on the MFA kernel.
+
+transformers' continuous batching runs a model on its paged cache with `sdpa`, eager or flash attention only, and
+its SDPA path masks the whole packed batch against all of its keys (a `[tokens, keys]` mask, and each key repeated
+for every query head). This module registers a paged attention function for it: decode tokens (a few new tokens
+per sequence) go to `paged_decode_attention`, which reads every sequence's keys once for all 64 query heads, straight
+from the paged cache where transformers hands the cache to the attention function (before 5.24); sequences with
+more new tokens (prefill chunks) go to SDPA, one at a time. No mask is built.
+
+`init_continuous_batching`, installed on Step-3 models by `step3_hf`, makes a model whose attention is `mfa_decode`
+(the default on CUDA) or `mfa_paged` run continuous batching on this function; a model on `sdpa` keeps
+transformers' own path.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
+
+from .paged_attention import MAX_GROUP, paged_decode_attention, ragged_sdpa_attention, token_key_ranges
+from .transformers_attention import MAX_DECODE_TOKENS, MFA_DECODE_ATTENTION
+from .triton_support import kernel_available
+
+__all__ = ["PAGED_MFA_ATTENTION", "init_continuous_batching", "paged_mfa_attention_forward", "register_paged"]
+
+PAGED_MFA_ATTENTION = "mfa_paged"
+# The paged SDPA name of the running transformers: `paged|sdpa` before 5.24 (where continuous batching prefixes the
+# model's attention with `paged|`), plain `sdpa` after.
+_UPSTREAM_PAGED_SDPA = "paged|sdpa" if "paged|sdpa" in AttentionInterface._global_mapping else "sdpa"
+
+
+def _per_layer(value, layer_type: str = "full_attention"):
+    """Continuous batching's per-layer-type kwargs are a dict for hybrid models and a plain value otherwise."""
+    return value[layer_type] if isinstance(value, dict) else value
+
+
+def _write_paged_cache(cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs):
+    """Writes the new keys and values into the paged cache and returns `(key store, value store, rows, cu_seq_lens_k,
+    max_seqlen_k)`: the cache's `[N, Hkv, D]` token rows with the read index naming each sequence's keys in them, or
+    the new keys themselves (rows None) when no request has cached tokens. Layouts this does not know (a sliding
+    window, another allocator) get transformers' own update, a gathered copy."""
+    new_key = key[0].transpose(0, 1)  # [T, Hkv, D]
+    new_value = value[0].transpose(0, 1)
+    if hasattr(cache, "layer_to_allocator"):  # transformers >= 5.24: one allocator per layer group
+        allocator = cache.layer_to_allocator[layer_idx]
+        group, layer_type = allocator.index, allocator.layer_type
+        views = getattr(allocator, "_kv_token_views", {}).get(layer_idx)
+        if layer_type != "full_attention" or views is None:
+            key, value = cache.update(key, value, layer_idx, kwargs=kwargs)
+            return key[0].transpose(0, 1), value[0].transpose(0, 1), None, kwargs["cu_seq_lens_k"], kwargs["max_length_k"]
+        key_cache, value_cache = views
+        cu_k, max_k = kwargs["cu_seq_lens_k"][layer_type], kwargs["max_length_k"][layer_type]
+    else:  # transformers < 5.24
+        group, index_in_group = cache.layer_index_to_group_indices[layer_idx]
+        cu_k = _per_layer(kwargs["cu_seq_lens_k"])
+        max_k = _per_layer(kwargs["max_seqlen_k"])
+        if cache.sliding_windows.get(layer_idx, 1) != 1:
+            key, value = cache.update(key, value, layer_idx,
+                                      read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # fmt: skip
+            return key, value, None, cu_k, max_k
+        key_cache, value_cache = cache.key_cache[index_in_group], cache.value_cache[index_in_group]
+    read_index, write_index = kwargs["read_index"][group], kwargs["write_index"][group]
+    key_cache.index_copy_(0, write_index, new_key)
+    value_cache.index_copy_(0, write_index, new_value)
+    if read_index.numel() == 0:  # every request is a whole prompt: its keys are the new ones
+        return new_key, new_value, None, cu_k, max_k
+    return key_cache, value_cache, read_index, cu_k, max_k
+
+
+def paged_mfa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for continuous batching: `query` `[1, Hq, T, D]` packed, keys `[1, Hkv, K, D]`
+    ragged (or the paged cache in `kwargs["cache"]`) -> `([1, T, Hq, D], None)`."""
+    if "cu_seq_lens_q" not in kwargs:
+        raise ValueError(
+            f"`{PAGED_MFA_ATTENTION}` was called without `cu_seq_lens_q`: it runs continuous batching's packed "
+            f"batches (`generate_batch`); use `{MFA_DECODE_ATTENTION}` for other calls"
+        )
+    if dropout and module.training:
+        raise ValueError(f"`{PAGED_MFA_ATTENTION}` does not do attention dropout (the model is in training mode)")
+    cache = kwargs.get("cache")
+    if isinstance(cache, PagedAttentionCache):  # the model handed the cache over (`updates_paged_cache`)
+        key, value, rows, cu_k, max_k = _write_paged_cache(cache, key, value, module.layer_idx, kwargs)
+    else:  # the model updated the cache and gathered each sequence's keys
+        key, value, rows = key[0].transpose(0, 1), value[0].transpose(0, 1), None
+        cu_k = _per_layer(kwargs["cu_seq_lens_k"])
+        max_k = _per_layer(kwargs.get("max_seqlen_k", kwargs.get("max_length_k")))
+    cu_q = kwargs["cu_seq_lens_q"]
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"`cu_seq_lens_k` has {cu_k.numel()} entries, `cu_seq_lens_q` {cu_q.numel()}")
+    max_q = kwargs.get("max_seqlen_q", kwargs.get("max_length_q"))
+    query = query[0].transpose(0, 1)  # [T, Hq, D]
+    num_tokens = query.shape[0]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+    kernel = (
+        kernel_available(query.device)
+        and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and key.dtype == query.dtype
+        and query.shape[1] // key.shape[1] <= MAX_GROUP
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    )
+    if kernel and isinstance(max_q, int) and max_q <= MAX_DECODE_TOKENS:  # decode steps: no host sync
+        start, end = token_key_ranges(cu_q, cu_k, num_tokens)
+        out = paged_decode_attention(query, key, value, start, end, rows=rows, scale=scale, max_kv_len=max_k)
+        return out[None], None
+
+    # Prefill chunks (or no kernel here): their sequences through SDPA, the decode tokens beside them through the kernel.
+    cu_q_host, cu_k_host = cu_q.tolist(), cu_k.tolist()
+    q_lens = [hi - lo for lo, hi in zip(cu_q_host[:-1], cu_q_host[1:])]
+    long = [b for b, n in enumerate(q_lens) if n > MAX_DECODE_TOKENS or not kernel]
+    out = ragged_sdpa_attention(query, key, value, cu_q_host, cu_k_host, scale, sequences=long, rows=rows)
+    if kernel and len(long) < len(q_lens):
+        long_set = set(long)
+        tokens = [t for b, n in enumerate(q_lens) if b not in long_set for t in range(cu_q_host[b], cu_q_host[b] + n)]
+        tokens = torch.tensor(tokens, dtype=torch.int32).to(query.device, non_blocking=True)
+        start, end = token_key_ranges(cu_q, cu_k, num_tokens)
+        picked = tokens.long()
+        decoded = paged_decode_attention(
+            query, key, value, start[picked], end[picked], rows=rows, tokens=tokens, scale=scale, max_kv_len=max_k
+        )
+        out.index_copy_(0, picked, decoded)
+    return out[None], None
+
+
+# The model hands this function the paged cache instead of a gathered copy of it (see `Step3Attention.forward`).
+paged_mfa_attention_forward.updates_paged_cache = True
+
+
+def register_paged() -> None:
+    """Make `attn_implementation="mfa_paged"` known to transformers (idempotent). It builds no mask: the
+    kernel and the SDPA fallback take each sequence's causal range from the cumulative lengths."""
+    AttentionInterface.register(PAGED_MFA_ATTENTION, paged_mfa_attention_forward)
+
+
+def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, *args, **kwargs):
+    """transformers' `init_continuous_batching`, running `mfa_paged` for a model on `mfa_decode`.
+
+    transformers' manager accepts only its own attention names, so it is built under the paged SDPA name and the
+    model is then switched to ours; when the manager stops, transformers restores the attention the model had."""
+    requested = self.config._attn_implementation
+    if requested not in (MFA_DECODE_ATTENTION, PAGED_MFA_ATTENTION):
+        return GenerationMixin.init_continuous_batching(
+            self, generation_config, continuous_batching_config, *args, **kwargs
+        )
+    self.config._attn_implementation = _UPSTREAM_PAGED_SDPA
+    try:
+        manager = GenerationMixin.init_continuous_batching(
+            self, generation_config, continuous_batching_config, *args, **kwargs
+        )
+    finally:
+        self.config._attn_implementation = PAGED_MFA_ATTENTION
+    manager._original_attn_impl = requested if requested != PAGED_MFA_ATTENTION else manager._original_attn_impl
+    return manager
