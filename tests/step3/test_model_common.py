@@ -19,11 +19,10 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from afd_launch import PYTHON, REPO, finish, launch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from step3_reference import step3_logits
-from tp_worker import EP_UNSUPPORTED, GRAD_NAMES, INPUT_IDS, NEW_TOKENS, UNEVEN_SHARDS_REFUSED
+from tp_worker import GRAD_NAMES, INPUT_IDS, NEW_TOKENS, run_layouts
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
@@ -264,19 +263,7 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
 def run_on_two_ranks(path: Path, tmp_path: Path, layout: str) -> dict:
     """What rank 0 of a two-rank CPU (gloo) launch of `tp_worker.py` saved under `layout`; skips where this
     transformers cannot express the layout."""
-    out = tmp_path / f"{layout}.pt"
-    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
-    env = {"PYTHONPATH": str(REPO / "src")}
-    with launch(lambda rank: [PYTHON, worker, str(path), str(out), layout], 2, extra_env=env) as procs:
-        results = finish(procs, timeout=300)
-    codes = {code for code, *_ in results}
-    if UNEVEN_SHARDS_REFUSED in codes:
-        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
-    if EP_UNSUPPORTED in codes:
-        pytest.skip("this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21")
-    for rank, (code, _, err) in enumerate(results):
-        assert code == 0, f"rank {rank}: {err[-3000:]}"
-    return torch.load(out)
+    return run_layouts(path, tmp_path, [layout], world=2)[layout]
 
 
 def one_process_logits_and_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
