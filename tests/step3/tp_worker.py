@@ -14,7 +14,7 @@ WORLD_SIZE ranks):
   FSDP-sharded, gathered layer by layer), experts split over the N ranks, tokens exchanged all-to-all
   (`fsdp_size=N, ep_size=N`).
 - `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
-- `fsdp_train`: `TRAIN_STEPS` AdamW steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
+- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
   mean loss of every step and the whole parameters after the last.
 
 Inference layouts run the rows of `INPUT_IDS` that their data-parallel group owns (group g of G takes rows
@@ -36,7 +36,11 @@ import step3_hf  # noqa: F401
 INPUT_IDS = [[1, 17, 33, 90, 4, 5, 6], [1, 200, 8, 9, 10, 77, 3]]
 NEW_TOKENS = 4
 TRAIN_STEPS = 2
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 0.1
+# SGD with momentum, whose update is linear in the gradient: AdamW's first step divides each gradient element by its
+# own size, so an element whose gradient is at float-noise level (1e-8) moves by an amount the noise sets (an AdamW
+# run matched every loss but one q_proj element by 2e-6, 3e-4 relative).
+MOMENTUM = 0.9
 # Parameters whose gradients the training layout saves: split by heads, by rows, column-wise, by vocabulary, whole.
 GRAD_NAMES = (
     "model.layers.0.self_attn.wq.weight",
@@ -127,20 +131,28 @@ def train_fsdp(model) -> dict:
     the gradient of the mean loss over the whole batch."""
     group, groups = data_group(model)
     input_ids = torch.tensor(INPUT_IDS)[group::groups]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     model.train()
-    losses = []
+    losses, own_losses = [], []
     for _ in range(TRAIN_STEPS):
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        own_losses.append(loss.detach())
         mean = loss.detach().clone()
         torch.distributed.all_reduce(mean)
         losses.append(mean / torch.distributed.get_world_size())
+    first = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(first, own_losses[0])
     params = {name: whole(param) for name, param in model.named_parameters()}
     sharded = model.model.layers[0].self_attn.wq.weight
-    return {"losses": torch.stack(losses), "params": params, "wq_local_rows": local_rows(sharded)}
+    return {
+        "losses": torch.stack(losses),
+        "first_rank_losses": torch.stack(first),  # each rank's first loss, on its own rows
+        "params": params,
+        "wq_local_rows": local_rows(sharded),
+    }
 
 
 def infer(model) -> dict:
