@@ -10,9 +10,9 @@ WORLD_SIZE ranks):
 - `tp_ep`: both on the same N ranks (`tp_size=N, ep_size=N, tp_plan="auto"`).
 - `tp2_ep`: separate TP and EP groups: TP groups of 2 ranks, each fed its own sequences (FSDP over the groups),
   experts over all N ranks (`tp_size=2, fsdp_size=N/2, ep_size=N`).
-- `dp_ep`: attention data parallelism: each rank computes whole attention for its own sequences (the dense weights
-  FSDP-sharded, gathered layer by layer), experts split over the N ranks, tokens exchanged all-to-all
-  (`fsdp_size=N, ep_size=N`).
+- `dp_ep`: attention data parallelism: each rank computes whole attention for its own sequences, experts split over
+  the N ranks, tokens exchanged all-to-all (`fsdp_size=N, ep_size=N`); the dense weights are FSDP-sharded at load
+  and kept whole once the first forward has gathered them (`KEEP_WHOLE_AFTER_FIRST_FORWARD`).
 - `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
 - `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
   mean loss of every step and the whole parameters after the last.
@@ -53,12 +53,13 @@ GRAD_NAMES = (
     "model.embed_tokens.weight",
     "lm_head.weight",
 )
-# Older transformers refuse to shard a gathered output unevenly; the worker says so with this exit code.
-UNEVEN_SHARDS_REFUSED = 3
-# transformers without `ep_size` (and the `ep_dispatch_experts` style of the model's EP plan) cannot run EP.
-EP_UNSUPPORTED = 4
+# What a layout that this transformers cannot express saves instead of a result (the launch goes on with the next).
+UNEVEN_SHARDS_REFUSED = "this transformers refuses a vocabulary that the TP size does not divide (5.17 does)"
+EP_UNSUPPORTED = "this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21"
 HAS_EP = "ep_size" in inspect.signature(DistributedConfig).parameters
 EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep")
+# FSDP2 rules that keep the dense weights whole once the first forward has gathered them (no gather per decode step).
+KEEP_WHOLE_AFTER_FIRST_FORWARD = {"model.embed_tokens": "keep_full_weight", "model.layers.*": "keep_full_weight"}
 
 
 def distributed_config(layout: str, world: int) -> DistributedConfig:
@@ -73,7 +74,7 @@ def distributed_config(layout: str, world: int) -> DistributedConfig:
     if layout == "tp2_ep":
         return DistributedConfig(tp_size=2, fsdp_size=world // 2, ep_size=world, tp_plan="auto")
     if layout == "dp_ep":
-        return DistributedConfig(fsdp_size=world, ep_size=world)
+        return DistributedConfig(fsdp_size=world, ep_size=world, fsdp_plan=KEEP_WHOLE_AFTER_FIRST_FORWARD)
     raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
 
 
@@ -86,16 +87,15 @@ def local_rows(tensor: torch.Tensor) -> int:
 
 
 def load(model_path: str, layout: str):
+    """The model under `layout`, or the reason this transformers cannot express it."""
     if layout in EP_LAYOUTS and not HAS_EP:
-        print("this transformers' DistributedConfig has no ep_size", file=sys.stderr)
-        sys.exit(EP_UNSUPPORTED)
+        return EP_UNSUPPORTED
     config = distributed_config(layout, int(os.environ["WORLD_SIZE"]))
     try:
         return AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", distributed_config=config)
     except ValueError as err:
         if "must be divisible by the tensor parallel size" in str(err):
-            print(err, file=sys.stderr)
-            sys.exit(UNEVEN_SHARDS_REFUSED)
+            return UNEVEN_SHARDS_REFUSED
         raise
 
 
@@ -159,6 +159,8 @@ def infer(model) -> dict:
     group, groups = data_group(model)
     input_ids = torch.tensor(INPUT_IDS)[group::groups]
     model.eval()
+    attention = model.model.layers[0].self_attn
+    wq_rows_before = local_rows(attention.wq.weight)
     with torch.no_grad():
         outputs = model(input_ids, output_hidden_states=True)
         tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -170,6 +172,7 @@ def infer(model) -> dict:
         "head_weight": whole(model.lm_head.weight),
         "local_rows": local_rows(model.lm_head.weight),
         "local_experts": local_rows(experts),
+        "wq_local_rows": (wq_rows_before, local_rows(attention.wq.weight)),  # before and after the first forward
         "groups": groups,
     }
 
@@ -180,7 +183,10 @@ def main(model_path: str, out: str, layouts: str = "tp") -> None:
     results = {}
     for layout in layouts.split(","):
         model = load(model_path, layout)
-        results[layout] = {"tp_train": train_tp, "fsdp_train": train_fsdp}.get(layout, infer)(model)
+        if isinstance(model, str):
+            results[layout] = {"unsupported": model}
+        else:
+            results[layout] = {"tp_train": train_tp, "fsdp_train": train_fsdp}.get(layout, infer)(model)
         del model
         torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
@@ -190,23 +196,25 @@ def main(model_path: str, out: str, layouts: str = "tp") -> None:
 
 
 def run_layouts(model_path: Path, out_dir: Path, layouts: list[str], world: int = 2) -> dict[str, dict]:
-    """{layout: what rank 0 saved} of one `world`-rank CPU (gloo) launch of this worker running `layouts` in turn;
-    skips (pytest) where this transformers cannot express one of them."""
-    import pytest
+    """{layout: what rank 0 saved} of one `world`-rank CPU (gloo) launch of this worker running `layouts` in turn."""
     from afd_launch import PYTHON, REPO, finish, launch
 
     out = out_dir / f"{'-'.join(layouts)}-{world}.pt"
     argv = [PYTHON, __file__, str(model_path), str(out), ",".join(layouts)]
     with launch(lambda rank: argv, world, extra_env={"PYTHONPATH": str(REPO / "src")}) as procs:
         results = finish(procs, timeout=300)
-    codes = {code for code, *_ in results}
-    if UNEVEN_SHARDS_REFUSED in codes:
-        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
-    if EP_UNSUPPORTED in codes:
-        pytest.skip("this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21")
     for rank, (code, _, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err[-3000:]}"
     return torch.load(out)
+
+
+def layout_result(results: dict[str, dict], layout: str) -> dict:
+    """`results[layout]`; skips (pytest) where this transformers could not express the layout."""
+    import pytest
+
+    if "unsupported" in results[layout]:
+        pytest.skip(results[layout]["unsupported"])
+    return results[layout]
 
 
 if __name__ == "__main__":
