@@ -30,6 +30,8 @@ from tp_worker import (
     NEW_TOKENS,
     TRAIN_STEPS,
     layout_result,
+    ragged_new_tokens,
+    ragged_prompt_length,
     run_layouts,
 )
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
@@ -379,6 +381,15 @@ def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal
     logits, tokens = one_process_logits_and_tokens(path)
     torch.testing.assert_close(dp_ep["logits"], logits, rtol=1e-5, atol=1e-5)
     assert dp_ep["tokens"].tolist() == tokens.tolist()
+    # The ranks decode apart: rank 1 a shorter prompt for more steps (generate keeps the finished rank stepping, so
+    # the all-to-all of every layer meets its peer).
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    for group, ragged in enumerate(dp_ep["ragged_tokens"]):
+        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+        with torch.no_grad():
+            expected = single.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        assert ragged.shape == (1, ragged_prompt_length(group) + ragged_new_tokens(group))
+        assert ragged.tolist() == expected.tolist()
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection

@@ -6,7 +6,15 @@ a TP training step, FSDP2 fine-tuning, attention data parallelism with EP): size
 import pytest
 import torch
 from afd_launch import PYTHON, REPO, finish, launch
-from tp_worker import HAS_EP, INPUT_IDS, NEW_TOKENS, layout_result, run_layouts
+from tp_worker import (
+    HAS_EP,
+    INPUT_IDS,
+    NEW_TOKENS,
+    layout_result,
+    ragged_new_tokens,
+    ragged_prompt_length,
+    run_layouts,
+)
 from transformers import AutoModelForCausalLM, DistributedConfig
 
 from step3_hf import Step3Config, Step3ForCausalLM, Step3VLForCausalLM
@@ -67,13 +75,6 @@ def four_rank_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("parallel"), vl=False, **PARALLEL_CONFIG)
 
 
-def one_process(path):
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-    input_ids = torch.tensor(INPUT_IDS)
-    with torch.no_grad():
-        return model(input_ids).logits, model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-
-
 FOUR_RANK_LAYOUTS = {  # layout: (data-parallel groups, experts per rank, LM-head rows and wq rows on rank 0)
     "tp": (1, 8, 63, 32),  # tp_plan="auto" keeps the routed experts whole per rank
     "ep": (1, 2, 251, 128),
@@ -98,6 +99,16 @@ def test_four_ranks_match_one_process(four_rank_checkpoint, four_ranks, layout):
     groups, experts, head_rows, wq_rows = FOUR_RANK_LAYOUTS[layout]
     assert (result["groups"], result["local_experts"], result["local_rows"]) == (groups, experts, head_rows)
     assert result["wq_local_rows"] == (wq_rows, wq_rows)
-    logits, tokens = one_process(four_rank_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(four_rank_checkpoint, attn_implementation="sdpa").eval()
+    input_ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        logits, tokens = model(input_ids).logits, model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     torch.testing.assert_close(result["logits"], logits, rtol=1e-5, atol=1e-5)
     assert result["tokens"].tolist() == tokens.tolist()
+    # With two TP pairs, each pair then decodes its own row alone, another prompt length and number of steps.
+    assert len(result.get("ragged_tokens", [])) == (groups if groups > 1 else 0)
+    for group, ragged in enumerate(result.get("ragged_tokens", [])):
+        prompt = input_ids[group : group + 1, : ragged_prompt_length(group)]
+        with torch.no_grad():
+            expected = model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        assert ragged.tolist() == expected.tolist()

@@ -18,7 +18,9 @@ WORLD_SIZE ranks):
   mean loss of every step and the whole parameters after the last.
 
 Inference layouts run the rows of `INPUT_IDS` that their data-parallel group owns (group g of G takes rows
-g::G); rank 0 gathers every group's logits, hidden states and tokens back into batch order.
+g::G); rank 0 gathers every group's logits, hidden states and tokens back into batch order. With several groups,
+each then also decodes row g alone with its own prompt length and number of new tokens (`ragged_tokens`), so that
+the groups' forwards differ in length and count.
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ def distributed_config(layout: str, world: int) -> DistributedConfig:
     if layout == "dp_ep":
         return DistributedConfig(fsdp_size=world, ep_size=world, fsdp_plan=KEEP_WHOLE_AFTER_FIRST_FORWARD)
     raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
+
+
+def ragged_prompt_length(group: int) -> int:
+    return len(INPUT_IDS[0]) - 3 * group
+
+
+def ragged_new_tokens(group: int) -> int:
+    return NEW_TOKENS + 2 * group
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,7 +175,16 @@ def infer(model) -> dict:
         outputs = model(input_ids, output_hidden_states=True)
         tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     experts = model.model.layers[1].mlp.experts.gate_up_proj
+    extra = {}
+    if groups > 1:  # data-parallel groups decode independently: another prompt length and more steps per group
+        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+        with torch.no_grad():
+            ragged = model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (group, ragged))
+        extra["ragged_tokens"] = [dict(parts)[g] for g in range(groups)]
     return {
+        **extra,
         "logits": gather_rows(outputs.logits, group, groups),
         "hidden": gather_rows(outputs.hidden_states[-1], group, groups),
         "tokens": gather_rows(tokens, group, groups),
