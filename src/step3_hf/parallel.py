@@ -1,4 +1,5 @@
-"""Which `DistributedConfig` sizes Step-3's parallel plans can split, checked before a weight is loaded.
+"""Step-3 under transformers' own parallelism: which `DistributedConfig` sizes its plans can split (checked before a
+weight is loaded), and the configuration of attention data parallelism.
 
 transformers splits a plan's matrices row- or column-wise without knowing what the rows mean. Step-3's query heads
 (`wq`, `o_proj`) must go whole to the tensor-parallel ranks: a shard that ends inside a head fails later, in the
@@ -9,9 +10,16 @@ the vocabulary need not divide (transformers >= 5.21 gives the last rank a short
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from transformers import DistributedConfig
+
 from .configuration_step3 import Step3Config
+
+# FSDP2 rules (of `Step3ForCausalLM`) that keep the dense weights whole once the first forward has gathered them, so
+# that decoding gathers nothing more; the routed experts stay split by expert.
+KEEP_DENSE_WEIGHTS_WHOLE = {"model.embed_tokens": "keep_full_weight", "model.layers.*": "keep_full_weight"}
 
 
 def tensor_parallel_splits_heads(distributed_config: Any) -> bool:
@@ -40,3 +48,14 @@ def check_parallel_sizes(config: Step3Config, distributed_config: Any) -> None:
             f"expert parallelism gives each rank the same number of whole experts. Use an ep_size that divides "
             f"{config.moe_num_experts}."
         )
+
+
+def attention_data_parallel_config(ranks: int) -> DistributedConfig:
+    """Attention data parallelism with expert parallelism over `ranks` processes: each rank feeds its own sequences
+    and computes their attention whole (so it holds their KV cache only), the routed experts are split by expert and
+    the ranks exchange tokens all-to-all. transformers expresses it as FSDP with EP (`ep_size` must divide
+    `fsdp_size * tp_size`): the dense weights load sharded and stay whole after the first forward
+    (`KEEP_DENSE_WEIGHTS_WHOLE`). Needs transformers >= 5.21 (`ep_size`)."""
+    if "ep_size" not in inspect.signature(DistributedConfig).parameters:
+        raise ValueError("attention data parallelism needs transformers >= 5.21: this DistributedConfig has no ep_size")
+    return DistributedConfig(fsdp_size=ranks, ep_size=ranks, fsdp_plan=dict(KEEP_DENSE_WEIGHTS_WHOLE))

@@ -369,7 +369,7 @@ def test_fsdp2_fine_tuning_gives_the_losses_and_parameters_of_one_process(causal
 
 
 def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal_lm_checkpoint, two_ranks):
-    """`DistributedConfig(fsdp_size=2, ep_size=2, fsdp_plan=KEEP_WHOLE_AFTER_FIRST_FORWARD)`: rank r computes
+    """`attention_data_parallel_config(2)` (`fsdp_size=2, ep_size=2`, dense weights kept whole): rank r computes
     attention (and holds the KV cache) for its own sequence only, holds 3 of the 6 experts, and the ranks exchange
     tokens all-to-all. The attention weights load sharded (64 of `wq`'s 128 rows) and stay whole after the first
     forward. The ranks' logits and greedy tokens equal one process's (each row is its own: no padding, and routing

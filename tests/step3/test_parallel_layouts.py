@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, DistributedConfig
 
 from step3_hf import Step3Config, Step3ForCausalLM, Step3VLForCausalLM
 from step3_hf.configuration_step3 import Step3VLConfig
+from step3_hf.parallel import attention_data_parallel_config
 from step3_hf.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 
 # ------------------------------------------------------------------------------ sizes the plans cannot split
@@ -61,6 +62,22 @@ def test_from_pretrained_under_tp_refuses_a_head_count_the_ranks_do_not_divide(t
         assert "ValueError: num_attention_heads (3) does not divide over tp_size (2) ranks" in err, err[-2000:]
         assert "RuntimeError" not in err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_attention_data_parallel_config_names_the_model_modules_it_keeps_whole():
+    """FSDP over the ranks with EP over the same ranks; its FSDP rules name modules that exist (transformers would
+    warn and not apply a rule that names nothing). Where `DistributedConfig` has no `ep_size` it says so."""
+    if not HAS_EP:
+        with pytest.raises(ValueError, match="needs transformers >= 5.21"):
+            attention_data_parallel_config(4)
+        return
+    config = attention_data_parallel_config(4)
+    assert (config.fsdp_size, config.ep_size, config.tp_size) == (4, 4, 1)
+    with torch.device("meta"):
+        names = {name for name, _ in Step3ForCausalLM(Step3Config(**TINY_CONFIG)).named_modules()}
+    assert "model.embed_tokens" in names and "model.layers.0" in names
+    assert set(config.fsdp_plan) == {"model.embed_tokens", "model.layers.*"}
+    assert set(config.fsdp_plan.values()) == {"keep_full_weight"}
 
 
 # ------------------------------------------------------------------------------------------------ 4 ranks

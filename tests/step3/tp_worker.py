@@ -12,7 +12,7 @@ WORLD_SIZE ranks):
   experts over all N ranks (`tp_size=2, fsdp_size=N/2, ep_size=N`).
 - `dp_ep`: attention data parallelism: each rank computes whole attention for its own sequences, experts split over
   the N ranks, tokens exchanged all-to-all (`fsdp_size=N, ep_size=N`); the dense weights are FSDP-sharded at load
-  and kept whole once the first forward has gathered them (`KEEP_WHOLE_AFTER_FIRST_FORWARD`).
+  and kept whole once the first forward has gathered them (`step3_hf.parallel.attention_data_parallel_config`).
 - `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
 - `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
   mean loss of every step and the whole parameters after the last.
@@ -34,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, DistributedConfig
 
 import step3_hf  # noqa: F401
+from step3_hf.parallel import attention_data_parallel_config
 
 INPUT_IDS = [[1, 17, 33, 90, 4, 5, 6], [1, 200, 8, 9, 10, 77, 3]]
 NEW_TOKENS = 4
@@ -60,8 +61,6 @@ UNEVEN_SHARDS_REFUSED = "this transformers refuses a vocabulary that the TP size
 EP_UNSUPPORTED = "this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21"
 HAS_EP = "ep_size" in inspect.signature(DistributedConfig).parameters
 EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep")
-# FSDP2 rules that keep the dense weights whole once the first forward has gathered them (no gather per decode step).
-KEEP_WHOLE_AFTER_FIRST_FORWARD = {"model.embed_tokens": "keep_full_weight", "model.layers.*": "keep_full_weight"}
 
 
 def distributed_config(layout: str, world: int) -> DistributedConfig:
@@ -76,7 +75,7 @@ def distributed_config(layout: str, world: int) -> DistributedConfig:
     if layout == "tp2_ep":
         return DistributedConfig(tp_size=2, fsdp_size=world // 2, ep_size=world, tp_plan="auto")
     if layout == "dp_ep":
-        return DistributedConfig(fsdp_size=world, ep_size=world, fsdp_plan=KEEP_WHOLE_AFTER_FIRST_FORWARD)
+        return attention_data_parallel_config(world)
     raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
 
 
