@@ -1,4 +1,5 @@
-"""Decode tokens/s of Step-3 over N devices: tensor parallelism vs expert parallelism vs `device_map` layer split.
+"""Decode tokens/s of Step-3 over N devices: tensor parallelism vs expert parallelism (alone, or with attention data
+parallelism) vs `device_map` layer split.
 
 Launched with torchrun, one process per GPU (or per CPU rank with gloo):
 
@@ -13,9 +14,10 @@ Steps, the same for every batch size:
 2. Reference, one process: rank 0 loads it with `device_map="auto"` over every GPU (on CPU: whole), prefills a
    random prompt and decodes greedily, keeping the logits of the prefill and the first decode steps and the tokens.
    This is also the `device_map` row: a single process walking the layers device by device.
-3. TP (`DistributedConfig(tp_plan="auto")`) and EP (`ep_size=N, tp_plan={}`, or `enable_expert_parallel` before
-   transformers 5.21) load the same checkpoint on all ranks, feed the reference's tokens and compare their logits
-   to the reference's. A layout whose logits differ (beyond 1e-4 relative in fp32, 3e-2 in bf16) is reported as
+3. TP (`DistributedConfig(tp_plan="auto")`), EP (`ep_size=N, tp_plan={}`, or `enable_expert_parallel` before
+   transformers 5.21) and attention data parallelism with EP (`dp_ep`: `fsdp_size=N, ep_size=N`, rank r decoding
+   sequences r::N of the batch; `step3_hf.parallel.attention_data_parallel_config`) load the same checkpoint on all
+   ranks, feed the reference's tokens and compare their logits to the reference's (the largest error over ranks). A layout whose logits differ (beyond 1e-4 relative in fp32, 3e-2 in bf16) is reported as
    wrong and not timed: timing a wrong model says nothing.
 4. Timing: `--steps` decode steps of the whole batch (one new token per sequence) after the prefill, eager, with a
    device synchronisation at the end; tokens/s = batch x steps / seconds.
@@ -45,9 +47,10 @@ from transformers import DistributedConfig
 from step3_hf import Step3Config, Step3ForCausalLM
 from step3_hf.checkpoint_layout import official_tensor_shapes
 from step3_hf.cost_model import memory as planner
+from step3_hf.parallel import attention_data_parallel_config
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
-LAYOUTS = ("device_map", "tp", "ep")
+LAYOUTS = ("device_map", "tp", "ep", "dp_ep")
 CHECK_STEPS = 3  # decode steps whose logits are compared (after the prefill's last position)
 
 
@@ -139,6 +142,8 @@ def write_random_checkpoint(path: Path, config: Step3Config, device: torch.devic
 def distributed_config(layout: str, world: int) -> DistributedConfig:
     if layout == "tp":
         return DistributedConfig(tp_plan="auto", tp_size=world)
+    if layout == "dp_ep":
+        return attention_data_parallel_config(world)
     if "ep_size" in inspect.signature(DistributedConfig).parameters:
         return DistributedConfig(tp_size=world, ep_size=world, tp_plan={})
     return DistributedConfig(tp_size=world, enable_expert_parallel=True)  # transformers < 5.21
@@ -245,17 +250,24 @@ def main(argv=None) -> int:
             ref_logits, ref_tokens = ref[0]
             for layout in (x for x in args.layouts if x != "device_map"):
                 row = dict(layout=layout, batch=batch)
+                # Attention data parallelism: rank r decodes sequences r::world of the batch; the others, all of it.
+                rows_here = slice(rank, None, world) if layout == "dp_ep" else slice(None)
                 try:
+                    if layout == "dp_ep" and batch < world:
+                        raise ValueError(f"batch {batch} has fewer sequences than the {world} ranks")
                     model = Step3ForCausalLM.from_pretrained(
                         ckpt, dtype=dtype, distributed_config=distributed_config(layout, world)).eval()
                     first = next(model.parameters()).device
-                    logits, _, _ = decode(model, prompt, CHECK_STEPS, first, ref_tokens)
-                    err = relative_error(logits, ref_logits[: CHECK_STEPS + 1])
+                    mine, my_tokens = prompt[rows_here], ref_tokens[rows_here]
+                    logits, _, _ = decode(model, mine, CHECK_STEPS, first, my_tokens)
+                    errors = [None] * world
+                    dist.all_gather_object(errors, relative_error(logits, ref_logits[: CHECK_STEPS + 1, rows_here]))
+                    err = max(errors)  # every rank takes the same decision below
                     row.update(rel_err=err, experts_per_rank=local_experts(model))
                     if err > tolerance:
                         row["status"] = f"wrong logits (rel. err {err:.1e} > {tolerance:.0e}), not timed"
                     else:
-                        _, _, seconds = decode(model, prompt, args.steps, first, ref_tokens)
+                        _, _, seconds = decode(model, mine, args.steps, first, my_tokens)
                         times = [None] * world
                         dist.all_gather_object(times, seconds)
                         seconds = max(times)  # the step ends when the slowest rank has its tokens

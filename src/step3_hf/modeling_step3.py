@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .checkpoint_layout import VISION_PREFIXES, VISION_TENSOR_PATTERNS, checkpoint_conversion_mapping
 from .configuration_step3 import Step3Config, Step3VLConfig
 from .loading import fp8_saving, from_pretrained_checked, save_pretrained_fp8
+from .parallel import check_parallel_sizes
 
 logger = logging.get_logger(__name__)
 
@@ -430,6 +431,13 @@ class Step3PreTrainedModel(PreTrainedModel):
         if fp8 is None or kwargs.get("state_dict") is not None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         return save_pretrained_fp8(self, super().save_pretrained, save_directory, fp8, *args, **kwargs)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, *args, **kwargs):
+        # transformers' sharding step, after the model is built and before a weight loads: refuse sizes that would
+        # split a query head or an expert (they would fail later, in a reshape, or not at all).
+        check_parallel_sizes(model.config.get_text_config(), distributed_config)
+        return super().maybe_distribute_model(model, distributed_config, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         if requested_attention is None:

@@ -19,11 +19,21 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from afd_launch import PYTHON, REPO, finish, launch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from step3_reference import step3_logits
-from tp_worker import EP_UNSUPPORTED, GRAD_NAMES, INPUT_IDS, NEW_TOKENS, UNEVEN_SHARDS_REFUSED
+from tp_worker import (
+    GRAD_NAMES,
+    INPUT_IDS,
+    LEARNING_RATE,
+    MOMENTUM,
+    NEW_TOKENS,
+    TRAIN_STEPS,
+    layout_result,
+    ragged_new_tokens,
+    ragged_prompt_length,
+    run_layouts,
+)
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
@@ -258,25 +268,16 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
     torch._dynamo.reset()
 
 
-# ------------------------------------------------------------------------------------- tensor parallelism
+# ------------------------------------------------------------------------ tensor, expert and data parallelism
+
+# Every two-rank layout runs in one CPU (gloo) launch of `tp_worker.py`, one after the other: one process start-up.
+TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "fsdp_train", "dp_ep"]
 
 
-def run_on_two_ranks(path: Path, tmp_path: Path, layout: str) -> dict:
-    """What rank 0 of a two-rank CPU (gloo) launch of `tp_worker.py` saved under `layout`; skips where this
-    transformers cannot express the layout."""
-    out = tmp_path / f"{layout}.pt"
-    worker = str(REPO / "tests" / "step3" / "tp_worker.py")
-    env = {"PYTHONPATH": str(REPO / "src")}
-    with launch(lambda rank: [PYTHON, worker, str(path), str(out), layout], 2, extra_env=env) as procs:
-        results = finish(procs, timeout=300)
-    codes = {code for code, *_ in results}
-    if UNEVEN_SHARDS_REFUSED in codes:
-        pytest.skip("this transformers refuses a vocabulary that the TP size does not divide (5.17 does)")
-    if EP_UNSUPPORTED in codes:
-        pytest.skip("this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21")
-    for rank, (code, _, err) in enumerate(results):
-        assert code == 0, f"rank {rank}: {err[-3000:]}"
-    return torch.load(out)
+@pytest.fixture(scope="module")
+def two_ranks(causal_lm_checkpoint, tmp_path_factory) -> dict[str, dict]:
+    path, _, _ = causal_lm_checkpoint
+    return run_layouts(path, tmp_path_factory.mktemp("two_ranks"), TWO_RANK_LAYOUTS, world=2)
 
 
 def one_process_logits_and_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,12 +287,12 @@ def one_process_logits_and_tokens(path: Path) -> tuple[torch.Tensor, torch.Tenso
         return single(input_ids).logits, single.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(causal_lm_checkpoint, tmp_path):
+def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(causal_lm_checkpoint, two_ranks):
     """Two CPU ranks (gloo) with `tp_plan="auto"`: the head's vocabulary shards are uneven (126 and 125 rows of
     251) and each splits at its own aligned row count; the gathered logits are the final hidden states times the
     whole head weight, in float64."""
     path, config, state = causal_lm_checkpoint
-    tp = run_on_two_ranks(path, tmp_path, "tp")
+    tp = layout_result(two_ranks, "tp")
     assert tp["local_rows"] == 126
     torch.testing.assert_close(tp["head_weight"], state["lm_head.weight"], rtol=0, atol=0)
     reference = tp["hidden"].double() @ state["lm_head.weight"].double().T
@@ -304,12 +305,12 @@ def test_tensor_parallel_lm_head_of_an_odd_vocabulary_gives_the_full_logits(caus
 
 
 @pytest.mark.parametrize("layout", ["ep", "tp_ep"])
-def test_expert_parallel_alone_and_with_tensor_parallel_match_one_process(causal_lm_checkpoint, tmp_path, layout):
+def test_expert_parallel_alone_and_with_tensor_parallel_match_one_process(causal_lm_checkpoint, two_ranks, layout):
     """Two CPU ranks (gloo): `ep` splits the 6 experts 3 and 3 and keeps the rest whole
     (`DistributedConfig(tp_size=2, ep_size=2, tp_plan={})`); `tp_ep` adds the TP plan on the same two ranks
     (`tp_plan="auto"`). Logits and greedy tokens equal one process's."""
     path, config, _ = causal_lm_checkpoint
-    parallel = run_on_two_ranks(path, tmp_path, layout)
+    parallel = layout_result(two_ranks, layout)
     logits, tokens = one_process_logits_and_tokens(path)
     assert parallel["local_rows"] == (config.vocab_size if layout == "ep" else 126)  # EP alone leaves the head whole
     torch.testing.assert_close(parallel["logits"], logits, rtol=1e-5, atol=1e-5)
@@ -318,14 +319,14 @@ def test_expert_parallel_alone_and_with_tensor_parallel_match_one_process(causal
 
 
 def test_a_training_step_under_tensor_parallelism_gives_the_loss_and_gradients_of_one_process(
-    causal_lm_checkpoint, tmp_path
+    causal_lm_checkpoint, two_ranks
 ):
     """One fp32 batch, backward on two CPU ranks with `tp_plan="auto"`: the loss and the whole gradients (gathered
     with `full_tensor()`) of split (`wq`, `o_proj`, MLPs, head) and replicated (`q_proj`, `k_proj`, experts,
     embedding) parameters equal one process's. The replicated K/V head sees only each rank's query heads, so its
     gradient is summed over the ranks (without that sum every gradient below the head was wrong)."""
     path, _, _ = causal_lm_checkpoint
-    tp = run_on_two_ranks(path, tmp_path, "tp_train")
+    tp = layout_result(two_ranks, "tp_train")
     single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     input_ids = torch.tensor(INPUT_IDS)
     loss = single(input_ids, labels=input_ids).loss
@@ -336,6 +337,59 @@ def test_a_training_step_under_tensor_parallelism_gives_the_loss_and_gradients_o
     for name, grad in tp["grads"].items():
         assert params[name].grad.abs().max() > 0, name  # a gradient that is there to compare
         torch.testing.assert_close(grad, params[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_fine_tuning_gives_the_losses_and_parameters_of_one_process(causal_lm_checkpoint, two_ranks):
+    """`DistributedConfig(fsdp_size=2)`: each rank trains on its own row of the batch with the weights sharded
+    (FSDP2); after `TRAIN_STEPS` SGD steps with momentum the mean loss of every step and every parameter equal one
+    process trained on the whole batch (FSDP averages the ranks' gradients, and each rank's loss is a mean over as
+    many label tokens)."""
+    path, _, _ = causal_lm_checkpoint
+    fsdp = layout_result(two_ranks, "fsdp_train")
+    assert fsdp["wq_local_rows"] == 64  # the weights were sharded: half of wq's 128 rows per rank
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
+    input_ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():  # each rank trained on its own row (group g takes rows g::2)
+        rows = [model(input_ids[row : row + 1], labels=input_ids[row : row + 1]).loss for row in range(2)]
+    torch.testing.assert_close(fsdp["first_rank_losses"], torch.stack(rows), rtol=1e-5, atol=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    torch.testing.assert_close(fsdp["losses"], torch.stack(losses), rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0]  # the steps trained
+    params = dict(model.named_parameters())
+    assert set(fsdp["params"]) == set(params)
+    for name, param in fsdp["params"].items():
+        torch.testing.assert_close(param, params[name].detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal_lm_checkpoint, two_ranks):
+    """`attention_data_parallel_config(2)` (`fsdp_size=2, ep_size=2`, dense weights kept whole): rank r computes
+    attention (and holds the KV cache) for its own sequence only, holds 3 of the 6 experts, and the ranks exchange
+    tokens all-to-all. The attention weights load sharded (64 of `wq`'s 128 rows) and stay whole after the first
+    forward. The ranks' logits and greedy tokens equal one process's (each row is its own: no padding, and routing
+    is per token)."""
+    path, _, _ = causal_lm_checkpoint
+    dp_ep = layout_result(two_ranks, "dp_ep")
+    assert dp_ep["groups"] == 2 and dp_ep["local_experts"] == 3
+    assert dp_ep["wq_local_rows"] == (64, 128)
+    logits, tokens = one_process_logits_and_tokens(path)
+    torch.testing.assert_close(dp_ep["logits"], logits, rtol=1e-5, atol=1e-5)
+    assert dp_ep["tokens"].tolist() == tokens.tolist()
+    # The ranks decode apart: rank 1 a shorter prompt for more steps (generate keeps the finished rank stepping, so
+    # the all-to-all of every layer meets its peer).
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    for group, ragged in enumerate(dp_ep["ragged_tokens"]):
+        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+        with torch.no_grad():
+            expected = single.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        assert ragged.shape == (1, ragged_prompt_length(group) + ragged_new_tokens(group))
+        assert ragged.tolist() == expected.tolist()
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection

@@ -26,7 +26,7 @@ def test_two_ranks_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["setup"]["world"] == 2
     rows = {r["layout"]: r for r in result["rows"]}
-    assert set(rows) == {"device_map", "tp", "ep"}
+    assert set(rows) == {"device_map", "tp", "ep", "dp_ep"}
     assert rows["device_map"]["status"] == "ok (reference)" and rows["device_map"]["tokens_per_s"] > 0
     # Expert parallelism matches one process and splits the 6 experts 3 + 3.
     ep = rows["ep"]
@@ -35,6 +35,13 @@ def test_two_ranks_on_cpu(tmp_path):
         assert ep["experts_per_rank"] == 3
     else:  # reported as a failed layout, not a crash of the benchmark
         assert ep["status"].startswith("failed") and "ep_dispatch_experts" in ep["status"]
+    # Attention data parallelism: each rank decodes half of the batch, with 3 of the 6 experts.
+    dp_ep = rows["dp_ep"]
+    if HAS_EP_DISPATCH:
+        assert dp_ep["status"] == "ok" and dp_ep["rel_err"] <= 1e-4 and dp_ep["tokens_per_s"] > 0
+        assert dp_ep["experts_per_rank"] == 3
+    else:
+        assert dp_ep["status"].startswith("failed") and "ep_size" in dp_ep["status"]
     # Tensor parallelism is timed only when its logits match one process.
     tp = rows["tp"]
     assert "rel_err" in tp

@@ -1,22 +1,49 @@
-"""One rank of a tensor- or expert-parallel test launch on CPU (gloo): load a checkpoint under one layout, run it, and
-save what rank 0 saw (everything it saves is whole: DTensors are gathered with `full_tensor()`).
+"""One rank of a tensor-, expert- or data-parallel test launch on CPU (gloo): load a checkpoint under one layout, run
+it, and save what the ranks saw (everything saved is whole: DTensors are gathered with `full_tensor()`).
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT]
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT[,LAYOUT...]]
 
-LAYOUT: `tp` (`tp_plan="auto"`, the default), `ep` (experts split by expert, the rest whole), `tp_ep` (both), or
-`tp_train` (one training step under `tp_plan="auto"`: loss and gradients).
+Several layouts run in turn in the same processes (one start-up); rank 0 saves {layout: result}. LAYOUT (N =
+WORLD_SIZE ranks):
+- `tp`: `tp_plan="auto"` over N ranks (the default).
+- `ep`: experts split by expert over N ranks, the rest whole (`tp_size=N, ep_size=N, tp_plan={}`).
+- `tp_ep`: both on the same N ranks (`tp_size=N, ep_size=N, tp_plan="auto"`).
+- `tp2_ep`: separate TP and EP groups: TP groups of 2 ranks, each fed its own sequences (FSDP over the groups),
+  experts over all N ranks (`tp_size=2, fsdp_size=N/2, ep_size=N`).
+- `dp_ep`: attention data parallelism: each rank computes whole attention for its own sequences, experts split over
+  the N ranks, tokens exchanged all-to-all (`fsdp_size=N, ep_size=N`); the dense weights are FSDP-sharded at load
+  and kept whole once the first forward has gathered them (`step3_hf.parallel.attention_data_parallel_config`).
+- `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
+- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
+  mean loss of every step and the whole parameters after the last.
+
+Inference layouts run the rows of `INPUT_IDS` that their data-parallel group owns (group g of G takes rows
+g::G); rank 0 gathers every group's logits, hidden states and tokens back into batch order. With several groups,
+each then also decodes row g alone with its own prompt length and number of new tokens (`ragged_tokens`), so that
+the groups' forwards differ in length and count.
 """
 
+from __future__ import annotations
+
 import inspect
+import os
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DistributedConfig
 
 import step3_hf  # noqa: F401
+from step3_hf.parallel import attention_data_parallel_config
 
 INPUT_IDS = [[1, 17, 33, 90, 4, 5, 6], [1, 200, 8, 9, 10, 77, 3]]
 NEW_TOKENS = 4
+TRAIN_STEPS = 2
+LEARNING_RATE = 0.1
+# SGD with momentum, whose update is linear in the gradient: AdamW's first step divides each gradient element by its
+# own size, so an element whose gradient is at float-noise level (1e-8) moves by an amount the noise sets (an AdamW
+# run matched every loss but one q_proj element by 2e-6, 3e-4 relative).
+MOMENTUM = 0.9
 # Parameters whose gradients the training layout saves: split by heads, by rows, column-wise, by vocabulary, whole.
 GRAD_NAMES = (
     "model.layers.0.self_attn.wq.weight",
@@ -29,67 +56,183 @@ GRAD_NAMES = (
     "model.embed_tokens.weight",
     "lm_head.weight",
 )
-# Older transformers refuse to shard a gathered output unevenly; the worker says so with this exit code.
-UNEVEN_SHARDS_REFUSED = 3
-# transformers without `ep_size` (and the `ep_dispatch_experts` style of the model's EP plan) cannot run EP.
-EP_UNSUPPORTED = 4
+# What a layout that this transformers cannot express saves instead of a result (the launch goes on with the next).
+UNEVEN_SHARDS_REFUSED = "this transformers refuses a vocabulary that the TP size does not divide (5.17 does)"
+EP_UNSUPPORTED = "this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21"
 HAS_EP = "ep_size" in inspect.signature(DistributedConfig).parameters
+EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep")
+
+
+def distributed_config(layout: str, world: int) -> DistributedConfig:
+    if layout in ("tp", "tp_train"):
+        return DistributedConfig(tp_plan="auto")
+    if layout == "fsdp_train":
+        return DistributedConfig(fsdp_size=world)
+    if layout == "ep":
+        return DistributedConfig(tp_size=world, ep_size=world, tp_plan={})
+    if layout == "tp_ep":
+        return DistributedConfig(tp_size=world, ep_size=world, tp_plan="auto")
+    if layout == "tp2_ep":
+        return DistributedConfig(tp_size=2, fsdp_size=world // 2, ep_size=world, tp_plan="auto")
+    if layout == "dp_ep":
+        return attention_data_parallel_config(world)
+    raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
+
+
+def ragged_prompt_length(group: int) -> int:
+    return len(INPUT_IDS[0]) - 3 * group
+
+
+def ragged_new_tokens(group: int) -> int:
+    return NEW_TOKENS + 2 * group
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
 
+def local_rows(tensor: torch.Tensor) -> int:
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).shape[0]
+
+
 def load(model_path: str, layout: str):
-    kwargs = {"attn_implementation": "sdpa"}
-    if layout in ("tp", "tp_train"):
-        kwargs["tp_plan"] = "auto"
-    elif not HAS_EP:
-        print("this transformers' DistributedConfig has no ep_size", file=sys.stderr)
-        sys.exit(EP_UNSUPPORTED)
-    elif layout == "ep":
-        kwargs["distributed_config"] = DistributedConfig(tp_size=2, ep_size=2, tp_plan={})
-    elif layout == "tp_ep":
-        kwargs["distributed_config"] = DistributedConfig(tp_size=2, ep_size=2, tp_plan="auto")
-    else:
-        raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
+    """The model under `layout`, or the reason this transformers cannot express it."""
+    if layout in EP_LAYOUTS and not HAS_EP:
+        return EP_UNSUPPORTED
+    config = distributed_config(layout, int(os.environ["WORLD_SIZE"]))
     try:
-        return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", distributed_config=config)
     except ValueError as err:
         if "must be divisible by the tensor parallel size" in str(err):
-            print(err, file=sys.stderr)
-            sys.exit(UNEVEN_SHARDS_REFUSED)
+            return UNEVEN_SHARDS_REFUSED
         raise
 
 
-def run(model, layout: str) -> dict:
+def data_group(model) -> tuple[int, int]:
+    """(this rank's data-parallel group, the number of groups): the ranks of a TP group share one batch."""
+    config = model.config.distributed_config
+    groups = getattr(config, "dp_size", config.fsdp_size)
+    return torch.distributed.get_rank() // config.tp_size, groups
+
+
+def gather_rows(local: torch.Tensor, group: int, groups: int) -> torch.Tensor:
+    """Every group's rows (group g holds rows g::groups) back in batch order, on every rank."""
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (group, local))
+    by_group = {g: part for g, part in parts}
+    out = torch.empty((sum(by_group[g].shape[0] for g in range(groups)), *local.shape[1:]), dtype=local.dtype)
+    for g in range(groups):
+        out[g::groups] = by_group[g]
+    return out
+
+
+def train_tp(model) -> dict:
     input_ids = torch.tensor(INPUT_IDS)
-    if layout == "tp_train":
-        model.train()
+    model.train()
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    params = dict(model.named_parameters())
+    return {"loss": loss.detach(), "grads": {name: whole(params[name].grad) for name in GRAD_NAMES}}
+
+
+def train_fsdp(model) -> dict:
+    """Each rank's rows, the same number of label tokens per rank: FSDP's gradient mean over the ranks is then
+    the gradient of the mean loss over the whole batch."""
+    group, groups = data_group(model)
+    input_ids = torch.tensor(INPUT_IDS)[group::groups]
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    model.train()
+    losses, own_losses = [], []
+    for _ in range(TRAIN_STEPS):
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
-        params = dict(model.named_parameters())
-        return {"loss": loss.detach(), "grads": {name: whole(params[name].grad) for name in GRAD_NAMES}}
-    model.eval()
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        outputs = model(input_ids, output_hidden_states=True)
-        tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        optimizer.step()
+        optimizer.zero_grad()
+        own_losses.append(loss.detach())
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(mean / torch.distributed.get_world_size())
+    first = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(first, own_losses[0])
+    params = {name: whole(param) for name, param in model.named_parameters()}
+    sharded = model.model.layers[0].self_attn.wq.weight
     return {
-        "logits": outputs.logits,
-        "hidden": outputs.hidden_states[-1],
-        "tokens": tokens,
-        "head_weight": whole(weight),
-        "local_rows": weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0],
+        "losses": torch.stack(losses),
+        "first_rank_losses": torch.stack(first),  # each rank's first loss, on its own rows
+        "params": params,
+        "wq_local_rows": local_rows(sharded),
     }
 
 
-def main(model_path: str, out: str, layout: str = "tp") -> None:
-    result = run(load(model_path, layout), layout)
+def infer(model) -> dict:
+    group, groups = data_group(model)
+    input_ids = torch.tensor(INPUT_IDS)[group::groups]
+    model.eval()
+    attention = model.model.layers[0].self_attn
+    wq_rows_before = local_rows(attention.wq.weight)
+    with torch.no_grad():
+        outputs = model(input_ids, output_hidden_states=True)
+        tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    experts = model.model.layers[1].mlp.experts.gate_up_proj
+    extra = {}
+    if groups > 1:  # data-parallel groups decode independently: another prompt length and more steps per group
+        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+        with torch.no_grad():
+            ragged = model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (group, ragged))
+        extra["ragged_tokens"] = [dict(parts)[g] for g in range(groups)]
+    return {
+        **extra,
+        "logits": gather_rows(outputs.logits, group, groups),
+        "hidden": gather_rows(outputs.hidden_states[-1], group, groups),
+        "tokens": gather_rows(tokens, group, groups),
+        "head_weight": whole(model.lm_head.weight),
+        "local_rows": local_rows(model.lm_head.weight),
+        "local_experts": local_rows(experts),
+        "wq_local_rows": (wq_rows_before, local_rows(attention.wq.weight)),  # before and after the first forward
+        "groups": groups,
+    }
+
+
+def main(model_path: str, out: str, layouts: str = "tp") -> None:
+    """Run each of the comma-separated `layouts` in turn (one launch, one process start-up) and save
+    {layout: result} on rank 0."""
+    results = {}
+    for layout in layouts.split(","):
+        model = load(model_path, layout)
+        if isinstance(model, str):
+            results[layout] = {"unsupported": model}
+        else:
+            results[layout] = {"tp_train": train_tp, "fsdp_train": train_fsdp}.get(layout, infer)(model)
+        del model
+        torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        torch.save(result, out)
+        torch.save(results, out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def run_layouts(model_path: Path, out_dir: Path, layouts: list[str], world: int = 2) -> dict[str, dict]:
+    """{layout: what rank 0 saved} of one `world`-rank CPU (gloo) launch of this worker running `layouts` in turn."""
+    from afd_launch import PYTHON, REPO, finish, launch
+
+    out = out_dir / f"{'-'.join(layouts)}-{world}.pt"
+    argv = [PYTHON, __file__, str(model_path), str(out), ",".join(layouts)]
+    with launch(lambda rank: argv, world, extra_env={"PYTHONPATH": str(REPO / "src")}) as procs:
+        results = finish(procs, timeout=300)
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    return torch.load(out)
+
+
+def layout_result(results: dict[str, dict], layout: str) -> dict:
+    """`results[layout]`; skips (pytest) where this transformers could not express the layout."""
+    import pytest
+
+    if "unsupported" in results[layout]:
+        pytest.skip(results[layout]["unsupported"])
+    return results[layout]
 
 
 if __name__ == "__main__":

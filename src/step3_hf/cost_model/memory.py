@@ -10,16 +10,18 @@ Layouts over ``N`` cards (``t`` x ``e`` = ``N`` for the mixed one):
 * ``TP=N``: tensor parallelism with the routed experts split by expert over the same ``N`` cards. Query heads,
   ``o_proj``, dense and shared-expert MLPs split ``N`` ways; the LM head by vocabulary. (transformers'
   ``tp_plan="auto"`` alone keeps every routed expert on every card; the split by expert is its EP plan, so this row
-  is ``tp_size=N`` with ``ep_size=N``, a combination not yet run.) Replicated: the embedding, norms, router,
+  is ``tp_size=N`` with ``ep_size=N``, run on 2 and 4 CPU ranks.) Replicated: the embedding, norms, router,
   the low-rank query projection (``inter_norm`` needs all of it), and the K/V heads when there are fewer than ``N``
   (Step-3 has one, so every card holds the whole KV cache of every sequence). Query heads must divide by ``N``.
 * ``EP=N``: expert parallelism as transformers runs it today (``DistributedConfig(tp_size=N, ep_size=N,
   tp_plan={})``): only the routed experts are split; every card runs the whole batch, so holds all of its KV.
 * ``DP-attn+EP=N``: attention data parallelism (the deployment guides' advice for one KV head): experts split
-  as in EP, but each card serves ``batch / N`` sequences and holds only their KV. Not expressible in
-  transformers' configuration yet (issue 19, part 1).
+  as in EP, but each card serves ``batch / N`` sequences and holds only their KV. transformers expresses it as FSDP
+  with EP (``step3_hf.parallel.attention_data_parallel_config``), which keeps the FSDP shard of the dense weights
+  (``1 / N`` of them) beside the whole ones: not counted here.
 * ``TP=t x EP=e``: ``e`` attention groups of ``t`` tensor-parallel cards, each serving ``batch / e`` sequences;
-  routed experts split over all ``N`` cards.
+  routed experts split over all ``N`` cards (transformers: ``tp_size=t, fsdp_size=e, ep_size=N``, whose FSDP
+  shards the dense weights further; counted here at ``1 / t``).
 * ``AFD xA+yF``: ``x`` attention and ``y`` FFN instances of ``gpus_per_instance`` cards. Attention cards hold the
   whole attention stack, embedding, LM head, norms and router (local DP attention, ``batch / attention cards``
   sequences each); FFN cards share the dense, shared and routed expert weights (TP/EP inside).
