@@ -350,6 +350,8 @@ def run_inprocess(args) -> None:
     if device.type == "cuda":
         from decode_attention import copy_bandwidth
 
+        if device.index is None:  # torch.cuda.set_device and mem_get_info need the index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         name = torch.cuda.get_device_name(device)
         bandwidth = copy_bandwidth()

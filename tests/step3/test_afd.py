@@ -204,6 +204,20 @@ def test_static_cache_micro_batches_equal_dynamic(checkpoint):
     assert lengths == {ids.shape[1] + NEW_TOKENS - 1}  # advanced once per step, not once per micro-batch
 
 
+def test_static_cache_of_another_batch_and_cuda_graphs_on_cpu_are_refused(checkpoint):
+    from transformers import StaticCache
+
+    model = in_process_model(checkpoint)
+    ids, mask = left_pad(PROMPTS)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(ids[:4], attention_mask=mask[:4], cache=cache, use_cache=True)  # allocated for 4 sequences
+        with pytest.raises(ValueError, match="static cache holds 4 sequences but this forward has 5"):
+            model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="CUDA graphs need the attention side on a CUDA device"):
+        model.use_cuda_graphs()
+
+
 def test_in_process_connector_times_attention_wire_and_ffn_apart(checkpoint):
     from step3_hf.afd.timing import PhaseTimer
 
