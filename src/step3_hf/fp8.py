@@ -485,7 +485,11 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
         raise Fp8LayoutError("the model is already quantized (its config has a quantization_config)")
     experts_class = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
     text_config = model.config.get_text_config()
-    for name, module in list(model.named_modules()):
+    for name in [name for name, _ in model.named_modules()]:  # names only: each replaced module is freed at once
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a child of a module already replaced
         if type(module) is torch.nn.Linear and module.bias is None and is_quantized_weight(name + ".weight"):
             with torch.device("meta"):
                 new = FP8Linear(module.in_features, module.out_features, block_size=block_size)
@@ -508,6 +512,7 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
         else:
             continue
         model.set_submodule(name, new)
+        del module, new
     model.config.quantization_config = fp8_quantization_config(block_size)
     use_fp8_kernels(model)
     return model
