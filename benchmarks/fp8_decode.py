@@ -35,6 +35,7 @@ from decode_step import build_model, decode_step_fn, eager_seconds
 
 from step3_hf import kv_cache_bytes_per_token
 from step3_hf.fp8 import quantize_model
+from step3_hf.kernels.fp8_linear import fp8_linear_path
 
 BLOCK_SIZE = (128, 128)
 # name -> (float8 KV cache, experts implementation, CUDA graph)
@@ -135,14 +136,17 @@ def main() -> None:
     quantize_model(model, BLOCK_SIZE)
     torch.cuda.empty_cache()
     memory["fp8"] = weight_bytes(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    print(f"FP8 linears: {type(q_proj).__name__}, {fp8_linear_path(q_proj.weight, q_proj.block_size)}", flush=True)
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
 
+    path = fp8_linear_path(q_proj.weight, q_proj.block_size)  # after the runs: a failure on first use shows here
     names = [*BF16_VARIANTS, *FP8_VARIANTS]
     print(f"\nStep-3 widths, 1 dense + 3 MoE layers; weights bf16 {memory['bf16'] / 1e9:.2f} GB, block-FP8 "
           f"{memory['fp8'] / 1e9:.2f} GB ({memory['fp8'] / memory['bf16']:.3f}x); ceiling {bandwidth / 1e12:.2f} TB/s; "
-          f"run took {time.time() - started:.0f} s\n")  # fmt: skip
+          f"FP8 linears: {path}; run took {time.time() - started:.0f} s\n")  # fmt: skip
     print("Decode tokens/s (step ms) and time / own roofline:\n")
     print("| context | batch | " + " | ".join(names) + " | fp8 / bf16 speed-up |")
     print("|---" * (3 + len(names)) + "|")

@@ -108,5 +108,9 @@ def checkpoint_conversion_mapping() -> list[WeightRenaming | WeightConverter]:
             target_patterns=MODULE_EXPERTS_GATE_UP,
             operations=[Concatenate(dim=1)],
         ),
-        WeightConverter(source_patterns=[EXPERTS_DOWN], target_patterns=MODULE_EXPERTS_DOWN, operations=[Concatenate(dim=0)]),
+        # A converter (one source, a no-op concatenation), not a renaming: transformers' FP8 support attaches the
+        # weight's `weight_scale_inv` (and, dequantizing, its dequantization) to converters only.
+        WeightConverter(
+            source_patterns=[EXPERTS_DOWN], target_patterns=MODULE_EXPERTS_DOWN, operations=[Concatenate(dim=0)]
+        ),
     ]

@@ -21,12 +21,24 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint_layout import VISION_PREFIXES, is_vision_tensor, official_tensor_shapes
+from .checkpoint_layout import (
+    EXPERTS_DOWN,
+    EXPERTS_GATE,
+    EXPERTS_UP,
+    MODULE_EXPERTS_DOWN,
+    MODULE_EXPERTS_GATE_UP,
+    MODULE_ROUTER,
+    MODULE_SHARED_EXPERT,
+    ROUTER,
+    SHARED_EXPERT,
+    VISION_PREFIXES,
+    is_vision_tensor,
+    official_tensor_shapes,
+)
 from .configuration_step3 import Step3Config
 
 __all__ = [
@@ -228,12 +240,6 @@ def quantize_state_dict(
 # ------------------------------------------------------------------------------------------------ writing
 
 
-@dataclass(frozen=True)
-class _Planned:
-    name: str
-    nbytes: int
-
-
 def shard_names(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets a shard alone)."""
     shards: list[list[str]] = [[]]
@@ -352,8 +358,9 @@ def quantize_checkpoint(
     try:
         write_sharded(dst, sizes, quantize_state_dict(read(), block_size), max_shard_bytes=max_shard_bytes,
                       progress=progress, description="quantizing")  # fmt: skip
-        for extra in src.iterdir():
-            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (CONFIG_FILE, INDEX_FILE):
+        for extra in src.iterdir():  # tokenizer, processor, generation config, ...
+            written_here = extra.name.endswith(".safetensors") or extra.name in (CONFIG_FILE, INDEX_FILE)
+            if extra.is_file() and not written_here:
                 shutil.copy2(extra, dst / extra.name)
         raw = json.loads((src / CONFIG_FILE).read_text())
         raw["quantization_config"] = fp8_quantization_config(block_size)
@@ -377,19 +384,19 @@ def official_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if name.endswith(SCALE_SUFFIX) or name.endswith("activation_scale"):
             continue  # written right after their weight
         scale = state.get(name + SCALE_SUFFIX)
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix("mlp.experts.gate_up_proj")
-            gate, up = tensor.chunk(2, dim=1)
-            scales = state[prefix + "mlp.experts.gate_up_proj" + SCALE_SUFFIX].chunk(2, dim=1) if tensor.dtype == FP8_DTYPE else (None, None)  # noqa: E501
-            for official, part, part_scale in (("moe.gate_proj.weight", gate, scales[0]), ("moe.up_proj.weight", up, scales[1])):  # noqa: E501
+        if name.endswith("." + MODULE_EXPERTS_GATE_UP):
+            prefix = name.removesuffix(MODULE_EXPERTS_GATE_UP)
+            parts = tensor.chunk(2, dim=1)
+            # Whole tiles (checked at load), so the gate rows' scales come first in the scales too.
+            scales = scale.chunk(2, dim=1) if tensor.dtype == FP8_DTYPE else (None, None)
+            for official, part, part_scale in zip((EXPERTS_GATE, EXPERTS_UP), parts, scales):
                 yield prefix + official, part
                 if part_scale is not None:
                     yield prefix + official + SCALE_SUFFIX, part_scale
             continue
-        if name.endswith(".mlp.experts.down_proj"):
-            scale = state.get(name + SCALE_SUFFIX)
-            name = name.removesuffix("mlp.experts.down_proj") + "moe.down_proj.weight"
-        name = name.replace(".mlp.gate.weight", ".moe.gate.weight").replace(".mlp.shared_expert.", ".share_expert.")
+        if name.endswith("." + MODULE_EXPERTS_DOWN):
+            name = name.removesuffix(MODULE_EXPERTS_DOWN) + EXPERTS_DOWN
+        name = name.replace("." + MODULE_ROUTER, "." + ROUTER).replace("." + MODULE_SHARED_EXPERT, "." + SHARED_EXPERT)
         yield name, tensor
         if tensor.dtype == FP8_DTYPE:
             if scale is None:
@@ -478,7 +485,11 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
         raise Fp8LayoutError("the model is already quantized (its config has a quantization_config)")
     experts_class = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
     text_config = model.config.get_text_config()
-    for name, module in list(model.named_modules()):
+    for name in [name for name, _ in model.named_modules()]:  # names only: each replaced module is freed at once
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a child of a module already replaced
         if type(module) is torch.nn.Linear and module.bias is None and is_quantized_weight(name + ".weight"):
             with torch.device("meta"):
                 new = FP8Linear(module.in_features, module.out_features, block_size=block_size)
@@ -486,7 +497,8 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
             new.weight = torch.nn.Parameter(weight, requires_grad=False)
             new.weight_scale_inv = torch.nn.Parameter(scale, requires_grad=False)
         elif isinstance(module, Step3Experts):
-            if (module.intermediate_dim % block_size[0]) or any(d % b for d, b in zip((module.hidden_dim,) * 2, block_size)):
+            hidden, inter = module.hidden_dim, module.intermediate_dim
+            if inter % block_size[0] or hidden % block_size[0] or hidden % block_size[1] or inter % block_size[1]:
                 raise Fp8LayoutError(f"{name}: FP8 experts need whole tiles ({list(block_size)}) in every dimension")
             with torch.device("meta"):
                 new = experts_class(config=text_config, block_size=block_size)
@@ -500,6 +512,7 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
         else:
             continue
         model.set_submodule(name, new)
+        del module, new
     model.config.quantization_config = fp8_quantization_config(block_size)
     use_fp8_kernels(model)
     return model

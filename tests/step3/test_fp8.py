@@ -342,7 +342,9 @@ def test_inspect_counts_parameters_without_scales_and_bytes(fp8_checkpoint, caps
     report = json.loads(capsys.readouterr().out)
     assert report["text_parameters"] == sum(t.numel() for t in original.values()) == report["config"]["total_parameters"]
     on_disk = sum(t.numel() * t.element_size() for t in read_all(path).values())
-    assert report["bytes_on_disk"] == on_disk == report["bytes_expected"] - report["vision_parameters_expected"] * 2 + report["vision_parameters"] * 2  # noqa: E501
+    # The layout's bytes count the config's whole vision tower (bf16); the tiny checkpoint holds stand-ins.
+    vision_difference = 2 * (report["vision_parameters_expected"] - report["vision_parameters"])
+    assert report["bytes_on_disk"] == on_disk == report["bytes_expected"] - vision_difference
     assert report["fp8_block_size"] == [16, 16]
 
 
@@ -448,3 +450,30 @@ def test_fp8_modules_load_and_save_byte_identical_where_transformers_keeps_float
     saved = read_all(tmp_path / "saved")
     source = {k: v for k, v in source.items() if not k.startswith("vi")}
     assert saved.keys() == source.keys() and all(same_bytes(saved[k], source[k]) for k in source)
+
+
+def test_vl_fp8_modules_keep_the_vision_tower_in_bf16_without_a_module_list(tmp_path, monkeypatch):
+    """A release config that lists no `modules_to_not_convert` (the release's own is unverified): Step-3's list keeps
+    transformers from turning the vision tower's linears into FP8 modules where it keeps float8."""
+    pytest.importorskip("tokenizers")
+    from step3_hf import Step3VLForConditionalGeneration
+    from step3_hf.tiny_checkpoint import synthetic_corpus
+    from step3_hf.tiny_vl_checkpoint import write_tiny_vl_checkpoint
+
+    bf16 = write_tiny_vl_checkpoint(tmp_path / "bf16", synthetic_corpus(30), dtype=torch.bfloat16, **TINY_FP8_CONFIG)
+    fp8 = quantize_checkpoint(bf16, tmp_path / "fp8", block_size=BLOCK, progress=False)
+    raw = json.loads((fp8 / "config.json").read_text())
+    del raw["quantization_config"]["modules_to_not_convert"]
+    (fp8 / "config.json").write_text(json.dumps(raw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    model, info = Step3VLForConditionalGeneration.from_pretrained(
+        fp8, device_map="cpu", output_loading_info=True, attn_implementation="sdpa", experts_implementation="moe_decode"
+    )
+    assert not any(info.values())
+    assert type(model.vit_large_projector) is torch.nn.Linear
+    assert all(type(m) is not torch.nn.Linear or m.weight.dtype == torch.bfloat16 for m in model.vision_model.modules())
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    written = read_all(fp8)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], t) for k, t in written.items() if k.startswith(("vision_model.", "vit_")))

@@ -188,9 +188,10 @@ def dequantized_official_state(path):
     }  # fmt: skip
 
 
-def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_reference(tmp_path):
+def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_reference(tmp_path, monkeypatch):
     from transformers.integrations.finegrained_fp8 import FP8Experts
 
+    import step3_hf.kernels.fp8_linear as fp8_linear
     from step3_hf.kernels import MOE_DECODE_EXPERTS, Step3FP8Linear
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -204,13 +205,24 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
     assert isinstance(experts, FP8Experts) and experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert model.config.get_text_config()._experts_implementation == MOE_DECODE_EXPERTS
     reference_state = dequantized_official_state(tmp_path)
-    for length in (1, 64):  # decode-sized (moe_decode on float8 experts) and prefill-sized (per-expert GEMMs)
+    # 2 x 1 tokens: moe_decode on the float8 experts; 2 x 300: past MAX_MOE_DECODE_TOKENS, one GEMM per expert.
+    for length in (1, 300):
         input_ids = torch.randint(3, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
+        reference = step3_logits(reference_state, config, input_ids)
+        # Weight-only (linears dequantized per call): float8 weights exact, bf16 activations.
+        monkeypatch.setattr(fp8_linear, "USE_CUBLAS", False)
         with torch.no_grad():
             logits = model(input_ids.cuda()).logits.double().cpu()
-        reference = step3_logits(reference_state, config, input_ids)
-        # bf16 activations quantized to e4m3 per 128 columns for the cuBLAS GEMMs: FP8-sized error.
-        assert ((logits - reference).norm() / reference.norm()).item() < 6e-2, length
+        assert ((logits - reference).norm() / reference.norm()).item() < 2e-2, length
+        # cuBLAS's GEMMs round the activations to e4m3 per 128 columns too: ~2.5% per product, compounded over the
+        # layers of this random model (an emulation of the same math on CPU: 7% at 1 token, 12% at 300).
+        monkeypatch.setattr(fp8_linear, "USE_CUBLAS", True)
+        if fp8_linear.scaled_mm_supported(attention.q_proj.weight, (128, 128)):
+            with torch.no_grad():
+                logits = model(input_ids.cuda()).logits.double().cpu()
+            assert fp8_linear._cublas_failure is None, fp8_linear._cublas_failure
+            assert ((logits - reference).norm() / reference.norm()).item() < 0.2, length
+            assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.7
 
 
 def test_fp8_save_on_cuda_is_byte_identical(tmp_path):

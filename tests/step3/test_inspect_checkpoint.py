@@ -359,12 +359,16 @@ def test_no_tensor_data_is_ever_loaded(tmp_path, capsys, monkeypatch):
     assert code == 0 and report["text_parameters"] == sum(t.numel() for t in state.values())
 
 
-def _write_header_only_shard(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A bf16 safetensors file whose data section is a sparse hole: the header is real, the bytes are not."""
+def _write_header_only_shard(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None
+) -> None:
+    """A safetensors file (bf16 unless `dtypes` names another dtype) whose data section is a sparse hole: the header
+    is real, the bytes are not."""
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = 2 * math.prod(shape)
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        dtype = (dtypes or {}).get(name, "BF16")
+        size = {"BF16": 2, "F32": 4, "F8_E4M3": 1}[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -416,6 +420,37 @@ def test_full_size_632_gb_checkpoint_is_inspected_from_headers_in_seconds(tmp_pa
     assert report["vision_parameters"] == vision == report["vision_parameters_expected"] == 1_900_068_352
     total = numel + vision
     assert report["dtypes"] == {"BF16": {"tensors": len(names), "bytes": 2 * total}}
+
+
+def test_full_size_fp8_checkpoint_from_headers(tmp_path, capsys):
+    """The FP8 release's layout for the released config in sparse shards: the bf16 release's parameter count (scales
+    are not parameters) and its bytes on disk (the hub lists ~326 GB for the release, vision tower included)."""
+    from step3_hf.fp8 import fp8_quantization_config, fp8_tensor_shapes, is_quantized_weight
+
+    config = Step3VLConfig()
+    shapes = fp8_tensor_shapes(config.get_text_config(), (128, 128))
+    dtypes = {name: "F32" if name.endswith("_scale_inv") else "F8_E4M3" if is_quantized_weight(name) else "BF16"
+              for name in shapes}  # fmt: skip
+    names = list(shapes)
+    weight_map = {}
+    for index in range(8):
+        file = f"model-{index + 1:05d}-of-00008.safetensors"
+        _write_header_only_shard(tmp_path / file, {name: shapes[name] for name in names[index::8]}, dtypes)
+        weight_map.update({name: file for name in names[index::8]})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    raw = {**config.to_dict(), "quantization_config": fp8_quantization_config(), "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+
+    code, report = run_json(tmp_path, capsys)
+    assert code == 0, report["wrong_dtype"][:3] or report["missing"]
+    bf16_numel = sum(math.prod(shape) for shape in official_tensor_shapes(config.get_text_config()).values())
+    assert report["text_parameters"] == bf16_numel == report["config"]["total_parameters"]
+    assert report["bytes_on_disk"] == sum(header_bytes for header_bytes in [
+        {"BF16": 2, "F32": 4, "F8_E4M3": 1}[dtypes[name]] * math.prod(shape) for name, shape in shapes.items()
+    ])  # fmt: skip
+    # The language model's tensors: 318.2 GB; with the bf16 vision tower the layout is 322.0 GB.
+    assert round(report["bytes_on_disk"] / 1e8) == 3182 and round(report["bytes_expected"] / 1e8) == 3220
+    assert report["fp8_block_size"] == [128, 128]
 
 
 # ------------------------------------------------------------------------------------------ config only

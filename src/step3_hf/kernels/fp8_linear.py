@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-__all__ = ["Step3FP8Linear", "fp8_block_linear", "scaled_mm_supported", "use_fp8_kernels"]
+__all__ = ["Step3FP8Linear", "fp8_block_linear", "fp8_linear_path", "scaled_mm_supported", "use_fp8_kernels"]
 
 logger = logging.get_logger(__name__)
 
@@ -23,11 +23,17 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 # cuBLAS's block-scaled FP8 GEMM: 1 x 128 activation groups, 128 x 128 weight tiles.
 CUBLAS_BLOCK = 128
+# False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
+USE_CUBLAS = True
+# Why cuBLAS's block-scaled GEMM failed on first use in this process (then every call dequantizes), or None.
+_cublas_failure: str | None = None
 
 
 def scaled_mm_supported(weight: torch.Tensor, block_size) -> bool:
     """Whether cuBLAS's block-scaled GEMM computes this weight: CUDA, compute capability 9.0+, 128 x 128 tiles, both
     widths multiples of 128."""
+    if not USE_CUBLAS or _cublas_failure is not None:
+        return False
     if weight.device.type != "cuda" or not hasattr(F, "scaled_mm") or block_size is None:
         return False
     out_features, in_features = weight.shape
@@ -77,9 +83,15 @@ def fp8_block_linear(
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     needs_grad = torch.is_grad_enabled() and x.requires_grad
+    out = None
     if scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
-        out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
-    else:
+        try:
+            out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+            global _cublas_failure
+            _cublas_failure = f"{type(err).__name__}: {err}"
+            logger.warning(f"cuBLAS block-scaled FP8 GEMM failed ({_cublas_failure}); FP8 linears dequantize per call")
+    if out is None:
         if weight.device.type == "cuda":
             logger.warning_once(
                 f"FP8 linear {tuple(weight.shape)} with blocks {list(block_size)}: cuBLAS's block-scaled GEMM does "
@@ -90,6 +102,14 @@ def fp8_block_linear(
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], -1)
+
+
+def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
+    """Which path `fp8_block_linear` takes for `weight` (for reports): cuBLAS, or dequantize per call and why."""
+    if scaled_mm_supported(weight, block_size):
+        return "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
+    reason = _cublas_failure or ("USE_CUBLAS is off" if not USE_CUBLAS else "not CUDA 9.0+ with 128 x 128 tiles")
+    return f"weight dequantized per call ({reason})"
 
 
 def _fp8_linear_class():
