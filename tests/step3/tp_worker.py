@@ -16,8 +16,8 @@ WORLD_SIZE ranks):
 - `tp_odd_heads`: `tp_plan="auto"` on a model of 3 query heads (the checkpoint's config overridden, its weights
   then of the wrong shapes): what `from_pretrained` raises (it must refuse before a weight loads).
 - `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
-- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
-  mean loss of every step and the whole parameters after the last.
+- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of
+  the batch: the mean loss of every step and the whole parameters after the last.
 
 Inference layouts run the rows of `INPUT_IDS` that their data-parallel group owns (group g of G takes rows
 g::G); rank 0 gathers every group's logits, hidden states and tokens back into batch order. With several groups,
@@ -113,7 +113,8 @@ def load(model_path: str, layout: str):
 def refused(model_path: str) -> dict:
     try:
         AutoModelForCausalLM.from_pretrained(
-            model_path, num_attention_heads=3, attn_implementation="sdpa", distributed_config=DistributedConfig(tp_plan="auto")
+            model_path, num_attention_heads=3, attn_implementation="sdpa",
+            distributed_config=DistributedConfig(tp_plan="auto"),
         )
     except Exception as err:  # noqa: BLE001  the error is the result
         return {"error": f"{type(err).__name__}: {err}"}
