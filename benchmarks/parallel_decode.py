@@ -17,8 +17,9 @@ Steps, the same for every batch size:
 3. TP (`DistributedConfig(tp_plan="auto")`), EP (`ep_size=N, tp_plan={}`, or `enable_expert_parallel` before
    transformers 5.21) and attention data parallelism with EP (`dp_ep`: `fsdp_size=N, ep_size=N`, rank r decoding
    sequences r::N of the batch; `step3_hf.parallel.attention_data_parallel_config`) load the same checkpoint on all
-   ranks, feed the reference's tokens and compare their logits to the reference's (the largest error over ranks). A layout whose logits differ (beyond 1e-4 relative in fp32, 3e-2 in bf16) is reported as
-   wrong and not timed: timing a wrong model says nothing.
+   ranks, feed the reference's tokens and compare their logits to the reference's (the largest error over ranks).
+   A layout whose logits differ (beyond 1e-4 relative in fp32, 3e-2 in bf16) is reported as wrong and not timed:
+   timing a wrong model says nothing.
 4. Timing: `--steps` decode steps of the whole batch (one new token per sequence) after the prefill, eager, with a
    device synchronisation at the end; tokens/s = batch x steps / seconds.
 

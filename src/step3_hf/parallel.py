@@ -22,7 +22,7 @@ from .configuration_step3 import Step3Config
 KEEP_DENSE_WEIGHTS_WHOLE = {"model.embed_tokens": "keep_full_weight", "model.layers.*": "keep_full_weight"}
 
 
-def tensor_parallel_splits_heads(distributed_config: Any) -> bool:
+def _splits_query_heads(distributed_config: Any) -> bool:
     """Whether `distributed_config` applies the tensor-parallel plan (which splits the query heads): a `tp_size`
     above one, unless `tp_plan={}` asks for no TP rule (expert parallelism alone over the TP ranks)."""
     tp_size = getattr(distributed_config, "tp_size", None) or 1
@@ -35,7 +35,7 @@ def check_parallel_sizes(config: Step3Config, distributed_config: Any) -> None:
     if distributed_config is None:
         return
     tp_size = getattr(distributed_config, "tp_size", None) or 1
-    if tensor_parallel_splits_heads(distributed_config) and config.num_attention_heads % tp_size:
+    if _splits_query_heads(distributed_config) and config.num_attention_heads % tp_size:
         raise ValueError(
             f"num_attention_heads ({config.num_attention_heads}) does not divide over tp_size ({tp_size}) ranks: "
             "tensor parallelism gives each rank whole query heads (wq, o_proj). Use a tp_size that divides "

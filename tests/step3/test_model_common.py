@@ -271,7 +271,7 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
 # ------------------------------------------------------------------------ tensor, expert and data parallelism
 
 # Every two-rank layout runs in one CPU (gloo) launch of `tp_worker.py`, one after the other: one process start-up.
-TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "fsdp_train", "dp_ep"]
+TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "fsdp_train", "dp_ep", "tp_odd_heads"]
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +390,16 @@ def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal
             expected = single.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
         assert ragged.shape == (1, ragged_prompt_length(group) + ragged_new_tokens(group))
         assert ragged.tolist() == expected.tolist()
+
+
+def test_from_pretrained_under_tp_refuses_a_head_count_the_ranks_do_not_divide(two_ranks):
+    """Two ranks, the checkpoint's 8 heads overridden to 3 in its config: each rank's `from_pretrained` raises the
+    error naming the field before a weight loads (loading first would have failed on the weights' shapes instead;
+    before the check, a split head failed in the first forward's reshape)."""
+    error = two_ranks["tp_odd_heads"]["error"]
+    assert error is not None and error.startswith(
+        "ValueError: num_attention_heads (3) does not divide over tp_size (2) ranks"
+    ), error
 
 
 # ----------------------------------------------------------------------------- deprecations, introspection

@@ -13,9 +13,11 @@ WORLD_SIZE ranks):
 - `dp_ep`: attention data parallelism: each rank computes whole attention for its own sequences, experts split over
   the N ranks, tokens exchanged all-to-all (`fsdp_size=N, ep_size=N`); the dense weights are FSDP-sharded at load
   and kept whole once the first forward has gathered them (`step3_hf.parallel.attention_data_parallel_config`).
+- `tp_odd_heads`: `tp_plan="auto"` on a model of 3 query heads (the checkpoint's config overridden, its weights
+  then of the wrong shapes): what `from_pretrained` raises (it must refuse before a weight loads).
 - `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
-- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of the batch: the
-  mean loss of every step and the whole parameters after the last.
+- `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of
+  the batch: the mean loss of every step and the whole parameters after the last.
 
 Inference layouts run the rows of `INPUT_IDS` that their data-parallel group owns (group g of G takes rows
 g::G); rank 0 gathers every group's logits, hidden states and tokens back into batch order. With several groups,
@@ -106,6 +108,17 @@ def load(model_path: str, layout: str):
         if "must be divisible by the tensor parallel size" in str(err):
             return UNEVEN_SHARDS_REFUSED
         raise
+
+
+def refused(model_path: str) -> dict:
+    try:
+        AutoModelForCausalLM.from_pretrained(
+            model_path, num_attention_heads=3, attn_implementation="sdpa",
+            distributed_config=DistributedConfig(tp_plan="auto"),
+        )
+    except Exception as err:  # noqa: BLE001  the error is the result
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"error": None}
 
 
 def data_group(model) -> tuple[int, int]:
@@ -200,6 +213,10 @@ def main(model_path: str, out: str, layouts: str = "tp") -> None:
     {layout: result} on rank 0."""
     results = {}
     for layout in layouts.split(","):
+        if layout == "tp_odd_heads":
+            results[layout] = refused(model_path)
+            torch.distributed.barrier()
+            continue
         model = load(model_path, layout)
         if isinstance(model, str):
             results[layout] = {"unsupported": model}
