@@ -115,9 +115,13 @@ def _paged_split_kv_attention(
         tl.store(PART_LSE + part + offs_m, lse, mask=row_ok)
 
 
-def token_key_ranges(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_key_ranges(
+    cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, num_tokens: int, key_starts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query token's key range `[start, end)` in the ragged key layout, `int32 [num_tokens]` each, on the device
-    of the lengths and without reading them on the host. Tokens past the last sequence (padding) get empty ranges."""
+    of the lengths and without reading them on the host. Tokens past the last sequence (padding) get empty ranges.
+    `key_starts` (`[B]`): where each sequence's keys start when they are not packed one after another (then
+    `cu_seq_lens_k` gives only their lengths)."""
     cu_q = cu_seq_lens_q.to(torch.int64)
     cu_k = cu_seq_lens_k.to(torch.int64)
     num_seqs = cu_q.numel() - 1
@@ -125,9 +129,10 @@ def token_key_ranges(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, n
     seq = torch.searchsorted(cu_q[1:], tokens, right=True)
     real = seq < num_seqs
     seq = seq.clamp(max=max(num_seqs - 1, 0))
-    start = cu_k[seq]
+    first = cu_k[:-1] if key_starts is None else key_starts.to(torch.int64)
+    start = first[seq]
     # token t of its sequence sees every key up to its own position: the sequence's last key minus the new tokens after t
-    end = cu_k[seq + 1] - (cu_q[seq + 1] - 1 - tokens)
+    end = start + (cu_k[seq + 1] - cu_k[seq]) - (cu_q[seq + 1] - 1 - tokens)
     start = torch.where(real, start, 0)
     end = torch.where(real, end, 0)
     return start.to(torch.int32), end.to(torch.int32)
@@ -245,18 +250,22 @@ def ragged_sdpa_attention(
     sequences: list[int] | None = None,
     rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    key_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """The same attention with SDPA, one sequence at a time (for prefill chunks, and where the kernel cannot run).
 
     `query` `[T, Hq, D]`; `key`/`value` `[N, Hkv, D]` (cache rows named by `rows` if given); host-side cumulative
-    lengths. Computes `sequences` (default: all) into `out` `[T, Hq, D]` (allocated if None) and returns it.
+    lengths (and `key_starts` as in `token_key_ranges`). Computes `sequences` (default: all) into `out` `[T, Hq, D]`
+    (allocated if None) and returns it.
     """
     num_tokens, num_heads, head_dim = query.shape
     group = num_heads // key.shape[1]
     if out is None:
         out = query.new_zeros(num_tokens, num_heads, head_dim)
     for b in range(len(cu_seq_lens_q) - 1) if sequences is None else sequences:
-        q_lo, q_hi, k_lo, k_hi = cu_seq_lens_q[b], cu_seq_lens_q[b + 1], cu_seq_lens_k[b], cu_seq_lens_k[b + 1]
+        q_lo, q_hi = cu_seq_lens_q[b], cu_seq_lens_q[b + 1]
+        k_lo = cu_seq_lens_k[b] if key_starts is None else key_starts[b]
+        k_hi = k_lo + cu_seq_lens_k[b + 1] - cu_seq_lens_k[b]
         q_len, k_len = q_hi - q_lo, k_hi - k_lo
         if q_len == 0:
             continue
