@@ -100,11 +100,12 @@ def _write_by_block_table(block_table, block_size, key_cache, value_cache, new_k
     offsets = torch.arange(block_size, device=block_table.device)
     rows = (block_table.long()[:, :, None] * block_size + offsets).reshape(batch * width)
     starts = torch.arange(batch, device=block_table.device) * width
-    token_start, token_end = token_key_ranges(cu_q, cu_k, new_key.shape[0], key_starts=starts)
+    _, token_end = token_key_ranges(cu_q, cu_k, new_key.shape[0], key_starts=starts)
     write = rows[(token_end.long() - 1).clamp(min=0)]  # each new token's own position: the end of its range
     key_cache.index_copy_(0, write, new_key)
     value_cache.index_copy_(0, write, new_value)
-    return _Keys(key_cache, value_cache, rows, cu_k, width, starts=starts, host_starts=[b * width for b in range(batch)])
+    host_starts = [b * width for b in range(batch)]
+    return _Keys(key_cache, value_cache, rows, cu_k, width, starts=starts, host_starts=host_starts)
 
 
 def paged_mfa_attention_forward(
@@ -153,7 +154,7 @@ def paged_mfa_attention_forward(
         out = paged_decode_attention(query, key, value, start, end, rows=rows, scale=scale, max_kv_len=max_k)
         return out[None], None
 
-    # Prefill chunks (or no kernel here): their sequences through SDPA, the decode tokens beside them through the kernel.
+    # Prefill chunks (or no kernel here): their sequences through SDPA, the decode tokens beside them the kernel.
     cu_q_host, cu_k_host = cu_q.tolist(), cu_k.tolist()
     q_lens = [hi - lo for lo, hi in zip(cu_q_host[:-1], cu_q_host[1:])]
     long = [b for b, n in enumerate(q_lens) if n > MAX_DECODE_TOKENS or not kernel]
