@@ -82,8 +82,10 @@ def _paged_split_kv_attention(
         else:
             rows = offs_n.to(tl.int64)
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + rows[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :] * stride_kd, mask=tile_ok, other=0.0)
-        v = tl.load(V + rows[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :] * stride_vd, mask=tile_ok, other=0.0)
+        k_ptrs = K + rows[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :] * stride_kd
+        v_ptrs = V + rows[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=tile_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=tile_ok, other=0.0)
         if DOT_F32:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -111,13 +113,18 @@ def _paged_split_kv_attention(
     else:  # the layout `_merge_splits` reads: (token, KV head, split, row)
         lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
         part = (token_head * num_splits + split) * GROUP
-        tl.store(PART_OUT + (part + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        part_ptrs = PART_OUT + (part + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(part_ptrs, out, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(PART_LSE + part + offs_m, lse, mask=row_ok)
 
 
-def token_key_ranges(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_key_ranges(
+    cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, num_tokens: int, key_starts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query token's key range `[start, end)` in the ragged key layout, `int32 [num_tokens]` each, on the device
-    of the lengths and without reading them on the host. Tokens past the last sequence (padding) get empty ranges."""
+    of the lengths and without reading them on the host. Tokens past the last sequence (padding) get empty ranges.
+    `key_starts` (`[B]`): where each sequence's keys start when they are not packed one after another (then
+    `cu_seq_lens_k` gives only their lengths)."""
     cu_q = cu_seq_lens_q.to(torch.int64)
     cu_k = cu_seq_lens_k.to(torch.int64)
     num_seqs = cu_q.numel() - 1
@@ -125,9 +132,10 @@ def token_key_ranges(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, n
     seq = torch.searchsorted(cu_q[1:], tokens, right=True)
     real = seq < num_seqs
     seq = seq.clamp(max=max(num_seqs - 1, 0))
-    start = cu_k[seq]
-    # token t of its sequence sees every key up to its own position: the sequence's last key minus the new tokens after t
-    end = cu_k[seq + 1] - (cu_q[seq + 1] - 1 - tokens)
+    first = cu_k[:-1] if key_starts is None else key_starts.to(torch.int64)
+    start = first[seq]
+    # token t sees its sequence's keys up to its own position: the last key minus the new tokens after t
+    end = start + (cu_k[seq + 1] - cu_k[seq]) - (cu_q[seq + 1] - 1 - tokens)
     start = torch.where(real, start, 0)
     end = torch.where(real, end, 0)
     return start.to(torch.int32), end.to(torch.int32)
@@ -183,7 +191,9 @@ def paged_decode_attention(
         raise ValueError(f"query and cache must share a float dtype (bf16, fp16, fp32), got {query.dtype}, {key.dtype}")
     count = num_tokens if tokens is None else tokens.numel()
     if kv_start.shape != (count,) or kv_end.shape != (count,):
-        raise ValueError(f"`kv_start`/`kv_end` must have shape ({count},), got {tuple(kv_start.shape)}, {tuple(kv_end.shape)}")
+        raise ValueError(
+            f"`kv_start`/`kv_end` must have shape ({count},), got {tuple(kv_start.shape)}, {tuple(kv_end.shape)}"
+        )
     scale = head_dim**-0.5 if scale is None else scale
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"`scale` must be positive and finite, got {scale}")
@@ -217,7 +227,9 @@ def paged_decode_attention(
     # A GPU with less shared memory than asked for cannot hold the pipeline: one stage fewer per retry.
     for stages in range(num_stages, 0, -1):
         try:
-            _paged_split_kv_attention[(num_splits, programs)](*launch_args, **constants, num_warps=num_warps, num_stages=stages)
+            _paged_split_kv_attention[(num_splits, programs)](
+                *launch_args, **constants, num_warps=num_warps, num_stages=stages
+            )
             break
         except triton.runtime.errors.OutOfResources:
             if stages == 1:
@@ -245,18 +257,22 @@ def ragged_sdpa_attention(
     sequences: list[int] | None = None,
     rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    key_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """The same attention with SDPA, one sequence at a time (for prefill chunks, and where the kernel cannot run).
 
     `query` `[T, Hq, D]`; `key`/`value` `[N, Hkv, D]` (cache rows named by `rows` if given); host-side cumulative
-    lengths. Computes `sequences` (default: all) into `out` `[T, Hq, D]` (allocated if None) and returns it.
+    lengths (and `key_starts` as in `token_key_ranges`). Computes `sequences` (default: all) into `out` `[T, Hq, D]`
+    (allocated if None) and returns it.
     """
     num_tokens, num_heads, head_dim = query.shape
     group = num_heads // key.shape[1]
     if out is None:
         out = query.new_zeros(num_tokens, num_heads, head_dim)
     for b in range(len(cu_seq_lens_q) - 1) if sequences is None else sequences:
-        q_lo, q_hi, k_lo, k_hi = cu_seq_lens_q[b], cu_seq_lens_q[b + 1], cu_seq_lens_k[b], cu_seq_lens_k[b + 1]
+        q_lo, q_hi = cu_seq_lens_q[b], cu_seq_lens_q[b + 1]
+        k_lo = cu_seq_lens_k[b] if key_starts is None else key_starts[b]
+        k_hi = k_lo + cu_seq_lens_k[b + 1] - cu_seq_lens_k[b]
         q_len, k_len = q_hi - q_lo, k_hi - k_lo
         if q_len == 0:
             continue
@@ -268,9 +284,12 @@ def ragged_sdpa_attention(
         q = query[q_lo:q_hi].transpose(0, 1)  # [Hq, q, D]
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, k, D]
         if q_len == k_len:  # a whole prompt: plain causal attention (the fused kernels)
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)[0]
-        else:  # a chunk after cached tokens: causal from the bottom right; query heads folded into the rows of their KV head
-            allowed = torch.arange(k_len, device=q.device)[None, :] <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
+            )[0]
+        else:  # a chunk after cached tokens: causal from the bottom right; query heads folded into their KV head's rows
+            positions = torch.arange(k_len, device=q.device)
+            allowed = positions[None, :] <= positions[k_len - q_len :, None]
             q_folded = q.reshape(k.shape[0], group * q_len, head_dim)
             o = F.scaled_dot_product_attention(
                 q_folded[None], k[None], v[None], attn_mask=allowed.repeat(group, 1), scale=scale

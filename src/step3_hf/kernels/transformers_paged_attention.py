@@ -14,6 +14,8 @@ transformers' own path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AttentionInterface
 from transformers.generation import GenerationMixin
@@ -36,20 +38,35 @@ def _per_layer(value, layer_type: str = "full_attention"):
     return value[layer_type] if isinstance(value, dict) else value
 
 
+@dataclass
+class _Keys:
+    """Where a step's keys are: `key`/`value` `[N, Hkv, D]` (the cache's rows if `rows` names them, else ragged), each
+    sequence's lengths as cumulative `cu_seq_lens_k` and, where they are not packed one after another, `starts`."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    rows: torch.Tensor | None
+    cu_seq_lens_k: torch.Tensor
+    max_len: int
+    starts: torch.Tensor | None = None
+    host_starts: list[int] | None = None
+
+
 def _write_paged_cache(cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs):
-    """Writes the new keys and values into the paged cache and returns `(key store, value store, rows, cu_seq_lens_k,
-    max_seqlen_k)`: the cache's `[N, Hkv, D]` token rows with the read index naming each sequence's keys in them, or
-    the new keys themselves (rows None) when no request has cached tokens. Layouts this does not know (a sliding
-    window, another allocator) get transformers' own update, a gathered copy."""
+    """Writes the new keys and values into the paged cache and says where each sequence's keys are: the cache's
+    `[N, Hkv, D]` token rows with the read index (or, on the decode path, the block table) naming them, or the new
+    keys themselves when no request has cached tokens. Layouts this does not know (a sliding window, another
+    allocator) get transformers' own update, a gathered copy."""
     new_key = key[0].transpose(0, 1)  # [T, Hkv, D]
     new_value = value[0].transpose(0, 1)
     if hasattr(cache, "layer_to_allocator"):  # transformers >= 5.24: one allocator per layer group
         allocator = cache.layer_to_allocator[layer_idx]
         group, layer_type = allocator.index, allocator.layer_type
         views = getattr(allocator, "_kv_token_views", {}).get(layer_idx)
-        if layer_type != "full_attention" or views is None:
+        if layer_type != "full_attention" or views is None or kwargs.get("block_table") is not None:
             key, value = cache.update(key, value, layer_idx, kwargs=kwargs)
-            return key[0].transpose(0, 1), value[0].transpose(0, 1), None, kwargs["cu_seq_lens_k"], kwargs["max_length_k"]
+            return _Keys(key[0].transpose(0, 1), value[0].transpose(0, 1), None, kwargs["cu_seq_lens_k"],
+                         kwargs["max_length_k"])  # fmt: skip
         key_cache, value_cache = views
         cu_k, max_k = kwargs["cu_seq_lens_k"][layer_type], kwargs["max_length_k"][layer_type]
     else:  # transformers < 5.24
@@ -59,14 +76,36 @@ def _write_paged_cache(cache: PagedAttentionCache, key: torch.Tensor, value: tor
         if cache.sliding_windows.get(layer_idx, 1) != 1:
             key, value = cache.update(key, value, layer_idx,
                                       read_index=kwargs["read_index"], write_index=kwargs["write_index"])  # fmt: skip
-            return key, value, None, cu_k, max_k
+            return _Keys(key, value, None, cu_k, max_k)
         key_cache, value_cache = cache.key_cache[index_in_group], cache.value_cache[index_in_group]
+        if kwargs.get("block_table") is not None:
+            return _write_by_block_table(kwargs["block_table"][group], cache.block_size, key_cache, value_cache,
+                                         new_key, new_value, kwargs["cu_seq_lens_q"], cu_k)  # fmt: skip
     read_index, write_index = kwargs["read_index"][group], kwargs["write_index"][group]
     key_cache.index_copy_(0, write_index, new_key)
     value_cache.index_copy_(0, write_index, new_value)
     if read_index.numel() == 0:  # every request is a whole prompt: its keys are the new ones
-        return new_key, new_value, None, cu_k, max_k
-    return key_cache, value_cache, read_index, cu_k, max_k
+        return _Keys(new_key, new_value, None, cu_k, max_k)
+    return _Keys(key_cache, value_cache, read_index, cu_k, max_k)
+
+
+def _write_by_block_table(block_table, block_size, key_cache, value_cache, new_key, new_value, cu_q, cu_k) -> _Keys:
+    """Continuous batching's decode path (transformers < 5.24, where `init_continuous_batching` enables it): a block
+    table `[B, blocks]` instead of read and write indices (whose per-position lists the host would build every step).
+    Position p of sequence b is cache row `table[b, p // block_size] * block_size + p % block_size`; the keys of
+    sequence b are rows `[b * W, b * W + len)` of that `[B, W]` row map, flattened. The new tokens are each
+    sequence's last keys."""
+    batch, blocks = block_table.shape
+    width = blocks * block_size
+    offsets = torch.arange(block_size, device=block_table.device)
+    rows = (block_table.long()[:, :, None] * block_size + offsets).reshape(batch * width)
+    starts = torch.arange(batch, device=block_table.device) * width
+    _, token_end = token_key_ranges(cu_q, cu_k, new_key.shape[0], key_starts=starts)
+    write = rows[(token_end.long() - 1).clamp(min=0)]  # each new token's own position: the end of its range
+    key_cache.index_copy_(0, write, new_key)
+    value_cache.index_copy_(0, write, new_value)
+    host_starts = [b * width for b in range(batch)]
+    return _Keys(key_cache, value_cache, rows, cu_k, width, starts=starts, host_starts=host_starts)
 
 
 def paged_mfa_attention_forward(
@@ -90,11 +129,11 @@ def paged_mfa_attention_forward(
         raise ValueError(f"`{PAGED_MFA_ATTENTION}` does not do attention dropout (the model is in training mode)")
     cache = kwargs.get("cache")
     if isinstance(cache, PagedAttentionCache):  # the model handed the cache over (`updates_paged_cache`)
-        key, value, rows, cu_k, max_k = _write_paged_cache(cache, key, value, module.layer_idx, kwargs)
+        keys = _write_paged_cache(cache, key, value, module.layer_idx, kwargs)
     else:  # the model updated the cache and gathered each sequence's keys
-        key, value, rows = key[0].transpose(0, 1), value[0].transpose(0, 1), None
-        cu_k = _per_layer(kwargs["cu_seq_lens_k"])
-        max_k = _per_layer(kwargs.get("max_seqlen_k", kwargs.get("max_length_k")))
+        keys = _Keys(key[0].transpose(0, 1), value[0].transpose(0, 1), None, _per_layer(kwargs["cu_seq_lens_k"]),
+                     _per_layer(kwargs.get("max_seqlen_k", kwargs.get("max_length_k"))))  # fmt: skip
+    key, value, rows, cu_k, max_k = keys.key, keys.value, keys.rows, keys.cu_seq_lens_k, keys.max_len
     cu_q = kwargs["cu_seq_lens_q"]
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"`cu_seq_lens_k` has {cu_k.numel()} entries, `cu_seq_lens_q` {cu_q.numel()}")
@@ -111,20 +150,22 @@ def paged_mfa_attention_forward(
         and not (torch.is_grad_enabled() and query.requires_grad)
     )
     if kernel and isinstance(max_q, int) and max_q <= MAX_DECODE_TOKENS:  # decode steps: no host sync
-        start, end = token_key_ranges(cu_q, cu_k, num_tokens)
+        start, end = token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
         out = paged_decode_attention(query, key, value, start, end, rows=rows, scale=scale, max_kv_len=max_k)
         return out[None], None
 
-    # Prefill chunks (or no kernel here): their sequences through SDPA, the decode tokens beside them through the kernel.
+    # Prefill chunks (or no kernel here): their sequences through SDPA, the decode tokens beside them the kernel.
     cu_q_host, cu_k_host = cu_q.tolist(), cu_k.tolist()
     q_lens = [hi - lo for lo, hi in zip(cu_q_host[:-1], cu_q_host[1:])]
     long = [b for b, n in enumerate(q_lens) if n > MAX_DECODE_TOKENS or not kernel]
-    out = ragged_sdpa_attention(query, key, value, cu_q_host, cu_k_host, scale, sequences=long, rows=rows)
+    out = ragged_sdpa_attention(
+        query, key, value, cu_q_host, cu_k_host, scale, sequences=long, rows=rows, key_starts=keys.host_starts
+    )
     if kernel and len(long) < len(q_lens):
         long_set = set(long)
         tokens = [t for b, n in enumerate(q_lens) if b not in long_set for t in range(cu_q_host[b], cu_q_host[b] + n)]
         tokens = torch.tensor(tokens, dtype=torch.int32).to(query.device, non_blocking=True)
-        start, end = token_key_ranges(cu_q, cu_k, num_tokens)
+        start, end = token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
         picked = tokens.long()
         decoded = paged_decode_attention(
             query, key, value, start[picked], end[picked], rows=rows, tokens=tokens, scale=scale, max_kv_len=max_k
@@ -161,4 +202,9 @@ def init_continuous_batching(self, generation_config=None, continuous_batching_c
     finally:
         self.config._attn_implementation = PAGED_MFA_ATTENTION
     manager._original_attn_impl = requested if requested != PAGED_MFA_ATTENTION else manager._original_attn_impl
+    if _UPSTREAM_PAGED_SDPA == "paged|sdpa" and getattr(manager, "batch_processor", None) is None:
+        # transformers < 5.24 keeps its block-table decode path for flash attention; `mfa_paged` reads the block
+        # table too (`_write_by_block_table`), which spares the host a list of every cached position each step.
+        requested_blocks = getattr(continuous_batching_config, "max_blocks_per_request", None)
+        manager.continuous_batching_config.max_blocks_per_request = requested_blocks
     return manager
