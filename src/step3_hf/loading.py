@@ -43,6 +43,7 @@ from .inspect_checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     CheckpointError,
+    TensorHeader,
     checkpoint_files,
     index_problems,
     load_config,
@@ -114,7 +115,7 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
 
     if block_size is not None:  # block FP8: the official names only, each quantized weight with its scale
         full = [fp8_tensor_shapes(config, block_size)]
-        problems += fp8_problems([t for t in tensors], block_size)
+        problems += fp8_problems(tensors, block_size)
     else:
         full = [official_tensor_shapes(config), module_tensor_shapes(config)]
     layouts = full + [base_model_layout(shapes) for shapes in full]
@@ -138,7 +139,7 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
         _raise_broken(directory, problems)
 
 
-def fp8_problems(tensors: list, block_size: tuple[int, int]) -> list[str]:
+def fp8_problems(tensors: list[TensorHeader], block_size: tuple[int, int]) -> list[str]:
     """What transformers' FP8 loading cannot take from headers that otherwise fit the layout: a quantized weight or
     scale of the wrong dtype, and a quantized dimension that is not a whole number of blocks (transformers derives
     the block from the scale grid, and the fused gate/up experts need whole tiles; the release's are all whole)."""
