@@ -271,7 +271,7 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
 # ------------------------------------------------------------------------ tensor, expert and data parallelism
 
 # Every two-rank layout runs in one CPU (gloo) launch of `tp_worker.py`, one after the other: one process start-up.
-TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "fsdp_train", "dp_ep", "tp_odd_heads"]
+TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "tp_ep_train", "dp_ep_train", "fsdp_train", "dp_ep", "tp_odd_heads"]
 
 
 @pytest.fixture(scope="module")
@@ -318,15 +318,18 @@ def test_expert_parallel_alone_and_with_tensor_parallel_match_one_process(causal
     assert parallel["tokens"].tolist() == tokens.tolist()
 
 
+@pytest.mark.parametrize("layout", ["tp_train", "tp_ep_train", "dp_ep_train"])
 def test_a_training_step_under_tensor_parallelism_gives_the_loss_and_gradients_of_one_process(
-    causal_lm_checkpoint, two_ranks
+    causal_lm_checkpoint, two_ranks, layout
 ):
-    """One fp32 batch, backward on two CPU ranks with `tp_plan="auto"`: the loss and the whole gradients (gathered
-    with `full_tensor()`) of split (`wq`, `o_proj`, MLPs, head) and replicated (`q_proj`, `k_proj`, experts,
-    embedding) parameters equal one process's. The replicated K/V head sees only each rank's query heads, so its
-    gradient is summed over the ranks (without that sum every gradient below the head was wrong)."""
+    """One fp32 batch, backward on two CPU ranks: the mean loss and the whole gradients (gathered with
+    `full_tensor()`) of split (`wq`, `o_proj`, MLPs, head, experts) and replicated (`q_proj`, `k_proj`, embedding)
+    parameters equal one process's. `tp_train`: `tp_plan="auto"`, whose replicated K/V head sees only each rank's
+    query heads, so its gradient is summed over the ranks (without that sum every gradient below the head was
+    wrong). `tp_ep_train`: the experts split as well. `dp_ep_train`: FSDP with EP, each rank on its own row, the
+    experts' tokens exchanged all-to-all and the gradients averaged over the ranks."""
     path, _, _ = causal_lm_checkpoint
-    tp = layout_result(two_ranks, "tp_train")
+    tp = layout_result(two_ranks, layout)
     single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     input_ids = torch.tensor(INPUT_IDS)
     loss = single(input_ids, labels=input_ids).loss

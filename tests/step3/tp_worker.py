@@ -15,7 +15,8 @@ WORLD_SIZE ranks):
   and kept whole once the first forward has gathered them (`step3_hf.parallel.attention_data_parallel_config`).
 - `tp_odd_heads`: `tp_plan="auto"` on a model of 3 query heads (the checkpoint's config overridden, its weights
   then of the wrong shapes): what `from_pretrained` raises (it must refuse before a weight loads).
-- `tp_train`: one training step under `tp_plan="auto"`: loss and gradients.
+- `tp_train`, `tp_ep_train`, `dp_ep_train`: one training step (loss and gradients) under `tp`, `tp_ep`, or FSDP
+  with EP (`fsdp_size=N, ep_size=N`, each rank on its own rows, the experts' tokens exchanged all-to-all).
 - `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of
   the batch: the mean loss of every step and the whole parameters after the last.
 
@@ -62,7 +63,7 @@ GRAD_NAMES = (
 UNEVEN_SHARDS_REFUSED = "this transformers refuses a vocabulary that the TP size does not divide (5.17 does)"
 EP_UNSUPPORTED = "this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21"
 HAS_EP = "ep_size" in inspect.signature(DistributedConfig).parameters
-EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep")
+EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep", "tp_ep_train", "dp_ep_train")
 
 
 def distributed_config(layout: str, world: int) -> DistributedConfig:
@@ -72,12 +73,14 @@ def distributed_config(layout: str, world: int) -> DistributedConfig:
         return DistributedConfig(fsdp_size=world)
     if layout == "ep":
         return DistributedConfig(tp_size=world, ep_size=world, tp_plan={})
-    if layout == "tp_ep":
+    if layout in ("tp_ep", "tp_ep_train"):
         return DistributedConfig(tp_size=world, ep_size=world, tp_plan="auto")
     if layout == "tp2_ep":
         return DistributedConfig(tp_size=2, fsdp_size=world // 2, ep_size=world, tp_plan="auto")
     if layout == "dp_ep":
         return attention_data_parallel_config(world)
+    if layout == "dp_ep_train":
+        return DistributedConfig(fsdp_size=world, ep_size=world)
     raise SystemExit(f"tp_worker.py: error: unknown layout {layout!r}")
 
 
@@ -139,13 +142,21 @@ def gather_rows(local: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
-def train_tp(model) -> dict:
-    input_ids = torch.tensor(INPUT_IDS)
+def train_step(model) -> dict:
+    """One backward on this rank's rows: the mean loss over the ranks (each a mean over as many label tokens) and
+    the whole gradients."""
+    group, groups = data_group(model)
+    input_ids = torch.tensor(INPUT_IDS)[group::groups]
     model.train()
     loss = model(input_ids, labels=input_ids).loss
     loss.backward()
+    mean = loss.detach().clone()
+    torch.distributed.all_reduce(mean)
     params = dict(model.named_parameters())
-    return {"loss": loss.detach(), "grads": {name: whole(params[name].grad) for name in GRAD_NAMES}}
+    return {
+        "loss": mean / torch.distributed.get_world_size(),
+        "grads": {name: whole(params[name].grad) for name in GRAD_NAMES},
+    }
 
 
 def train_fsdp(model) -> dict:
@@ -221,7 +232,8 @@ def main(model_path: str, out: str, layouts: str = "tp") -> None:
         if isinstance(model, str):
             results[layout] = {"unsupported": model}
         else:
-            results[layout] = {"tp_train": train_tp, "fsdp_train": train_fsdp}.get(layout, infer)(model)
+            run = train_fsdp if layout == "fsdp_train" else train_step if layout.endswith("_train") else infer
+            results[layout] = run(model)
         del model
         torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
