@@ -124,16 +124,17 @@ def write_official_checkpoint(
     return path
 
 
+def tiny_vl_wrapper(text_config: Step3Config) -> Step3VLConfig:
+    """The `step3_vl` config of the tiny checkpoints around `text_config`: the tiny vision tower, image token 3."""
+    return Step3VLConfig(text_config=text_config, vision_config=Step3VisionConfig(**TINY_VISION_CONFIG), image_token_id=3)
+
+
 def write_tiny_checkpoint(
     path: str | Path, *, vl: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
 ) -> Path:
     """A tiny random Step-3 checkpoint in the official layout (`vl=True`: the `step3_vl` wrapper)."""
     text_config = Step3Config(**{**TINY_CONFIG, **overrides})
-    config = (
-        Step3VLConfig(text_config=text_config, vision_config=Step3VisionConfig(**TINY_VISION_CONFIG), image_token_id=3)
-        if vl
-        else text_config
-    )
+    config = tiny_vl_wrapper(text_config) if vl else text_config
     state = random_official_state_dict(text_config, seed=seed, dtype=dtype)
     return write_official_checkpoint(path, state, config)
 
@@ -221,7 +222,7 @@ def write_tiny_fp8_checkpoint(
     from .fp8 import fp8_quantization_config, quantize_state_dict
 
     text_config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG, **overrides})
-    config = Step3VLConfig(text_config=text_config, image_token_id=3) if vl else text_config
+    config = tiny_vl_wrapper(text_config) if vl else text_config
     if state_dict is None:
         state_dict = random_official_state_dict(text_config, seed=seed, dtype=torch.bfloat16)
     state = dict(quantize_state_dict(state_dict.items(), block_size))
