@@ -71,28 +71,27 @@ def _fp8_block(quantization_config: Any) -> tuple[tuple[int, int], bool] | None:
 def _fp8_split_weights(config: Step3Config) -> list[tuple[str, tuple[str, str], tuple[int, int], str]]:
     """(weight, (field of its rows, of its columns), shape, TP style) of each quantized weight that a plan may split.
     The routed experts are left out: EP and FSDP split them by expert, which never cuts a tile."""
-    query, kv = config.num_attention_heads * config.head_dim, config.num_attention_groups * config.head_dim
+    hidden, query = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv = config.num_attention_groups * config.head_dim
+    heads, groups = "num_attention_heads x head_dim", "num_attention_groups x head_dim"
     attention = "model.layers.*.self_attn"
     weights = [
-        (f"{attention}.q_proj.weight", ("share_q_dim", "hidden_size"), (config.share_q_dim, config.hidden_size), ""),
-        (f"{attention}.k_proj.weight", ("num_attention_groups x head_dim", "hidden_size"), (kv, config.hidden_size), ""),
-        (f"{attention}.v_proj.weight", ("num_attention_groups x head_dim", "hidden_size"), (kv, config.hidden_size), ""),
-        (f"{attention}.wq.weight", ("num_attention_heads x head_dim", "share_q_dim"), (query, config.share_q_dim),
-         "colwise"),
-        (f"{attention}.o_proj.weight", ("hidden_size", "num_attention_heads x head_dim"), (config.hidden_size, query),
-         "rowwise"),
-    ]  # fmt: skip
+        (f"{attention}.q_proj.weight", ("share_q_dim", "hidden_size"), (config.share_q_dim, hidden), "replicate"),
+        (f"{attention}.k_proj.weight", (groups, "hidden_size"), (kv, hidden), "replicate"),
+        (f"{attention}.v_proj.weight", (groups, "hidden_size"), (kv, hidden), "replicate"),
+        (f"{attention}.wq.weight", (heads, "share_q_dim"), (query, config.share_q_dim), "colwise"),
+        (f"{attention}.o_proj.weight", ("hidden_size", heads), (hidden, query), "rowwise"),
+    ]
     mlps = []
     if len(config.moe_layer_indices) < config.num_hidden_layers:
         mlps.append(("mlp", "intermediate_size", config.intermediate_size))
     if config.moe_layer_indices:
         mlps.append(("mlp.shared_expert", "share_expert_dim", config.share_expert_dim))
     for module, field, width in mlps:
-        for proj in ("gate_proj", "up_proj"):
-            weights.append((f"model.layers.*.{module}.{proj}.weight", (field, "hidden_size"), (width, config.hidden_size),
-                            "colwise"))  # fmt: skip
-        weights.append((f"model.layers.*.{module}.down_proj.weight", ("hidden_size", field), (config.hidden_size, width),
-                        "rowwise"))  # fmt: skip
+        prefix = f"model.layers.*.{module}"
+        weights.append((f"{prefix}.gate_proj.weight", (field, "hidden_size"), (width, hidden), "colwise"))
+        weights.append((f"{prefix}.up_proj.weight", (field, "hidden_size"), (width, hidden), "colwise"))
+        weights.append((f"{prefix}.down_proj.weight", ("hidden_size", field), (hidden, width), "rowwise"))
     return weights
 
 

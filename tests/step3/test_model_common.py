@@ -295,7 +295,8 @@ def fp8_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(causal_lm_checkpoint, fp8_checkpoint, tmp_path_factory) -> dict[str, dict]:
     path, _, _ = causal_lm_checkpoint
-    return run_layouts(path, tmp_path_factory.mktemp("two_ranks"), TWO_RANK_LAYOUTS, world=2, fp8_model_path=fp8_checkpoint)
+    out = tmp_path_factory.mktemp("two_ranks")
+    return run_layouts(path, out, TWO_RANK_LAYOUTS, world=2, fp8_model_path=fp8_checkpoint)
 
 
 def one_process_logits_and_tokens(path: Path, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,9 +456,9 @@ def test_fp8_checkpoint_under_tensor_or_expert_parallel_matches_one_process(fp8_
 def test_fp8_tensor_parallel_refuses_sizes_that_split_a_tile(two_ranks):
     """The FP8 checkpoint with `share_expert_dim` overridden to 48 (3 tiles of 16 rows): 2 TP ranks would take 24
     rows each, and transformers slices the scales by their own grid (2 tile rows and 1), so each rank's shared
-    expert would be dequantized with the wrong scales (without the check, a checkpoint written with these widths loaded
-    and gave logits off by 5e-2 of 1.35, no error).
-    `from_pretrained` refuses before a weight loads, naming the weight, the field and the sizes."""
+    expert would be dequantized with the wrong scales (without the check, a checkpoint written with these widths
+    loaded and gave logits off by 5e-2 of 1.35, no error). `from_pretrained` refuses before a weight loads, naming
+    the weight, the field and the sizes."""
     error = two_ranks["fp8_tp_split_tiles"]["error"]
     assert SPLIT_TILES == {"share_expert_dim": 48} and TINY_FP8_BLOCK_SIZE == (16, 16)
     assert error is not None and error.startswith(

@@ -1,7 +1,7 @@
 """One rank of a tensor-, expert- or data-parallel test launch on CPU (gloo): load a checkpoint under one layout, run
 it, and save what the ranks saw (everything saved is whole: DTensors are gathered with `full_tensor()`).
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT[,LAYOUT...]] [FP8_MODEL]
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT[,...]] [FP8_MODEL]
 
 Several layouts run in turn in the same processes (one start-up); rank 0 saves {layout: result}. LAYOUT (N =
 WORLD_SIZE ranks):
