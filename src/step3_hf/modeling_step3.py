@@ -435,8 +435,9 @@ class Step3PreTrainedModel(PreTrainedModel):
     @classmethod
     def maybe_distribute_model(cls, model, distributed_config, *args, **kwargs):
         # transformers' sharding step, after the model is built and before a weight loads: refuse sizes that would
-        # split a query head or an expert (they would fail later, in a reshape, or not at all).
-        check_parallel_sizes(model.config.get_text_config(), distributed_config)
+        # split a query head, an expert or a block-FP8 tile (they would fail later, in a reshape, or not at all).
+        quantization = getattr(model.config, "quantization_config", None)
+        check_parallel_sizes(model.config.get_text_config(), distributed_config, quantization)
         return super().maybe_distribute_model(model, distributed_config, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:

@@ -28,7 +28,9 @@ from tp_worker import (
     LEARNING_RATE,
     MOMENTUM,
     NEW_TOKENS,
+    SPLIT_TILES,
     TRAIN_STEPS,
+    WEIGHT_NAMES,
     layout_result,
     ragged_new_tokens,
     ragged_prompt_length,
@@ -41,7 +43,13 @@ import step3_hf
 from step3_hf import Step3Config, Step3ForCausalLM, Step3Model
 from step3_hf.checkpoint_layout import base_model_layout, module_tensor_shapes, official_tensor_shapes
 from step3_hf.modeling_step3 import _CACHE_NAME
-from step3_hf.tiny_checkpoint import TINY_CONFIG, random_official_state_dict, write_official_checkpoint
+from step3_hf.tiny_checkpoint import (
+    TINY_CONFIG,
+    TINY_FP8_BLOCK_SIZE,
+    random_official_state_dict,
+    write_official_checkpoint,
+    write_tiny_fp8_checkpoint,
+)
 
 ALL_MODEL_CLASSES = (Step3Model, Step3ForCausalLM)
 PAD = 0
@@ -271,17 +279,28 @@ def test_static_cache_generate_compiles_fullgraph_without_recompiling(causal_lm_
 # ------------------------------------------------------------------------ tensor, expert and data parallelism
 
 # Every two-rank layout runs in one CPU (gloo) launch of `tp_worker.py`, one after the other: one process start-up.
-TWO_RANK_LAYOUTS = ["tp", "ep", "tp_ep", "tp_train", "tp_ep_train", "dp_ep_train", "fsdp_train", "dp_ep", "tp_odd_heads"]
+TWO_RANK_LAYOUTS = [
+    "tp", "ep", "tp_ep", "tp_train", "tp_ep_train", "dp_ep_train", "fsdp_train", "dp_ep", "tp_odd_heads",
+    "fp8_tp", "fp8_ep", "fp8_tp_split_tiles",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def two_ranks(causal_lm_checkpoint, tmp_path_factory) -> dict[str, dict]:
+def fp8_checkpoint(tmp_path_factory) -> Path:
+    """A tiny block-FP8 checkpoint (16 x 16 tiles, every quantized dimension whole tiles, and whole tiles per rank
+    of 2 wherever TP splits one)."""
+    return write_tiny_fp8_checkpoint(tmp_path_factory.mktemp("fp8"), vl=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(causal_lm_checkpoint, fp8_checkpoint, tmp_path_factory) -> dict[str, dict]:
     path, _, _ = causal_lm_checkpoint
-    return run_layouts(path, tmp_path_factory.mktemp("two_ranks"), TWO_RANK_LAYOUTS, world=2)
+    out = tmp_path_factory.mktemp("two_ranks")
+    return run_layouts(path, out, TWO_RANK_LAYOUTS, world=2, fp8_model_path=fp8_checkpoint)
 
 
-def one_process_logits_and_tokens(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+def one_process_logits_and_tokens(path: Path, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs).eval()
     input_ids = torch.tensor(INPUT_IDS)
     with torch.no_grad():
         return single(input_ids).logits, single.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -402,6 +421,49 @@ def test_from_pretrained_under_tp_refuses_a_head_count_the_ranks_do_not_divide(t
     error = two_ranks["tp_odd_heads"]["error"]
     assert error is not None and error.startswith(
         "ValueError: num_attention_heads (3) does not divide over tp_size (2) ranks"
+    ), error
+
+
+@pytest.mark.parametrize("layout", ["fp8_tp", "fp8_ep"])
+def test_fp8_checkpoint_under_tensor_or_expert_parallel_matches_one_process(fp8_checkpoint, two_ranks, layout):
+    """The block-FP8 checkpoint on two CPU ranks, loaded in float32 (transformers dequantizes each rank's slice of
+    the float8 weights with its slice of `weight_scale_inv`): `fp8_tp` (`tp_plan="auto"`) splits `wq`, `o_proj`,
+    the shared expert and the head, `fp8_ep` the experts. The gathered weights equal one process's (which loads the
+    same checkpoint, dequantized whole), and so do the logits and greedy tokens."""
+    stored = {}  # the split weights are stored as float8
+    for file in fp8_checkpoint.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            stored.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
+    for name in ("model.layers.0.self_attn.wq.weight", "model.layers.1.share_expert.up_proj.weight",
+                 "model.layers.1.moe.gate_proj.weight"):  # fmt: skip
+        assert stored[name] == "F8_E4M3" and stored[name + "_scale_inv"] == "F32", name
+    parallel = layout_result(two_ranks, layout)
+    if layout == "fp8_tp":
+        assert parallel["wq_local_rows"] == (64, 64) and parallel["local_rows"] == 128
+    else:
+        assert parallel["local_experts"] == 3
+    single = AutoModelForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.float32, attn_implementation="sdpa")
+    params = dict(single.named_parameters())
+    assert set(parallel["weights"]) == set(WEIGHT_NAMES)
+    for name, weight in parallel["weights"].items():
+        assert weight.dtype == torch.float32, name
+        torch.testing.assert_close(weight, params[name].detach(), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    logits, tokens = one_process_logits_and_tokens(fp8_checkpoint, dtype=torch.float32)
+    torch.testing.assert_close(parallel["logits"], logits, rtol=1e-5, atol=1e-5)
+    assert parallel["tokens"].tolist() == tokens.tolist()
+
+
+def test_fp8_tensor_parallel_refuses_sizes_that_split_a_tile(two_ranks):
+    """The FP8 checkpoint with `share_expert_dim` overridden to 48 (3 tiles of 16 rows): 2 TP ranks would take 24
+    rows each, and transformers slices the scales by their own grid (2 tile rows and 1), so each rank's shared
+    expert would be dequantized with the wrong scales (without the check, a checkpoint written with these widths
+    loaded and gave logits off by 5e-2 of 1.35, no error). `from_pretrained` refuses before a weight loads, naming
+    the weight, the field and the sizes."""
+    error = two_ranks["fp8_tp_split_tiles"]["error"]
+    assert SPLIT_TILES == {"share_expert_dim": 48} and TINY_FP8_BLOCK_SIZE == (16, 16)
+    assert error is not None and error.startswith(
+        "ValueError: model.layers.*.mlp.shared_expert.gate_proj.weight (48 x 64) is block-FP8 in 16 x 16 tiles: "
+        "tp_size (2) would split its rows (share_expert_dim = 48) into 24 per rank"
     ), error
 
 

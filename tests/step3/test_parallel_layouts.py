@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, DistributedConfig
 
 from step3_hf import Step3Config, Step3ForCausalLM, Step3VLForCausalLM
 from step3_hf.configuration_step3 import Step3VLConfig
-from step3_hf.parallel import attention_data_parallel_config
+from step3_hf.fp8 import fp8_quantization_config
+from step3_hf.parallel import attention_data_parallel_config, check_parallel_sizes
 from step3_hf.tiny_checkpoint import TINY_CONFIG, write_tiny_checkpoint
 
 # ------------------------------------------------------------------------------ sizes the plans cannot split
@@ -46,6 +47,40 @@ def test_heads_or_experts_the_ranks_do_not_divide_are_refused_naming_the_field()
         with pytest.raises(ValueError, match=r"moe_num_experts \(6\) does not divide over ep_size \(4\) ranks"):
             Step3ForCausalLM.maybe_distribute_model(model, DistributedConfig(fsdp_size=4, ep_size=4), None)
         assert Step3ForCausalLM.maybe_distribute_model(model, DistributedConfig(fsdp_size=3, ep_size=3), None) is model
+
+
+def test_block_fp8_sizes_that_would_split_a_tile_are_refused_for_the_released_config():
+    """The released widths in 128 x 128 tiles: TP cuts the shared expert's 5120 rows (40 tiles) into whole tiles for
+    2, 4 and 8 ranks (2560, 1280, 640 rows) but not 16 (320); EP alone splits by expert and never cuts a tile. FSDP
+    (here DP-attn+EP) cuts K and V, 256 rows (2 tiles), into 32 rows on 8 ranks: refused where the weights are
+    dequantized at load (CPU), passed where FSDP gathers whole float8 weights and scales before use."""
+    config, fp8 = Step3Config(), fp8_quantization_config((128, 128))
+    assert (config.share_expert_dim, config.num_attention_groups * config.head_dim) == (5120, 256)
+    for size in (2, 4, 8):
+        check_parallel_sizes(config, DistributedConfig(tp_size=size, tp_plan="auto"), fp8)
+    with pytest.raises(ValueError, match=r"shared_expert\.gate_proj\.weight \(5120 x 7168\) is block-FP8 in 128 x 128 "
+                       r"tiles: tp_size \(16\) would split its rows \(share_expert_dim = 5120\) into 320 per rank"):
+        check_parallel_sizes(config, DistributedConfig(tp_size=16, tp_plan="auto"), fp8)
+    check_parallel_sizes(config, DistributedConfig(tp_size=16, tp_plan="auto"), None)  # bf16: any size that divides
+    check_parallel_sizes(config, DistributedConfig(tp_size=16, tp_plan="auto"), {"quant_method": "bitsandbytes"})
+    # EP alone and DP-attn+EP (ep_size beside these, on transformers >= 5.21) split the experts by expert only.
+    check_parallel_sizes(config, DistributedConfig(tp_size=16, tp_plan={}), fp8)
+    dp_ep = DistributedConfig(fsdp_size=8)
+    check_parallel_sizes(config, dp_ep, fp8)
+    with pytest.raises(ValueError, match=r"k_proj\.weight \(256 x 7168\) .* fsdp_size \(8\) would split its rows "
+                       r"\(num_attention_groups x head_dim = 256\) into 32 per rank"):
+        check_parallel_sizes(config, dp_ep, {**fp8, "dequantize": True})
+    check_parallel_sizes(config, DistributedConfig(fsdp_size=2), {**fp8, "dequantize": True})  # 128 rows each
+    # TP and FSDP split wq's rows together: 4 heads of 128 over 4 x 2 ranks are 64 rows each (K and V, 2 heads of
+    # 128, are 128 rows on each of the 2 FSDP ranks: whole tiles).
+    with pytest.raises(ValueError, match=r"wq\.weight \(512 x 2048\) .* tp_size \(4\) x fsdp_size \(2\) would split "
+                       r"its rows \(num_attention_heads x head_dim = 512\) into 64 per rank"):
+        check_parallel_sizes(Step3Config(num_attention_heads=4, num_attention_groups=2, head_dim=128),
+                             DistributedConfig(tp_size=4, fsdp_size=2), {**fp8, "dequantize": True})  # fmt: skip
+    # Row-wise: o_proj's columns.
+    with pytest.raises(ValueError, match=r"o_proj\.weight \(7168 x 16384\) .* tp_size \(16\) would split its "
+                       r"columns \(num_attention_heads x head_dim = 16384\) into 1024"):
+        check_parallel_sizes(config, DistributedConfig(tp_size=16, tp_plan="auto"), fp8_quantization_config((128, 2048)))
 
 
 def test_attention_data_parallel_config_names_the_model_modules_it_keeps_whole():

@@ -1,7 +1,7 @@
 """One rank of a tensor-, expert- or data-parallel test launch on CPU (gloo): load a checkpoint under one layout, run
 it, and save what the ranks saw (everything saved is whole: DTensors are gathered with `full_tensor()`).
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT[,LAYOUT...]]
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python tp_worker.py MODEL OUT.pt [LAYOUT[,...]] [FP8_MODEL]
 
 Several layouts run in turn in the same processes (one start-up); rank 0 saves {layout: result}. LAYOUT (N =
 WORLD_SIZE ranks):
@@ -15,6 +15,10 @@ WORLD_SIZE ranks):
   and kept whole once the first forward has gathered them (`step3_hf.parallel.attention_data_parallel_config`).
 - `tp_odd_heads`: `tp_plan="auto"` on a model of 3 query heads (the checkpoint's config overridden, its weights
   then of the wrong shapes): what `from_pretrained` raises (it must refuse before a weight loads).
+- `fp8_tp`, `fp8_ep`: `tp` and `ep` on the block-FP8 checkpoint FP8_MODEL, loaded in float32 (on CPU transformers
+  dequantizes the float8 weights as it loads them).
+- `fp8_tp_split_tiles`: `tp_plan="auto"` on FP8_MODEL with `share_expert_dim` overridden to 3 tiles, which 2 ranks
+  would split inside a tile: what `from_pretrained` raises.
 - `tp_train`, `tp_ep_train`, `dp_ep_train`: one training step (loss and gradients) under `tp`, `tp_ep`, or FSDP
   with EP (`fsdp_size=N, ep_size=N`, each rank on its own rows, the experts' tokens exchanged all-to-all).
 - `fsdp_train`: `TRAIN_STEPS` SGD-with-momentum steps under FSDP2 (`fsdp_size=N`), each rank on its own rows of
@@ -63,10 +67,21 @@ GRAD_NAMES = (
 UNEVEN_SHARDS_REFUSED = "this transformers refuses a vocabulary that the TP size does not divide (5.17 does)"
 EP_UNSUPPORTED = "this transformers' DistributedConfig has no ep_size / ep_dispatch_experts (5.17): EP needs >= 5.21"
 HAS_EP = "ep_size" in inspect.signature(DistributedConfig).parameters
-EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep", "tp_ep_train", "dp_ep_train")
+EP_LAYOUTS = ("ep", "tp_ep", "tp2_ep", "dp_ep", "tp_ep_train", "dp_ep_train", "fp8_ep")
+# Whole parameters that inference layouts save: split by heads, by rows, column-wise (a shared expert), by expert.
+WEIGHT_NAMES = (
+    "model.layers.0.self_attn.wq.weight",
+    "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.1.mlp.shared_expert.up_proj.weight",
+    "model.layers.1.mlp.shared_expert.down_proj.weight",
+    "model.layers.1.mlp.experts.gate_up_proj",
+)
+# What `fp8_tp_split_tiles` overrides in the FP8 checkpoint's config: 3 tiles of 16 rows, 24 rows per rank of 2.
+SPLIT_TILES = {"share_expert_dim": 48}
 
 
 def distributed_config(layout: str, world: int) -> DistributedConfig:
+    layout = layout.removeprefix("fp8_")
     if layout in ("tp", "tp_train"):
         return DistributedConfig(tp_plan="auto")
     if layout == "fsdp_train":
@@ -101,23 +116,25 @@ def local_rows(tensor: torch.Tensor) -> int:
 
 
 def load(model_path: str, layout: str):
-    """The model under `layout`, or the reason this transformers cannot express it."""
+    """The model under `layout`, or the reason this transformers cannot express it. FP8 layouts load in float32."""
     if layout in EP_LAYOUTS and not HAS_EP:
         return EP_UNSUPPORTED
     config = distributed_config(layout, int(os.environ["WORLD_SIZE"]))
+    dtype = {"dtype": torch.float32} if layout.startswith("fp8_") else {}  # FP8 loads in bf16 by default
     try:
-        return AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", distributed_config=config)
+        return AutoModelForCausalLM.from_pretrained(
+            model_path, attn_implementation="sdpa", distributed_config=config, **dtype
+        )
     except ValueError as err:
         if "must be divisible by the tensor parallel size" in str(err):
             return UNEVEN_SHARDS_REFUSED
         raise
 
 
-def refused(model_path: str) -> dict:
+def refused(model_path: str, **overrides) -> dict:
     try:
         AutoModelForCausalLM.from_pretrained(
-            model_path, num_attention_heads=3, attn_implementation="sdpa",
-            distributed_config=DistributedConfig(tp_plan="auto"),
+            model_path, **overrides, attn_implementation="sdpa", distributed_config=DistributedConfig(tp_plan="auto"),
         )
     except Exception as err:  # noqa: BLE001  the error is the result
         return {"error": f"{type(err).__name__}: {err}"}
@@ -198,6 +215,7 @@ def infer(model) -> dict:
         outputs = model(input_ids, output_hidden_states=True)
         tokens = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     experts = model.model.layers[1].mlp.experts.gate_up_proj
+    params = dict(model.named_parameters())
     extra = {}
     if groups > 1:  # data-parallel groups decode independently: another prompt length and more steps per group
         prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
@@ -212,6 +230,7 @@ def infer(model) -> dict:
         "hidden": gather_rows(outputs.hidden_states[-1], group, groups),
         "tokens": gather_rows(tokens, group, groups),
         "head_weight": whole(model.lm_head.weight),
+        "weights": {name: whole(params[name]) for name in WEIGHT_NAMES},
         "local_rows": local_rows(model.lm_head.weight),
         "local_experts": local_rows(experts),
         "wq_local_rows": (wq_rows_before, local_rows(attention.wq.weight)),  # before and after the first forward
@@ -219,16 +238,17 @@ def infer(model) -> dict:
     }
 
 
-def main(model_path: str, out: str, layouts: str = "tp") -> None:
+def main(model_path: str, out: str, layouts: str = "tp", fp8_model_path: str | None = None) -> None:
     """Run each of the comma-separated `layouts` in turn (one launch, one process start-up) and save
-    {layout: result} on rank 0."""
+    {layout: result} on rank 0. `fp8_*` layouts load `fp8_model_path`."""
     results = {}
     for layout in layouts.split(","):
-        if layout == "tp_odd_heads":
-            results[layout] = refused(model_path)
+        path = fp8_model_path if layout.startswith("fp8_") else model_path
+        if layout in ("tp_odd_heads", "fp8_tp_split_tiles"):
+            results[layout] = refused(path, **({"num_attention_heads": 3} if layout == "tp_odd_heads" else SPLIT_TILES))
             torch.distributed.barrier()
             continue
-        model = load(model_path, layout)
+        model = load(path, layout)
         if isinstance(model, str):
             results[layout] = {"unsupported": model}
         else:
@@ -242,12 +262,16 @@ def main(model_path: str, out: str, layouts: str = "tp") -> None:
     torch.distributed.destroy_process_group()
 
 
-def run_layouts(model_path: Path, out_dir: Path, layouts: list[str], world: int = 2) -> dict[str, dict]:
-    """{layout: what rank 0 saved} of one `world`-rank CPU (gloo) launch of this worker running `layouts` in turn."""
+def run_layouts(
+    model_path: Path, out_dir: Path, layouts: list[str], world: int = 2, fp8_model_path: Path | None = None
+) -> dict[str, dict]:
+    """{layout: what rank 0 saved} of one `world`-rank CPU (gloo) launch of this worker running `layouts` in turn
+    (`fp8_*` layouts on the block-FP8 checkpoint `fp8_model_path`)."""
     from afd_launch import PYTHON, REPO, finish, launch
 
     out = out_dir / f"{'-'.join(layouts)}-{world}.pt"
     argv = [PYTHON, __file__, str(model_path), str(out), ",".join(layouts)]
+    argv += [str(fp8_model_path)] if fp8_model_path is not None else []
     with launch(lambda rank: argv, world, extra_env={"PYTHONPATH": str(REPO / "src")}) as procs:
         results = finish(procs, timeout=300)
     for rank, (code, _, err) in enumerate(results):
