@@ -503,7 +503,8 @@ def test_fp8_checkpoint_in_process_matches_one_process(fp8_checkpoint, fp8_refer
         assert experts.gate_up_proj.shape == (local, 64, 64)
         if keep_fp8:
             assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
-            assert experts.gate_up_proj_scale_inv.shape == (local, 4, 4) and experts.down_proj_scale_inv.shape == (local, 4, 2)
+            assert experts.gate_up_proj_scale_inv.shape == (local, 4, 4)
+            assert experts.down_proj_scale_inv.shape == (local, 4, 2)
         else:
             assert experts.gate_up_proj.dtype == torch.float32 and not hasattr(experts, "gate_up_proj_scale_inv")
     if ffn_ranks < 4:  # cuts on tile edges: together every FFN weight and scale once, nothing else
@@ -528,7 +529,8 @@ def test_fp8_scale_missing_or_misshaped_is_refused_naming_it(tmp_path, bad):
     )
 
     config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
-    state = dict(quantize_state_dict(random_official_state_dict(config, dtype=torch.bfloat16).items(), TINY_FP8_BLOCK_SIZE))
+    original = random_official_state_dict(config, dtype=torch.bfloat16)
+    state = dict(quantize_state_dict(original.items(), TINY_FP8_BLOCK_SIZE))
     name = "model.layers.2.moe.up_proj.weight_scale_inv"
     if bad == "missing":
         del state[name]

@@ -126,7 +126,8 @@ def _load_fp8_experts(shard, reader: CheckpointReader, module_name: str, sources
     expected = (local, 2 * inter, hidden) if param == "gate_up_proj" else (local, hidden, inter)
     if tuple(weight.shape) != expected:  # the open-time check saw the full tensors; this is the slice taken
         raise BrokenCheckpointError(
-            f"{reader.path}: {sources[0][0]} gave {tuple(weight.shape)} for this FFN rank's experts, expected {expected}"
+            f"{reader.path}: {sources[0][0]} gave {tuple(weight.shape)} for this FFN rank's experts, "
+            f"expected {expected}"
         )
     setattr(experts, param, nn.Parameter(weight, requires_grad=False))
     setattr(experts, param + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
