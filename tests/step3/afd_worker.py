@@ -3,8 +3,11 @@ dominates the tests' time). Attention ranks generate their share of PROMPTS unde
 teacher-forced forward on given sequences; every rank saves what it computed and what it read to OUT/rank<r>.pt.
 
     RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python afd_worker.py MODEL OUT A F [teacher.pt]
+
+`AFD_WORKER_SCENARIOS` (comma-separated names; empty for none) limits the generate scenarios run.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +52,11 @@ def main() -> None:
             model = rank.attention_model()
             first, prompts = share(rank.placement, rank.rank, PROMPTS)
             ids, mask = left_pad(prompts)
+            chosen = os.environ.get("AFD_WORKER_SCENARIOS")
+            chosen = None if chosen is None else set(filter(None, chosen.split(",")))
             for name, wire, micro_batches, sample in SCENARIOS:
+                if chosen is not None and name not in chosen:
+                    continue
                 model.micro_batches, model.wire = micro_batches, WireFormat(wire)
                 torch.manual_seed(SEED)
                 with torch.no_grad():

@@ -291,12 +291,14 @@ def test_wire_bytes_per_token_match_step3_report():
 
 
 # ----- launches -----------------------------------------------------------------------------------------------
-def run_worker_launch(checkpoint, tmp_path, attention_ranks, ffn_ranks, teacher=None):
+def run_worker_launch(checkpoint, tmp_path, attention_ranks, ffn_ranks, teacher=None, scenarios=None):
+    """Every rank's saved results; `scenarios`: the names of afd_worker.SCENARIOS to generate (default all)."""
     world = attention_ranks + ffn_ranks
     argv = [PYTHON, WORKER, str(checkpoint), str(tmp_path), str(attention_ranks), str(ffn_ranks)]
     if teacher is not None:
         argv.append(str(teacher))
-    with launch(lambda rank: argv, world) as procs:
+    extra_env = None if scenarios is None else {"AFD_WORKER_SCENARIOS": ",".join(scenarios)}
+    with launch(lambda rank: argv, world, extra_env=extra_env) as procs:
         results = finish(procs, LAUNCH_TIMEOUT)
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{err[-3000:]}"
@@ -445,3 +447,111 @@ def test_mismatched_arguments_fail_fast_on_every_rank(checkpoint, tmp_path):
         results = finish(procs, 60)
     for code, _, err in results:
         assert code != 0 and "= 3 ranks, but the launch started 2 processes" in err, err[-2000:]
+
+
+# ----- block-FP8 checkpoints ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    from step3_hf.tiny_checkpoint import write_tiny_fp8_checkpoint
+
+    return write_tiny_fp8_checkpoint(tmp_path_factory.mktemp("afd_fp8"), vl=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(fp8_checkpoint):
+    """One process loading the FP8 checkpoint (transformers dequantizes it on CPU), in fp32."""
+    return AutoModelForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def fp8_numel(checkpoint, role):
+    """Elements (weights and scales) of one side's tensors in a checkpoint, from the files themselves."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                if not name.startswith("vi") and role_of_tensor(name.removesuffix("_scale_inv")) is role:
+                    total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+@pytest.mark.parametrize("keep_fp8", [False, True], ids=["dequantized", "float8"])
+@pytest.mark.parametrize("ffn_ranks", [1, 2, 4])
+def test_fp8_checkpoint_in_process_matches_one_process(fp8_checkpoint, fp8_reference, ffn_ranks, keep_fp8):
+    # Each FFN rank reads only its experts' float8 weights and scales; kept in float8 (as on CUDA, here computed
+    # expert by expert) or dequantized once at load (the CPU default), the logits are one process's. With 4 FFN
+    # ranks the experts split 2+2+1+1 and the MLP channel cuts (24 of 96, 8 of 32) fall inside 16 x 16 tiles.
+    from transformers.testing_utils import CaptureLogger
+
+    from step3_hf.afd import ffn_server
+
+    teacher, reference_logits = teacher_batch(fp8_reference)
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(CheckpointReader(fp8_checkpoint), fp8_weights=keep_fp8)
+    placement, shards, read = Placement(1, ffn_ranks), [], 0
+    for index in range(ffn_ranks):
+        reader = CheckpointReader(fp8_checkpoint)
+        with CaptureLogger(ffn_server.logger) as log:
+            shards.append(Step3FFNShard.from_checkpoint(reader, placement, index, fp8_experts=keep_fp8))
+        assert all(role_of_tensor(n.removesuffix("_scale_inv")) is Role.FFN for n in reader.names_read)
+        assert "model.layers.1.moe.down_proj.weight_scale_inv" in reader.names_read
+        read += reader.elements_read
+        dequantized = "FP8 expert weights dequantized to torch.float32 at load"  # one line, only when it happens
+        assert log.out.count(dequantized) == (0 if keep_fp8 else 1) and log.out.count("\n") == (0 if keep_fp8 else 1)
+        experts = shards[-1].layers[1].experts
+        local = even_split(6, ffn_ranks, index)[1] - even_split(6, ffn_ranks, index)[0]  # TINY_CONFIG: 6 experts
+        assert experts.gate_up_proj.shape == (local, 64, 64)
+        if keep_fp8:
+            assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+            assert experts.gate_up_proj_scale_inv.shape == (local, 4, 4)
+            assert experts.down_proj_scale_inv.shape == (local, 4, 2)
+        else:
+            assert experts.gate_up_proj.dtype == torch.float32 and not hasattr(experts, "gate_up_proj_scale_inv")
+    if ffn_ranks < 4:  # cuts on tile edges: together every FFN weight and scale once, nothing else
+        assert read == fp8_numel(fp8_checkpoint, Role.FFN)
+    model = attention.connect(InProcessConnector(shards), micro_batches=2, wire="raw")
+    with torch.no_grad():
+        logits = model(**teacher).logits
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["missing", "misshaped", "bf16"])
+def test_fp8_scale_missing_or_misshaped_is_refused_naming_it(tmp_path, bad):
+    from step3_hf.configuration_step3 import Step3Config
+    from step3_hf.fp8 import fp8_quantization_config, quantize_state_dict
+    from step3_hf.loading import BrokenCheckpointError
+    from step3_hf.tiny_checkpoint import (
+        TINY_CONFIG,
+        TINY_FP8_BLOCK_SIZE,
+        TINY_FP8_CONFIG,
+        random_official_state_dict,
+        write_official_checkpoint,
+    )
+
+    config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
+    original = random_official_state_dict(config, dtype=torch.bfloat16)
+    state = dict(quantize_state_dict(original.items(), TINY_FP8_BLOCK_SIZE))
+    name = "model.layers.2.moe.up_proj.weight_scale_inv"
+    if bad == "missing":
+        del state[name]
+    elif bad == "misshaped":
+        state[name] = state[name][:, :, :1].contiguous()
+    else:
+        state[name] = state[name].bfloat16()
+    config.quantization_config = fp8_quantization_config(TINY_FP8_BLOCK_SIZE)
+    broken = write_official_checkpoint(tmp_path / "broken", state, config)
+    with pytest.raises(BrokenCheckpointError, match=name.replace(".", r"\.")):
+        Step3FFNShard.from_checkpoint(CheckpointReader(broken), Placement(1, 2), 1, fp8_experts=True)
+
+
+def test_fp8_checkpoint_launch_matches_one_process(fp8_checkpoint, fp8_reference, tmp_path):
+    # gloo, one attention rank and two FFN ranks (experts split 3 + 3), raw wire, teacher-forced.
+    teacher, reference_logits = teacher_batch(fp8_reference)
+    torch.save(teacher, tmp_path / "teacher.pt")
+    saved = run_worker_launch(fp8_checkpoint, tmp_path, 1, 2, tmp_path / "teacher.pt", scenarios=[])
+    torch.testing.assert_close(saved[0]["teacher_raw"]["logits"], reference_logits, rtol=1e-5, atol=1e-5)
+    assert sum(s["elements_read"] for s in saved[1:]) == fp8_numel(fp8_checkpoint, Role.FFN)
+    for ffn in saved[1:]:
+        assert {n for n in ffn["names_read"] if "moe.gate_proj" in n} == {
+            f"model.layers.{layer}.moe.gate_proj.weight{suffix}" for layer in (1, 2) for suffix in ("", "_scale_inv")
+        }

@@ -390,3 +390,33 @@ def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device):
         experts_module.moe_decode = original
     assert calls == [1]  # only the no-grad call took the kernel
     assert relative_error(decoded, ref) < 1e-5 and relative_error(by_expert.detach(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_expert_parallel_range_adds_only_its_own_choices(device, fp8):
+    """An FFN rank holding experts [3, 6) of 8: choices elsewhere carry the sentinel id (3, transformers' convention)
+    or any id outside [0, 3), and the kernel's sum is the float64 loop over the local choices alone; the ranks'
+    sums add up to the whole."""
+    block = (16, 16)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(64, 32, 8, block, device, 7)
+    if not fp8:
+        gate_up, down = gate_up_ref.float().to(device), down_ref.float().to(device)
+    x, index, weights, _, _ = random_experts(20, 64, 32, 8, 3, torch.float32, device, seed=8)
+    quantized = dict(gate_up_scale=gate_up_scale, down_scale=down_scale, block_size=block) if fp8 else {}
+    total = 0
+    for first, last in ((0, 3), (3, 6), (6, 8)):
+        local = index - first
+        elsewhere = (local < 0) | (local >= last - first)
+        sentinel = local.masked_fill(elsewhere, last - first)
+        if first == 3:
+            sentinel = torch.where(elsewhere & (index % 2 == 0), -1, sentinel)  # other out-of-range ids
+        rows = slice(first, last)
+        out = moe_decode(x, sentinel, weights, gate_up[rows], down[rows], expert_parallel=True, block_n=16,
+                         **{k: (v[rows] if torch.is_tensor(v) else v) for k, v in quantized.items()})  # fmt: skip
+        ref = reference_experts(x.double(), local.clamp(0, last - first - 1), weights.double() * ~elsewhere,
+                                gate_up_ref[rows].to(device), down_ref[rows].to(device))  # fmt: skip
+        assert relative_error(out, ref) < 1e-5, (first, last)
+        total = total + out.double()
+    whole = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
+    assert relative_error(total, whole) < 1e-5

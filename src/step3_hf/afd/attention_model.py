@@ -43,6 +43,21 @@ def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:
     return layer
 
 
+def _set_fp8_linear(model: nn.Module, name: str, weight: torch.Tensor, scale: torch.Tensor, block_size) -> None:
+    """Replace the `nn.Linear` `name` by a `Step3FP8Linear` holding `weight` (float8) and its `scale`, as
+    transformers' FP8 loading and `use_fp8_kernels` leave one process's linears."""
+    from ..kernels.fp8_linear import Step3FP8Linear
+
+    linear = model.get_submodule(name)
+    if tuple(weight.shape) != (linear.out_features, linear.in_features) or linear.bias is not None:
+        raise ValueError(f"{name}.weight {tuple(weight.shape)} does not fit {linear}")
+    with torch.device("meta"):
+        fp8 = Step3FP8Linear(linear.in_features, linear.out_features, block_size=tuple(block_size))
+    fp8.weight = nn.Parameter(weight, requires_grad=False)
+    fp8.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+    model.set_submodule(name, fp8)
+
+
 class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     """Embedding, attention layers, norms, routers and LM head of Step-3; build with `from_checkpoint` (reads
     only these tensors) or `from_random`, then `connect` it to the FFN ranks."""
@@ -80,19 +95,29 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_checkpoint(
         cls, reader: CheckpointReader, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        attn_implementation: str | None = None,
+        attn_implementation: str | None = None, fp8_weights: bool | None = None,
     ) -> "Step3AFDAttentionForCausalLM":
-        """Read exactly the attention-side tensors of an official checkpoint."""
+        """Read exactly the attention-side tensors of an official checkpoint.
+
+        From a block-FP8 checkpoint the quantized linears load as one process loads them: `fp8_weights` keeps them
+        in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`."""
         config = reader.config
-        model = cls._empty(config, torch.device(device), dtype, attn_implementation)
+        device = torch.device(device)
+        model = cls._empty(config, device, dtype, attn_implementation)
         params = dict(model.named_parameters())
         expected = {module_name(n) for n in official_tensor_shapes(config) if role_of_tensor(n) is Role.ATTENTION}
         if expected != set(params):
             raise RuntimeError(f"attention-side parameters do not match the checkpoint layout: "
                                f"{sorted(expected ^ set(params))[:8]}")
+        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_weights is None else fp8_weights)
         with torch.no_grad():
             for name in official_tensor_shapes(config):
-                if role_of_tensor(name) is Role.ATTENTION:
+                if role_of_tensor(name) is not Role.ATTENTION:
+                    continue
+                if keep_fp8 and reader.is_quantized(name):
+                    _set_fp8_linear(model, name.removesuffix(".weight"), *reader.read_fp8(name, device=device),
+                                    reader.block_size)  # fmt: skip
+                else:
                     params[module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
         try:
             model.generation_config = GenerationConfig.from_pretrained(reader.path)

@@ -8,6 +8,12 @@ A rank copies what it reads into modules built from the config, and `Tensor.copy
 where `[256, H]` belongs would load silently. So the reader runs `from_pretrained`'s check of the files (index,
 shards, truncation, every tensor's shape against the config) when it opens a checkpoint, and checks each tensor's
 dtype when it reads it, naming the tensor.
+
+A block-FP8 checkpoint (the `stepfun-ai/step3-fp8` layout, `step3_hf.fp8`) is read the same way: `read` returns a
+quantized weight dequantized (as transformers dequantizes it on CPU: float32 product, then the cast), reading only
+the scale tiles that cover the slice asked for; `read_fp8` returns the float8 weight and its float32
+`weight_scale_inv` as stored, for slices along the leading (expert) dimension, which cut no tile. Both check the
+weight's and the scale's name, dtype and shape before anything is copied.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ..checkpoint_layout import (
     is_routed_expert_tensor,
 )
 from ..configuration_step3 import Step3Config
+from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, fp8_block_size, is_quantized_weight, scale_shape
 from ..loading import BrokenCheckpointError, check_checkpoint_files
 from .placement import Role
 
@@ -68,8 +75,14 @@ class CheckpointReader:
         check_checkpoint_files(self.path)
         self.full_config = AutoConfig.from_pretrained(self.path)  # step3_vl or step3_text, as written
         self.config: Step3Config = self.full_config.get_text_config()
+        # `weight_block_size` of a block-FP8 checkpoint, else None
+        self.block_size: tuple[int, int] | None = fp8_block_size(self.full_config)
         self.elements_read = 0
         self.names_read: list[str] = []
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether official tensor `name` is stored as block FP8 (float8 + `weight_scale_inv`) here."""
+        return self.block_size is not None and is_quantized_weight(name)
 
     def read(
         self,
@@ -79,24 +92,85 @@ class CheckpointReader:
         device: torch.device | str = "cpu",
         index: tuple[slice, ...] = (),
     ) -> torch.Tensor:
-        """Tensor `name` (official name), only the part selected by `index`, cast to `dtype` on `device`."""
+        """Tensor `name` (official name), only the part selected by `index`, cast to `dtype` on `device`; a block-FP8
+        weight is dequantized (float32 product, then the cast, as transformers computes it)."""
+        if self.is_quantized(name):
+            return self._read_dequantized(name, dtype, device, index)
+        tensor = self._read(name, index, _WEIGHT_DTYPES)
+        return tensor.to(device=device, dtype=dtype)
+
+    def read_fp8(
+        self, name: str, *, device: torch.device | str = "cpu", index: tuple[slice, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(float8 weight, float32 weight_scale_inv)` of a block-FP8 weight as stored, on `device`; `index` may
+        select along the leading dimensions only (experts), which cut no tile."""
+        if not self.is_quantized(name):
+            raise ValueError(f"{self.path}: {name} is not a block-FP8 weight in this checkpoint")
+        shape = self._shape(name)
+        if len(index) > len(shape) - 2:
+            raise ValueError(f"read_fp8({name}): index {index} slices a tiled dimension; use read() to dequantize")
+        weight = self._read(name, index, _FP8_DTYPES)
+        scale = self._read_scale(name, shape, index)
+        return weight.to(device), scale.to(device)
+
+    def _read_dequantized(self, name, dtype, device, index) -> torch.Tensor:
+        shape = self._shape(name)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        # Read the whole tiles that cover the slice of the last two (tiled) dimensions, dequantize, then crop.
+        window, crop, tiles = list(index[:-2]), [slice(None)] * (len(shape) - 2), list(index[:-2])
+        for part, size, block in zip(index[-2:], shape[-2:], self.block_size):
+            start, stop, step = part.indices(size)
+            if step != 1:
+                raise ValueError(f"read({name}): strided index {part} of a block-FP8 weight")
+            first, last = start // block, -(-stop // block)
+            window.append(slice(first * block, min(last * block, size)))
+            crop.append(slice(start - first * block, stop - first * block))
+            tiles.append(slice(first, last))
+        weight = self._read(name, tuple(window), _FP8_DTYPES)
+        scale = self._read_scale(name, shape, tuple(tiles))
+        full = dequantize_block_fp8(weight, scale, self.block_size, dtype, compute_dtype=torch.float32)
+        return full[tuple(crop)].contiguous().to(device)
+
+    def _read_scale(self, name: str, weight_shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.weight_map:
+            raise BrokenCheckpointError(f"{self.path}: block-FP8 weight {name} has no scale {scale_name}")
+        expected = scale_shape(weight_shape, self.block_size)
+        if self._shape(scale_name) != expected:
+            raise BrokenCheckpointError(
+                f"{self.path}: wrong shape {scale_name}: expected {expected} for weight {name} {weight_shape} "
+                f"with blocks {list(self.block_size)}, found {self._shape(scale_name)}"
+            )
+        return self._read(scale_name, index, _SCALE_DTYPES)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        self._check_present(name)
+        with safe_open(self.path / self.weight_map[name], framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def _check_present(self, name: str) -> None:
         if name not in self.weight_map:
             raise KeyError(f"{self.path} has no tensor {name!r}; `step3-inspect {self.path}` lists what is there")
+
+    def _read(self, name: str, index: tuple[slice, ...], dtypes: frozenset[str]) -> torch.Tensor:
+        self._check_present(name)
         with safe_open(self.path / self.weight_map[name], framework="pt") as handle:
             sliced = handle.get_slice(name)
-            self._check_dtype(name, sliced.get_dtype())
+            self._check_dtype(name, sliced.get_dtype(), dtypes)
             tensor = sliced[index] if index else sliced[:]
         self.names_read.append(name)
         self.elements_read += tensor.numel()
-        return tensor.to(device=device, dtype=dtype)
+        return tensor
 
-    def _check_dtype(self, name: str, dtype: str) -> None:
-        if dtype not in _WEIGHT_DTYPES:
+    def _check_dtype(self, name: str, dtype: str, allowed: frozenset[str]) -> None:
+        if dtype not in allowed:
+            what = "Step-3 weights are floating point" if allowed is _WEIGHT_DTYPES else "expected"
             raise BrokenCheckpointError(
-                f"{self.path}: tensor {name} is stored as {dtype}; Step-3 weights are floating point "
-                f"({', '.join(sorted(_WEIGHT_DTYPES))})"
+                f"{self.path}: tensor {name} is stored as {dtype}; {what} ({', '.join(sorted(allowed))})"
             )
 
 
-# safetensors dtype names a Step-3 weight may be stored in (float8 for the FP8 release's quantised weights).
-_WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3", "F64"})
+# safetensors dtype names a Step-3 weight may be stored in; float8 only with a scale (`read_fp8`, `_read_dequantized`).
+_WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+_FP8_DTYPES = frozenset({"F8_E4M3"})
+_SCALE_DTYPES = frozenset({"F32"})

@@ -6,6 +6,11 @@ router (`Step3FFNMoE`) for MoE layers. With several FFN ranks, each owns a conti
 (`Step3Experts` in transformers' expert-parallel mode: tokens routed elsewhere get the sentinel id and weight 0, and
 grouped_mm skips them) and a slice of the intermediate channels of every dense MLP and shared expert; its output is
 a partial sum.
+
+From a block-FP8 checkpoint each FFN rank reads its experts' float8 weights and scales only. On CUDA they stay in
+float8 (transformers' `FP8Experts`, computed through `moe_decode`'s FP8 path, which takes expert-parallel calls too);
+elsewhere they are dequantized once at load. The dense MLPs and shared experts, split by channel (a cut that need
+not fall on a tile edge), are dequantized at load on every device.
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ from collections import defaultdict
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.utils import logging
 
 from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
+from ..fp8 import SCALE_SUFFIX
+from ..loading import BrokenCheckpointError
 from ..modeling_step3 import Step3MLP, Step3PreTrainedModel, Step3SparseMoeBlock
 from .checkpoint import CheckpointReader
 from .connector import FFNConnector
 from .placement import Placement
 from .timing import PhaseTimer
+
+logger = logging.get_logger(__name__)
 
 
 class Step3FFNMoE(Step3SparseMoeBlock):
@@ -84,6 +94,46 @@ def _ffn_tensors(config: Step3Config, placement: Placement, ffn_index: int):
             yield dst + "experts.down_proj", [(src + EXPERTS_DOWN, experts)]
 
 
+def _fp8_experts_module(experts: nn.Module, config: Step3Config, block_size: tuple[int, int]) -> nn.Module:
+    """transformers' `FP8Experts` (with the experts-implementation dispatch) in place of `experts`, for the same
+    (local) number of experts, its float8 weights and scales still to be loaded."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+
+    experts_class = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
+    with torch.device("meta"):
+        fp8 = experts_class(config=config, block_size=block_size)
+    fp8.num_experts = experts.num_experts
+    fp8._is_expert_parallel = getattr(experts, "_is_expert_parallel", False)
+    return fp8
+
+
+def _load_fp8_experts(shard, reader: CheckpointReader, module_name: str, sources, device) -> set[str]:
+    """Read one fused experts weight (`experts.gate_up_proj`, gate then up rows, or `experts.down_proj`) of this
+    rank's experts as float8 with its scales into an `FP8Experts`; returns the parameter names it set."""
+    block_name, param = module_name.rsplit(".experts.", 1)
+    block = shard.get_submodule(block_name)
+    if not getattr(block.experts, "block_size", None):
+        block.experts = _fp8_experts_module(block.experts, shard.config, reader.block_size)
+    parts = [reader.read_fp8(name, device=device, index=index) for name, index in sources]
+    if len(parts) > 1 and any(weight.shape[1] % reader.block_size[0] for weight, _ in parts):
+        # gate and up rows are fused: their scale rows concatenate only if neither ends inside a tile
+        raise ValueError(f"{sources[0][0]}: FP8 experts need whole {list(reader.block_size)} tiles to fuse gate and up")
+    weight = torch.cat([w for w, _ in parts], dim=1)
+    scale = torch.cat([s for _, s in parts], dim=1)
+    experts = block.experts
+    local, hidden, inter = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
+    expected = (local, 2 * inter, hidden) if param == "gate_up_proj" else (local, hidden, inter)
+    if tuple(weight.shape) != expected:  # the open-time check saw the full tensors; this is the slice taken
+        raise BrokenCheckpointError(
+            f"{reader.path}: {sources[0][0]} gave {tuple(weight.shape)} for this FFN rank's experts, "
+            f"expected {expected}"
+        )
+    setattr(experts, param, nn.Parameter(weight, requires_grad=False))
+    setattr(experts, param + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
+    return {f"{block_name}.experts.{param}", f"{block_name}.experts.{param}{SCALE_SUFFIX}"}
+
+
 class Step3FFNShard(nn.Module):
     """All layers' FFN halves owned by one FFN rank; `layers.{i}` holds what `Step3ForCausalLM` holds as
     `model.layers.{i}.mlp` (its share of it, with several FFN ranks), under the same names, less the router."""
@@ -110,19 +160,37 @@ class Step3FFNShard(nn.Module):
     @classmethod
     def from_checkpoint(
         cls, reader: CheckpointReader, placement: Placement, ffn_index: int, *,
-        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fp8_experts: bool | None = None,
     ) -> "Step3FFNShard":
-        """Read exactly this rank's FFN tensors (its experts, its MLP channels) from an official checkpoint."""
+        """Read exactly this rank's FFN tensors (its experts, its MLP channels) from an official checkpoint.
+
+        From a block-FP8 checkpoint, `fp8_experts` keeps the routed experts in float8 with their scales (default: on
+        CUDA, where `moe_decode` computes them; elsewhere they are dequantized to `dtype` once, here)."""
+        device = torch.device(device)
         shard = cls._empty(reader.config, placement, ffn_index, device, dtype)
+        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_experts is None else fp8_experts)
+        if reader.block_size is not None:
+            rank = placement.describe(placement.attention_ranks + ffn_index)
+            if keep_fp8:
+                logger.info(f"AFD {rank}: routed experts kept in float8 with their block scales")
+            else:
+                logger.warning(f"AFD {rank}: FP8 expert weights dequantized to {dtype} at load ({device.type} has no "
+                               "FP8 expert kernel here)")  # fmt: skip
         params = dict(shard.named_parameters())
         loaded = set()
         with torch.no_grad():
             for module_name, sources in _ffn_tensors(reader.config, placement, ffn_index):
+                if keep_fp8 and ".experts." in module_name:
+                    loaded |= _load_fp8_experts(shard, reader, module_name, sources, device)
+                    continue
                 parts = [reader.read(name, dtype=dtype, device=device, index=index) for name, index in sources]
                 params[module_name].copy_(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
                 loaded.add(module_name)
+        params = dict(shard.named_parameters())
+        if keep_fp8:  # `moe_decode` computes FP8Experts: the kernel where it runs, else one expert at a time
+            shard.config._experts_implementation = "moe_decode"
         if loaded != set(params):
-            raise RuntimeError(f"FFN shard parameters not loaded: {sorted(set(params) - loaded)[:8]}")
+            raise RuntimeError(f"FFN shard parameters not loaded: {sorted(set(params) ^ loaded)[:8]}")
         return shard
 
     @classmethod

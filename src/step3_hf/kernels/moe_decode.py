@@ -217,6 +217,7 @@ def moe_decode(
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
     block_size: tuple[int, int] | None = None,
+    expert_parallel: bool = False,
     block_m: int | None = None,
     block_n: int = 64,
     block_k: int = 128,
@@ -235,6 +236,8 @@ def moe_decode(
         gate_up_scale, down_scale, block_size: for block-FP8 weights (float8 e4m3 `gate_up_proj` and `down_proj`),
             their `weight_scale_inv` `[E, ceil(out/b0), ceil(in/b1)]` and `block_size` `(b0, b1)`; `block_k` is then
             capped to `b1`, which it must divide.
+        expert_parallel: the weights are this rank's `E` experts of a larger set: a choice whose id lies outside
+            `[0, E)` (transformers' expert-parallel sentinel `E`) is routed elsewhere and adds nothing here.
         block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block, default from
             the rows per expert; output columns and reduction depth per program; warps; pipelining depth).
 
@@ -283,7 +286,7 @@ def moe_decode(
         block_m = default_block_m(top_k_index.numel(), num_experts)
     return torch.ops.step3_hf.moe_decode(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
-        block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k,
+        block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel,
     )  # fmt: skip
 
 
@@ -325,6 +328,7 @@ def _moe_decode_op(
     num_stages: int,
     scale_n: int,
     scale_k: int,
+    expert_parallel: bool,
 ) -> torch.Tensor:
     """The alignment and the two launches behind `moe_decode`, on arguments it has checked."""
     num_tokens, hidden = hidden_states.shape
@@ -335,7 +339,12 @@ def _moe_decode_op(
     device = hidden_states.device
     if num_pairs == 0:
         return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
-    sorted_pair_ids, block_expert = align_pairs_to_blocks(top_k_index.reshape(-1), num_experts, block_m)
+    expert_ids = top_k_index.reshape(-1)
+    if expert_parallel:
+        # Choices routed to other ranks become expert E: align sorts them into blocks of "expert E", whose programs
+        # exit at once (as blocks past the last expert's do), so those pairs' partial rows stay zero.
+        expert_ids = torch.where((expert_ids < 0) | (expert_ids >= num_experts), num_experts, expert_ids)
+    sorted_pair_ids, block_expert = align_pairs_to_blocks(expert_ids, num_experts + int(expert_parallel), block_m)
     num_blocks = block_expert.numel()
     dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
     fp8 = gate_up_scale is not None
@@ -352,7 +361,8 @@ def _moe_decode_op(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
     routing = top_k_weights.reshape(-1)
-    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
+    new = torch.zeros if expert_parallel else torch.empty
+    partial = new(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
         activated, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
         *activated.stride(), *down_proj.stride(), *_scale_strides(down_scale), *partial.stride(),
@@ -372,7 +382,7 @@ def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
 
 @_moe_decode_op.register_fake
 def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale, block_m,
-      block_n, block_k, num_warps, num_stages, scale_n, scale_k):  # fmt: skip
+      block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel):  # fmt: skip
     return torch.empty_like(hidden_states)
 
 

@@ -11,7 +11,8 @@ parallelism, other layouts) goes to `grouped_mm_experts_forward`, an inference p
 
 Block-FP8 experts (transformers' `FP8Experts`, loaded from the FP8 release on a GPU) pick the same name from
 transformers' FP8 experts functions: `fp8_moe_decode_experts_forward` runs the kernel on the float8 weights and their
-scales for decode-sized calls, and larger calls expert by expert through `fp8_linear.fp8_block_linear`.
+scales for decode-sized calls (also on a range of the experts, expert-parallel, as an AFD FFN rank holds), and
+larger calls expert by expert through `fp8_linear.fp8_block_linear`.
 """
 
 from __future__ import annotations
@@ -116,13 +117,13 @@ def fp8_moe_decode_experts_forward(
         and hidden_states.dtype in SUPPORTED_DTYPES
         and getattr(self, "has_gate", True)
         and getattr(self, "activation_scheme", "dynamic") == "dynamic"
-        and not getattr(self, "_is_expert_parallel", False)
     )
     if decode:
         return moe_decode(
             hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
             activation=self.config.hidden_act, gate_up_scale=self.gate_up_proj_scale_inv,
             down_scale=self.down_proj_scale_inv, block_size=self.block_size,
+            expert_parallel=getattr(self, "_is_expert_parallel", False),  # e.g. an AFD FFN rank's range of experts
         )  # fmt: skip
     return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
 
