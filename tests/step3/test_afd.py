@@ -4,6 +4,7 @@ start-up dominates the time)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -386,17 +387,27 @@ def test_torchrun_cli_1a1f_prints_completions_and_timing(checkpoint, reference, 
     assert any("rank 1 (ffn 0)" in line for line in lines) and any("bytes per token per layer" in line for line in lines)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
-def test_a_lost_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint, tmp_path, fault):
+PEER_TIMEOUT_S = 5
+
+
+@contextlib.contextmanager
+def generating_pair(checkpoint, tmp_path):
+    """A 1 attention + 1 FFN launch with a `PEER_TIMEOUT_S` peer timeout, yielded once generation is under way."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
-    timeout = 5
-    argv = cli(checkpoint, prompts, 1, 1, "--max-new-tokens", 400, "--timeout", timeout, "--progress")
+    argv = cli(checkpoint, prompts, 1, 1, "--max-new-tokens", 400, "--timeout", PEER_TIMEOUT_S, "--progress")
     with launch(lambda rank: argv, 2) as (attention, ffn):
         deadline = time.monotonic() + 60
-        for line in attention.stderr:  # wait until generation is under way
+        for line in attention.stderr:
             if "step 5" in line or time.monotonic() > deadline:
                 break
+        yield attention, ffn
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_lost_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint, tmp_path, fault):
+    timeout = PEER_TIMEOUT_S
+    with generating_pair(checkpoint, tmp_path) as (attention, ffn):
         ffn.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         lost = time.monotonic()
         out, err = attention.communicate(timeout=timeout + 30)
@@ -412,15 +423,8 @@ def test_a_lost_ffn_rank_fails_the_attention_rank_with_a_clear_error(checkpoint,
 
 def test_a_lost_attention_rank_fails_the_ffn_rank_within_the_timeout(checkpoint, tmp_path):
     # The other direction: the FFN rank's wait for the next dispatch is bounded too, and names the lost peer.
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
-    timeout = 5
-    argv = cli(checkpoint, prompts, 1, 1, "--max-new-tokens", 400, "--timeout", timeout, "--progress")
-    with launch(lambda rank: argv, 2) as (attention, ffn):
-        deadline = time.monotonic() + 60
-        for line in attention.stderr:
-            if "step 5" in line or time.monotonic() > deadline:
-                break
+    timeout = PEER_TIMEOUT_S
+    with generating_pair(checkpoint, tmp_path) as (attention, ffn):
         attention.send_signal(signal.SIGKILL)
         lost = time.monotonic()
         out, err = ffn.communicate(timeout=timeout + 30)
