@@ -55,16 +55,23 @@ def build_model(device: str, **overrides) -> Step3ForCausalLM:
 
 
 def step_bytes(model: Step3ForCausalLM, batch: int, context: int, float8: bool) -> tuple[float, float]:
-    """(weights the step reads, KV cache bytes) for one decode step of `batch` sequences."""
+    """(weight bytes one decode step reads, KV cache bytes) for `batch` sequences, from the parameters as they are
+    stored (bf16, or float8 with their scales): each routed expert counts with the probability that at least one of
+    the batch's tokens picks it, the embedding with the batch's rows only."""
     config = model.config
-    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    other_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." not in name)
-    other_params -= model.model.embed_tokens.weight.numel() - batch * config.hidden_size  # only B embedding rows
+    experts = others = 0.0
+    for name, param in model.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if ".experts." in name:
+            experts += nbytes
+        elif name.endswith("embed_tokens.weight"):
+            others += batch * config.hidden_size * param.element_size()
+        else:
+            others += nbytes
     hit = 1 - (1 - config.moe_top_k / config.moe_num_experts) ** batch  # P(an expert serves >= 1 token)
-    weights = 2 * (other_params + hit * expert_params)
     per_value = 1 + 4 / config.head_dim if float8 else 2  # e4m3 byte + a float32 scale per row, or bf16
     kv = batch * context * kv_cache_bytes_per_token(config, per_value)
-    return weights, kv
+    return others + hit * experts, kv
 
 
 def decode_step_fn(model, batch: int, context: int, float8: bool, device: str):

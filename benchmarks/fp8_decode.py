@@ -31,9 +31,9 @@ import time
 
 import torch
 from decode_attention import machine_and_ceiling, timed_per_call
-from decode_step import build_model, decode_step_fn, eager_seconds
+from decode_step import build_model, decode_step_fn, eager_seconds, step_bytes
+from generate import parse_shape
 
-from step3_hf import kv_cache_bytes_per_token
 from step3_hf.fp8 import quantize_model
 from step3_hf.kernels.fp8_linear import fp8_linear_path
 
@@ -49,24 +49,6 @@ FP8_VARIANTS = {
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def step_bytes(model, batch: int, context: int, float8_kv: bool) -> tuple[float, float]:
-    """(weight bytes one decode step reads, KV cache bytes), from the parameters as they are stored."""
-    config = model.config
-    experts = others = 0.0
-    for name, param in model.named_parameters():
-        nbytes = param.numel() * param.element_size()
-        if ".experts." in name:
-            experts += nbytes
-        elif name.endswith("embed_tokens.weight"):
-            others += batch * config.hidden_size * param.element_size()  # only the batch's rows
-        else:
-            others += nbytes
-    hit = 1 - (1 - config.moe_top_k / config.moe_num_experts) ** batch
-    per_value = 1 + 4 / config.head_dim if float8_kv else 2
-    kv = batch * context * kv_cache_bytes_per_token(config, per_value)
-    return others + hit * experts, kv
 
 
 def decode_seconds(model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool) -> float | str:
@@ -95,11 +77,6 @@ def prefill_seconds(model, batch: int, length: int) -> float | str:
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
         torch.cuda.empty_cache()
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    batch, length = text.lower().split("x")
-    return int(batch), int(length)
 
 
 def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dict, prefill: dict) -> None:

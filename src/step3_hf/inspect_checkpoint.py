@@ -462,8 +462,9 @@ def _scan_tensor(handle: Any, name: str, torch: Any) -> tuple[int, bool, int, in
             if chunk.element_size() == 1:  # float8 has no isfinite kernel on every device
                 chunk = chunk.float()
             bad += int((~torch.isfinite(chunk)).sum())
-        nonzero = nonzero or bool(chunk.any())
-        zeros += int((chunk == 0).sum())
+        chunk_zeros = int((chunk == 0).sum())  # one pass: the zero count also says whether anything is non-zero
+        zeros += chunk_zeros
+        nonzero = nonzero or chunk_zeros < chunk.numel()
     return bad, nonzero, nbytes, zeros
 
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8
+
 __all__ = ["Step3FP8Linear", "fp8_block_linear", "fp8_linear_path", "scaled_mm_supported", "use_fp8_kernels"]
 
 logger = logging.get_logger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max
 # cuBLAS's block-scaled FP8 GEMM: 1 x 128 activation groups, 128 x 128 weight tiles.
 CUBLAS_BLOCK = 128
 # False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
@@ -69,13 +69,6 @@ def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
     return out[:rows]
 
 
-def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
-    """`weight * scale_inv` per tile (partial edge tiles cropped), in `dtype`."""
-    rows, cols = weight.shape[-2:]
-    scale = scale_inv.repeat_interleave(block_size[0], -2).repeat_interleave(block_size[1], -1)[..., :rows, :cols]
-    return (weight.to(torch.float32) * scale).to(dtype)
-
-
 def fp8_block_linear(
     x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -98,7 +91,7 @@ def fp8_block_linear(
                 "not apply (it needs compute capability 9.0+, 128 x 128 blocks and widths that are multiples of 128); "
                 "its weights are dequantized at each call instead"
             )
-        out = F.linear(x, dequantize_weight(weight, scale_inv, block_size, x.dtype))
+        out = F.linear(x, dequantize_block_fp8(weight, scale_inv, tuple(block_size), x.dtype, torch.float32))
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], -1)

@@ -349,8 +349,9 @@ def _moe_decode_op(
     dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
     fp8 = gate_up_scale is not None
     launch = dict(num_warps=num_warps, num_stages=num_stages, FP8=fp8, SN=scale_n, SK=scale_k, DOT_F32=dot_f32)
-    # Without scales the kernels never read them: any float32 tensor stands in for the pointer.
-    gate_up_scale = gate_up_scale if fp8 else _no_scales(device)
+    # Without scales the kernels never read them (FP8 is a compile-time constant): an existing tensor stands in for
+    # the pointer, with zero strides, and nothing is allocated for it.
+    gate_up_scale = gate_up_scale if fp8 else top_k_weights
     down_scale = down_scale if fp8 else gate_up_scale
 
     activated = torch.empty(num_pairs, inter, dtype=hidden_states.dtype, device=device)
@@ -370,10 +371,6 @@ def _moe_decode_op(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch,
     )  # fmt: skip
     return partial.view(num_tokens, top_k, hidden).sum(1).to(hidden_states.dtype)  # fp32 sum, then one rounding
-
-
-def _no_scales(device: torch.device) -> torch.Tensor:
-    return torch.zeros(1, 1, 1, dtype=torch.float32, device=device)
 
 
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:

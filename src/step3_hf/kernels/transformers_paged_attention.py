@@ -50,6 +50,7 @@ class _Keys:
     max_len: int
     starts: torch.Tensor | None = None
     host_starts: list[int] | None = None
+    token_ranges: tuple[torch.Tensor, torch.Tensor] | None = None  # `token_key_ranges` where it was computed already
 
 
 def _write_paged_cache(cache: PagedAttentionCache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs):
@@ -100,12 +101,13 @@ def _write_by_block_table(block_table, block_size, key_cache, value_cache, new_k
     offsets = torch.arange(block_size, device=block_table.device)
     rows = (block_table.long()[:, :, None] * block_size + offsets).reshape(batch * width)
     starts = torch.arange(batch, device=block_table.device) * width
-    _, token_end = token_key_ranges(cu_q, cu_k, new_key.shape[0], key_starts=starts)
+    token_start, token_end = token_key_ranges(cu_q, cu_k, new_key.shape[0], key_starts=starts)
     write = rows[(token_end.long() - 1).clamp(min=0)]  # each new token's own position: the end of its range
     key_cache.index_copy_(0, write, new_key)
     value_cache.index_copy_(0, write, new_value)
     host_starts = [b * width for b in range(batch)]
-    return _Keys(key_cache, value_cache, rows, cu_k, width, starts=starts, host_starts=host_starts)
+    return _Keys(key_cache, value_cache, rows, cu_k, width, starts=starts, host_starts=host_starts,
+                 token_ranges=(token_start, token_end))  # fmt: skip
 
 
 def paged_mfa_attention_forward(
@@ -150,7 +152,7 @@ def paged_mfa_attention_forward(
         and not (torch.is_grad_enabled() and query.requires_grad)
     )
     if kernel and isinstance(max_q, int) and max_q <= MAX_DECODE_TOKENS:  # decode steps: no host sync
-        start, end = token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
+        start, end = keys.token_ranges or token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
         out = paged_decode_attention(query, key, value, start, end, rows=rows, scale=scale, max_kv_len=max_k)
         return out[None], None
 
@@ -165,7 +167,7 @@ def paged_mfa_attention_forward(
         long_set = set(long)
         tokens = [t for b, n in enumerate(q_lens) if b not in long_set for t in range(cu_q_host[b], cu_q_host[b] + n)]
         tokens = torch.tensor(tokens, dtype=torch.int32).to(query.device, non_blocking=True)
-        start, end = token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
+        start, end = keys.token_ranges or token_key_ranges(cu_q, cu_k, num_tokens, key_starts=keys.starts)
         picked = tokens.long()
         decoded = paged_decode_attention(
             query, key, value, start[picked], end[picked], rows=rows, tokens=tokens, scale=scale, max_kv_len=max_k
