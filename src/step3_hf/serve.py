@@ -36,15 +36,20 @@ from .modeling_step3_vl import Step3VLForConditionalGeneration
 from .processing_step3_vl import Step3VLProcessor
 from .request_validation import INVALID, RequestError, RequestValidationMiddleware, ServedLimits
 
-def image_text_processor(path: str) -> Step3VLProcessor | None:
-    """The checkpoint's Step-3 processor when it ships one (its images are served), else None (text only)."""
-    from transformers import AutoProcessor
+def processor_or_tokenizer(path: str):
+    """The checkpoint's processor, or its tokenizer where it ships no processor files."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path)
     except (OSError, ValueError):  # no processor files: a tokenizer alone
-        return None
-    return processor if isinstance(processor, Step3VLProcessor) else None
+        return AutoTokenizer.from_pretrained(path)
+
+
+def image_text_processor(path: str) -> Step3VLProcessor | None:
+    """The checkpoint's Step-3 processor when it ships one (its images are served), else None (text only)."""
+    loaded = processor_or_tokenizer(path)
+    return loaded if isinstance(loaded, Step3VLProcessor) else None
 
 
 class Step3VLCheckpoint:
@@ -120,11 +125,12 @@ class ServedModel:
 
     def load_limits(self) -> ServedLimits:
         """What `request_validation.check_request` checks this checkpoint's requests against."""
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
-        processor = image_text_processor(self.path)
-        tokenizer = AutoTokenizer.from_pretrained(self.path) if processor is None else processor.tokenizer
-        renderer = tokenizer if processor is None else processor
+        loaded = processor_or_tokenizer(self.path)  # once: the processor and its tokenizer, or the tokenizer alone
+        processor = loaded if isinstance(loaded, Step3VLProcessor) else None
+        tokenizer = loaded.tokenizer if processor is not None else loaded
+        renderer = loaded
         context = AutoConfig.from_pretrained(self.path).get_text_config().max_position_embeddings
         if self.max_model_len is not None:
             context = min(context, self.max_model_len)

@@ -35,7 +35,7 @@ from ..checkpoint_layout import (
     is_routed_expert_tensor,
 )
 from ..configuration_step3 import Step3Config
-from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, fp8_block_size, is_quantized_weight, scale_shape
+from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, fp8_block_size, is_quantized_weight
 from ..loading import BrokenCheckpointError, check_checkpoint_files
 from .placement import Role
 
@@ -110,7 +110,7 @@ class CheckpointReader:
         if len(index) > len(shape) - 2:
             raise ValueError(f"read_fp8({name}): index {index} slices a tiled dimension; use read() to dequantize")
         weight = self._read(name, index, _FP8_DTYPES)
-        scale = self._read_scale(name, shape, index)
+        scale = self._read_scale(name, index)
         return weight.to(device), scale.to(device)
 
     def _read_dequantized(self, name, dtype, device, index) -> torch.Tensor:
@@ -127,21 +127,13 @@ class CheckpointReader:
             crop.append(slice(start - first * block, stop - first * block))
             tiles.append(slice(first, last))
         weight = self._read(name, tuple(window), _FP8_DTYPES)
-        scale = self._read_scale(name, shape, tuple(tiles))
+        scale = self._read_scale(name, tuple(tiles))
         full = dequantize_block_fp8(weight, scale, self.block_size, dtype, compute_dtype=torch.float32)
         return full[tuple(crop)].contiguous().to(device)
 
-    def _read_scale(self, name: str, weight_shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
-        scale_name = name + SCALE_SUFFIX
-        if scale_name not in self.weight_map:
-            raise BrokenCheckpointError(f"{self.path}: block-FP8 weight {name} has no scale {scale_name}")
-        expected = scale_shape(weight_shape, self.block_size)
-        if self._shape(scale_name) != expected:
-            raise BrokenCheckpointError(
-                f"{self.path}: wrong shape {scale_name}: expected {expected} for weight {name} {weight_shape} "
-                f"with blocks {list(self.block_size)}, found {self._shape(scale_name)}"
-            )
-        return self._read(scale_name, index, _SCALE_DTYPES)
+    def _read_scale(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        # Its presence and shape were checked when the checkpoint was opened (`check_checkpoint_files`).
+        return self._read(name + SCALE_SUFFIX, index, _SCALE_DTYPES)
 
     def _shape(self, name: str) -> tuple[int, ...]:
         self._check_present(name)

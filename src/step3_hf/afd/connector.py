@@ -35,7 +35,14 @@ class Arrival:
 
 
 class AttentionConnector(ABC):
-    """The attention side's end: several dispatches may be in flight; each is combined once, in any order."""
+    """The attention side's end: several dispatches may be in flight; each is combined once, in any order.
+
+    `timer` (optional) times the connector's own phases (`wire`, and `ffn` where the FFN runs in this process)."""
+
+    timer: PhaseTimer | None = None
+
+    def _phase(self, name: str):
+        return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     @abstractmethod
     def dispatch(
@@ -88,10 +95,6 @@ class InProcessConnector(AttentionConnector):
             raise ValueError("InProcessConnector needs at least one FFN shard")
         self.shards = list(shards)
         self.timer = timer
-        self.bytes_to_ffn = 0
-
-    def _phase(self, name: str):
-        return self.timer.phase(name) if self.timer is not None else nullcontext()
 
     def dispatch(self, layer, hidden, top_k_index, top_k_weights, wire):
         wire = WireFormat(wire)
@@ -100,7 +103,6 @@ class InProcessConnector(AttentionConnector):
             top_k = 0 if top_k_index is None else top_k_index.shape[-1]
             layout = DispatchLayout(hidden.shape[0], hidden.shape[-1], top_k, wire, hidden.dtype)
             received, index, weights = decode_dispatch(payload, layout)
-        self.bytes_to_ffn += payload.numel() * len(self.shards)
         with self._phase("ffn"):
             result = None
             for shard in self.shards:

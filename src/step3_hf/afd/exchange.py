@@ -20,7 +20,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,7 +28,6 @@ import torch.distributed as dist
 
 from .connector import Arrival, AttentionConnector, FFNConnector
 from .placement import Placement, Role
-from .timing import PhaseTimer
 from .wire import DispatchLayout, WireFormat, decode_dispatch, encode_dispatch
 
 FORWARD, DONE = 1, 2
@@ -137,18 +135,10 @@ class P2PAttentionConnector(AttentionConnector):
         self.dtype = dtype
         self.counters = WireCounters()
         self.closed = False
-        self.timer: PhaseTimer | None = None  # times the wire encoding (FP8 quantisation) as phase `wire`
 
-    def dispatch(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor | None,
-        top_k_weights: torch.Tensor | None,
-        wire: WireFormat,
-    ) -> InFlight:
+    def dispatch(self, layer, hidden, top_k_index, top_k_weights, wire) -> InFlight:
         tokens = hidden.shape[0]
-        with self.timer.phase("wire") if self.timer is not None else nullcontext():
+        with self._phase("wire"):  # the wire encoding (FP8 quantisation)
             payload = encode_dispatch(hidden, top_k_index, top_k_weights, wire)
         header = self.link.header(FORWARD, layer, tokens, wire.code)
         results, works = [], []

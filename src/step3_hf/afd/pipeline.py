@@ -197,7 +197,8 @@ def run_layers(
     previous = None
     for layer_idx, layer in enumerate(layers):
         for m in range(len(rows)):
-            timer.labels = {"layer": layer_idx, "micro_batch": m}
+            if timer.keep_trace:  # labels go only into a kept trace
+                timer.labels = {"layer": layer_idx, "micro_batch": m}
             if inflight[m] is not None:
                 add_ffn_result(m, previous.mlp)
             with timer.phase("attention"):  # the attention half, its norm and the router
@@ -213,6 +214,7 @@ def run_layers(
         previous = layer
 
     for m in range(len(rows)):
-        timer.labels = {"layer": len(layers) - 1, "micro_batch": m}
+        if timer.keep_trace:
+            timer.labels = {"layer": len(layers) - 1, "micro_batch": m}
         add_ffn_result(m, previous.mlp)
     return torch.cat(states) if len(states) > 1 else states[0]
