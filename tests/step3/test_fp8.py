@@ -249,7 +249,9 @@ def test_save_reload_is_byte_identical(fp8_checkpoint, tmp_path):
     # Saved again from the reloaded copy: still the same bytes.
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     again.save_pretrained(tmp_path / "again")
-    assert all(same_bytes(t, source[name]) for name, t in read_all(tmp_path / "again").items())
+    resaved = read_all(tmp_path / "again")
+    assert resaved.keys() == source.keys()
+    assert all(same_bytes(t, source[name]) for name, t in resaved.items())
 
 
 def test_a_changed_weight_is_quantized_afresh_on_save(fp8_checkpoint, tmp_path):
@@ -291,7 +293,9 @@ def test_quantize_command_round_trip(tmp_path, capsys):
 
     # Loaded, saved, quantized again: the same bytes.
     AutoModelForCausalLM.from_pretrained(dst).save_pretrained(tmp_path / "resaved")
-    assert all(same_bytes(t, written[name]) for name, t in read_all(tmp_path / "resaved").items())
+    resaved = read_all(tmp_path / "resaved")
+    assert resaved.keys() == written.keys()
+    assert all(same_bytes(t, written[name]) for name, t in resaved.items())
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ import step3_hf  # noqa: F401
 from step3_hf.kernels import (
     MFA_DECODE_ATTENTION,
     PAGED_MFA_ATTENTION,
-    decode_kernel_preferred,
     kernel_available,
     paged_decode_attention,
     paged_mfa_attention_forward,
@@ -194,10 +193,13 @@ def test_generate_refuses_mfa_paged_outside_continuous_batching(model):
 
 
 @skip_if_interpreted
-def test_serving_batches_on_the_mfa_kernel_where_it_runs():
-    expected = MFA_DECODE_ATTENTION if decode_kernel_preferred() else "sdpa"
-    assert continuous_batching_attention() == expected
-    assert _with_step3_defaults(["ckpt"]) == ["ckpt", "--continuous-batching", "--attn-implementation", expected]
+def test_serving_batches_on_the_mfa_kernel_where_it_runs(monkeypatch):
+    import step3_hf.serve as serve
+
+    for kernel_runs, expected in [(True, MFA_DECODE_ATTENTION), (False, "sdpa")]:
+        monkeypatch.setattr(serve, "decode_kernel_preferred", lambda: kernel_runs)
+        assert continuous_batching_attention() == expected
+        assert _with_step3_defaults(["ckpt"]) == ["ckpt", "--continuous-batching", "--attn-implementation", expected]
     assert _with_step3_defaults(["ckpt", "--attn-implementation", "eager"]).count("--attn-implementation") == 1
     assert "--attn-implementation" not in _with_step3_defaults(["ckpt", "--no-continuous-batching"])
     if not torch.cuda.is_available():
