@@ -67,7 +67,7 @@ def random_init_(module: torch.nn.Module, seed: int) -> None:
 
 
 def kv_bytes(config: Step3Config, batch: int, context: int) -> int:
-    return 2 * batch * context * config.num_attention_groups * config.head_dim * 2 * config.num_hidden_layers
+    return kv_layer_bytes(config, batch, context) * config.num_hidden_layers
 
 
 def fits(config: Step3Config, batch: int, context: int, device, headroom: float = 1.25) -> bool:

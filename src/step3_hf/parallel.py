@@ -27,11 +27,11 @@ from .configuration_step3 import Step3Config
 KEEP_DENSE_WEIGHTS_WHOLE = {"model.embed_tokens": "keep_full_weight", "model.layers.*": "keep_full_weight"}
 
 
-def _splits_query_heads(distributed_config: Any) -> bool:
-    """Whether `distributed_config` applies the tensor-parallel plan (which splits the query heads): a `tp_size`
-    above one, unless `tp_plan={}` asks for no TP rule (expert parallelism alone over the TP ranks)."""
+def _tp_split_size(distributed_config: Any) -> int:
+    """The ranks the tensor-parallel plan splits the query heads over: `tp_size`, or 1 where no plan applies (a
+    `tp_size` of one, or `tp_plan={}`, expert parallelism alone over the TP ranks)."""
     tp_size = getattr(distributed_config, "tp_size", None) or 1
-    return tp_size > 1 and getattr(distributed_config, "tp_plan", None) != {}
+    return tp_size if getattr(distributed_config, "tp_plan", None) != {} else 1
 
 
 def check_parallel_sizes(config: Step3Config, distributed_config: Any, quantization_config: Any = None) -> None:
@@ -40,8 +40,8 @@ def check_parallel_sizes(config: Step3Config, distributed_config: Any, quantizat
     or (with a block-FP8 `quantization_config`, dict or transformers config) would split an FP8 tile."""
     if distributed_config is None:
         return
-    tp_size = getattr(distributed_config, "tp_size", None) or 1
-    if _splits_query_heads(distributed_config) and config.num_attention_heads % tp_size:
+    tp_size = _tp_split_size(distributed_config)
+    if config.num_attention_heads % tp_size:
         raise ValueError(
             f"num_attention_heads ({config.num_attention_heads}) does not divide over tp_size ({tp_size}) ranks: "
             "tensor parallelism gives each rank whole query heads (wq, o_proj). Use a tp_size that divides "
@@ -105,7 +105,7 @@ def check_fp8_tiles(config: Step3Config, distributed_config: Any, quantization_c
     if fp8 is None or distributed_config is None:
         return
     block, dequantized = fp8
-    tp_size = (getattr(distributed_config, "tp_size", None) or 1) if _splits_query_heads(distributed_config) else 1
+    tp_size = _tp_split_size(distributed_config)
     fsdp_size = (getattr(distributed_config, "fsdp_size", None) or 1) if dequantized else 1
     for name, fields, shape, style in _fp8_split_weights(config):
         # FSDP shards rows (after TP, on the same dimension for a column-wise split).
