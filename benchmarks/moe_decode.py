@@ -14,7 +14,8 @@ The last three are replayed as CUDA graphs. Bytes read = the weights of the expe
 
     python benchmarks/moe_decode.py [--batches 1 16 64 256] [--sweep]
 
-`--sweep` first times the kernel's launch parameters (block sizes, warps, stages) at each batch.
+`--sweep` first times the kernel's launch parameters (block sizes, warps, stages) at each batch; `--sweep-fp8` does
+the same on the weights quantized to block FP8.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from decode_attention import machine_and_ceiling, timed_per_call
 from decode_step import eager_seconds
 
 from step3_hf import Step3Config
+from step3_hf.fp8 import quantize_block_fp8
 from step3_hf.kernels import MOE_DECODE_EXPERTS, moe_decode
 from step3_hf.kernels.moe_decode import default_block_m
 from step3_hf.modeling_step3 import Step3Experts
@@ -67,19 +69,36 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float) -> None:
+def fp8_weights(experts: Step3Experts) -> dict:
+    """`moe_decode` keyword arguments for the experts' weights quantized to block FP8 (128 x 128 tiles), expert by
+    expert (the float32 temporaries of all 48 at once would not fit)."""
+    quantized = {}
+    for name in ("gate_up_proj", "down_proj"):
+        pairs = [quantize_block_fp8(w) for w in getattr(experts, name)]
+        quantized[name] = torch.stack([q for q, _ in pairs])
+        quantized[name.replace("_proj", "_scale")] = torch.stack([s for _, s in pairs])
+    quantized["block_size"] = (128, 128)
+    return quantized
+
+
+def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float, fp8: bool) -> None:
     """Times the kernel's launch parameters at each batch (rows per block: the default for the batch); prints the
-    fastest few."""
+    fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per weight)."""
+    weights_kwargs = {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
+    if fp8:
+        with torch.no_grad():  # the parameters require grad
+            weights_kwargs = fp8_weights(experts)
+    grid = ((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else ((32, 64, 128), (128, 256), (4, 8), (3, 4))
     for batch in batches:
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
-        read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS
+        read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS / (2 if fp8 else 1)
         default_m = default_block_m(batch * config.moe_top_k, config.moe_num_experts)
         results = []
-        for block_n, block_k, warps, stages in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4)):
+        for block_n, block_k, warps, stages in itertools.product(*grid):
             params = dict(block_m=default_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
 
             def call(hidden, index, weights, params=params):
-                return moe_decode(hidden, index, weights, experts.gate_up_proj, experts.down_proj, **params)
+                return moe_decode(hidden, index, weights, **weights_kwargs, **params)
 
             try:
                 with torch.no_grad():
@@ -90,7 +109,8 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
             results.append((seconds, params))
         results.sort(key=lambda r: r[0])
         for seconds, params in results[:5]:
-            print(f"  sweep B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
+            label = "sweep fp8" if fp8 else "sweep"
+            print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
         print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
 
 
@@ -99,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters first")
+    parser.add_argument("--sweep-fp8", action="store_true", help="... also on block-FP8 weights")
     args = parser.parse_args()
     bandwidth = machine_and_ceiling("moe_decode.py")
     config = Step3Config()
@@ -107,7 +128,9 @@ def main() -> None:
     widths = f"2 x {inter} x {hidden} + {hidden} x {inter}"
     print(f"experts: {config.moe_num_experts} x ({widths}), top-{config.moe_top_k}, bf16", flush=True)
     if args.sweep:
-        sweep(experts, config, args.batches, bandwidth)
+        sweep(experts, config, args.batches, bandwidth, fp8=False)
+    if args.sweep_fp8:
+        sweep(experts, config, args.batches, bandwidth, fp8=True)
 
     rows = []
     for batch in args.batches:

@@ -2,10 +2,15 @@
 
 transformers' `FP8Linear` (which replaces those `nn.Linear`s when a block-FP8 checkpoint loads on a GPU of compute
 capability 8.9 or higher) computes through the `kernels-community/finegrained-fp8` hub kernel or DeepGEMM, which need
-the `kernels` package and a download. `fp8_block_linear` computes the same product with what torch ships: cuBLAS's
-block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations quantized per token and 128 columns, the
-weight's 128 x 128 scales as they are) on Hopper and later; and, where that does not apply (other block sizes,
-unaligned widths, older GPUs, CPU), the weight dequantized for the call (weight-only FP8), said once in the log.
+the `kernels` package and a download. `fp8_block_linear` computes the same product without them:
+
+- decode-sized inputs (up to `MAX_DECODE_LINEAR_ROWS` rows, inference, CUDA or the Triton interpreter): the Triton
+  weight-streaming kernel `fp8_decode_linear` (weight-only FP8, bf16 activations), which reads the float8 weight
+  once, with no activation-quantization kernels;
+- larger inputs on Hopper and later: cuBLAS's block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations
+  quantized per token and 128 columns, the weight's 128 x 128 scales as they are), FP8 tensor cores for prefill;
+- where neither applies (other block sizes, unaligned widths, older GPUs, CPU), the weight dequantized for the call
+  (weight-only FP8), said once in the log.
 `use_fp8_kernels(model)` points a loaded model's `FP8Linear`s at it (`Step3FP8Linear`).
 """
 
@@ -16,13 +21,26 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8
+from .fp8_decode_linear import fp8_decode_linear, launch_block_k
+from .triton_support import kernel_available
 
-__all__ = ["Step3FP8Linear", "fp8_block_linear", "fp8_linear_path", "scaled_mm_supported", "use_fp8_kernels"]
+__all__ = [
+    "MAX_DECODE_LINEAR_ROWS",
+    "Step3FP8Linear",
+    "decode_kernel_applies",
+    "fp8_block_linear",
+    "fp8_linear_path",
+    "scaled_mm_supported",
+    "use_fp8_kernels",
+]
 
 logger = logging.get_logger(__name__)
 
 # cuBLAS's block-scaled FP8 GEMM: 1 x 128 activation groups, 128 x 128 weight tiles.
 CUBLAS_BLOCK = 128
+# Rows up to which `fp8_decode_linear` computes; above it cuBLAS's FP8 tensor-core GEMM is faster (H100 sweep of
+# Step-3's linears, docs/step3.md: at 256 rows cuBLAS won every large shape).
+MAX_DECODE_LINEAR_ROWS = 64
 # False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
 USE_CUBLAS = True
 # Why cuBLAS's block-scaled GEMM failed on first use in this process (then every call dequantizes), or None.
@@ -42,6 +60,19 @@ def scaled_mm_supported(weight: torch.Tensor, block_size) -> bool:
         and tuple(block_size) == (CUBLAS_BLOCK, CUBLAS_BLOCK)
         and in_features % CUBLAS_BLOCK == 0
         and out_features % CUBLAS_BLOCK == 0
+    )
+
+
+def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> bool:
+    """Whether `fp8_decode_linear` computes this call: inference on at most `MAX_DECODE_LINEAR_ROWS` rows of bf16 /
+    fp16 activations, on a device the kernel runs on, with a scale tile width it steps through."""
+    return (
+        block_size is not None
+        and kernel_available(x.device)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_DECODE_LINEAR_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and launch_block_k(int(block_size[1])) is not None
     )
 
 
@@ -77,7 +108,9 @@ def fp8_block_linear(
     x = x.reshape(-1, shape[-1])
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     out = None
-    if scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
+    if decode_kernel_applies(x, weight, block_size):
+        out = fp8_decode_linear(x, weight, scale_inv, block_size)
+    elif scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
         try:
             out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
@@ -98,11 +131,15 @@ def fp8_block_linear(
 
 
 def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
-    """Which path `fp8_block_linear` takes for `weight` (for reports): cuBLAS, or dequantize per call and why."""
+    """Which paths `fp8_block_linear` takes for `weight` (for reports): the Triton kernel for decode-sized inputs,
+    and cuBLAS or the dequantized weight (and why) for larger ones."""
+    decode = ""
+    if kernel_available(weight.device) and launch_block_k(int(block_size[1])) is not None:
+        decode = f"Triton fp8_decode_linear up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
     if scaled_mm_supported(weight, block_size):
-        return "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
+        return decode + "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
     reason = _cublas_failure or ("USE_CUBLAS is off" if not USE_CUBLAS else "not CUDA 9.0+ with 128 x 128 tiles")
-    return f"weight dequantized per call ({reason})"
+    return decode + f"weight dequantized per call ({reason})"
 
 
 def _fp8_linear_class():

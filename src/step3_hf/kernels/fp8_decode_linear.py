@@ -1,0 +1,205 @@
+"""A block-FP8 linear for decode-sized inputs: a Triton kernel that streams the float8 weight once at close to HBM
+bandwidth.
+
+At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep
+enough bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (five to
+six small kernels per call, about 600 µs per decode step of a 4-layer Step-3) and then runs tiles sized for compute:
+on an H100 at 16-64 rows it took 1.5-9x the weight-read time per Step-3 linear, the small ones worst
+(`benchmarks/kernel_breakdown.py`). This kernel reads the activations as they are (weight-only FP8: no activation
+rounding), widens each float8 tile to the activations' dtype in registers, and scales each `BLOCK_K` step's fp32
+partial product by its weight rows' tile scales (each step lies within one scale column). Small tiles and a split of
+the reduction over programs (`split_k`, partial sums added in fp32 afterwards) give every SM several programs, which
+is what hides the memory latency; programs of the same weight tile and different row tiles run next to each other,
+so a weight tile read for one row tile is found in L2 by the others.
+
+The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
+synchronisation, so CUDA graphs capture it. With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU
+tensors (the tests do this).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .moe_decode import _add_product, _load_k_tile
+from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
+
+__all__ = ["DecodeLinearLaunch", "decode_linear_launch", "fp8_decode_linear", "launch_block_k"]
+
+# Elements per program of the split-sum kernel.
+SUM_BLOCK = 1024
+# Programs per SM the default launch aims for with 16-row tiles, fewer for larger ones (each has more work): enough
+# resident programs to hide HBM latency (an H100 sweep of Step-3's linears at 16 and 64 rows) ...
+PROGRAMS_PER_SM = 4
+# ... without splitting the reduction below this many steps per program.
+MIN_STEPS_PER_SPLIT = 4
+
+
+@triton_jit
+def _fp8_decode_linear(
+    X, W, S, OUT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_os, stride_om, stride_on,
+    rows, out_features, in_features, steps_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N weight rows x BLOCK_M rows of `x` over one split of the reduction, computed transposed
+    (`W @ x.T`: at decode the weight rows, not the few tokens, fill the tensor cores' long side)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles vary fastest: they share weight tiles
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    m_ok = offs_m < rows
+    n_ok = offs_n < out_features
+    first = split * steps_per_split
+    last = tl.minimum(first + steps_per_split, tl.cdiv(in_features, BLOCK_K))
+    offs_k = first * BLOCK_K + tl.arange(0, BLOCK_K)
+    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k in range(first, last):
+        k_left = in_features - k * BLOCK_K
+        w = _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        x = _load_k_tile(x_ptrs, m_ok, k_left, BLOCK_K, EVEN_K)
+        # the step lies within one scale column: its fp32 product is scaled per weight row, exactly
+        scale = tl.load(S + (offs_n // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=n_ok, other=0.0)
+        partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w.to(x.dtype), x, DOT_F32)
+        acc += partial * scale[:, None]
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    out_ptrs = OUT + split * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton_jit
+def _sum_splits(PARTIAL, OUT, splits, numel, BLOCK: tl.constexpr):
+    """`OUT = sum over splits of PARTIAL` ([splits, numel] fp32, contiguous), rounded once to OUT's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    total = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, splits):
+        total += tl.load(PARTIAL + split * numel + offs, mask=ok, other=0.0)
+    tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
+
+
+class DecodeLinearLaunch(NamedTuple):
+    """Launch parameters: rows, columns and reduction depth per program, reduction splits, warps, pipeline depth."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:  # the interpreter on CPU: any modest count gives the same arithmetic
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_block_k(scale_k: int) -> int | None:
+    """Reduction depth per step for scale tiles `scale_k` wide: the largest power of two up to 128 dividing it (a
+    step must lie within one scale column), or None below 16 (the smallest tensor-core tile)."""
+    block_k = 128
+    while block_k >= 16:
+        if scale_k % block_k == 0:
+            return block_k
+        block_k //= 2
+    return None
+
+
+def decode_linear_launch(
+    rows: int, out_features: int, in_features: int, scale_k: int, device: torch.device | str, block_n: int = 64
+) -> DecodeLinearLaunch:
+    """The default launch: 16 to 64 rows per tile, `block_n` columns, `launch_block_k(scale_k)` deep steps, and the
+    reduction split until the grid holds `PROGRAMS_PER_SM` programs per SM for 16-row tiles (proportionally fewer for
+    larger ones; each split at least `MIN_STEPS_PER_SPLIT` steps)."""
+    device = torch.device(device)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_k = launch_block_k(scale_k)
+    if block_k is None:
+        raise ValueError(f"scale tiles {scale_k} wide: fp8_decode_linear steps through widths divisible by 16")
+    tiles = max(1, triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n))
+    steps = triton.cdiv(in_features, block_k)
+    sms = _sm_count(device.index if device.type == "cuda" else None)
+    programs = max(1, PROGRAMS_PER_SM * 16 // block_m) * sms
+    wanted = max(1, min(steps // MIN_STEPS_PER_SPLIT, triton.cdiv(programs, tiles)))
+    steps_per_split = triton.cdiv(steps, wanted)
+    return DecodeLinearLaunch(block_m, block_n, block_k, triton.cdiv(steps, steps_per_split))
+
+
+def fp8_decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block_size: tuple[int, int],
+    launch: DecodeLinearLaunch | None = None,
+) -> torch.Tensor:
+    """`x @ (weight * scale_inv).T` for a block-FP8 `weight` `[N, K]` (float8 e4m3) with `scale_inv` `[ceil(N/b0),
+    ceil(K/b1)]` float32, and `x` `[M, K]` bf16 / fp16 / fp32; returns `[M, N]` in `x`'s dtype (products and sums in
+    fp32). `launch` overrides the default launch parameters (`decode_linear_launch`)."""
+    check_kernel_inputs("fp8_decode_linear", "x", x, {"weight": weight, "scale_inv": scale_inv})
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"weight must be float8_e4m3fn, got {weight.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    b0, b1 = (int(b) for b in block_size)
+    expected = (-(-weight.shape[0] // b0), -(-weight.shape[1] // b1))
+    if tuple(scale_inv.shape) != expected or scale_inv.dtype != torch.float32:
+        raise ValueError(f"`scale_inv` must be float32 {expected} for blocks {[b0, b1]}, got {scale_inv.dtype} "
+                         f"{tuple(scale_inv.shape)}")  # fmt: skip
+    if launch is None:
+        launch = decode_linear_launch(x.shape[0], weight.shape[0], weight.shape[1], b1, x.device)
+    if b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
+        raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
+                         f"width {b1}")  # fmt: skip
+    return torch.ops.step3_hf.fp8_decode_linear(x, weight, scale_inv, b0, b1, *launch)
+
+
+@torch.library.custom_op("step3_hf::fp8_decode_linear", mutates_args=())
+def _fp8_decode_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    scale_n: int,
+    scale_k: int,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    if rows == 0:
+        return x.new_zeros(0, out_features)
+    steps = triton.cdiv(in_features, block_k)
+    steps_per_split = triton.cdiv(steps, split_k)
+    split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
+    out = torch.empty(split_k, rows, out_features, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
+    _fp8_decode_linear[grid](
+        x, weight, scale_inv, out, *x.stride(), *weight.stride(), *scale_inv.stride(), *out.stride(),
+        rows, out_features, in_features, steps_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=in_features % block_k == 0,
+        DOT_F32=x.dtype == torch.float32 or interpreter_enabled(), SN=scale_n, SK=scale_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if split_k == 1:
+        return out[0]
+    summed = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)  # fp32 partial sums, one rounding
+    _sum_splits[(triton.cdiv(summed.numel(), SUM_BLOCK),)](out, summed, split_k, summed.numel(), BLOCK=SUM_BLOCK)
+    return summed
+
+
+@_fp8_decode_linear_op.register_fake
+def _(x, weight, scale_inv, scale_n, scale_k, block_m, block_n, block_k, split_k, num_warps, num_stages):
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -1,0 +1,113 @@
+"""The block-FP8 decode linear against a float64 product with the dequantized weight: on CPU through Triton's
+interpreter, and on CUDA; and `fp8_block_linear`'s choice of it for decode-sized inputs.
+
+The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+"""
+
+import importlib
+
+import pytest
+import torch
+from triton_cases import DEVICES, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
+
+from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
+from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
+
+fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
+# bf16 / fp16: one rounding of the output (the products and sums are fp32); fp32: the sums' order.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@skip_if_interpreted
+def test_cpu_cases_under_triton_interpreter():
+    rerun_under_interpreter(__file__)
+
+
+def quantized_linear(rows, out_features, in_features, block_size, dtype, device, seed=0):
+    """Activations, a block-FP8 weight with its scales (tile magnitudes varying by 100x, so that a scale read from
+    the wrong tile shows), and the float64 reference product."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight *= torch.logspace(-1, 1, in_features)[None, :]  # tiles of different magnitudes along K ...
+    weight *= torch.logspace(1, -1, out_features)[:, None]  # ... and along N
+    quantized, scale = quantize_block_fp8(weight, block_size)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    reference = x.double() @ dequantize_block_fp8(quantized, scale, block_size, torch.float64).T
+    return x.to(device), quantized.to(device), scale.to(device), reference
+
+
+# (rows, out, in, block): partial edge tiles in N and K, one row, more rows than one tile, 128-wide tiles.
+SHAPES = [(1, 40, 72, (16, 16)), (5, 50, 200, (32, 32)), (37, 64, 96, (16, 32)), (3, 130, 256, (128, 128))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+def test_matches_the_float64_product_with_the_dequantized_weight(device, dtype, shape):
+    rows, out_features, in_features, block_size = shape
+    x, weight, scale, reference = quantized_linear(rows, out_features, in_features, block_size, dtype, device)
+    out = fp8_decode_linear(x, weight, scale, block_size)
+    assert out.shape == (rows, out_features) and out.dtype == dtype
+    assert relative_error(out.cpu(), reference) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_launch_gives_the_same_product(device):
+    """Split reductions, column tiles and row tiles change the order of fp32 sums only."""
+    x, weight, scale, reference = quantized_linear(20, 96, 256, (32, 32), torch.float32, device, seed=1)
+    default = decode_linear_launch(20, 96, 256, 32, device)
+    assert default.split_k > 1  # a small weight is split to fill the GPU
+    for launch in (default, DecodeLinearLaunch(16, 32, 32, 1), DecodeLinearLaunch(32, 64, 16, 5),
+                   DecodeLinearLaunch(16, 16, 32, 8, num_warps=2, num_stages=2)):  # fmt: skip
+        assert relative_error(fp8_decode_linear(x, weight, scale, (32, 32), launch).cpu(), reference) < 1e-5, launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_rows_give_an_empty_product(device):
+    x, weight, scale, _ = quantized_linear(1, 40, 72, (16, 16), torch.bfloat16, device)
+    assert fp8_decode_linear(x[:0], weight, scale, (16, 16)).shape == (0, 40)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_clear_errors(device):
+    x, weight, scale, _ = quantized_linear(2, 40, 64, (16, 16), torch.bfloat16, device)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weight \[N, K\]"):
+        fp8_decode_linear(x[:, :32], weight, scale, (16, 16))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_decode_linear(x, weight.bfloat16(), scale, (16, 16))
+    with pytest.raises(ValueError, match="`scale_inv` must be float32 \\(3, 4\\)"):
+        fp8_decode_linear(x, weight, scale[:2], (16, 16))
+    with pytest.raises(ValueError, match="block_k 48 must be a power of two"):
+        fp8_decode_linear(x, weight, scale, (16, 16), DecodeLinearLaunch(16, 16, 48, 1))
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        fp8_decode_linear(x.double(), weight, scale, (16, 16))
+
+
+def test_cpu_without_interpreter_is_refused():
+    if INTERPRETED:
+        pytest.skip("the interpreter runs CPU tensors")
+    x, weight, scale, _ = quantized_linear(2, 40, 64, (16, 16), torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fp8_decode_linear(x, weight, scale, (16, 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_block_linear_takes_the_kernel_for_decode_sized_inference_only(device, monkeypatch):
+    """Counted through the module global, so that a silent hand-off to another path cannot pass for the kernel; the
+    other paths' products agree with the kernel's."""
+    calls = []
+    kernel = fp8_linear.fp8_decode_linear
+    monkeypatch.setattr(fp8_linear, "fp8_decode_linear", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 8)
+    x, weight, scale, reference = quantized_linear(8, 40, 64, (16, 16), torch.bfloat16, device)
+    out = fp8_linear.fp8_block_linear(x[None], weight, scale, (16, 16))  # [1, 8, K]: 8 rows
+    assert calls == [1] and out.shape == (1, 8, 40)
+    assert relative_error(out[0].cpu(), reference) < TOLERANCE[torch.bfloat16]
+    longer = torch.cat([x, x[:1]])  # 9 rows: past the limit, another path
+    assert relative_error(fp8_linear.fp8_block_linear(longer, weight, scale, (16, 16))[:8].cpu(), reference) < 3e-2
+    x_grad = x.clone().requires_grad_()  # training: the dequantized weight, so that gradients flow
+    fp8_linear.fp8_block_linear(x_grad, weight, scale, (16, 16)).sum().backward()
+    assert calls == [1] and x_grad.grad is not None
+    odd = quantized_linear(2, 40, 72, (24, 24), torch.bfloat16, device)  # 24-wide tiles: steps of 8 would be needed
+    fp8_linear.fp8_block_linear(odd[0], odd[1], odd[2], (24, 24))
+    assert calls == [1]
