@@ -25,6 +25,8 @@ import torch
 from decode_attention import machine_and_ceiling
 from decode_step import build_model, step_bytes
 
+from step3_hf.modeling_step3 import Step3RMSNorm
+
 VARIANTS = {
     "default": ({}, None, None),
     "static": ({"cache_implementation": "static"}, None, None),
@@ -124,7 +126,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--profile", nargs="*", default=None, help="shapes to profile instead of timing")
+    parser.add_argument("--eager-norms", action="store_true",
+                        help="RMSNorm in eager torch (eight launches each) instead of the one-launch kernel")
     args = parser.parse_args()
+    if args.eager_norms:
+        Step3RMSNorm.forward = Step3RMSNorm.forward._eager_forward
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0

@@ -1,6 +1,6 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears, and their transformers hookup
+linears (a weight-streaming kernel for decode), a one-launch RMSNorm, and their transformers hookup
 (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
@@ -11,8 +11,10 @@ with transformers.
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
+from .fp8_decode_linear import fp8_decode_linear
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
+from .rms_norm import rms_norm, use_fused_rms_norm
 from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
@@ -61,5 +63,8 @@ __all__ = [
     "fp8_moe_decode_experts_forward",
     "Step3FP8Linear",
     "fp8_block_linear",
+    "fp8_decode_linear",
+    "rms_norm",
+    "use_fused_rms_norm",
     "use_fp8_kernels",
 ]
