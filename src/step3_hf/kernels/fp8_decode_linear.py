@@ -1,5 +1,5 @@
-"""A block-FP8 linear for decode-sized inputs: a Triton kernel that streams the float8 weight once at close to HBM
-bandwidth.
+"""A block-FP8 linear for decode-sized inputs: a Triton kernel that reads the float8 weight once and the activations
+as they are.
 
 At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep
 enough bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (five to
@@ -11,6 +11,11 @@ partial product by its weight rows' tile scales (each step lies within one scale
 the reduction over programs (`split_k`, partial sums added in fp32 afterwards) give every SM several programs, which
 is what hides the memory latency; programs of the same weight tile and different row tiles run next to each other,
 so a weight tile read for one row tile is found in L2 by the others.
+
+Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.2-2x the
+weight-read time on Step-3's large linears, at 64 rows 1.9-3x, at 256 rows 5-9x (where cuBLAS is faster); so
+`fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the per-step widening and scaling cost
+more than the stream at 64 rows.
 
 The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
 synchronisation, so CUDA graphs capture it. With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU
