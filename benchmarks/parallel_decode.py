@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from transformers import DistributedConfig
 
 from step3_hf import Step3Config, Step3ForCausalLM
 from step3_hf.checkpoint_layout import official_tensor_shapes
 from step3_hf.cost_model import memory as planner
+from step3_hf.fp8 import write_sharded
 from step3_hf.parallel import attention_data_parallel_config
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
@@ -115,26 +115,21 @@ def layers_that_fit(world: int, memory: float, batch: int, context: int, disk: f
 
 
 def write_random_checkpoint(path: Path, config: Step3Config, device: torch.device, dtype: torch.dtype) -> None:
-    """Official-layout safetensors, one shard per layer, tensors drawn on `device` (fast) and written one by one."""
+    """Official-layout safetensors (shards as `fp8.write_sharded` cuts them), tensors drawn on `device` (fast) and
+    written one by one."""
     path.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(0)
-    shards: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, shape in official_tensor_shapes(config).items():
-        key = name.split(".")[2] if name.startswith("model.layers.") else "other"
-        shards.setdefault(key, {})[name] = shape
-    weight_map, total = {}, 0
-    for index, (key, shapes) in enumerate(shards.items()):
-        filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
+    shapes = official_tensor_shapes(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def tensors():
         for name, shape in shapes.items():
             t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
             t = 1.0 + 0.1 * t if name.endswith("norm.weight") else t * (0.5 / math.sqrt(shape[-1]))
-            tensors[name] = t.to(dtype).cpu()
-            weight_map[name] = filename
-            total += t.numel() * tensors[name].element_size()
-        save_file(tensors, path / filename, metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+            yield name, t.to(dtype).cpu()
+
+    sizes = [(name, math.prod(shape) * itemsize) for name, shape in shapes.items()]
+    write_sharded(path, sizes, tensors(), description="random checkpoint")
     config_dict = config.to_dict()
     config_dict["architectures"] = ["Step3TextForCausalLM"]
     (path / "config.json").write_text(json.dumps(config_dict, indent=2))
