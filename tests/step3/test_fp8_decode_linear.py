@@ -111,3 +111,12 @@ def test_fp8_block_linear_takes_the_kernel_for_decode_sized_inference_only(devic
     odd = quantized_linear(2, 40, 72, (24, 24), torch.bfloat16, device)  # 24-wide tiles: steps of 8 would be needed
     fp8_linear.fp8_block_linear(odd[0], odd[1], odd[2], (24, 24))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiles_without_graph_breaks(device):
+    """A compiled caller (static-cache `generate()`) keeps the op in its graph: the default launch, which asks the
+    device for its SM count, is chosen inside the op, out of dynamo's sight."""
+    x, weight, scale, reference = quantized_linear(3, 40, 64, (16, 16), torch.bfloat16, device)
+    compiled = torch.compile(lambda a: fp8_decode_linear(a, weight, scale, (16, 16)), fullgraph=True, backend="eager")
+    assert relative_error(compiled(x).cpu(), reference) < TOLERANCE[torch.bfloat16]

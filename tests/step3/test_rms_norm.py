@@ -110,3 +110,11 @@ def test_cpu_tensors_keep_the_eager_forward_without_the_interpreter(monkeypatch)
     x, _ = inputs((3, 64), torch.float32, torch.float32, "cpu")
     with torch.no_grad():
         assert relative_error(norm(x), reference(x, norm.weight)) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_installed_forward_compiles_without_graph_breaks(device):
+    norm = Step3RMSNorm(64, eps=EPS).to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+    x, _ = inputs((3, 64), torch.bfloat16, torch.bfloat16, device)
+    compiled = torch.compile(norm, fullgraph=True, backend="eager")
+    assert relative_error(compiled(x).cpu(), reference(x.cpu(), norm.weight.cpu())) < 1e-2

@@ -160,9 +160,11 @@ def fp8_decode_linear(
     if tuple(scale_inv.shape) != expected or scale_inv.dtype != torch.float32:
         raise ValueError(f"`scale_inv` must be float32 {expected} for blocks {[b0, b1]}, got {scale_inv.dtype} "
                          f"{tuple(scale_inv.shape)}")  # fmt: skip
-    if launch is None:
-        launch = decode_linear_launch(x.shape[0], weight.shape[0], weight.shape[1], b1, x.device)
-    if b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
+    if launch is None:  # chosen inside the op, where compiled callers do not trace the device query
+        if launch_block_k(b1) is None:
+            raise ValueError(f"scale tiles {b1} wide: fp8_decode_linear steps through widths divisible by 16")
+        launch = DecodeLinearLaunch(0, 0, 0, 0, 0, 0)
+    elif b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
                          f"width {b1}")  # fmt: skip
     return torch.ops.step3_hf.fp8_decode_linear(x, weight, scale_inv, b0, b1, *launch)
@@ -182,10 +184,15 @@ def _fp8_decode_linear_op(
     num_warps: int,
     num_stages: int,
 ) -> torch.Tensor:
+    """The launch behind `fp8_decode_linear` (block_m 0: the default launch for this call)."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
     if rows == 0:
         return x.new_zeros(0, out_features)
+    if block_m == 0:
+        block_m, block_n, block_k, split_k, num_warps, num_stages = decode_linear_launch(
+            rows, out_features, in_features, scale_k, x.device
+        )
     steps = triton.cdiv(in_features, block_k)
     steps_per_split = triton.cdiv(steps, split_k)
     split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
