@@ -366,6 +366,8 @@ def run_inprocess(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# afd_decode in process {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(sys.argv)}",
+             f"# ran: batches {args.batches}, variants {args.variants}, steps {args.steps} after {args.warmup} warm-up"
+             + (" (--quick sets these)" if args.quick else ""),
              f"{name}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)"]
     print("\n".join(lines), flush=True)
 

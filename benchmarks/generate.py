@@ -134,7 +134,8 @@ def main() -> None:
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, RMSNorm "
+          f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}", flush=True)
     print(f"default kernels: attention {model.config._attn_implementation}, "
           f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
     default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation

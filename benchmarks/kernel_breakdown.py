@@ -88,9 +88,9 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
         "wq": (heads * head_dim, config.share_q_dim),
         "k_proj / v_proj": (head_dim, hidden),
         "o_proj": (hidden, heads * head_dim),
-        "dense gate_up": (2 * config.intermediate_size, hidden),
+        "dense gate": (config.intermediate_size, hidden),  # gate_proj and up_proj: two linears of this shape
         "dense down": (hidden, config.intermediate_size),
-        "shared gate_up": (2 * config.share_expert_dim, hidden),
+        "shared gate": (config.share_expert_dim, hidden),  # likewise
         "shared down": (hidden, config.share_expert_dim),
     }
 
@@ -99,10 +99,12 @@ def fp8_kernel_launches(rows: int, out: int, inp: int) -> list[DecodeLinearLaunc
     """The launches the sweep tries: the default, and rows x columns x splits x pipeline depth around it."""
     default = decode_linear_launch(rows, out, inp, 128, "cuda")
     launches = [default]
+    steps = -(-inp // 128)
     for block_m, block_n, split, stages in itertools.product((16, 32, 64), (32, 64, 128), (1, 2, 4, 8, 16), (3, 4)):
-        if block_m <= max(16, 2 * rows) and split <= -(-inp // 256):
+        if block_m <= max(16, 2 * rows) and split <= steps // 2:
+            split = -(-steps // -(-steps // split))  # as the op runs it: no empty splits
             launches.append(DecodeLinearLaunch(block_m, block_n, 128, split, 4, stages))
-    return launches
+    return list(dict.fromkeys(launches))
 
 
 def linear_table(config, batches: list[int], bandwidth: float) -> None:

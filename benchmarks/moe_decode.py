@@ -104,13 +104,12 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
                 with torch.no_grad():
                     seconds = timed_per_call(call, inputs)
             except Exception as err:  # e.g. out of shared memory: skip that point
-                print(f"  sweep B={batch} {params}: {type(err).__name__}", flush=True)
+                print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch} {params}: {type(err).__name__}", flush=True)
                 continue
             results.append((seconds, params))
         results.sort(key=lambda r: r[0])
         for seconds, params in results[:5]:
-            label = "sweep fp8" if fp8 else "sweep"
-            print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
+            print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
         print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
 
 

@@ -63,6 +63,25 @@ def test_every_launch_gives_the_same_product(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_split_reductions_with_a_partial_last_step(device):
+    """K = 200 with 32-wide tiles: 7 steps, the last one partial, split 1, 2, 3 and 7 ways."""
+    x, weight, scale, reference = quantized_linear(5, 50, 200, (32, 32), torch.bfloat16, device, seed=2)
+    for split_k in (1, 2, 3, 7):
+        out = fp8_decode_linear(x, weight, scale, (32, 32), DecodeLinearLaunch(16, 32, 32, split_k))
+        assert relative_error(out.cpu(), reference) < TOLERANCE[torch.bfloat16], split_k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_passes_torch_library_checks(device):
+    """The fake (meta) function agrees with the op on shapes and dtypes, one split and several, and the op traces
+    under AOT autograd. (`test_schema` is left out: it multiplies the float8 weight, which float8 does not do.)"""
+    x, weight, scale, _ = quantized_linear(5, 50, 200, (32, 32), torch.bfloat16, device)
+    for launch in ((16, 32, 32, 1, 4, 3), (16, 32, 32, 3, 4, 3), (0, 0, 0, 0, 0, 0)):
+        torch.library.opcheck(torch.ops.step3_hf.fp8_decode_linear, (x, weight, scale, 32, 32, *launch),
+                              test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_rows_give_an_empty_product(device):
     x, weight, scale, _ = quantized_linear(1, 40, 72, (16, 16), torch.bfloat16, device)
     assert fp8_decode_linear(x[:0], weight, scale, (16, 16)).shape == (0, 40)

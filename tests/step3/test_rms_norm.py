@@ -67,6 +67,9 @@ def test_strided_rows_and_empty_inputs(device):
     column = x.t().contiguous().t()  # last dimension not contiguous
     assert relative_error(rms_norm(column, weight, EPS).cpu(), reference(x.cpu(), weight.cpu())) < 1e-2
     assert rms_norm(x[:0], weight, EPS).shape == (0, 64)
+    every_other = torch.stack([weight, weight], 1)[:, 0]  # a weight view with stride 2
+    assert every_other.stride() == (2,)
+    assert relative_error(rms_norm(x, every_other, EPS).cpu(), reference(x.cpu(), weight.cpu())) < 1e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -118,3 +121,12 @@ def test_the_installed_forward_compiles_without_graph_breaks(device):
     x, _ = inputs((3, 64), torch.bfloat16, torch.bfloat16, device)
     compiled = torch.compile(norm, fullgraph=True, backend="eager")
     assert relative_error(compiled(x).cpu(), reference(x.cpu(), norm.weight.cpu())) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_passes_torch_library_checks(device):
+    """The fake (meta) function agrees with the op on shapes and dtypes, and the op traces under AOT autograd."""
+    for dtype, weight_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        x, weight = inputs((2, 3, 64), dtype, weight_dtype, device)
+        torch.library.opcheck(torch.ops.step3_hf.rms_norm, (x, weight, EPS),
+                              test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip

@@ -2,9 +2,9 @@
 as they are.
 
 At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep
-enough bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (five to
-six small kernels per call, about 600 µs per decode step of a 4-layer Step-3) and then runs tiles sized for compute:
-on an H100 at 16-64 rows it took 1.5-9x the weight-read time per Step-3 linear, the small ones worst
+enough bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (about
+nine small kernels per call, about 600 µs per decode step of a 4-layer Step-3) and then runs tiles sized for
+compute: on an H100 at 16-64 rows it took 1.5-9.4x the weight-read time per Step-3 linear, the small ones worst
 (`benchmarks/kernel_breakdown.py`). This kernel reads the activations as they are (weight-only FP8: no activation
 rounding), widens each float8 tile to the activations' dtype in registers, and scales each `BLOCK_K` step's fp32
 partial product by its weight rows' tile scales (each step lies within one scale column). Small tiles and a split of
@@ -12,9 +12,9 @@ the reduction over programs (`split_k`, partial sums added in fp32 afterwards) g
 is what hides the memory latency; programs of the same weight tile and different row tiles run next to each other,
 so a weight tile read for one row tile is found in L2 by the others.
 
-Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.2-2x the
-weight-read time on Step-3's large linears, at 64 rows 1.9-3x, at 256 rows 5-9x (where cuBLAS is faster); so
-`fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the per-step widening and scaling cost
+Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.3-2.9x the
+weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at 64 rows 1.9-3.9x, at 256 rows
+5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the per-step widening and scaling cost
 more than the stream at 64 rows.
 
 The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
@@ -53,9 +53,10 @@ def _fp8_decode_linear(
 ):  # fmt: skip
     """One program: BLOCK_N weight rows x BLOCK_M rows of `x` over one split of the reduction, computed transposed
     (`W @ x.T`: at decode the weight rows, not the few tokens, fill the tensor cores' long side)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles vary fastest: they share weight tiles
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(2)
+    # int64: the output's offsets (split x rows x columns) may pass 2^31 for a caller's large inputs
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles vary fastest: they share
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight tiles
+    split = tl.program_id(2).to(tl.int64)
     m_ok = offs_m < rows
     n_ok = offs_n < out_features
     first = split * steps_per_split
@@ -81,7 +82,7 @@ def _fp8_decode_linear(
 @triton_jit
 def _sum_splits(PARTIAL, OUT, splits, numel, BLOCK: tl.constexpr):
     """`OUT = sum over splits of PARTIAL` ([splits, numel] fp32, contiguous), rounded once to OUT's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.zeros([BLOCK], tl.float32)
     for split in range(0, splits):

@@ -65,10 +65,12 @@ def scaled_mm_supported(weight: torch.Tensor, block_size) -> bool:
 
 def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> bool:
     """Whether `fp8_decode_linear` computes this call: inference on at most `MAX_DECODE_LINEAR_ROWS` rows of bf16 /
-    fp16 activations, on a device the kernel runs on, with a scale tile width it steps through."""
+    fp16 activations, on a device the kernel runs on (a GPU of compute capability 8.9+, whose Triton has float8),
+    with a scale tile width it steps through."""
     return (
         block_size is not None
         and kernel_available(x.device)
+        and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9))  # float8 in Triton
         and not (torch.is_grad_enabled() and x.requires_grad)
         and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_DECODE_LINEAR_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)

@@ -5,7 +5,8 @@ square root, the scaling, a cast back, the weight). At decode each touches a few
 and little else: the 4-layer benchmark model's 13 norms were 104 of a decode step's ~330 launches, and the released
 model has 184 norms per step. `rms_norm` computes the same in one launch, rounding where the eager code rounds
 (the normalised activations to the input's dtype, then the product with the weight to the result dtype), so its
-output equals the eager one up to the order of the fp32 sum.
+16-bit outputs equal the eager ones but where the fp32 statistics differ in their last bits (the order of the sum,
+and `1 / sqrt` against torch's `rsqrt`) and a rounding falls the other way.
 
 `use_fused_rms_norm(Step3RMSNorm)`, which `step3_hf` runs at import, makes the norm's forward take the kernel for
 inference calls on a device it runs on, and the eager forward for everything else (training, CPU, other dtypes).
@@ -53,6 +54,7 @@ def _rms_norm_op(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) 
     x = hidden_states.reshape(-1, width)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    weight = weight.contiguous()  # the kernel reads it as one dense row (a no-op for a module's own weight)
     out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, hidden_states.dtype))
     if x.shape[0]:
         block = triton.next_power_of_2(width)
