@@ -319,7 +319,7 @@ def quantize_checkpoint(
     Raises `Fp8LayoutError` (bad option, `dst` not empty, unquantizable tensor) or `BrokenCheckpointError`."""
     from safetensors import safe_open
 
-    from .inspect_checkpoint import CONFIG_FILE, INDEX_FILE, checkpoint_files, load_config, read_safetensors_header
+    from .inspect_checkpoint import CONFIG_FILE, INDEX_FILE
     from .loading import check_checkpoint_files
 
     src, dst = Path(src), Path(dst)
@@ -330,14 +330,11 @@ def quantize_checkpoint(
         raise Fp8LayoutError(f"{dst} exists and is not an empty directory")
     if src.resolve() == dst.resolve():
         raise Fp8LayoutError("source and destination are the same directory")
-    check_checkpoint_files(src)
-    config = load_config(src)
-    if fp8_block_size(config) is not None:
+    checked = check_checkpoint_files(src)
+    if checked.block_size is not None:
         raise Fp8LayoutError(f"{src} is already quantized (its config has a quantization_config)")
-    text = config.get_text_config()
-    official = official_tensor_shapes(text)
-    files, _ = checkpoint_files(src)
-    headers = [t for f in files for t in read_safetensors_header(f).tensors]
+    official = official_tensor_shapes(checked.config.get_text_config())
+    files, headers = checked.files, checked.tensors
     module_named = [t.name for t in headers if not is_vision_tensor(t.name) and t.name not in official]
     if module_named:
         raise Fp8LayoutError(
