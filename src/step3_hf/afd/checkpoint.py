@@ -24,15 +24,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from ..checkpoint_layout import (
-    EXPERTS_DOWN,
-    MODULE_EXPERTS_DOWN,
-    MODULE_ROUTER,
-    MODULE_SHARED_EXPERT,
-    ROUTER,
-    SHARED_EXPERT,
-    is_routed_expert_tensor,
-)
+from ..checkpoint_layout import SHARED_EXPERT, is_routed_expert_tensor
 from ..configuration_step3 import Step3Config
 from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, is_quantized_weight
 from ..loading import BrokenCheckpointError, check_checkpoint_files
@@ -45,15 +37,6 @@ def role_of_tensor(name: str) -> Role:
     if ".mlp." in name or f".{SHARED_EXPERT}" in name or is_routed_expert_tensor(name):
         return Role.FFN
     return Role.ATTENTION
-
-
-def module_name(official_name: str) -> str:
-    """Official tensor name -> the name `Step3ForCausalLM` gives that weight, which both halves of the split model
-    keep (the experts' gate and up projections, fused into `gate_up_proj`, are the one pair this cannot name)."""
-    for official, module in ((ROUTER, MODULE_ROUTER), (EXPERTS_DOWN, MODULE_EXPERTS_DOWN)):
-        if official_name.endswith("." + official):
-            return official_name.removesuffix(official) + module
-    return official_name.replace("." + SHARED_EXPERT, "." + MODULE_SHARED_EXPERT)
 
 
 class CheckpointReader:
