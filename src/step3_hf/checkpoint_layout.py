@@ -39,6 +39,31 @@ def is_routed_expert_tensor(name: str) -> bool:
     return name.endswith(("." + EXPERTS_GATE, "." + EXPERTS_UP, "." + EXPERTS_DOWN))
 
 
+# The one-to-one renamings, official -> the modules' name (the experts' gate and up projections are fused instead).
+_RENAMED = ((ROUTER, MODULE_ROUTER), (EXPERTS_DOWN, MODULE_EXPERTS_DOWN))
+
+
+def module_name(official_name: str) -> str:
+    """Official tensor name -> the name `Step3ForCausalLM` gives that weight (the experts' gate and up projections,
+    fused into `gate_up_proj`, are the one pair this cannot name)."""
+    for official, module in _RENAMED:
+        if official_name.endswith("." + official):
+            return official_name.removesuffix(official) + module
+    return official_name.replace("." + SHARED_EXPERT, "." + MODULE_SHARED_EXPERT)
+
+
+def official_names(module_name: str) -> tuple[str, ...]:
+    """The reverse of `module_name`: the official name(s) of a weight of the modules; the experts' fused
+    `gate_up_proj` holds two, the gate rows then the up rows (along dim 1)."""
+    if module_name.endswith("." + MODULE_EXPERTS_GATE_UP):
+        prefix = module_name.removesuffix(MODULE_EXPERTS_GATE_UP)
+        return prefix + EXPERTS_GATE, prefix + EXPERTS_UP
+    for official, module in _RENAMED:
+        if module_name.endswith("." + module):
+            return (module_name.removesuffix(module) + official,)
+    return (module_name.replace("." + MODULE_SHARED_EXPERT, "." + SHARED_EXPERT),)
+
+
 def official_tensor_shapes(config: Step3Config) -> dict[str, tuple[int, ...]]:
     """Name -> shape (`[out, in]`, experts `[E, out, in]`) of every language-model tensor, official names."""
     h, v = config.hidden_size, config.vocab_size
@@ -85,10 +110,7 @@ def module_tensor_shapes(config: Step3Config) -> dict[str, tuple[int, ...]]:
             e, ie, h = shape
             shapes[name.removesuffix(EXPERTS_GATE) + MODULE_EXPERTS_GATE_UP] = (e, 2 * ie, h)
             continue
-        for official, module in ((ROUTER, MODULE_ROUTER), (EXPERTS_DOWN, MODULE_EXPERTS_DOWN)):
-            if name.endswith("." + official):
-                name = name.removesuffix(official) + module
-        shapes[name.replace("." + SHARED_EXPERT, "." + MODULE_SHARED_EXPERT)] = shape
+        shapes[module_name(name)] = shape
     return shapes
 
 

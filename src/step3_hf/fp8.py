@@ -25,20 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_layout import (
-    EXPERTS_DOWN,
-    EXPERTS_GATE,
-    EXPERTS_UP,
-    MODULE_EXPERTS_DOWN,
-    MODULE_EXPERTS_GATE_UP,
-    MODULE_ROUTER,
-    MODULE_SHARED_EXPERT,
-    ROUTER,
-    SHARED_EXPERT,
-    VISION_PREFIXES,
-    is_vision_tensor,
-    official_tensor_shapes,
-)
+from .checkpoint_layout import VISION_PREFIXES, is_vision_tensor, official_names, official_tensor_shapes
 from .configuration_step3 import Step3Config
 
 __all__ = [
@@ -319,7 +306,7 @@ def quantize_checkpoint(
     Raises `Fp8LayoutError` (bad option, `dst` not empty, unquantizable tensor) or `BrokenCheckpointError`."""
     from safetensors import safe_open
 
-    from .inspect_checkpoint import CONFIG_FILE, INDEX_FILE, checkpoint_files, load_config, read_safetensors_header
+    from .inspect_checkpoint import CONFIG_FILE, INDEX_FILE
     from .loading import check_checkpoint_files
 
     src, dst = Path(src), Path(dst)
@@ -330,14 +317,11 @@ def quantize_checkpoint(
         raise Fp8LayoutError(f"{dst} exists and is not an empty directory")
     if src.resolve() == dst.resolve():
         raise Fp8LayoutError("source and destination are the same directory")
-    check_checkpoint_files(src)
-    config = load_config(src)
-    if fp8_block_size(config) is not None:
+    checked = check_checkpoint_files(src)
+    if checked.block_size is not None:
         raise Fp8LayoutError(f"{src} is already quantized (its config has a quantization_config)")
-    text = config.get_text_config()
-    official = official_tensor_shapes(text)
-    files, _ = checkpoint_files(src)
-    headers = [t for f in files for t in read_safetensors_header(f).tensors]
+    official = official_tensor_shapes(checked.config.get_text_config())
+    files, headers = checked.files, checked.tensors
     module_named = [t.name for t in headers if not is_vision_tensor(t.name) and t.name not in official]
     if module_named:
         raise Fp8LayoutError(
@@ -377,31 +361,26 @@ def quantize_checkpoint(
 def official_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """A loaded Step-3 model's tensors under their official names, each float8 weight followed by its scale.
 
-    Inverts the conversion of `checkpoint_layout.checkpoint_conversion_mapping` (fused gate/up experts are split,
-    their scales too) for the modules as loaded: bf16 (a dequantized model) or transformers' FP8 modules."""
+    Inverts the conversion of `checkpoint_layout.checkpoint_conversion_mapping` (`checkpoint_layout.official_names`;
+    fused gate/up experts are split, their scales too) for the modules as loaded: bf16 (a dequantized model) or
+    transformers' FP8 modules."""
     state = model.state_dict()
     for name, tensor in state.items():
         if name.endswith(SCALE_SUFFIX) or name.endswith("activation_scale"):
             continue  # written right after their weight
-        scale = state.get(name + SCALE_SUFFIX)
-        if name.endswith("." + MODULE_EXPERTS_GATE_UP):
-            prefix = name.removesuffix(MODULE_EXPERTS_GATE_UP)
-            parts = tensor.chunk(2, dim=1)
-            # Whole tiles (checked at load), so the gate rows' scales come first in the scales too.
-            scales = scale.chunk(2, dim=1) if tensor.dtype == FP8_DTYPE else (None, None)
-            for official, part, part_scale in zip((EXPERTS_GATE, EXPERTS_UP), parts, scales):
-                yield prefix + official, part
-                if part_scale is not None:
-                    yield prefix + official + SCALE_SUFFIX, part_scale
+        officials = official_names(name)
+        parts = tensor.chunk(len(officials), dim=1) if len(officials) > 1 else (tensor,)
+        if tensor.dtype != FP8_DTYPE:
+            yield from zip(officials, parts)
             continue
-        if name.endswith("." + MODULE_EXPERTS_DOWN):
-            name = name.removesuffix(MODULE_EXPERTS_DOWN) + EXPERTS_DOWN
-        name = name.replace("." + MODULE_ROUTER, "." + ROUTER).replace("." + MODULE_SHARED_EXPERT, "." + SHARED_EXPERT)
-        yield name, tensor
-        if tensor.dtype == FP8_DTYPE:
-            if scale is None:
-                raise Fp8LayoutError(f"{name} is float8 but the model holds no scale for it")
-            yield name + SCALE_SUFFIX, scale
+        scale = state.get(name + SCALE_SUFFIX)
+        if scale is None:
+            raise Fp8LayoutError(f"{officials[0]} is float8 but the model holds no scale for it")
+        # Whole tiles (checked at load), so the gate rows' scales come first in the scales too.
+        scales = scale.chunk(len(officials), dim=1) if len(officials) > 1 else (scale,)
+        for official, part, part_scale in zip(officials, parts, scales):
+            yield official, part
+            yield official + SCALE_SUFFIX, part_scale
 
 
 def _reference_reader(directory: Path | None, block_size: tuple[int, int]):

@@ -51,7 +51,6 @@ CONFIG_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }  # fmt: skip
-FLOAT8_FORMATS = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}
 # `--values` reads at most this many bytes of a tensor at once, so a 3.5 GB expert tensor never sits in memory whole.
 VALUE_CHUNK_BYTES = 64 * 2**20
 # Checkpoints at least this big get a progress bar while their values are read.
@@ -362,29 +361,24 @@ def summarize_config(config: Step3Config | Step3VLConfig) -> ConfigSummary:
     )
 
 
-def dtype_rules(config: Step3Config | Step3VLConfig) -> list[DtypeRule]:
+def dtype_rules(config: Step3Config | Step3VLConfig, block_size: tuple[int, int] | None) -> list[DtypeRule]:
     """The dtypes the config's `dtype` (top level first, then `text_config`) allows for the text tensors.
 
-    A config without a dtype, or naming one that is not a float type, gives no rule. With an FP8
-    `quantization_config` each tensor may be the float8 format or the config dtype: which tensors stay unquantized
-    (norms, router, embeddings) is not pinned until the FP8 release's layout is, so that rule is deliberately loose.
-    Other quantization methods pack weights into integer tensors and are not checked."""
+    `block_size` is the config's block-FP8 `weight_block_size` as `fp8.fp8_block_size` parsed it (None: not
+    quantized). A config without a dtype, or naming one that is not a float type, gives no rule. In the FP8 layout
+    each tensor may be float8 or the config dtype: which tensors stay unquantized (norms, router, embeddings) is not
+    pinned until the FP8 release's layout is, so that rule is deliberately loose."""
     text = config.get_text_config()
     dtype = getattr(config, "dtype", None) or getattr(text, "dtype", None)
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
     stored = CONFIG_DTYPES.get(name)
     if stored is None:
         return []
-    quantization = getattr(config, "quantization_config", None) or getattr(text, "quantization_config", None)
-    if quantization is None:
+    if block_size is None:
         return [DtypeRule("*", (stored,), f"config dtype {name}")]
-    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
-    if quantization.get("quant_method") != "fp8":
-        return []
-    float8 = FLOAT8_FORMATS.get(str(quantization.get("fmt", "e4m3")), "F8_E4M3")
     return [
         DtypeRule("*" + SCALE_SUFFIX, ("F32",), "fp8 weight_scale_inv"),
-        DtypeRule("fp8-quantized", (float8,), "fp8 quantization_config"),
+        DtypeRule("fp8-quantized", ("F8_E4M3",), "fp8 quantization_config"),  # the only fmt fp8_block_size takes
         DtypeRule("*", (stored,), f"config dtype {name}, kept unquantized in fp8"),
     ]
 
@@ -546,20 +540,20 @@ def compare_tensors(
     report.bytes_on_disk = sum(t.nbytes for t in tensors)
     report.bytes_expected = expected_bytes(config, text_layout)
     report.fp8_block_size = list(block_size) if block_size else None
-    report.dtype_rules = dtype_rules(config)
+    report.dtype_rules = dtype_rules(config, block_size)
     report.wrong_dtype = check_dtypes([t for t in seen.values() if t.name in expected], report.dtype_rules)
     return report
 
 
 def expected_bytes(config: Step3Config | Step3VLConfig, layout: dict[str, tuple[int, ...]]) -> int:
     """Bytes of the tensors `layout` (a language-model layout) plus the vision tower, in the config's dtype (bf16
-    when it names none); FP8 weights take one byte per value and their scales four."""
+    when it names none); FP8 weights (those whose scale the layout holds, as in `fp8.fp8_tensor_shapes`) take one
+    byte per value and their scales four."""
     dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
     itemsize = DTYPE_BYTES.get(CONFIG_DTYPES.get(str(dtype).removeprefix("torch."), "BF16"), 2)
-    quantized = fp8_block_size(config) is not None
     total = 0
     for name, shape in layout.items():
-        each = 4 if name.endswith(SCALE_SUFFIX) else 1 if quantized and is_quantized_weight(name) else itemsize
+        each = 4 if name.endswith(SCALE_SUFFIX) else 1 if name + SCALE_SUFFIX in layout else itemsize
         total += math.prod(shape) * each
     if getattr(config, "vision_config", None) is not None:
         total += count_vision_parameters(config) * itemsize

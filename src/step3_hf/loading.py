@@ -38,11 +38,13 @@ from .fp8 import (
     is_quantized_weight,
     save_fp8_weights,
 )
+from .configuration_step3 import Step3Config, Step3VLConfig
 from .inspect_checkpoint import (
     CONFIG_CLASSES,
     CONFIG_FILE,
     INDEX_FILE,
     CheckpointError,
+    ShardHeader,
     TensorHeader,
     checkpoint_files,
     index_problems,
@@ -52,6 +54,7 @@ from .inspect_checkpoint import (
 
 __all__ = [
     "BrokenCheckpointError",
+    "CheckedCheckpoint",
     "check_checkpoint_files",
     "check_loaded_model",
     "fp8_saving",
@@ -85,8 +88,31 @@ def _is_step3_directory(directory: Path) -> bool:
     return model_type in CONFIG_CLASSES and any(directory.glob("*.safetensors"))
 
 
-def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool = True) -> None:
-    """Raise `BrokenCheckpointError` if a local Step-3 checkpoint is broken, reading only its index and headers.
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """What `check_checkpoint_files` read from a checkpoint that passed, so that its callers need not read it again."""
+
+    directory: Path
+    config: Step3Config | Step3VLConfig
+    """The config as written (`step3_vl` or `step3_text`), built by `inspect_checkpoint.load_config`."""
+    block_size: tuple[int, int] | None
+    """`weight_block_size` of a block-FP8 checkpoint, else None."""
+    files: tuple[Path, ...]
+    """The safetensors files `from_pretrained` reads."""
+    weight_map: dict[str, str] | None
+    """The index's weight map; None for a single `model.safetensors`."""
+    shards: tuple[ShardHeader, ...]
+    """The parsed header of each of `files`, in the same order."""
+
+    @property
+    def tensors(self) -> list[TensorHeader]:
+        """Every tensor of every shard, vision tensors included."""
+        return [t for shard in self.shards for t in shard.tensors]
+
+
+def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool = True) -> CheckedCheckpoint:
+    """Raise `BrokenCheckpointError` if a local Step-3 checkpoint is broken, reading only its index and headers;
+    else return what was read.
 
     The checkpoint is compared with the layout of its own config, in whichever of the four forms it was saved:
     official or module names (`save_original_format=False`), of the causal LM or of the base model. Missing head
@@ -137,6 +163,7 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
                      if t.name.endswith(SCALE_SUFFIX) and t.name not in expected]  # fmt: skip
     if problems:
         _raise_broken(directory, problems)
+    return CheckedCheckpoint(directory, full_config, block_size, tuple(files), weight_map, tuple(shards))
 
 
 def fp8_problems(tensors: list[TensorHeader], block_size: tuple[int, int]) -> list[str]:

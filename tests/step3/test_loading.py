@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import step3_hf  # noqa: F401
 from step3_hf import Step3Config, Step3ForCausalLM, Step3VLConfig, Step3VLForCausalLM, count_parameters
-from step3_hf.checkpoint_layout import official_tensor_shapes
+from step3_hf.checkpoint_layout import module_name, official_names, official_tensor_shapes
 from step3_hf.tiny_checkpoint import (
     TINY_CONFIG,
     random_official_state_dict,
@@ -71,6 +71,23 @@ def test_save_writes_official_layout_and_reloads_identically(tmp_path, vl):
     assert type(reloaded) is Step3ForCausalLM
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_official_names_invert_the_module_names_of_a_built_model():
+    """Every weight of a built model maps to official names that partition the official layout, and back."""
+    config = Step3Config(**TINY_CONFIG)
+    modules = Step3ForCausalLM(config).state_dict()
+    official = official_tensor_shapes(config)
+    mapped = [o for name in modules for o in official_names(name)]
+    assert sorted(mapped) == sorted(official)
+    for name in modules:
+        names = official_names(name)
+        assert len(names) == (2 if name.endswith("experts.gate_up_proj") else 1)
+        if len(names) == 1:
+            assert module_name(names[0]) == name
+            assert official[names[0]] == tuple(modules[name].shape)
+        else:  # gate rows, then up rows
+            assert [official[n] for n in names] == [tuple(part.shape) for part in modules[name].chunk(2, dim=1)]
 
 
 def test_dtype_auto_keeps_bf16_and_device_map_auto_splits_at_decoder_layers(tmp_path):

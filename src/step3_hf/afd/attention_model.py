@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..checkpoint_layout import official_tensor_shapes
+from ..checkpoint_layout import module_name, official_tensor_shapes
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import (
     _CACHE_NAME,
@@ -25,7 +25,7 @@ from ..modeling_step3 import (
     Step3VocabProjection,
     prepare_decoder_inputs,
 )
-from .checkpoint import CheckpointReader, module_name, role_of_tensor
+from .checkpoint import CheckpointReader, role_of_tensor
 from .connector import AttentionConnector
 from .graphs import AttentionGraphs
 from .pipeline import run_layers

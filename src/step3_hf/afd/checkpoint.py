@@ -18,24 +18,15 @@ weight's and the scale's name, dtype and shape before anything is copied.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from ..checkpoint_layout import (
-    EXPERTS_DOWN,
-    MODULE_EXPERTS_DOWN,
-    MODULE_ROUTER,
-    MODULE_SHARED_EXPERT,
-    ROUTER,
-    SHARED_EXPERT,
-    is_routed_expert_tensor,
-)
+from ..checkpoint_layout import SHARED_EXPERT, is_routed_expert_tensor
 from ..configuration_step3 import Step3Config
-from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, fp8_block_size, is_quantized_weight
+from ..fp8 import SCALE_SUFFIX, dequantize_block_fp8, is_quantized_weight
 from ..loading import BrokenCheckpointError, check_checkpoint_files
 from .placement import Role
 
@@ -48,15 +39,6 @@ def role_of_tensor(name: str) -> Role:
     return Role.ATTENTION
 
 
-def module_name(official_name: str) -> str:
-    """Official tensor name -> the name `Step3ForCausalLM` gives that weight, which both halves of the split model
-    keep (the experts' gate and up projections, fused into `gate_up_proj`, are the one pair this cannot name)."""
-    for official, module in ((ROUTER, MODULE_ROUTER), (EXPERTS_DOWN, MODULE_EXPERTS_DOWN)):
-        if official_name.endswith("." + official):
-            return official_name.removesuffix(official) + module
-    return official_name.replace("." + SHARED_EXPERT, "." + MODULE_SHARED_EXPERT)
-
-
 class CheckpointReader:
     """Lazy, sliceable access to the tensors of a local official-layout checkpoint directory."""
 
@@ -64,19 +46,17 @@ class CheckpointReader:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a Step-3 checkpoint directory: it has no config.json")
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (self.path / "model.safetensors").is_file():
-            with safe_open(self.path / "model.safetensors", framework="pt") as handle:
-                self.weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
-        else:
+        if not any((self.path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
             raise FileNotFoundError(f"{self.path} has neither model.safetensors nor model.safetensors.index.json")
-        check_checkpoint_files(self.path)
+        checked = check_checkpoint_files(self.path)
+        # Where each tensor is: the index's map, or every tensor of the single file.
+        self.weight_map: dict[str, str] = (
+            checked.weight_map if checked.weight_map is not None else {t.name: t.file for t in checked.tensors}
+        )
         self.full_config = AutoConfig.from_pretrained(self.path)  # step3_vl or step3_text, as written
         self.config: Step3Config = self.full_config.get_text_config()
         # `weight_block_size` of a block-FP8 checkpoint, else None
-        self.block_size: tuple[int, int] | None = fp8_block_size(self.full_config)
+        self.block_size: tuple[int, int] | None = checked.block_size
         self.elements_read = 0
         self.names_read: list[str] = []
 
