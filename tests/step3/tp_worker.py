@@ -176,29 +176,36 @@ def train_step(model) -> dict:
     }
 
 
-def train_fsdp(model) -> dict:
-    """Each rank's rows, the same number of label tokens per rank: FSDP's gradient mean over the ranks is then
-    the gradient of the mean loss over the whole batch."""
-    group, groups = data_group(model)
-    input_ids = torch.tensor(INPUT_IDS)[group::groups]
+def sgd_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """`TRAIN_STEPS` steps of SGD with momentum on `input_ids` (the same fine-tuning under FSDP2 here and in one
+    process in the test): the loss of each step, `[TRAIN_STEPS]`."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    model.train()
-    losses, own_losses = [], []
+    losses = []
     for _ in range(TRAIN_STEPS):
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        own_losses.append(loss.detach())
-        mean = loss.detach().clone()
-        torch.distributed.all_reduce(mean)
-        losses.append(mean / torch.distributed.get_world_size())
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def train_fsdp(model) -> dict:
+    """Each rank's rows, the same number of label tokens per rank: FSDP's gradient mean over the ranks is then
+    the gradient of the mean loss over the whole batch."""
+    group, groups = data_group(model)
+    input_ids = torch.tensor(INPUT_IDS)[group::groups]
+    model.train()
+    own_losses = sgd_losses(model, input_ids)
+    losses = own_losses.clone()
+    torch.distributed.all_reduce(losses)
+    losses /= torch.distributed.get_world_size()
     first = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(first, own_losses[0])
     params = {name: whole(param) for name, param in model.named_parameters()}
     sharded = model.model.layers[0].self_attn.wq.weight
     return {
-        "losses": torch.stack(losses),
+        "losses": losses,
         "first_rank_losses": torch.stack(first),  # each rank's first loss, on its own rows
         "params": params,
         "wq_local_rows": local_rows(sharded),
