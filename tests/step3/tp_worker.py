@@ -159,6 +159,13 @@ def gather_rows(local: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
+def rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the ranks (a copy; `value` is left as it is)."""
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
+
+
 def train_step(model) -> dict:
     """One backward on this rank's rows: the mean loss over the ranks (each a mean over as many label tokens) and
     the whole gradients."""
@@ -167,11 +174,9 @@ def train_step(model) -> dict:
     model.train()
     loss = model(input_ids, labels=input_ids).loss
     loss.backward()
-    mean = loss.detach().clone()
-    torch.distributed.all_reduce(mean)
     params = dict(model.named_parameters())
     return {
-        "loss": mean / torch.distributed.get_world_size(),
+        "loss": rank_mean(loss),
         "grads": {name: whole(params[name].grad) for name in GRAD_NAMES},
     }
 
@@ -197,15 +202,12 @@ def train_fsdp(model) -> dict:
     input_ids = torch.tensor(INPUT_IDS)[group::groups]
     model.train()
     own_losses = sgd_losses(model, input_ids)
-    losses = own_losses.clone()
-    torch.distributed.all_reduce(losses)
-    losses /= torch.distributed.get_world_size()
     first = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(first, own_losses[0])
     params = {name: whole(param) for name, param in model.named_parameters()}
     sharded = model.model.layers[0].self_attn.wq.weight
     return {
-        "losses": losses,
+        "losses": rank_mean(own_losses),
         "first_rank_losses": torch.stack(first),  # each rank's first loss, on its own rows
         "params": params,
         "wq_local_rows": local_rows(sharded),
