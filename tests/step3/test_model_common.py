@@ -29,6 +29,7 @@ from tp_worker import (
     SPLIT_TILES,
     WEIGHT_NAMES,
     layout_result,
+    ragged_generate,
     ragged_new_tokens,
     ragged_prompt_length,
     run_layouts,
@@ -398,9 +399,7 @@ def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal
     # the all-to-all of every layer meets its peer).
     single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     for group, ragged in enumerate(dp_ep["ragged_tokens"]):
-        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
-        with torch.no_grad():
-            expected = single.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        expected = ragged_generate(single, group)
         assert ragged.shape == (1, ragged_prompt_length(group) + ragged_new_tokens(group))
         assert ragged.tolist() == expected.tolist()
 

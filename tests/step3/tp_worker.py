@@ -107,6 +107,14 @@ def ragged_new_tokens(group: int) -> int:
     return NEW_TOKENS + 2 * group
 
 
+def ragged_generate(model, group: int) -> torch.Tensor:
+    """Row `group` of `INPUT_IDS` alone, cut to `ragged_prompt_length(group)` tokens, decoded greedily for
+    `ragged_new_tokens(group)` tokens: what data-parallel group `group` decodes apart from the others."""
+    prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
@@ -227,9 +235,7 @@ def infer(model) -> dict:
     params = dict(model.named_parameters())
     extra = {}
     if groups > 1:  # data-parallel groups decode independently: another prompt length and more steps per group
-        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
-        with torch.no_grad():
-            ragged = model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        ragged = ragged_generate(model, group)
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, (group, ragged))
         extra["ragged_tokens"] = [dict(parts)[g] for g in range(groups)]
