@@ -30,7 +30,7 @@ from decode_step import build_model, step_bytes
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from step3_hf.kernels import MFA_DECODE_ATTENTION, PAGED_MFA_ATTENTION
+from step3_hf.kernels import MFA_DECODE_ATTENTION, PAGED_MFA_ATTENTION, decode_kernel_preferred
 
 CB_MFA = f"generate_batch ({PAGED_MFA_ATTENTION})"
 CB_SDPA = "generate_batch (paged sdpa)"
@@ -104,7 +104,7 @@ def measure(model, variant: str, count: int, prompt: int, new_tokens: int, reps:
     prompts = torch.randint(3, model.config.vocab_size, (count, prompt), generator=generator)
     state = {}
     if variant == GENERATE:
-        model.set_attn_implementation(MFA_DECODE_ATTENTION if torch.cuda.get_device_capability() >= (8, 0) else "sdpa")
+        model.set_attn_implementation(MFA_DECODE_ATTENTION if decode_kernel_preferred() else "sdpa")
         prompts = prompts.cuda()
 
         def run(tokens):

@@ -128,9 +128,8 @@ class ServedModel:
         from transformers import AutoConfig, GenerationConfig
 
         loaded = processor_or_tokenizer(self.path)  # once: the processor and its tokenizer, or the tokenizer alone
-        processor = loaded if isinstance(loaded, Step3VLProcessor) else None
-        tokenizer = loaded.tokenizer if processor is not None else loaded
-        renderer = loaded
+        takes_images = isinstance(loaded, Step3VLProcessor)
+        tokenizer = loaded.tokenizer if takes_images else loaded
         context = AutoConfig.from_pretrained(self.path).get_text_config().max_position_embeddings
         if self.max_model_len is not None:
             context = min(context, self.max_model_len)
@@ -146,7 +145,7 @@ class ServedModel:
                 return len(tokenizer(prompt)["input_ids"])
             try:
                 # With a processor, images expand to their crops' and global view's tokens, as the server's do.
-                encoded = renderer.apply_chat_template(
+                encoded = loaded.apply_chat_template(
                     prompt,
                     add_generation_prompt=True,
                     tokenize=True,
@@ -159,7 +158,7 @@ class ServedModel:
             input_ids = encoded["input_ids"]
             return len(input_ids[0] if input_ids and isinstance(input_ids[0], list) else input_ids)
 
-        return ServedLimits(count_tokens, context, default_token_limit, takes_images=processor is not None)
+        return ServedLimits(count_tokens, context, default_token_limit, takes_images=takes_images)
 
 
 def _validating_build_server(build_server, served: ServedModel):

@@ -25,16 +25,15 @@ from step3_reference import step3_logits
 from tp_worker import (
     GRAD_NAMES,
     INPUT_IDS,
-    LEARNING_RATE,
-    MOMENTUM,
     NEW_TOKENS,
     SPLIT_TILES,
-    TRAIN_STEPS,
     WEIGHT_NAMES,
     layout_result,
+    ragged_generate,
     ragged_new_tokens,
     ragged_prompt_length,
     run_layouts,
+    sgd_losses,
 )
 from transformers import AutoModel, AutoModelForCausalLM, CompileConfig, GenerationConfig, StaticCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -374,15 +373,8 @@ def test_fsdp2_fine_tuning_gives_the_losses_and_parameters_of_one_process(causal
     with torch.no_grad():  # each rank trained on its own row (group g takes rows g::2)
         rows = [model(input_ids[row : row + 1], labels=input_ids[row : row + 1]).loss for row in range(2)]
     torch.testing.assert_close(fsdp["first_rank_losses"], torch.stack(rows), rtol=1e-5, atol=1e-6)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    torch.testing.assert_close(fsdp["losses"], torch.stack(losses), rtol=1e-5, atol=1e-6)
+    losses = sgd_losses(model, input_ids)
+    torch.testing.assert_close(fsdp["losses"], losses, rtol=1e-5, atol=1e-6)
     assert losses[-1] < losses[0]  # the steps trained
     params = dict(model.named_parameters())
     assert set(fsdp["params"]) == set(params)
@@ -407,9 +399,7 @@ def test_attention_data_parallel_with_expert_parallel_matches_one_process(causal
     # the all-to-all of every layer meets its peer).
     single = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     for group, ragged in enumerate(dp_ep["ragged_tokens"]):
-        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
-        with torch.no_grad():
-            expected = single.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        expected = ragged_generate(single, group)
         assert ragged.shape == (1, ragged_prompt_length(group) + ragged_new_tokens(group))
         assert ragged.tolist() == expected.tolist()
 

@@ -200,7 +200,6 @@ def test_an_image_is_counted_as_the_processor_expands_it(vl_limits):
         ("data:image/png;base64,***", "invalid base64"),
         ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(), "not a readable image"),
         (png_claiming_size(10_000, 10_000), "decompression bomb"),  # past PIL's 89.5M-pixel guard
-
         (7, "must be a data URL string"),
     ],
 )

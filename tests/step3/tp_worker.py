@@ -107,6 +107,14 @@ def ragged_new_tokens(group: int) -> int:
     return NEW_TOKENS + 2 * group
 
 
+def ragged_generate(model, group: int) -> torch.Tensor:
+    """Row `group` of `INPUT_IDS` alone, cut to `ragged_prompt_length(group)` tokens, decoded greedily for
+    `ragged_new_tokens(group)` tokens: what data-parallel group `group` decodes apart from the others."""
+    prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
@@ -159,6 +167,13 @@ def gather_rows(local: torch.Tensor, group: int, groups: int) -> torch.Tensor:
     return out
 
 
+def rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the ranks (a copy; `value` is left as it is)."""
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
+
+
 def train_step(model) -> dict:
     """One backward on this rank's rows: the mean loss over the ranks (each a mean over as many label tokens) and
     the whole gradients."""
@@ -167,13 +182,25 @@ def train_step(model) -> dict:
     model.train()
     loss = model(input_ids, labels=input_ids).loss
     loss.backward()
-    mean = loss.detach().clone()
-    torch.distributed.all_reduce(mean)
     params = dict(model.named_parameters())
     return {
-        "loss": mean / torch.distributed.get_world_size(),
+        "loss": rank_mean(loss),
         "grads": {name: whole(params[name].grad) for name in GRAD_NAMES},
     }
+
+
+def sgd_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """`TRAIN_STEPS` steps of SGD with momentum on `input_ids` (the same fine-tuning under FSDP2 here and in one
+    process in the test): the loss of each step, `[TRAIN_STEPS]`."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses)
 
 
 def train_fsdp(model) -> dict:
@@ -181,24 +208,14 @@ def train_fsdp(model) -> dict:
     the gradient of the mean loss over the whole batch."""
     group, groups = data_group(model)
     input_ids = torch.tensor(INPUT_IDS)[group::groups]
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     model.train()
-    losses, own_losses = [], []
-    for _ in range(TRAIN_STEPS):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        own_losses.append(loss.detach())
-        mean = loss.detach().clone()
-        torch.distributed.all_reduce(mean)
-        losses.append(mean / torch.distributed.get_world_size())
+    own_losses = sgd_losses(model, input_ids)
     first = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(first, own_losses[0])
     params = {name: whole(param) for name, param in model.named_parameters()}
     sharded = model.model.layers[0].self_attn.wq.weight
     return {
-        "losses": torch.stack(losses),
+        "losses": rank_mean(own_losses),
         "first_rank_losses": torch.stack(first),  # each rank's first loss, on its own rows
         "params": params,
         "wq_local_rows": local_rows(sharded),
@@ -218,9 +235,7 @@ def infer(model) -> dict:
     params = dict(model.named_parameters())
     extra = {}
     if groups > 1:  # data-parallel groups decode independently: another prompt length and more steps per group
-        prompt = torch.tensor(INPUT_IDS)[group : group + 1, : ragged_prompt_length(group)]
-        with torch.no_grad():
-            ragged = model.generate(prompt, max_new_tokens=ragged_new_tokens(group), do_sample=False)
+        ragged = ragged_generate(model, group)
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, (group, ragged))
         extra["ragged_tokens"] = [dict(parts)[g] for g in range(groups)]
