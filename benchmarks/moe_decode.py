@@ -70,14 +70,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def fp8_weights(experts: Step3Experts) -> dict:
-    """`moe_decode` keyword arguments for the experts' weights quantized to block FP8 (128 x 128 tiles), expert by
-    expert (the float32 temporaries of all 48 at once would not fit)."""
-    quantized = {}
+    """`moe_decode` keyword arguments for the experts' weights quantized to block FP8 (128 x 128 tiles;
+    `quantize_block_fp8` takes the experts one at a time, as the float32 temporaries of all 48 would not fit)."""
+    quantized = {"block_size": (128, 128)}
     for name in ("gate_up_proj", "down_proj"):
-        pairs = [quantize_block_fp8(w) for w in getattr(experts, name)]
-        quantized[name] = torch.stack([q for q, _ in pairs])
-        quantized[name.replace("_proj", "_scale")] = torch.stack([s for _, s in pairs])
-    quantized["block_size"] = (128, 128)
+        quantized[name], quantized[name.replace("_proj", "_scale")] = quantize_block_fp8(getattr(experts, name))
     return quantized
 
 
