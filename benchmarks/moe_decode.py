@@ -86,6 +86,7 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         with torch.no_grad():  # the parameters require grad
             weights_kwargs = fp8_weights(experts)
     grid = ((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else ((32, 64, 128), (128, 256), (4, 8), (3, 4))
+    label = "sweep fp8" if fp8 else "sweep"
     for batch in batches:
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
         read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS / (2 if fp8 else 1)
@@ -101,12 +102,12 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
                 with torch.no_grad():
                     seconds = timed_per_call(call, inputs)
             except Exception as err:  # e.g. out of shared memory: skip that point
-                print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch} {params}: {type(err).__name__}", flush=True)
+                print(f"  {label} B={batch} {params}: {type(err).__name__}", flush=True)
                 continue
             results.append((seconds, params))
         results.sort(key=lambda r: r[0])
         for seconds, params in results[:5]:
-            print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
+            print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
         print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
 
 

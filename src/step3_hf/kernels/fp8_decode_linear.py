@@ -14,8 +14,8 @@ so a weight tile read for one row tile is found in L2 by the others.
 
 Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.3-2.9x the
 weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at 64 rows 1.9-3.9x, at 256 rows
-5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the per-step widening and scaling cost
-more than the stream at 64 rows.
+5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the
+per-step widening and scaling cost more than the stream at 64 rows.
 
 The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
 synchronisation, so CUDA graphs capture it. With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU
