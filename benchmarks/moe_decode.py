@@ -70,14 +70,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def fp8_weights(experts: Step3Experts) -> dict:
-    """`moe_decode` keyword arguments for the experts' weights quantized to block FP8 (128 x 128 tiles), expert by
-    expert (the float32 temporaries of all 48 at once would not fit)."""
-    quantized = {}
+    """`moe_decode` keyword arguments for the experts' weights quantized to block FP8 (128 x 128 tiles;
+    `quantize_block_fp8` takes the experts one at a time, as the float32 temporaries of all 48 would not fit)."""
+    quantized = {"block_size": (128, 128)}
     for name in ("gate_up_proj", "down_proj"):
-        pairs = [quantize_block_fp8(w) for w in getattr(experts, name)]
-        quantized[name] = torch.stack([q for q, _ in pairs])
-        quantized[name.replace("_proj", "_scale")] = torch.stack([s for _, s in pairs])
-    quantized["block_size"] = (128, 128)
+        quantized[name], quantized[name.replace("_proj", "_scale")] = quantize_block_fp8(getattr(experts, name))
     return quantized
 
 
@@ -89,6 +86,7 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         with torch.no_grad():  # the parameters require grad
             weights_kwargs = fp8_weights(experts)
     grid = ((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else ((32, 64, 128), (128, 256), (4, 8), (3, 4))
+    label = "sweep fp8" if fp8 else "sweep"
     for batch in batches:
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
         read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS / (2 if fp8 else 1)
@@ -104,12 +102,12 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
                 with torch.no_grad():
                     seconds = timed_per_call(call, inputs)
             except Exception as err:  # e.g. out of shared memory: skip that point
-                print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch} {params}: {type(err).__name__}", flush=True)
+                print(f"  {label} B={batch} {params}: {type(err).__name__}", flush=True)
                 continue
             results.append((seconds, params))
         results.sort(key=lambda r: r[0])
         for seconds, params in results[:5]:
-            print(f"  {'sweep fp8' if fp8 else 'sweep'} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
+            print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
         print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
 
 

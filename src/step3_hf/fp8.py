@@ -155,6 +155,9 @@ def quantize_block_fp8(
     `Fp8LayoutError` for a non-finite weight: no scale represents it."""
     if weight.dim() < 2:
         raise Fp8LayoutError(f"a weight to quantize needs at least 2 dimensions, got shape {tuple(weight.shape)}")
+    if weight.dim() > 2 and weight.shape[0] > 1:  # stacked experts: float32 temporaries of one matrix at a time
+        pairs = [quantize_block_fp8(matrix, block_size) for matrix in weight]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
     weight = weight.to(torch.float32)
     if not bool(torch.isfinite(weight).all()):
         raise Fp8LayoutError("the weight holds NaN or Inf; block FP8 cannot represent it")
@@ -450,9 +453,9 @@ def save_fp8_weights(
 def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE) -> torch.nn.Module:
     """Quantize a loaded (bf16) Step-3 model in place into transformers' FP8 modules, as if it had been loaded from
     the FP8 layout: every linear `is_quantized_weight` names becomes an `FP8Linear` and every routed-experts module
-    an `FP8Experts`, holding float8 weights and float32 scales (`quantize_block_fp8`, one expert at a time so that
-    the float32 temporaries stay small). Norms, router, embeddings, head and vision tower are left as they are;
-    `config.quantization_config` is set, so `save_pretrained` writes the FP8 layout. Returns `model`."""
+    an `FP8Experts`, holding float8 weights and float32 scales (`quantize_block_fp8`, which takes the experts one
+    at a time so that the float32 temporaries stay small). Norms, router, embeddings, head and vision tower are left
+    as they are; `config.quantization_config` is set, so `save_pretrained` writes the FP8 layout. Returns `model`."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts, FP8Linear
     from transformers.integrations.moe import use_experts_implementation
 
@@ -482,12 +485,9 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
             with torch.device("meta"):
                 new = experts_class(config=text_config, block_size=block_size)
             for param in ("gate_up_proj", "down_proj"):
-                stacked = getattr(module, param).detach()
-                quantized = [quantize_block_fp8(expert, block_size) for expert in stacked]
-                setattr(new, param, torch.nn.Parameter(torch.stack([q for q, _ in quantized]), requires_grad=False))
-                scales = torch.stack([s for _, s in quantized])
-                setattr(new, param + SCALE_SUFFIX, torch.nn.Parameter(scales, requires_grad=False))
-                del stacked, quantized
+                weight, scale = quantize_block_fp8(getattr(module, param).detach(), block_size)
+                setattr(new, param, torch.nn.Parameter(weight, requires_grad=False))
+                setattr(new, param + SCALE_SUFFIX, torch.nn.Parameter(scale, requires_grad=False))
         else:
             continue
         model.set_submodule(name, new)

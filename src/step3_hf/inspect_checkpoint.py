@@ -493,7 +493,7 @@ def compare_tensors(
     except Fp8LayoutError as err:
         raise CheckpointError(f"{CONFIG_FILE}: {err}") from err
     text_layout = fp8_tensor_shapes(text, block_size) if block_size else official_tensor_shapes(text)
-    expected = text_layout
+    has_vision_config = getattr(config, "vision_config", None) is not None
     dtypes: dict[str, DtypeUsage] = {}
     for t in tensors:
         usage = dtypes.get(t.dtype, DtypeUsage(0, 0))
@@ -508,15 +508,11 @@ def compare_tensors(
         text_tensors=0,
         text_parameters=0,
         vision_tensors_skipped=0,
-        vision_parameters_expected=(
-            count_vision_parameters(config) if getattr(config, "vision_config", None) is not None else None
-        ),
+        vision_parameters_expected=count_vision_parameters(config) if has_vision_config else None,
         dtypes=dict(sorted(dtypes.items())),
     )
-    vision_config = getattr(config, "vision_config", None)
-    check_vision = vision_config is not None and any(is_vision_tensor(t.name) for t in tensors)
-    if check_vision:
-        expected = {**expected, **official_vision_tensor_shapes(config)}
+    check_vision = has_vision_config and any(is_vision_tensor(t.name) for t in tensors)
+    expected = {**text_layout, **official_vision_tensor_shapes(config)} if check_vision else text_layout
     seen: dict[str, TensorHeader] = {}
     for t in tensors:
         if t.name in seen:

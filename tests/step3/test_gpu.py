@@ -205,19 +205,23 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
     assert isinstance(experts, FP8Experts) and experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert model.config.get_text_config()._experts_implementation == MOE_DECODE_EXPERTS
     reference_state = dequantized_official_state(tmp_path)
+    decode_rows = fp8_linear.MAX_DECODE_LINEAR_ROWS
     # 2 x 1 tokens: moe_decode on the float8 experts; 2 x 300: past MAX_MOE_DECODE_TOKENS, one GEMM per expert.
     for length in (1, 300):
         input_ids = torch.randint(3, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
         reference = step3_logits(reference_state, config, input_ids)
-        # Weight-only (linears dequantized per call): float8 weights exact, bf16 activations, whose rounding grows
-        # with the sequence (H100, 2026-12-06: 2.4% at 300 tokens; a misapplied scale is off by far more).
+        # Weight-only (the decode kernel at 1 token, the linears dequantized per call at 300): float8 weights exact,
+        # bf16 activations, whose rounding grows with the sequence (H100, 2026-12-06: 2.4% at 300 tokens; a
+        # misapplied scale is off by far more).
         monkeypatch.setattr(fp8_linear, "USE_CUBLAS", False)
+        monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", decode_rows)
         with torch.no_grad():
             logits = model(input_ids.cuda()).logits.double().cpu()
         assert ((logits - reference).norm() / reference.norm()).item() < (2e-2 if length == 1 else 4e-2), length
         # cuBLAS's GEMMs round the activations to e4m3 per 128 columns too: ~2.5% per product, compounded over the
         # layers of this random model (an emulation of the same math on CPU: 7% at 1 token, 12% at 300).
         monkeypatch.setattr(fp8_linear, "USE_CUBLAS", True)
+        monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 0)  # cuBLAS at 1 token too, not the decode kernel
         if fp8_linear.scaled_mm_supported(attention.q_proj.weight, (128, 128)):
             with torch.no_grad():
                 logits = model(input_ids.cuda()).logits.double().cpu()

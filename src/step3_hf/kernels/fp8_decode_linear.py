@@ -14,8 +14,8 @@ so a weight tile read for one row tile is found in L2 by the others.
 
 Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.3-2.9x the
 weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at 64 rows 1.9-3.9x, at 256 rows
-5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the per-step widening and scaling cost
-more than the stream at 64 rows.
+5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the
+per-step widening and scaling cost more than the stream at 64 rows.
 
 The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
 synchronisation, so CUDA graphs capture it. With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU
@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..fp8 import FP8_DTYPE, scale_shape
 from .moe_decode import _add_product, _load_k_tile
 from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
 
@@ -152,12 +153,12 @@ def fp8_decode_linear(
     check_kernel_inputs("fp8_decode_linear", "x", x, {"weight": weight, "scale_inv": scale_inv})
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != torch.float8_e4m3fn:
+    if weight.dtype != FP8_DTYPE:
         raise ValueError(f"weight must be float8_e4m3fn, got {weight.dtype}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
     b0, b1 = (int(b) for b in block_size)
-    expected = (-(-weight.shape[0] // b0), -(-weight.shape[1] // b1))
+    expected = scale_shape(tuple(weight.shape), (b0, b1))
     if tuple(scale_inv.shape) != expected or scale_inv.dtype != torch.float32:
         raise ValueError(f"`scale_inv` must be float32 {expected} for blocks {[b0, b1]}, got {scale_inv.dtype} "
                          f"{tuple(scale_inv.shape)}")  # fmt: skip
