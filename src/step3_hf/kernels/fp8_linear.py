@@ -68,12 +68,20 @@ def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> 
     fp16 activations, on a device the kernel runs on (a GPU of compute capability 8.9+, whose Triton has float8),
     with a scale tile width it steps through."""
     return (
-        block_size is not None
-        and kernel_available(x.device)
-        and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9))  # float8 in Triton
+        _decode_kernel_runs(x.device, block_size)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_DECODE_LINEAR_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def _decode_kernel_runs(device: torch.device, block_size) -> bool:
+    """`fp8_decode_linear` runs on `device` (a GPU of compute capability 8.9+, whose Triton has float8, or the
+    interpreter) for scale tiles of `block_size`."""
+    return (
+        block_size is not None
+        and kernel_available(device)
+        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
         and launch_block_k(int(block_size[1])) is not None
     )
 
@@ -136,7 +144,7 @@ def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
     """Which paths `fp8_block_linear` takes for `weight` (for reports): the Triton kernel for decode-sized inputs,
     and cuBLAS or the dequantized weight (and why) for larger ones."""
     decode = ""
-    if kernel_available(weight.device) and launch_block_k(int(block_size[1])) is not None:
+    if _decode_kernel_runs(weight.device, block_size):
         decode = f"Triton fp8_decode_linear up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
     if scaled_mm_supported(weight, block_size):
         return decode + "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
