@@ -30,7 +30,7 @@ from .connector import AttentionConnector
 from .graphs import AttentionGraphs
 from .pipeline import run_layers
 from .placement import Role
-from .remote_ffn import RemoteFFN
+from .remote_ffn import NOT_CONNECTED, RemoteFFN
 from .timing import PhaseTimer
 from .wire import WireFormat
 
@@ -182,8 +182,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if self.connector is None:
-            raise RuntimeError("this attention-side model is not connected to an FFN side: call `connect(connector)` "
-                               "or build it through `step3_hf.afd.start(...).attention_model()`")
+            raise RuntimeError(NOT_CONNECTED)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         inputs_embeds, cache, position_ids, causal_mask = prepare_decoder_inputs(

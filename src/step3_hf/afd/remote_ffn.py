@@ -16,6 +16,11 @@ from ..modeling_step3 import Step3TopKRouter
 from .connector import AttentionConnector
 from .wire import WireFormat
 
+NOT_CONNECTED = (
+    "this attention-side model is not connected to an FFN side: call `connect(connector)` or build it through "
+    "`step3_hf.afd.start(...).attention_model()`"
+)
+
 
 class RemoteFFN(nn.Module):
     """Routing here, the dense MLP or MoE experts on the FFN side; `forward(x)` returns `FFN(x)` like the module it
@@ -38,10 +43,7 @@ class RemoteFFN(nn.Module):
     def send(self, hidden_states, top_k_index, top_k_weights) -> object:
         """Send `hidden_states [n, H]` and their routing to the FFN side; returns the handle for `combine`."""
         if self.connector is None:
-            raise RuntimeError(
-                "this attention-side model is not connected to an FFN side: call `connect(connector)` or build it "
-                "through `step3_hf.afd.start(...).attention_model()`"
-            )
+            raise RuntimeError(NOT_CONNECTED)
         return self.connector.dispatch(self.layer_idx, hidden_states, top_k_index, top_k_weights, self.wire)
 
     def dispatch(self, hidden_states: torch.Tensor) -> object:
