@@ -161,9 +161,9 @@ def run_afd(args) -> None:
     if rank == 0:
         model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16,
                                                          attn_implementation=args.attn_implementation)
-        exchange = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
-                                     device=device, timeout_s=120)
-        model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
+        connector = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size,
+                                           dtype=torch.bfloat16, device=device, timeout_s=120)
+        model.connect(connector, micro_batches=3, wire=WireFormat.FP8)
         model.use_cuda_graphs(args.cuda_graphs)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
         results["attn_implementation"] = model.config._attn_implementation
@@ -174,7 +174,7 @@ def run_afd(args) -> None:
                     results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})  # no fit
                     continue
                 model.micro_batches = micro_batches
-                model.timer = exchange.timer = PhaseTimer(device)
+                model.timer = connector.timer = PhaseTimer(device)
                 row = decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache)
                 timed = model.timer.steps[args.warmup:]
                 row.update(micro_batches=micro_batches,
@@ -184,16 +184,16 @@ def run_afd(args) -> None:
                 results["rows"].append(row)
                 torch.cuda.empty_cache()
                 print(f"[afd attention] {row}", flush=True)
-        exchange.close()
+        connector.close()
     else:
         shard = Step3FFNShard.from_random(config, placement, 0, device=device, dtype=torch.bfloat16)
-        exchange = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
-                               moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
-                               timeout_s=600)
+        connector = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+                                     moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
+                                     timeout_s=600)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in shard.parameters()) / GIB
         dist.barrier()
         timer = PhaseTimer(device)
-        serve(shard, exchange, timer)
+        serve(shard, connector, timer)
         results["rounds"] = [[s.started_at, s.wall_s, s.phases_s.get("ffn", 0.0)] for s in timer.steps]
 
     # NCCL round trip of one micro-batch's dispatch (FP8) + combine (bf16) between the GPUs: the transfer stage.
