@@ -74,7 +74,6 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.model.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.model.rotary_emb = Step3RotaryEmbedding(config)
         self.lm_head = Step3VocabProjection(config.hidden_size, config.vocab_size, bias=False)
-        self.connector: AttentionConnector | None = None
         self.micro_batches = 3
         self.attention_graphs: AttentionGraphs | None = None
         self.timer = PhaseTimer(torch.device("cpu"))
@@ -145,10 +144,9 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         """Send every layer's FFN half through `connector`, `micro_batches` micro-batches in flight."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-        self.connector, self.micro_batches = connector, micro_batches
         for layer in self.model.layers:
             layer.mlp.connector = connector
-        self.wire = wire
+        self.micro_batches, self.wire = micro_batches, wire
         return self
 
     def use_cuda_graphs(self, enabled: bool = True) -> "Step3AFDAttentionForCausalLM":
@@ -158,6 +156,11 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
             raise ValueError(f"CUDA graphs need the attention side on a CUDA device; this model is on {self.device}")
         self.attention_graphs = AttentionGraphs() if enabled else None
         return self
+
+    @property
+    def connector(self) -> AttentionConnector | None:
+        """What every layer's `RemoteFFN` sends through (set by `connect`)."""
+        return self.model.layers[0].mlp.connector
 
     @property
     def wire(self) -> WireFormat:
