@@ -108,7 +108,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         if expected != set(params):
             raise RuntimeError(f"attention-side parameters do not match the checkpoint layout: "
                                f"{sorted(expected ^ set(params))[:8]}")
-        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_weights is None else fp8_weights)
+        keep_fp8 = reader.keeps_fp8(device, fp8_weights)
         with torch.no_grad():
             for name in official_tensor_shapes(config):
                 if role_of_tensor(name) is not Role.ATTENTION:

@@ -168,7 +168,7 @@ class Step3FFNShard(nn.Module):
         CUDA, where `moe_decode` computes them; elsewhere they are dequantized to `dtype` once, here)."""
         device = torch.device(device)
         shard = cls._empty(reader.config, placement, ffn_index, device, dtype)
-        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_experts is None else fp8_experts)
+        keep_fp8 = reader.keeps_fp8(device, fp8_experts)
         if reader.block_size is not None:
             rank = placement.describe(placement.attention_ranks + ffn_index)
             if keep_fp8:
