@@ -111,12 +111,11 @@ def run_colocated(args) -> None:
     random_init_(model, seed=0)
     if args.attn_implementation:  # default: Step-3's own choice (the mfa_decode kernel on CUDA)
         model.set_attn_implementation(args.attn_implementation)
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
-    results_impl = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
     model.eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    results = {"gpu": args.gpu, "weights_gib": weights / GIB, "experts_implementation": results_impl,
+    results = {"gpu": args.gpu, "weights_gib": weights / GIB,
+               "experts_implementation": model.config._experts_implementation,
                "attn_implementation": model.config._attn_implementation, "rows": []}
     for batch in args.batches:
         if not fits(config, batch, args.context, device):
