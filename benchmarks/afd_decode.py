@@ -111,12 +111,11 @@ def run_colocated(args) -> None:
     random_init_(model, seed=0)
     if args.attn_implementation:  # default: Step-3's own choice (the mfa_decode kernel on CUDA)
         model.set_attn_implementation(args.attn_implementation)
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
-    results_impl = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation("grouped_mm")  # what the FFN shard runs
     model.eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    results = {"gpu": args.gpu, "weights_gib": weights / GIB, "experts_implementation": results_impl,
+    results = {"gpu": args.gpu, "weights_gib": weights / GIB,
+               "experts_implementation": model.config._experts_implementation,
                "attn_implementation": model.config._attn_implementation, "rows": []}
     for batch in args.batches:
         if not fits(config, batch, args.context, device):
@@ -161,9 +160,9 @@ def run_afd(args) -> None:
     if rank == 0:
         model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16,
                                                          attn_implementation=args.attn_implementation)
-        exchange = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size, dtype=torch.bfloat16,
-                                     device=device, timeout_s=120)
-        model.connect(exchange, micro_batches=3, wire=WireFormat.FP8)
+        connector = NcclAttentionConnector(placement, 0, groups, hidden_size=config.hidden_size,
+                                           dtype=torch.bfloat16, device=device, timeout_s=120)
+        model.connect(connector, micro_batches=3, wire=WireFormat.FP8)
         model.use_cuda_graphs(args.cuda_graphs)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
         results["attn_implementation"] = model.config._attn_implementation
@@ -174,7 +173,7 @@ def run_afd(args) -> None:
                     results["rows"].append({"batch": batch, "micro_batches": micro_batches, "oom": True})  # no fit
                     continue
                 model.micro_batches = micro_batches
-                model.timer = exchange.timer = PhaseTimer(device)
+                model.timer = connector.timer = PhaseTimer(device)
                 row = decode(model, config, batch, args.context, args.steps, args.warmup, device, args.cache)
                 timed = model.timer.steps[args.warmup:]
                 row.update(micro_batches=micro_batches,
@@ -184,16 +183,16 @@ def run_afd(args) -> None:
                 results["rows"].append(row)
                 torch.cuda.empty_cache()
                 print(f"[afd attention] {row}", flush=True)
-        exchange.close()
+        connector.close()
     else:
         shard = Step3FFNShard.from_random(config, placement, 0, device=device, dtype=torch.bfloat16)
-        exchange = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
-                               moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
-                               timeout_s=600)
+        connector = NcclFFNConnector(placement, 1, groups, hidden_size=config.hidden_size, top_k=config.moe_top_k,
+                                     moe_layers=set(config.moe_layer_indices), dtype=torch.bfloat16, device=device,
+                                     timeout_s=600)
         results["weights_gib"] = sum(p.numel() * p.element_size() for p in shard.parameters()) / GIB
         dist.barrier()
         timer = PhaseTimer(device)
-        serve(shard, exchange, timer)
+        serve(shard, connector, timer)
         results["rounds"] = [[s.started_at, s.wall_s, s.phases_s.get("ffn", 0.0)] for s in timer.steps]
 
     # NCCL round trip of one micro-batch's dispatch (FP8) + combine (bf16) between the GPUs: the transfer stage.

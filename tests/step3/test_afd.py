@@ -164,6 +164,18 @@ def test_the_split_is_a_module_swap_under_the_single_process_names(checkpoint, r
         assert torch.equal(param, state[name]), name
 
 
+def test_remote_ffn_called_as_mlp_is_the_layers_ffn(checkpoint, reference):
+    # Called as the layer's `mlp` (route, send, wait at once), RemoteFFN returns what the single-process layer's
+    # MLP / MoE block returns, for a dense and an MoE layer, with the FFN split over two shards.
+    model = in_process_model(checkpoint, ffn_ranks=2)
+    config = model.config
+    x = torch.randn(2, 3, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for i in (0, config.moe_layer_indices[0]):
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.layers[i].mlp(x), reference.model.layers[i].mlp(x),
+                                       rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ffn_ranks", [1, 2])
 def test_in_process_connector_matches_one_process(checkpoint, reference, ffn_ranks):
     teacher, reference_logits = teacher_batch(reference)

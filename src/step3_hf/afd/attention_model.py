@@ -30,7 +30,7 @@ from .connector import AttentionConnector
 from .graphs import AttentionGraphs
 from .pipeline import run_layers
 from .placement import Role
-from .remote_ffn import RemoteFFN
+from .remote_ffn import NOT_CONNECTED, RemoteFFN
 from .timing import PhaseTimer
 from .wire import WireFormat
 
@@ -74,7 +74,6 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.model.norm = Step3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.model.rotary_emb = Step3RotaryEmbedding(config)
         self.lm_head = Step3VocabProjection(config.hidden_size, config.vocab_size, bias=False)
-        self.connector: AttentionConnector | None = None
         self.micro_batches = 3
         self.attention_graphs: AttentionGraphs | None = None
         self.timer = PhaseTimer(torch.device("cpu"))
@@ -109,7 +108,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         if expected != set(params):
             raise RuntimeError(f"attention-side parameters do not match the checkpoint layout: "
                                f"{sorted(expected ^ set(params))[:8]}")
-        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_weights is None else fp8_weights)
+        keep_fp8 = reader.keeps_fp8(device, fp8_weights)
         with torch.no_grad():
             for name in official_tensor_shapes(config):
                 if role_of_tensor(name) is not Role.ATTENTION:
@@ -145,10 +144,9 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         """Send every layer's FFN half through `connector`, `micro_batches` micro-batches in flight."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-        self.connector, self.micro_batches = connector, micro_batches
         for layer in self.model.layers:
             layer.mlp.connector = connector
-        self.wire = wire
+        self.micro_batches, self.wire = micro_batches, wire
         return self
 
     def use_cuda_graphs(self, enabled: bool = True) -> "Step3AFDAttentionForCausalLM":
@@ -158,6 +156,11 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
             raise ValueError(f"CUDA graphs need the attention side on a CUDA device; this model is on {self.device}")
         self.attention_graphs = AttentionGraphs() if enabled else None
         return self
+
+    @property
+    def connector(self) -> AttentionConnector | None:
+        """What every layer's `RemoteFFN` sends through (set by `connect`)."""
+        return self.model.layers[0].mlp.connector
 
     @property
     def wire(self) -> WireFormat:
@@ -182,8 +185,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if self.connector is None:
-            raise RuntimeError("this attention-side model is not connected to an FFN side: call `connect(connector)` "
-                               "or build it through `step3_hf.afd.start(...).attention_model()`")
+            raise RuntimeError(NOT_CONNECTED)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         inputs_embeds, cache, position_ids, causal_mask = prepare_decoder_inputs(

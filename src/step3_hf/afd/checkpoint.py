@@ -60,6 +60,11 @@ class CheckpointReader:
         self.elements_read = 0
         self.names_read: list[str] = []
 
+    def keeps_fp8(self, device: torch.device, requested: bool | None) -> bool:
+        """Whether a rank loading onto `device` keeps this checkpoint's block-FP8 weights in float8: as `requested`,
+        by default on CUDA; never for a checkpoint that is not block FP8."""
+        return self.block_size is not None and (device.type == "cuda" if requested is None else requested)
+
     def is_quantized(self, name: str) -> bool:
         """Whether official tensor `name` is stored as block FP8 (float8 + `weight_scale_inv`) here."""
         return self.block_size is not None and is_quantized_weight(name)

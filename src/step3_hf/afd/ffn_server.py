@@ -168,7 +168,7 @@ class Step3FFNShard(nn.Module):
         CUDA, where `moe_decode` computes them; elsewhere they are dequantized to `dtype` once, here)."""
         device = torch.device(device)
         shard = cls._empty(reader.config, placement, ffn_index, device, dtype)
-        keep_fp8 = reader.block_size is not None and (device.type == "cuda" if fp8_experts is None else fp8_experts)
+        keep_fp8 = reader.keeps_fp8(device, fp8_experts)
         if reader.block_size is not None:
             rank = placement.describe(placement.attention_ranks + ffn_index)
             if keep_fp8:
@@ -223,14 +223,14 @@ class Step3FFNShard(nn.Module):
 
 
 @torch.no_grad()
-def serve(shard: Step3FFNShard, exchange: FFNConnector, timer: PhaseTimer) -> None:
+def serve(shard: Step3FFNShard, connector: FFNConnector, timer: PhaseTimer) -> None:
     """Answer the attention ranks until every one of them has said it is done.
 
     Each round takes what has arrived; messages for the same layer (attention ranks run the same schedule, so
     usually those of every rank) are concatenated and computed as one batch.
     """
-    while not exchange.finished:
-        arrivals = exchange.receive_round()
+    while not connector.finished:
+        arrivals = connector.receive_round()
         if not arrivals:
             continue
         timer.start_step()
@@ -250,6 +250,6 @@ def serve(shard: Step3FFNShard, exchange: FFNConnector, timer: PhaseTimer) -> No
                 results[position] = part
         # Answer in arrival order: each attention rank matches its answers to its dispatches by order alone.
         for arrival, result in zip(arrivals, results):
-            exchange.respond(arrival, result)
+            connector.respond(arrival, result)
         timer.end_step()
-    exchange.close()
+    connector.close()

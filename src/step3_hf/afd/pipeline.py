@@ -172,7 +172,7 @@ def run_layers(
     graphs: "AttentionGraphs | None" = None,
     **attention_kwargs,
 ) -> torch.Tensor:
-    """All decoder layers over `hidden_states [B, S, H]`; each layer's `mlp` is a `RemoteFFN`, whose `dispatch` and
+    """All decoder layers over `hidden_states [B, S, H]`; each layer's `mlp` is a `RemoteFFN`, whose `send` and
     `combine` bracket the FFN on the other side. The mask and the rotary embeddings are built once per step, by the
     caller, and cut into micro-batches once. With `graphs`, decode steps on a static cache replay each layer's and
     micro-batch's attention phase from a CUDA graph."""

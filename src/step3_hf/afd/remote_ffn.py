@@ -2,8 +2,9 @@
 
 It keeps the MoE router (as `gate`, where `Step3SparseMoeBlock` keeps it, so the parameter names are the single-
 process model's) and hands the FFN itself to the FFN side through a connector. Called as the layer's `mlp` it
-dispatches and waits at once (one micro-batch, no overlap); the pipeline (`pipeline.py`) instead calls `dispatch`
-and `combine` separately to keep several micro-batches in flight.
+routes, sends and waits at once (one micro-batch, no overlap); the pipeline (`pipeline.py`) instead calls `route`
+(inside the attention phase, which CUDA graphs may replay), `send` and `combine` separately to keep several
+micro-batches in flight.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from ..configuration_step3 import Step3Config
 from ..modeling_step3 import Step3TopKRouter
 from .connector import AttentionConnector
 from .wire import WireFormat
+
+NOT_CONNECTED = (
+    "this attention-side model is not connected to an FFN side: call `connect(connector)` or build it through "
+    "`step3_hf.afd.start(...).attention_model()`"
+)
 
 
 class RemoteFFN(nn.Module):
@@ -38,19 +44,12 @@ class RemoteFFN(nn.Module):
     def send(self, hidden_states, top_k_index, top_k_weights) -> object:
         """Send `hidden_states [n, H]` and their routing to the FFN side; returns the handle for `combine`."""
         if self.connector is None:
-            raise RuntimeError(
-                "this attention-side model is not connected to an FFN side: call `connect(connector)` or build it "
-                "through `step3_hf.afd.start(...).attention_model()`"
-            )
+            raise RuntimeError(NOT_CONNECTED)
         return self.connector.dispatch(self.layer_idx, hidden_states, top_k_index, top_k_weights, self.wire)
-
-    def dispatch(self, hidden_states: torch.Tensor) -> object:
-        """Route and send `hidden_states [n, H]`; returns the handle for `combine`."""
-        return self.send(hidden_states, *self.route(hidden_states))
 
     def combine(self, handle: object) -> torch.Tensor:
         return self.connector.combine(handle)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        return self.combine(self.dispatch(hidden_states.reshape(-1, shape[-1]))).view(shape)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return self.combine(self.send(flat, *self.route(flat))).view(hidden_states.shape)
