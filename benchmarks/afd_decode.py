@@ -224,18 +224,21 @@ def run_afd(args) -> None:
 # runs above used (DynamicCache grown by a copy per layer and step); "static" is the preallocated cache whose
 # micro-batches write their rows in place; "graphs" replays each layer's and micro-batch's attention phase from a
 # CUDA graph. The FFN runs Step-3's default experts kernel (moe_decode) except in "ffn:grouped_mm" (what the 2-GPU
-# runs above used).
+# runs above used); "ffn:fp8" holds the routed experts in block FP8 (128 x 128 tiles, as the FP8 release's FFN ranks
+# keep them), through moe_decode's FP8 path.
 VARIANTS = {
     "static+mfa_decode": ("static", "mfa_decode", False, "moe_decode"),
     "dynamic+mfa_decode": ("dynamic", "mfa_decode", False, "moe_decode"),
     "dynamic+sdpa": ("dynamic", "sdpa", False, "moe_decode"),  # the first 2-GPU runs' attention
     "static+mfa_decode+graphs": ("static", "mfa_decode", True, "moe_decode"),
     "static+mfa_decode,ffn:grouped_mm": ("static", "mfa_decode", False, "grouped_mm"),
+    "static+mfa_decode+graphs,ffn:fp8": ("static", "mfa_decode", True, "fp8"),
 }
 QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
             head_dim=16, share_q_dim=32, moe_num_experts=6, moe_top_k=2, moe_intermediate_size=24,
             share_expert_dim=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # the script's own CPU check (--tiny): same code path, toy widths
+FP8_BLOCK_TINY = (8, 8)  # TINY's widths in whole tiles
 
 
 class CyclicFFN(torch.nn.Module):
@@ -262,12 +265,14 @@ def attention_layer_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-def ffn_layer_bytes(config: Step3Config, tokens: int, itemsize: int = 2) -> float:
+def ffn_layer_bytes(config: Step3Config, tokens: int, itemsize: int = 2, expert_itemsize: float = 2) -> float:
     """Expected weight bytes one micro-batch of `tokens` reads in an MoE layer: the shared expert plus each routed
-    expert with the probability that at least one token picks it."""
+    expert with the probability that at least one token picks it (`expert_itemsize` 1 for float8 experts, whose
+    128 x 128 tiles' float32 scales add 4 / 16384 bytes per weight)."""
     h, e, k = config.hidden_size, config.moe_num_experts, config.moe_top_k
     hit = 1 - (1 - k / e) ** tokens
-    return itemsize * (3 * h * config.share_expert_dim + hit * e * 3 * h * config.moe_intermediate_size)
+    shared = itemsize * 3 * h * config.share_expert_dim
+    return shared + expert_itemsize * hit * e * 3 * h * config.moe_intermediate_size
 
 
 def kv_layer_bytes(config: Step3Config, rows: int, length: int, itemsize: int = 2) -> int:
@@ -374,6 +379,12 @@ def run_inprocess(args) -> None:
     full = inprocess_config(args, args.layers)
     ffn = Step3FFNShard.from_random(inprocess_config(args, args.ffn_layers), Placement(1, 1), 0, device=device,
                                     dtype=torch.bfloat16)
+    ffn_fp8 = None  # the same draw with float8 experts, only when a variant asks for it
+    if any(VARIANTS[variant][3] == "fp8" for variant in args.variants):
+        ffn_fp8 = Step3FFNShard.from_random(inprocess_config(args, args.ffn_layers), Placement(1, 1), 0, device=device,
+                                            dtype=torch.bfloat16, fp8_block_size=FP8_BLOCK_TINY if args.tiny else (128, 128))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the bf16 draw it was quantized from goes back before the layers that fit are counted
     with torch.device("meta"):  # sizes only
         probe = Step3AFDAttentionForCausalLM(inprocess_config(args, 1)).to(torch.bfloat16)
     per_layer = attention_layer_bytes(probe)
@@ -387,7 +398,8 @@ def run_inprocess(args) -> None:
         built = max(1, min(args.layers, int(room // (per_layer + kv))))
     config = inprocess_config(args, built)
     model = Step3AFDAttentionForCausalLM.from_random(config, device=device, dtype=torch.bfloat16)
-    model.connect(InProcessConnector([CyclicFFN(ffn, args.ffn_layers)]), micro_batches=args.micro_batches, wire="fp8")
+    served = CyclicFFN(ffn, args.ffn_layers)
+    model.connect(InProcessConnector([served]), micro_batches=args.micro_batches, wire="fp8")
     all_layers = model.model.layers
     summary = {"args": vars(args), "device": name, "copy_bandwidth": bandwidth, "layers_built": built,
                "attention_layer_bytes": per_layer, "rows": []}
@@ -407,7 +419,9 @@ def run_inprocess(args) -> None:
             model.set_attn_implementation(attention)
             trace = bool(args.trace) and batch == args.trace_batch and variant == args.variants[0]
             try:
-                ffn.set_experts_implementation(experts)
+                served.shard = ffn_fp8 if experts == "fp8" else ffn
+                if experts != "fp8":
+                    ffn.set_experts_implementation(experts)
                 model.use_cuda_graphs(graphs)
                 row = inprocess_run(model, inprocess_config(args, layers), kind, batch, args.context, args, device, trace)
             except torch.cuda.OutOfMemoryError:
@@ -421,7 +435,8 @@ def run_inprocess(args) -> None:
                 tokens = row["micro_batch_tokens"]
                 kv = kv_layer_bytes(config, tokens, args.context + args.warmup + args.steps // 2)
                 row["attention_roofline_us"] = 1e6 * (per_layer + kv) / bandwidth
-                row["ffn_roofline_us"] = 1e6 * ffn_layer_bytes(config, tokens) / bandwidth
+                expert_itemsize = 1 + 4 / 128**2 if experts == "fp8" else 2
+                row["ffn_roofline_us"] = 1e6 * ffn_layer_bytes(config, tokens, expert_itemsize=expert_itemsize) / bandwidth
                 pred = prediction(args, [tokens], card=card, config=config)[tokens]
                 row["predicted_attention_us"], row["predicted_ffn_us"] = pred["attention_us"], pred["ffn_us"]
                 if trace:

@@ -531,6 +531,33 @@ def test_fp8_checkpoint_in_process_matches_one_process(fp8_checkpoint, fp8_refer
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_random_shard_with_fp8_experts_computes_its_dequantized_weights(checkpoint):
+    # The benchmarks' FP8 FFN rank: the same random draw as the bf16 shard, its routed experts quantized to block
+    # FP8 (float8 + scales, as `from_checkpoint` keeps them) and the rest left as it is. Its output is what the
+    # dequantized experts compute, and it differs from the unquantized shard by FP8 rounding only.
+    from step3_hf.fp8 import dequantize_block_fp8
+
+    config, block = CheckpointReader(checkpoint).config, (16, 16)
+    plain = Step3FFNShard.from_random(config, Placement(1, 1), 0, dtype=torch.float32, seed=5)
+    fp8 = Step3FFNShard.from_random(config, Placement(1, 1), 0, dtype=torch.float32, seed=5, fp8_block_size=block)
+    experts = fp8.layers[1].experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+    assert experts.down_proj_scale_inv.shape == (6, 4, 2) and fp8.config._experts_implementation == "moe_decode"
+    assert fp8.layers[1].shared_expert.gate_proj.weight.dtype == torch.float32
+    reference = Step3FFNShard.from_random(config, Placement(1, 1), 0, dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            weight, scale = getattr(experts, name), getattr(experts, name + "_scale_inv")
+            getattr(reference.layers[1].experts, name).copy_(dequantize_block_fp8(weight, scale, block))
+        hidden = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+        index = torch.tensor([[0, 3], [5, 1], [2, 2], [4, 0], [1, 5]])
+        weights = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
+        got, want, unquantized = (s(1, hidden, index, weights) for s in (fp8, reference, plain))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    error = (got - unquantized).abs().max() / unquantized.abs().max()
+    assert 0 < error < 0.05
+
+
 @pytest.mark.parametrize("bad", ["missing", "misshaped", "bf16"])
 def test_fp8_scale_missing_or_misshaped_is_refused_naming_it(tmp_path, bad):
     from step3_hf.configuration_step3 import Step3Config

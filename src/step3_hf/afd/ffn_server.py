@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
-from ..fp8 import SCALE_SUFFIX
+from ..fp8 import SCALE_SUFFIX, quantize_block_fp8
 from ..loading import BrokenCheckpointError
 from ..modeling_step3 import Step3MLP, Step3PreTrainedModel, Step3SparseMoeBlock
 from .checkpoint import CheckpointReader
@@ -196,13 +196,26 @@ class Step3FFNShard(nn.Module):
     @classmethod
     def from_random(
         cls, config: Step3Config, placement: Placement, ffn_index: int, *, device="cpu", dtype=torch.bfloat16,
-        std: float = 0.02, seed: int = 1,
+        std: float = 0.02, seed: int = 1, fp8_block_size: tuple[int, int] | None = None,
     ) -> "Step3FFNShard":
+        """Random weights (benchmarks, tests). With `fp8_block_size` the routed experts are quantized to block FP8
+        afterwards, as `from_checkpoint` keeps them from an FP8 checkpoint (the rest stays in `dtype`)."""
         shard = cls._empty(config, placement, ffn_index, device, dtype)
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for param in shard.parameters():
                 param.normal_(0.0, std, generator=generator)
+        if fp8_block_size is not None:
+            block_size = tuple(fp8_block_size)
+            for block in shard.layers:
+                if isinstance(block, Step3FFNMoE):
+                    experts = _fp8_experts_module(block.experts, shard.config, block_size)
+                    for param in ("gate_up_proj", "down_proj"):
+                        weight, scale = quantize_block_fp8(getattr(block.experts, param).detach(), block_size)
+                        setattr(experts, param, nn.Parameter(weight, requires_grad=False))
+                        setattr(experts, param + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
+                    block.experts = experts
+            shard.config._experts_implementation = "moe_decode"
         return shard
 
     def set_experts_implementation(self, implementation: str) -> None:
