@@ -116,7 +116,9 @@ def profile(model, batch: int, prompt: int, new_tokens: int) -> None:
     profiler.enable()
     generate_seconds(model, input_ids, new_tokens, 1)
     profiler.disable()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats("step3_hf|transformers", 40)  # which wrappers the time sits under
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears (a weight-streaming kernel for decode), a one-launch RMSNorm, and their transformers hookup
+linears (a weight-streaming kernel for decode), a one-launch RMSNorm, CUDA graphs of each layer's FFN half for
+eager decoding (`decode_graphs.py`), and their transformers hookup
 (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
@@ -15,6 +16,7 @@ from .fp8_decode_linear import fp8_decode_linear
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
 from .rms_norm import rms_norm, use_fused_rms_norm
+from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
 from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
@@ -64,7 +66,9 @@ __all__ = [
     "Step3FP8Linear",
     "fp8_block_linear",
     "fp8_decode_linear",
+    "clear_decode_graphs",
     "rms_norm",
+    "use_ffn_decode_graphs",
     "use_fused_rms_norm",
     "use_fp8_kernels",
 ]

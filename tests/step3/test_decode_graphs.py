@@ -1,0 +1,163 @@
+"""CUDA graphs of each decoder layer's FFN half while decoding eagerly (`step3_hf.kernels.decode_graphs`).
+
+On CPU: which layers a replay may stand for (the rules that keep it equal to the eager call). On CUDA (skipped
+without a GPU): replays give bitwise the eager logits and tokens, bf16 and block FP8, a replaced weight is captured
+again, and calls the graphs must not take (recording router logits, gradients) run eagerly.
+"""
+
+import pytest
+import torch
+
+import step3_hf  # noqa: F401
+from step3_hf import Step3Config, Step3ForCausalLM
+from step3_hf.kernels import decode_graphs
+from step3_hf.modeling_step3 import Step3DecoderLayer
+from step3_hf.tiny_checkpoint import TINY_CONFIG
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(dtype=torch.float32, device="cpu", **overrides) -> Step3ForCausalLM:
+    torch.manual_seed(0)
+    config = Step3Config(**{**TINY_CONFIG, **overrides})
+    return Step3ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def test_installed_on_the_decoder_layer():
+    assert Step3DecoderLayer.ffn_block._eager_ffn_block is not None
+    decode_graphs.use_ffn_decode_graphs(Step3DecoderLayer)  # idempotent: the eager method stays the one wrapped
+    assert getattr(Step3DecoderLayer.ffn_block._eager_ffn_block, "_eager_ffn_block", None) is None
+
+
+def test_graphable_layers_are_step3_modules_without_active_hooks():
+    model = tiny_model()
+    dense, moe = model.model.layers[0], model.model.layers[1]
+    cpu = torch.device("cpu")
+    assert decode_graphs.ffn_graphable(dense, cpu) and decode_graphs.ffn_graphable(moe, cpu)
+    assert not decode_graphs.ffn_graphable(moe, torch.device("meta"))  # weights on another device
+
+    handle = moe.mlp.shared_expert.up_proj.register_forward_pre_hook(lambda module, args: None)
+    assert not decode_graphs.ffn_graphable(moe, cpu)  # a replay would skip the hook
+    handle.remove()
+    assert decode_graphs.ffn_graphable(moe, cpu)
+
+    # transformers' output-recording hooks are inert until outputs are recorded; recording router logits needs the
+    # router to run eagerly.
+    from transformers.utils.output_capturing import _active_collector
+
+    model(torch.tensor([[1, 2, 3]]), output_router_logits=True)  # installs the recording hooks
+    assert moe.mlp.gate._forward_hooks
+    assert decode_graphs.ffn_graphable(moe, cpu)
+    token = _active_collector.set({"router_logits": []})
+    try:
+        assert not decode_graphs.ffn_graphable(moe, cpu)
+    finally:
+        _active_collector.reset(token)
+
+
+def test_adapters_and_remote_ffns_stay_eager():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["down_proj"]))
+    layer = peft_model.base_model.model.model.layers[0]
+    assert not decode_graphs.ffn_graphable(layer, torch.device("cpu"))  # an adapter can be switched off per call
+
+    from step3_hf.afd import RemoteFFN
+
+    assert not issubclass(RemoteFFN, decode_graphs._allowed_module_types())
+
+
+def test_cpu_calls_run_the_eager_ffn():
+    model = tiny_model()
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 1, model.config.hidden_size)
+    with torch.no_grad():
+        assert not decode_graphs.ffn_graph_applies(layer, hidden)
+        torch.testing.assert_close(layer.ffn_block(hidden), Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden),
+                                   rtol=0, atol=0)  # fmt: skip
+    assert layer not in decode_graphs._graphs
+
+
+# ----- CUDA ----------------------------------------------------------------------------------------------------
+def decode_logits(model, ids, steps: int):
+    """Prefill, then `steps` greedy decode steps on a dynamic cache: the logits of every step."""
+    from transformers import DynamicCache
+
+    cache, logits = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        out = model(ids, cache=cache, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, cache=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_cuda_replays_equal_the_eager_ffn_bitwise(monkeypatch, precision):
+    model = tiny_model(torch.bfloat16, "cuda", hidden_size=128, share_q_dim=128, moe_intermediate_size=128,
+                       intermediate_size=256)  # fmt: skip
+    if precision == "fp8":
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("block-FP8 weights stay float8 from compute capability 8.9")
+        from step3_hf.fp8 import quantize_model
+
+        quantize_model(model, block_size=(64, 64))
+    ids = torch.randint(3, 256, (3, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    graphed = decode_logits(model, ids, steps=4)
+    layers = list(model.model.layers)
+    assert all(len(decode_graphs._graphs[layer]) == 1 for layer in layers)  # one capture per layer, then replays
+    first = [next(iter(decode_graphs._graphs[layer].values())) for layer in layers]
+    decode_logits(model, ids, steps=2)
+    assert [next(iter(decode_graphs._graphs[layer].values())) for layer in layers] == first
+
+    monkeypatch.setattr(decode_graphs, "ENABLED", False)
+    eager = decode_logits(model, ids, steps=4)
+    assert torch.equal(graphed, eager)
+    assert decode_graphs.clear_decode_graphs(model) == len(layers)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_generate_with_graphs_gives_the_eager_tokens(monkeypatch):
+    model = tiny_model(torch.bfloat16, "cuda")
+    ids = torch.randint(3, 256, (4, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    graphed = model.generate(ids, **kwargs)
+    assert model.model.layers[2] in decode_graphs._graphs
+    monkeypatch.setattr(decode_graphs, "ENABLED", False)
+    assert torch.equal(graphed, model.generate(ids, **kwargs))
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_replaced_weight_is_captured_again(monkeypatch):
+    model = tiny_model(torch.bfloat16, "cuda")
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.ffn_block(hidden)
+        before = next(iter(decode_graphs._graphs[layer].values()))
+        down = layer.mlp.shared_expert.down_proj
+        down.weight = torch.nn.Parameter(torch.randn_like(down.weight))
+        graphed = layer.ffn_block(hidden)
+        assert next(iter(decode_graphs._graphs[layer].values())) is not before
+        eager = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
+    assert torch.equal(graphed, eager)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_calls_graphs_must_not_take_run_eagerly():
+    model = tiny_model(torch.bfloat16, "cuda")
+    decode_graphs.clear_decode_graphs(model)
+    ids = torch.tensor([[1, 5, 9]], device="cuda")
+    with torch.no_grad():
+        out = model(ids[:, :1], output_router_logits=True)  # one token: decode-sized, but router logits are recorded
+    assert len(out.router_logits) == 2 and not any(layer in decode_graphs._graphs for layer in model.model.layers)
+    model(ids[:, :1]).logits.sum().backward()  # gradients: eager
+    assert not any(layer in decode_graphs._graphs for layer in model.model.layers)
