@@ -20,11 +20,13 @@ from transformers import (
 )
 
 from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
+from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.transformers_paged_attention import init_continuous_batching
 from .kernels.rms_norm import use_fused_rms_norm
+from .kernels.rotary import use_fused_rotary
 from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3RMSNorm, Step3VLForCausalLM
 from .modeling_step3_vl import Step3VisionModel, Step3VLForConditionalGeneration
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
@@ -36,6 +38,8 @@ Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_im
 Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
 # ... with its RMSNorms in one kernel each at inference there (eight eager launches otherwise) ...
 use_fused_rms_norm(Step3RMSNorm)
+# ... its rotary embedding of queries and keys in one kernel (about ten eager launches per layer) ...
+use_fused_rotary(modeling_step3)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
 Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 
