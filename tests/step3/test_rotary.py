@@ -193,7 +193,8 @@ def test_cpu_tensors_keep_the_eager_function_without_the_interpreter(monkeypatch
         pytest.skip("the interpreter runs CPU tensors")
     monkeypatch.setattr(rotary_module, "apply_rotary", lambda *a: pytest.fail("the kernel was called on CPU"))
     generator = torch.Generator().manual_seed(4)
-    q, k = projected(1, 2, 3, 8, torch.float32, "cpu", generator), projected(1, 1, 3, 8, torch.float32, "cpu", generator)
+    q = projected(1, 2, 3, 8, torch.float32, "cpu", generator)
+    k = projected(1, 1, 3, 8, torch.float32, "cpu", generator)
     position_ids = positions(1, 3, shared=True)
     cos, sin = rope_tables(8, position_ids, torch.float32, "cpu")
     with torch.no_grad():
