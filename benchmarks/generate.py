@@ -25,6 +25,7 @@ import torch
 from decode_attention import machine_and_ceiling
 from decode_step import build_model, step_bytes
 
+from step3_hf import modeling_step3
 from step3_hf.modeling_step3 import Step3RMSNorm
 
 VARIANTS = {
@@ -130,14 +131,19 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=None, help="shapes to profile instead of timing")
     parser.add_argument("--eager-norms", action="store_true",
                         help="RMSNorm in eager torch (eight launches each) instead of the one-launch kernel")
+    parser.add_argument("--eager-rope", action="store_true",
+                        help="RoPE in eager torch (about ten launches per layer) instead of the one-launch kernel")
     args = parser.parse_args()
     if args.eager_norms:
         Step3RMSNorm.forward = Step3RMSNorm.forward._eager_forward
+    if args.eager_rope:
+        modeling_step3.apply_rotary_pos_emb = modeling_step3.apply_rotary_pos_emb._eager_function
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, RMSNorm "
-          f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}", flush=True)
+          f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}, "
+          f"RoPE {'eager (--eager-rope)' if args.eager_rope else 'one launch'}", flush=True)
     print(f"default kernels: attention {model.config._attn_implementation}, "
           f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
     default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation

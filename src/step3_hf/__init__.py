@@ -20,12 +20,14 @@ from transformers import (
 )
 
 from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
+from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.transformers_paged_attention import init_continuous_batching
 from .kernels.decode_graphs import use_ffn_decode_graphs
 from .kernels.rms_norm import use_fused_rms_norm
+from .kernels.rotary import use_fused_rotary
 from .modeling_step3 import (
     Step3DecoderLayer,
     Step3ForCausalLM,
@@ -44,6 +46,8 @@ Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_im
 Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
 # ... with its RMSNorms in one kernel each at inference there (eight eager launches otherwise) ...
 use_fused_rms_norm(Step3RMSNorm)
+# ... its rotary embedding of queries and keys in one kernel (about ten eager launches per layer) ...
+use_fused_rotary(modeling_step3)
 # ... and, decoding eagerly on CUDA, replays each layer's FFN half from a CUDA graph (its shapes do not change) ...
 use_ffn_decode_graphs(Step3DecoderLayer)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.

@@ -1,8 +1,8 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears (a weight-streaming kernel for decode), a one-launch RMSNorm, CUDA graphs of each layer's FFN half for
-eager decoding (`decode_graphs.py`), and their transformers hookup
-(`transformers_attention.py`, `transformers_experts.py`).
+linears (a weight-streaming kernel for decode), a one-launch RMSNorm, a one-launch RoPE of queries and keys
+(`rotary.py`), CUDA graphs of each layer's FFN half for eager decoding (`decode_graphs.py`), and their
+transformers hookup (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
 `"mfa_paged"` (`paged_attention.py`, `transformers_paged_attention.py`) and `experts_implementation="moe_decode"`
@@ -17,6 +17,7 @@ from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
 from .rms_norm import rms_norm, use_fused_rms_norm
 from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
+from .rotary import apply_rotary, use_fused_rotary
 from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available
 from .transformers_attention import (
@@ -70,5 +71,7 @@ __all__ = [
     "rms_norm",
     "use_ffn_decode_graphs",
     "use_fused_rms_norm",
+    "apply_rotary",
+    "use_fused_rotary",
     "use_fp8_kernels",
 ]
