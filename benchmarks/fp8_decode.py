@@ -16,7 +16,8 @@ first, then the same weights quantized. Reported:
     `kernels` hub package, absent offline, in which case the cell says why), eager;
 - each against its roofline = (weight bytes the step reads + KV bytes) / device-copy bandwidth measured in the same
   run (routed experts counted with the probability that at least one token of the batch picks them);
-- prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8.
+- prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8 (bf16 experts through
+  `grouped_mm`, FP8 experts through `moe_decode` on the float8 weights; the path and launch are printed).
 
     python benchmarks/fp8_decode.py [--batches 16 64 256] [--contexts 4096 16384] [--prefill 1x4096 4x4096]
     python benchmarks/fp8_decode.py --quick      # batch 16 and 64 at 4K, prefill 1x2048: under 3 minutes
@@ -36,6 +37,7 @@ from generate import parse_shape
 
 from step3_hf.fp8 import quantize_model
 from step3_hf.kernels.fp8_linear import fp8_linear_path
+from step3_hf.kernels.transformers_experts import fp8_experts_path
 
 BLOCK_SIZE = (128, 128)
 # name -> (float8 KV cache, experts implementation, CUDA graph)
@@ -68,7 +70,7 @@ def decode_seconds(model, batch: int, context: int, float8_kv: bool, experts: st
 
 def prefill_seconds(model, batch: int, length: int) -> float | str:
     model.set_attn_implementation("sdpa")
-    model.set_experts_implementation("moe_decode")  # hands prefill-sized calls on (grouped_mm, or FP8 per expert)
+    model.set_experts_implementation("moe_decode")  # bf16: grouped_mm beyond 512 tokens; FP8: the kernel throughout
     input_ids = torch.randint(3, model.config.vocab_size, (batch, length), device="cuda")
     try:
         with torch.no_grad():
@@ -115,6 +117,12 @@ def main() -> None:
     memory["fp8"] = weight_bytes(model)
     q_proj = model.model.layers[0].self_attn.q_proj
     print(f"FP8 linears: {type(q_proj).__name__}, {fp8_linear_path(q_proj.weight, q_proj.block_size)}", flush=True)
+    experts = model.model.layers[-1].mlp.experts
+    for batch, length in args.prefill:
+        with torch.no_grad():
+            hidden = torch.empty(batch * length, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+            path = fp8_experts_path(experts, hidden, model.config.moe_top_k)
+        print(f"FP8 experts, prefill {batch}x{length}: {type(experts).__name__}, {path}", flush=True)
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)

@@ -13,9 +13,14 @@ The last three are replayed as CUDA graphs. Bytes read = the weights of the expe
 (averaged over the routings); ceiling = those bytes / the device-copy bandwidth measured in the same run.
 
     python benchmarks/moe_decode.py [--batches 1 16 64 256] [--sweep]
+    python benchmarks/moe_decode.py --batches 2048 4096 8192 --sweep-fp8 --variants grouped_mm   # prefill sizes
 
 `--sweep` first times the kernel's launch parameters (block sizes, warps, stages) at each batch; `--sweep-fp8` does
-the same on the weights quantized to block FP8.
+the same on the weights quantized to block FP8, and prints a last table per batch: ours on FP8 weights (default and
+best launch) beside bf16 `grouped_mm` (the experts path transformers uses), against the FP8 roofline: the larger of
+the hit experts' float8 bytes / the copy bandwidth and the FLOPs / a bf16 cuBLAS GEMM's rate measured in the same run
+(the kernel widens float8 to bf16 for the tensor cores). Batches of more than 32 rows per expert on average
+(prefill, e.g. 2048 tokens and up) sweep the rows per block too (64 and 128).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from decode_step import eager_seconds
 from step3_hf import Step3Config
 from step3_hf.fp8 import quantize_block_fp8
 from step3_hf.kernels import MOE_DECODE_EXPERTS, moe_decode
-from step3_hf.kernels.moe_decode import default_block_m
+from step3_hf.kernels.moe_decode import MAX_DECODE_ROWS_PER_EXPERT, default_launch
 from step3_hf.modeling_step3 import Step3Experts
 
 # name -> (experts_implementation, replayed as a CUDA graph)
@@ -78,22 +83,44 @@ def fp8_weights(experts: Step3Experts) -> dict:
     return quantized
 
 
-def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float, fp8: bool) -> None:
-    """Times the kernel's launch parameters at each batch (rows per block: the default for the batch); prints the
-    fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per weight)."""
+def matmul_rate(size: int = 8192) -> float:
+    """bf16 cuBLAS GEMM of `size`^3: FLOPs per second (the compute ceiling of a bf16 tensor-core kernel)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    seconds = timed_per_call(torch.mm, [(a, b)])
+    return 2 * size**3 / seconds
+
+
+def expert_flops(config: Step3Config, batch: int) -> float:
+    """Multiply-adds x 2 of the routed experts: every (token, choice) pair through gate, up and down."""
+    return batch * config.moe_top_k * 2 * 3 * config.hidden_size * config.moe_intermediate_size
+
+
+def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float, fp8: bool) -> dict:
+    """Times the kernel's launch parameters at each batch (decode sizes: the default rows per block; prefill sizes:
+    64 and 128 rows); prints the fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per
+    weight), and also times the default launch and bf16 `grouped_mm`. Returns, per batch, the FP8 rows of the last
+    table."""
     weights_kwargs = {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
     if fp8:
         with torch.no_grad():  # the parameters require grad
             weights_kwargs = fp8_weights(experts)
-    grid = ((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else ((32, 64, 128), (128, 256), (4, 8), (3, 4))
     label = "sweep fp8" if fp8 else "sweep"
+    table = {}
     for batch in batches:
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
         read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS / (2 if fp8 else 1)
-        default_m = default_block_m(batch * config.moe_top_k, config.moe_num_experts)
-        results = []
-        for block_n, block_k, warps, stages in itertools.product(*grid):
-            params = dict(block_m=default_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+        num_pairs = batch * config.moe_top_k
+        if -(-num_pairs // config.moe_num_experts) > MAX_DECODE_ROWS_PER_EXPERT:  # prefill: compute-bound
+            grid = ((64, 128), (64, 128), (64, 128), (4, 8), (3,))
+        else:
+            block_m = default_launch(num_pairs, config.moe_num_experts)["block_m"]
+            grid = ((block_m,), *(((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else
+                                  ((32, 64, 128), (128, 256), (4, 8), (3, 4))))  # fmt: skip
+        results, default, ours = [], None, None
+        launches = [dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), p))
+                    for p in itertools.product(*grid)]  # fmt: skip
+        for params in [{}, *launches]:  # {}: moe_decode's default launch
 
             def call(hidden, index, weights, params=params):
                 return moe_decode(hidden, index, weights, **weights_kwargs, **params)
@@ -102,13 +129,48 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
                 with torch.no_grad():
                     seconds = timed_per_call(call, inputs)
             except Exception as err:  # e.g. out of shared memory: skip that point
-                print(f"  {label} B={batch} {params}: {type(err).__name__}", flush=True)
+                print(f"  {label} B={batch} {params or 'default'}: {type(err).__name__}", flush=True)
                 continue
-            results.append((seconds, params))
+            if params:
+                results.append((seconds, params))
+            else:
+                default = seconds
+                with torch.no_grad():
+                    ours = call(*inputs[0])
         results.sort(key=lambda r: r[0])
         for seconds, params in results[:5]:
             print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
-        print(f"  sweep B={batch}: ceiling {read / bandwidth * 1e6:.1f} us", flush=True)
+        default_us = "failed" if default is None else f"{default * 1e6:.1f} us"
+        print(f"  {label} B={batch}: default launch {default_launch(num_pairs, config.moe_num_experts)} {default_us}; "
+              f"ceiling {read / bandwidth * 1e6:.1f} us", flush=True)  # fmt: skip
+        if fp8:
+            with torch.no_grad():
+                config._experts_implementation = "grouped_mm"
+                grouped = timed_per_call(experts, inputs)
+                # FP8 rounding of the weights, against bf16
+                error = float("nan") if ours is None else relative_error(ours, experts(*inputs[0]))
+            table[batch] = dict(read=read, default=default, best=results[0] if results else None, grouped=grouped,
+                                error=error)  # fmt: skip
+            torch.cuda.empty_cache()
+    return table
+
+
+def print_fp8_table(config: Step3Config, table: dict, bandwidth: float, flop_rate: float) -> None:
+    print(f"\nRouted experts of one Step-3 MoE layer, block-FP8 weights (ours) and bf16 (grouped_mm); us per call; "
+          f"roofline = max(float8 bytes of the hit experts / {bandwidth / 1e12:.2f} TB/s copy, FLOPs / "
+          f"{flop_rate / 1e12:.0f} TFLOP/s bf16 cuBLAS GEMM)\n")  # fmt: skip
+    print("| tokens | float8 read (GB) | TFLOP | ours FP8, default launch | ours FP8, best launch | bf16 grouped_mm | "
+          "roofline (bytes / compute) | best / roofline | FP8 vs bf16 error |")  # fmt: skip
+    print("|---" * 9 + "|")
+    for batch, row in table.items():
+        flops = expert_flops(config, batch)
+        roofline = max(row["read"] / bandwidth, flops / flop_rate)
+        default = "failed" if row["default"] is None else f"{row['default'] * 1e6:,.0f}"
+        best = "n/a" if row["best"] is None else f"{row['best'][0] * 1e6:,.0f} ({row['best'][1]})"
+        ratio = "n/a" if row["best"] is None else f"{row['best'][0] / roofline:.2f}x"
+        print(f"| {batch} | {row['read'] / 1e9:.2f} | {flops / 1e12:.2f} | {default} | {best} | "
+              f"{row['grouped'] * 1e6:,.0f} | {roofline * 1e6:,.0f} ({row['read'] / bandwidth * 1e6:,.0f} / "
+              f"{flops / flop_rate * 1e6:,.0f}) | {ratio} | {row['error']:.1e} |")  # fmt: skip
 
 
 def main() -> None:
@@ -126,8 +188,11 @@ def main() -> None:
     print(f"experts: {config.moe_num_experts} x ({widths}), top-{config.moe_top_k}, bf16", flush=True)
     if args.sweep:
         sweep(experts, config, args.batches, bandwidth, fp8=False)
+    fp8_table = {}
     if args.sweep_fp8:
-        sweep(experts, config, args.batches, bandwidth, fp8=True)
+        flop_rate = matmul_rate()
+        print(f"compute ceiling: bf16 cuBLAS GEMM {flop_rate / 1e12:.0f} TFLOP/s", flush=True)
+        fp8_table = sweep(experts, config, args.batches, bandwidth, fp8=True)
 
     rows = []
     for batch in args.batches:
@@ -173,6 +238,8 @@ def main() -> None:
     print("\nrelative error vs grouped_mm (routing 0): " + "; ".join(
         f"B={row['batch']} " + ", ".join(f"{n} {row[n][1]:.1e}" for n in args.variants if isinstance(row[n], tuple))
         for row in rows))  # fmt: skip
+    if fp8_table:
+        print_fp8_table(config, fp8_table, bandwidth, flop_rate)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
     assert model.config.get_text_config()._experts_implementation == MOE_DECODE_EXPERTS
     reference_state = dequantized_official_state(tmp_path)
     decode_rows = fp8_linear.MAX_DECODE_LINEAR_ROWS
-    # 2 x 1 tokens: moe_decode on the float8 experts; 2 x 300: past MAX_MOE_DECODE_TOKENS, one GEMM per expert.
+    # 2 x 1 tokens and 2 x 300 (past the bf16 MAX_MOE_DECODE_TOKENS): moe_decode on the float8 experts, the decode
+    # and the prefill launch.
     for length in (1, 300):
         input_ids = torch.randint(3, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
         reference = step3_logits(reference_state, config, input_ids)

@@ -13,6 +13,7 @@ from triton_cases import DEVICES, HAS_CUDA, INTERPRETED, relative_error, rerun_u
 
 from step3_hf import Step3Config
 from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, moe_decode
+from step3_hf.kernels.moe_decode import PREFILL_LAUNCH, default_launch
 from step3_hf.modeling_step3 import Step3Experts, Step3ForCausalLM
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
@@ -122,6 +123,8 @@ def test_bad_arguments_raise_clear_errors(device):
         moe_decode(x, index.float(), weights, gate_up, down)
     with pytest.raises(ValueError, match="share one of"):
         moe_decode(x.bfloat16(), index, weights, gate_up, down)
+    with pytest.raises(ValueError, match="block_m"):
+        moe_decode(x, index, weights, gate_up, down, block_m=48)
 
 
 def test_cpu_without_interpreter_is_refused():
@@ -360,10 +363,9 @@ def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
     assert out.dtype == dtype and relative_error(out, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device):
-    """transformers' own `FP8Experts` with `experts_implementation="moe_decode"`: decode calls take the kernel, calls
-    with a gradient go expert by expert; both equal the dequantized float64 reference."""
+def fp8_experts_module(device, num_tokens):
+    """transformers' own `FP8Experts` (hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
+    `experts_implementation="moe_decode"`, a routed batch and its float64 reference from the dequantized weights."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
     from transformers.integrations.moe import use_experts_implementation
 
@@ -377,19 +379,103 @@ def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device):
         for name, value in (("gate_up_proj", gate_up), ("gate_up_proj_scale_inv", gate_up_scale),
                             ("down_proj", down), ("down_proj_scale_inv", down_scale)):  # fmt: skip
             getattr(experts, name).data = value
-    x, index, weights, _, _ = random_experts(6, 64, 32, 6, 2, torch.float32, device, seed=6)
+    x, index, weights, _, _ = random_experts(num_tokens, 64, 32, 6, 2, torch.float32, device, seed=6)
     ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
+    return experts, x, index, weights, ref
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The `moe_decode` calls the dispatcher makes (the number of tokens of each)."""
     calls = []
-    original = experts_module.moe_decode
-    experts_module.moe_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        with torch.no_grad():
-            decoded = experts(x, index, weights)
-        by_expert = experts(x.requires_grad_(), index, weights)
-    finally:
-        experts_module.moe_decode = original
-    assert calls == [1]  # only the no-grad call took the kernel
+    kernel = experts_module.moe_decode
+
+    def counted(hidden_states, *args, **kwargs):
+        calls.append(hidden_states.shape[0])
+        return kernel(hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "moe_decode", counted)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kernel_calls):
+    """Decode calls take the kernel, calls with a gradient go expert by expert; both equal the dequantized float64
+    reference."""
+    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=6)
+    with torch.no_grad():
+        decoded = experts(x, index, weights)
+    by_expert = experts(x.requires_grad_(), index, weights)
+    assert kernel_calls == [6]  # only the no-grad call took the kernel
+    assert experts_module.fp8_experts_path(experts, x, 2).startswith("expert by expert")
     assert relative_error(decoded, ref) < 1e-5 and relative_error(by_expert.detach(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monkeypatch):
+    """A prefill-sized FP8 call (beyond the bf16 decode limit and beyond the slice size) runs the kernel on slices of
+    at most `MAX_FP8_EXPERTS_TOKENS` tokens; the result equals the float64 reference and one unsliced call."""
+    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=24)
+    monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", 4)  # the bf16 hand-off to grouped_mm: not for FP8
+    monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 10)
+    with torch.no_grad():
+        assert "moe_decode on the float8 weights, 3 call(s)" in experts_module.fp8_experts_path(experts, x, 2)
+        sliced = experts(x, index, weights)
+        assert kernel_calls == [10, 10, 4]
+        monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 24)
+        whole = experts(x, index, weights)
+    assert kernel_calls[3:] == [24]
+    assert sliced.shape == x.shape and relative_error(sliced, ref) < 1e-5
+    # Each token's rows see the same launch (16-row blocks at these sizes) and the same products: equal up to the
+    # order in which a BLAS sums a tile's products.
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-7)
+
+
+def random_top_k(num_tokens, num_experts, top_k, generator):
+    """Distinct experts per token, uniformly drawn: about `num_tokens * top_k / num_experts` rows per expert."""
+    return torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])  # the decode launches', the prefill one's, the sweep's
+def test_every_block_m_matches_float64(device, fp8, block_m):
+    # 150 tokens x top-3 over 8 experts: expert 0 in every token (150 rows: two blocks of 128, three of 64, ten of
+    # 16), expert 1 in one token, expert 7 in none. hidden 72 over 16 x 16 tiles: a partial scale column and a masked
+    # K tail at block_k 64.
+    block = (16, 16)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(72, 32, 8, block, device, 9)
+    x, index, weights, _, _ = random_experts(150, 72, 32, 8, 3, torch.float32, device, seed=10)
+    quantized = dict(gate_up_scale=gate_up_scale, down_scale=down_scale, block_size=block) if fp8 else {}
+    if not fp8:
+        gate_up, down = gate_up_ref.float().to(device), down_ref.float().to(device)
+    block_k = 16 if fp8 else 64
+    out = moe_decode(x, index, weights, gate_up, down, block_m=block_m, block_n=32, block_k=block_k, **quantized)
+    ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prefill_sized_calls_take_the_prefill_launch(device, fp8):
+    """Above `MAX_DECODE_ROWS_PER_EXPERT` (32) rows per expert the default launch is the prefill one, and computes the
+    float64 reference. 120 tokens x top-2 over 4 experts: about 60 rows each, some experts over one 64-row block.
+    32 x 128 scale tiles (as the release's 128 x 128) against the prefill launch's 64-deep reduction steps: two steps
+    per scale column; hidden 160 and intermediate 64 end in partial tiles."""
+    generator = torch.Generator().manual_seed(12)
+    block = (32, 128)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(160, 64, 4, block, device, 11)
+    index = random_top_k(120, 4, 2, generator).to(device)
+    x = torch.randn(120, 160, generator=generator).to(device)
+    weights = (torch.rand(120, 2, generator=generator) + 0.1).to(device)
+    quantized = dict(gate_up_scale=gate_up_scale, down_scale=down_scale, block_size=block) if fp8 else {}
+    if not fp8:
+        gate_up, down = gate_up_ref.float().to(device), down_ref.float().to(device)
+    assert default_launch(index.numel(), 4) == PREFILL_LAUNCH and PREFILL_LAUNCH["block_k"] < block[1]
+    assert default_launch(60 * 2, 4) != PREFILL_LAUNCH  # 30 rows per expert: decode-sized
+    out = moe_decode(x, index, weights, gate_up, down, **quantized)
+    ref = reference_by_expert(x, index, weights, gate_up_ref.to(device), down_ref.to(device))
+    assert relative_error(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,4 @@
-"""Routed SwiGLU experts for decode-sized batches: a Triton "sorted token blocks" fused-MoE kernel.
+"""Routed SwiGLU experts: a Triton "sorted token blocks" fused-MoE kernel, built for decode-sized batches.
 
 At decode each of Step-3's 48 experts sees a handful of token rows (~4 at batch 64, ~16 at batch 256), so an
 expert layer is a memory-bound stream of ~10.6 GB of weights, and the job is to read every hit expert's weights
@@ -19,6 +19,10 @@ run through the same kernels: each `BLOCK_K` step lies within one scale column, 
 exactly to the activations' dtype, multiplied, and the fp32 partial product scaled per output row; weights are read
 as one byte each.
 
+The kernels take any token count. `default_launch` picks the launch from the average rows per expert: the decode
+launch above, or for prefill-sized calls (the FP8 experts' prefill; bf16 prefill goes to `grouped_mm`), where the
+FLOPs rather than the weight bytes set the roofline, 64-row blocks of 64 x 64 tiles over 8 warps.
+
 `transformers_experts.py` registers it with transformers as `experts_implementation="moe_decode"` (also for
 `FP8Experts`).
 With `TRITON_INTERPRET=1` set before Triton is imported, the kernels run on CPU tensors (the tests do this).
@@ -30,7 +34,14 @@ import torch
 
 from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
 
-__all__ = ["SUPPORTED_ACTIVATIONS", "SUPPORTED_DTYPES", "align_pairs_to_blocks", "default_block_m", "moe_decode"]
+__all__ = [
+    "SUPPORTED_ACTIVATIONS",
+    "SUPPORTED_DTYPES",
+    "align_pairs_to_blocks",
+    "default_block_m",
+    "default_launch",
+    "moe_decode",
+]
 
 # transformers' activation names that the kernel computes (SiLU, as Step-3's `hidden_act`).
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -161,13 +172,36 @@ def _down_weighted(
     tl.store(out_ptrs, acc * routing[:, None], mask=row_ok[:, None] & n_ok[None, :])
 
 
+# Average rows per expert up to which a call is decode-sized: memory-bound, so the launch reads each weight byte once.
+# Above it (prefill) the FLOPs rather than the weight bytes set the roofline.
+MAX_DECODE_ROWS_PER_EXPERT = 32
+DECODE_LAUNCH = dict(block_n=64, block_k=128, num_warps=4, num_stages=4)  # the H100 / H200 decode sweeps
+# Prefill: 64-row blocks (every block but an expert's last one full) and 64 x 64 tiles over 8 warps, the largest that
+# Triton 3.8 compiles for sm_90 without register spills (`ptxas -v`: 128-row or 128-column tiles spill 0.7-3.5 KB
+# per thread in the gate/up kernel, which holds two accumulators). Not timed yet: `benchmarks/moe_decode.py
+# --sweep-fp8` prints the best launch beside it.
+PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
+
+
 def default_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: twice the average rows per expert, rounded up to a power of two, within [16, 64] (tensor-core
-    tiles need 16 rows), so that in the common case one block holds all of an expert's rows and its weights are read
-    once. (At the average itself, batch 256 on the H200: 1.30x the weight-read time instead of 0.99x at batch 64, as
-    the busier half of the experts took two blocks.)"""
+    """Rows per block. Decode-sized calls: twice the average rows per expert, rounded up to a power of two, within
+    [16, 64] (tensor-core tiles need 16 rows), so that in the common case one block holds all of an expert's rows and
+    its weights are read once. (At the average itself, batch 256 on the H200: 1.30x the weight-read time instead of
+    0.99x at batch 64, as the busier half of the experts took two blocks.) Prefill-sized calls (above
+    `MAX_DECODE_ROWS_PER_EXPERT` rows per expert on average): `PREFILL_LAUNCH`'s."""
     average = -(-num_pairs // num_experts)
+    if average > MAX_DECODE_ROWS_PER_EXPERT:
+        return PREFILL_LAUNCH["block_m"]
     return min(64, max(16, triton.next_power_of_2(2 * average)))
+
+
+def default_launch(num_pairs: int, num_experts: int) -> dict[str, int]:
+    """`moe_decode`'s launch parameters for `num_pairs` (token, choice) pairs over `num_experts` experts, by the
+    average rows per expert: `DECODE_LAUNCH` with `default_block_m` rows up to `MAX_DECODE_ROWS_PER_EXPERT`,
+    `PREFILL_LAUNCH` above."""
+    if -(-num_pairs // num_experts) > MAX_DECODE_ROWS_PER_EXPERT:
+        return dict(PREFILL_LAUNCH)
+    return dict(block_m=default_block_m(num_pairs, num_experts), **DECODE_LAUNCH)
 
 
 def align_pairs_to_blocks(
@@ -219,10 +253,10 @@ def moe_decode(
     block_size: tuple[int, int] | None = None,
     expert_parallel: bool = False,
     block_m: int | None = None,
-    block_n: int = 64,
-    block_k: int = 128,
-    num_warps: int = 4,
-    num_stages: int = 4,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """`sum_k w[t, k] * down[e] @ (act(gate[e] @ x_t) * (up[e] @ x_t))` with `e = top_k_index[t, k]`, per token.
 
@@ -238,8 +272,9 @@ def moe_decode(
             capped to `b1`, which it must divide.
         expert_parallel: the weights are this rank's `E` experts of a larger set: a choice whose id lies outside
             `[0, E)` (transformers' expert-parallel sentinel `E`) is routed elsewhere and adds nothing here.
-        block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block, default from
-            the rows per expert; output columns and reduction depth per program; warps; pipelining depth).
+        block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block; output columns
+            and reduction depth per program; warps; pipelining depth); those left None come from `default_launch`,
+            which depends on the rows per expert (decode or prefill sized).
 
     Returns:
         `[T, H]` in `hidden_states`' dtype (products in fp32, the intermediate activation in the weights' dtype).
@@ -270,6 +305,13 @@ def moe_decode(
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
     fp8 = gate_up_scale is not None or down_scale is not None or block_size is not None
+    given = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    launch = default_launch(top_k_index.numel(), num_experts)
+    launch.update({name: value for name, value in given.items() if value is not None})
+    block_m, block_n, block_k, num_warps, num_stages = (launch[name] for name in given)
+    for name in ("block_m", "block_n", "block_k"):
+        if launch[name] < 16 or launch[name] & (launch[name] - 1):
+            raise ValueError(f"`{name}` must be a power of two of at least 16 (tensor-core tiles), got {launch[name]}")
     scale_n = scale_k = 1
     if fp8:
         block_k, scale_n, scale_k = _check_fp8_experts(
@@ -282,8 +324,6 @@ def moe_decode(
         raise ValueError(
             f"hidden_states and expert weights must share one of {SUPPORTED_DTYPES}, got {sorted(map(str, dtypes))}"
         )
-    if block_m is None:
-        block_m = default_block_m(top_k_index.numel(), num_experts)
     return torch.ops.step3_hf.moe_decode(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
         block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel,

@@ -11,22 +11,29 @@ parallelism, other layouts) goes to `grouped_mm_experts_forward`, an inference p
 
 Block-FP8 experts (transformers' `FP8Experts`, loaded from the FP8 release on a GPU) pick the same name from
 transformers' FP8 experts functions: `fp8_moe_decode_experts_forward` runs the kernel on the float8 weights and their
-scales for decode-sized calls (also on a range of the experts, expert-parallel, as an AFD FFN rank holds), and
-larger calls expert by expert through `fp8_linear.fp8_block_linear`.
+scales for inference calls of any size (also on a range of the experts, expert-parallel, as an AFD FFN rank holds):
+a prefill is one grouped launch per slice of at most `MAX_FP8_EXPERTS_TOKENS` tokens, with the kernel's prefill
+launch (`moe_decode.default_launch`). Only calls the kernel cannot take (a gradient, a device without the kernel)
+run expert by expert through `fp8_linear.fp8_block_linear`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
-from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, moe_decode
+from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, default_launch, moe_decode
 from .triton_support import kernel_available
 
 __all__ = [
+    "MAX_FP8_EXPERTS_TOKENS",
+    "MAX_GROUPED_MM_TOKENS",
     "MAX_MOE_DECODE_TOKENS",
     "MOE_DECODE_EXPERTS",
+    "fp8_experts_path",
     "fp8_moe_decode_experts_forward",
     "moe_decode_experts_forward",
     "register_moe_decode",
@@ -35,13 +42,17 @@ __all__ = [
 logger = logging.get_logger(__name__)
 
 MOE_DECODE_EXPERTS = "moe_decode"
-# Tokens per call up to which the experts function takes the kernel; above it the call is a prefill, where
+# Tokens per call up to which the bf16 experts function takes the kernel; above it the call is a prefill, where
 # `grouped_mm`'s large tiles are the right tool.
 MAX_MOE_DECODE_TOKENS = 512
 # Tokens per `grouped_mm` call at inference. Its temporaries grow with the tokens times top-k (a 128 x 1024 prefill
 # of Step-3 asked for one 5.25 GiB block on an H100); a long prefill runs in slices of this many tokens, whose
 # temporaries stay near 1 GiB at Step-3's widths. Each token's result depends on its own row alone.
 MAX_GROUPED_MM_TOKENS = 16384
+# Tokens per `moe_decode` call on FP8 experts, which run every inference call through the kernel. Its temporaries are
+# `[tokens * top_k, I]` in the activations' dtype and `[tokens * top_k, H]` fp32: at Step-3's widths (top-3, H 7168,
+# I 5120, bf16) 8192 tokens take 0.89 GiB. Each token's result depends on its own row alone.
+MAX_FP8_EXPERTS_TOKENS = 8192
 
 
 def _layout_unsupported(experts: torch.nn.Module) -> str | None:
@@ -90,48 +101,93 @@ def moe_decode_experts_forward(
     return _grouped_mm_in_slices(self, hidden_states, top_k_index, top_k_weights)
 
 
+def _in_token_slices(
+    forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    max_tokens: int,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """`forward(hidden_states, top_k_index, top_k_weights)` over at most `max_tokens` tokens at a time, so that its
+    temporaries stay bounded (inference only: the slices are written into one output)."""
+    tokens = hidden_states.shape[0]
+    if tokens <= max_tokens:
+        return forward(hidden_states, top_k_index, top_k_weights)
+    output = torch.empty_like(hidden_states)
+    for start in range(0, tokens, max_tokens):
+        rows = slice(start, start + max_tokens)
+        output[rows] = forward(hidden_states[rows], top_k_index[rows], top_k_weights[rows])
+    return output
+
+
 def _grouped_mm_in_slices(
     experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`grouped_mm_experts_forward`, over at most `MAX_GROUPED_MM_TOKENS` tokens at a time at inference."""
-    tokens = hidden_states.shape[0]
     needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or experts.gate_up_proj.requires_grad)
-    if tokens <= MAX_GROUPED_MM_TOKENS or needs_grad:
+    if needs_grad:
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    output = torch.empty_like(hidden_states)
-    for start in range(0, tokens, MAX_GROUPED_MM_TOKENS):
-        rows = slice(start, start + MAX_GROUPED_MM_TOKENS)
-        output[rows] = grouped_mm_experts_forward(experts, hidden_states[rows], top_k_index[rows], top_k_weights[rows])
-    return output
+
+    def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return grouped_mm_experts_forward(experts, hidden, index, weights)
+
+    return _in_token_slices(forward, MAX_GROUPED_MM_TOKENS, hidden_states, top_k_index, top_k_weights)
 
 
 def fp8_moe_decode_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`experts_implementation="moe_decode"` for transformers' `FP8Experts`: the kernel on float8 weights for
-    decode-sized inference calls, one block-FP8 GEMM per hit expert for the rest."""
-    decode = (
-        kernel_available(hidden_states.device)
-        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-        and hidden_states.shape[0] <= MAX_MOE_DECODE_TOKENS
-        and hidden_states.dtype in SUPPORTED_DTYPES
-        and getattr(self, "has_gate", True)
-        and getattr(self, "activation_scheme", "dynamic") == "dynamic"
-    )
-    if decode:
+    inference calls of any size (in slices of at most `MAX_FP8_EXPERTS_TOKENS` tokens), one block-FP8 GEMM per hit
+    expert for the calls it cannot take (a gradient, a device without the kernel)."""
+    if not _fp8_kernel_takes(self, hidden_states):
+        return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
+
+    def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return moe_decode(
-            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+            hidden, index, weights, self.gate_up_proj, self.down_proj,
             activation=self.config.hidden_act, gate_up_scale=self.gate_up_proj_scale_inv,
             down_scale=self.down_proj_scale_inv, block_size=self.block_size,
             expert_parallel=getattr(self, "_is_expert_parallel", False),  # e.g. an AFD FFN rank's range of experts
         )  # fmt: skip
-    return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
+
+    return _in_token_slices(forward, MAX_FP8_EXPERTS_TOKENS, hidden_states, top_k_index, top_k_weights)
+
+
+def _fp8_kernel_takes(experts: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether `moe_decode` computes this call on the float8 weights: inference, on a device the kernel runs on with
+    float8 (a GPU of compute capability 8.9+, or the interpreter), SiLU-gated experts with dynamic activations."""
+    device = hidden_states.device
+    return (
+        kernel_available(device)
+        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
+        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        and hidden_states.dtype in SUPPORTED_DTYPES
+        and getattr(experts, "has_gate", True)
+        and getattr(experts.config, "hidden_act", None) in SUPPORTED_ACTIVATIONS
+        and getattr(experts, "activation_scheme", "dynamic") == "dynamic"
+    )
+
+
+def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> str:
+    """Which path `fp8_moe_decode_experts_forward` takes for `experts` (an `FP8Experts`) on a call of `hidden_states`
+    with `top_k` choices per token, and the kernel's launch (for reports)."""
+    if not _fp8_kernel_takes(experts, hidden_states):
+        return "expert by expert (fp8_block_linear per hit expert)"
+    tokens = hidden_states.shape[0]
+    slices = -(-tokens // MAX_FP8_EXPERTS_TOKENS)
+    launch = default_launch(min(tokens, MAX_FP8_EXPERTS_TOKENS) * top_k, experts.num_experts)
+    return (
+        f"Triton moe_decode on the float8 weights, {slices} call(s) of at most {MAX_FP8_EXPERTS_TOKENS} tokens, "
+        f"launch {launch}"
+    )
 
 
 def _fp8_experts_by_expert(
     experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Prefill-sized calls: each hit expert's rows through two block-FP8 GEMMs, summed in fp32."""
+    """Calls the kernel cannot take (a gradient, a device without the kernel): each hit expert's rows through two
+    block-FP8 GEMMs, summed in fp32."""
     from .fp8_linear import fp8_block_linear
 
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
