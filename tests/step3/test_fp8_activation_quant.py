@@ -32,7 +32,8 @@ def activations(rows, width, dtype, device, seed=0):
     generator = torch.Generator().manual_seed(seed)
     low, high = MAGNITUDES[dtype]
     groups = width // 128
-    scales = torch.logspace(low, high, rows * groups, dtype=torch.float64)[torch.randperm(rows * groups, generator=generator)]
+    order = torch.randperm(rows * groups, generator=generator)
+    scales = torch.logspace(low, high, rows * groups, dtype=torch.float64)[order]
     x = torch.randn(rows, groups, 128, generator=generator, dtype=torch.float64) * scales.view(rows, groups, 1)
     x = x.clamp(-torch.finfo(dtype).max / 2, torch.finfo(dtype).max / 2).flatten(1).to(dtype)
     if rows > 1:

@@ -1,7 +1,7 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears (a weight-streaming kernel for decode, one-launch activation quantization for cuBLAS), a one-launch RMSNorm, and their transformers hookup
-(`transformers_attention.py`, `transformers_experts.py`).
+linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a one-launch
+RMSNorm, and their transformers hookup (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
 `"mfa_paged"` (`paged_attention.py`, `transformers_paged_attention.py`) and `experts_implementation="moe_decode"`
