@@ -87,7 +87,8 @@ def _e4m3_bytes(q):
 @triton_jit
 def _quantize_fp8_activations(
     X, Q, S, stride_xm, stride_xk, rows, rows_padded, width,
-    INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    FP8_MAX: tl.constexpr, INV_FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M rows x one group of GROUP columns; rows from `rows` to `rows_padded` read as zeros."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,7 +100,7 @@ def _quantize_fp8_activations(
     amax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
     scale = tl.maximum(amax, MIN_AMAX, propagate_nan=tl.PropagateNan.ALL) * INV_FP8_MAX
     quotient = tl.div_rn(x, scale[:, None])  # IEEE division, as torch's
-    q = tl.where(quotient != quotient, quotient, tl.clamp(quotient, -448.0, 448.0))  # NaN stays NaN, as in torch
+    q = tl.where(quotient != quotient, quotient, tl.clamp(quotient, -FP8_MAX, FP8_MAX))  # NaN stays NaN, as in torch
     written = offs_m < rows_padded
     tl.store(Q + offs_m[:, None] * width + offs_k[None, :], _e4m3_bytes(q), mask=written[:, None])
     tl.store(S + group * rows_padded + offs_m, scale, mask=written)  # M-contiguous, as cuBLAS reads the scales
@@ -111,7 +112,7 @@ def _empty_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows_padded = padded_rows(x.shape[0])
     groups = x.shape[1] // GROUP_SIZE
     quantized = x.new_empty(rows_padded, x.shape[1], dtype=FP8_DTYPE)
-    scale = x.new_empty_strided((rows_padded, groups), (1, max(rows_padded, 1)), dtype=torch.float32)
+    scale = x.new_empty_strided((rows_padded, groups), (1, torch.sym_max(rows_padded, 1)), dtype=torch.float32)
     return quantized, scale
 
 
@@ -139,7 +140,7 @@ def _quantize_fp8_activations_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
         grid = (triton.cdiv(rows_padded, BLOCK_M), width // GROUP_SIZE)
         _quantize_fp8_activations[grid](
             x, quantized.view(torch.uint8), scale, *x.stride(), rows, rows_padded, width,
-            INV_FP8_MAX=1 / FP8_MAX, MIN_AMAX=MIN_AMAX, BLOCK_M=BLOCK_M, GROUP=GROUP_SIZE,
+            FP8_MAX=FP8_MAX, INV_FP8_MAX=1 / FP8_MAX, MIN_AMAX=MIN_AMAX, BLOCK_M=BLOCK_M, GROUP=GROUP_SIZE,
         )  # fmt: skip
     return quantized, scale
 
