@@ -7,8 +7,10 @@ experts), bf16 and then quantized to block FP8 in memory. For each precision and
   step, grouped into experts / attention kernel / GEMMs / the rest, each group against the bytes it must read;
 - a prefill of one `--prefill`-token prompt, profiled the same way;
 - each linear shape of a layer on its own (replayed as a CUDA graph): bf16 `F.linear`, the FP8 linear through
-  cuBLAS's block-scaled GEMM (activations quantized), and the Triton `fp8_decode_linear` with its default launch and
-  the best launch of a sweep, against weight bytes / copy bandwidth.
+  cuBLAS's block-scaled GEMM (activations quantized in one launch, `quantize_fp8_activations`, as `fp8_linear` runs
+  it; and beside it with the eager quantization's ten-odd kernels, for comparison), and the Triton
+  `fp8_decode_linear` with its default launch and the best launch of a sweep, against weight bytes / copy
+  bandwidth.
 
     python benchmarks/kernel_breakdown.py [--batches 16 64 256] [--context 4096]
 """
@@ -27,6 +29,7 @@ from decode_step import build_model, decode_step_fn, step_bytes
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8, quantize_model
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
+from step3_hf.kernels.fp8_activation_quant import quantize_fp8_activations, quantize_fp8_activations_eager
 from step3_hf.kernels.fp8_linear import _scaled_mm_linear
 
 GROUPS = {
@@ -108,10 +111,10 @@ def fp8_kernel_launches(rows: int, out: int, inp: int) -> list[DecodeLinearLaunc
 
 
 def linear_table(config, batches: list[int], bandwidth: float) -> None:
-    """Each linear shape alone: bf16, the FP8 linear through cuBLAS (activations quantized), and `fp8_decode_linear`
-    with its default launch and the best of a sweep."""
+    """Each linear shape alone: bf16, the FP8 linear through cuBLAS (activations quantized in one launch, then with
+    the eager quantization), and `fp8_decode_linear` with its default launch and the best of a sweep."""
     print("\n### linears alone (µs; x = time / (weight bytes / copy bandwidth)), CUDA graph replay")
-    print(f"  {'shape':18s} {'out x in':>13s} {'M':>5s} | {'bf16':>14s} | {'fp8 cuBLAS':>14s} | "
+    print(f"  {'shape':18s} {'out x in':>13s} {'M':>5s} | {'bf16':>14s} | {'fp8 cuBLAS':>14s} | {'eager quant':>14s} | "
           f"{'fp8_decode_linear':>17s} | the sweep's best 3 launches (block_m, block_n, block_k, split_k, warps, stages)")  # fmt: skip
     for name, (out, inp) in linear_shapes(config).items():
         weight = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) * inp**-0.5
@@ -128,7 +131,8 @@ def linear_table(config, batches: list[int], bandwidth: float) -> None:
                     return float("inf"), type(err).__name__
 
             cells = [timed(lambda a: F.linear(a, weight), weight.numel() * 2)[1]]
-            cells.append(timed(lambda a: _scaled_mm_linear(a, w8, s8), weight.numel())[1])
+            for quantize in (quantize_fp8_activations, quantize_fp8_activations_eager):
+                cells.append(timed(lambda a, q=quantize: _scaled_mm_linear(a, w8, s8, q), weight.numel())[1])
             sweep = []
             for launch in fp8_kernel_launches(m, out, inp):
                 seconds, text = timed(lambda a, launch=launch: fp8_decode_linear(a, w8, s8, (128, 128), launch),

@@ -1,8 +1,8 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears (a weight-streaming kernel for decode), a one-launch RMSNorm, a one-launch RoPE of queries and keys
-(`rotary.py`), CUDA graphs of each layer's FFN half for eager decoding (`decode_graphs.py`), and their
-transformers hookup (`transformers_attention.py`, `transformers_experts.py`).
+linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a one-launch
+RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's FFN half for eager decoding
+(`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`, `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
 `"mfa_paged"` (`paged_attention.py`, `transformers_paged_attention.py`) and `experts_implementation="moe_decode"`
@@ -12,6 +12,7 @@ with transformers.
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
+from .fp8_activation_quant import quantize_fp8_activations
 from .fp8_decode_linear import fp8_decode_linear
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
@@ -49,6 +50,7 @@ __all__ = [
     "Float8StaticCache",
     "Float8StaticLayer",
     "quantize_float8",
+    "quantize_fp8_activations",
     "MAX_DECODE_TOKENS",
     "MFA_DECODE_ATTENTION",
     "decode_kernel_preferred",

@@ -1,16 +1,16 @@
 """A block-FP8 linear for decode-sized inputs: a Triton kernel that reads the float8 weight once and the activations
 as they are.
 
-At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep
-enough bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (about
-nine small kernels per call, about 600 µs per decode step of a 4-layer Step-3) and then runs tiles sized for
-compute: on an H100 at 16-64 rows it took 1.5-9.4x the weight-read time per Step-3 linear, the small ones worst
-(`benchmarks/kernel_breakdown.py`). This kernel reads the activations as they are (weight-only FP8: no activation
-rounding), widens each float8 tile to the activations' dtype in registers, and scales each `BLOCK_K` step's fp32
-partial product by its weight rows' tile scales (each step lies within one scale column). Small tiles and a split of
-the reduction over programs (`split_k`, partial sums added in fp32 afterwards) give every SM several programs, which
-is what hides the memory latency; programs of the same weight tile and different row tiles run next to each other,
-so a weight tile read for one row tile is found in L2 by the others.
+At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep enough
+bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (one launch,
+`fp8_activation_quant.py`; nine-odd eager kernels per call when these measurements were made, about 600 µs per decode
+step of a 4-layer Step-3) and then runs tiles sized for compute: on an H100 at 16-64 rows it took 1.5-9.4x the
+weight-read time per Step-3 linear, the small ones worst (`benchmarks/kernel_breakdown.py`). This kernel reads the
+activations as they are (weight-only FP8: no activation rounding), widens each float8 tile to the activations' dtype in
+registers, and scales each `BLOCK_K` step's fp32 partial product by its weight rows' tile scales (each step lies within
+one scale column). Small tiles and a split of the reduction over programs (`split_k`, partial sums added in fp32
+afterwards) give every SM several programs, which is what hides the memory latency; programs of the same weight tile and
+different row tiles run next to each other, so a weight tile read for one row tile is found in L2 by the others.
 
 Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.3-2.9x the
 weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at 64 rows 1.9-3.9x, at 256 rows

@@ -8,7 +8,8 @@ the `kernels` package and a download. `fp8_block_linear` computes the same produ
   weight-streaming kernel `fp8_decode_linear` (weight-only FP8, bf16 activations), which reads the float8 weight
   once, with no activation-quantization kernels;
 - larger inputs on Hopper and later: cuBLAS's block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations
-  quantized per token and 128 columns, the weight's 128 x 128 scales as they are), FP8 tensor cores for prefill;
+  quantized per token and 128 columns in one launch by `quantize_fp8_activations`, the weight's 128 x 128 scales as
+  they are), FP8 tensor cores for prefill;
 - where neither applies (other block sizes, unaligned widths, older GPUs, CPU), the weight dequantized for the call
   (weight-only FP8), said once in the log.
 `use_fp8_kernels(model)` points a loaded model's `FP8Linear`s at it (`Step3FP8Linear`).
@@ -16,11 +17,14 @@ the `kernels` package and a download. `fp8_block_linear` computes the same produ
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8
+from ..fp8 import dequantize_block_fp8
+from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
 from .fp8_decode_linear import fp8_decode_linear, launch_block_k
 from .triton_support import kernel_available
 
@@ -37,7 +41,7 @@ __all__ = [
 logger = logging.get_logger(__name__)
 
 # cuBLAS's block-scaled FP8 GEMM: 1 x 128 activation groups, 128 x 128 weight tiles.
-CUBLAS_BLOCK = 128
+CUBLAS_BLOCK = GROUP_SIZE
 # Rows up to which `fp8_decode_linear` computes; above it cuBLAS's FP8 tensor-core GEMM is faster (H100 sweep of
 # Step-3's linears, docs/step3.md: at 256 rows cuBLAS won every large shape).
 MAX_DECODE_LINEAR_ROWS = 64
@@ -86,20 +90,15 @@ def _decode_kernel_runs(device: torch.device, block_size) -> bool:
     )
 
 
-def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[M, K]` -> float8 `[M, K]` and float32 scales `[M, K/128]` (one per token and 128 columns), the scales laid out
-    M-contiguous as cuBLAS reads them."""
-    groups = x.float().unflatten(-1, (-1, CUBLAS_BLOCK))
-    scale = groups.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
-    quantized = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).flatten(-2)
-    return quantized, scale.t().contiguous().t()
-
-
-def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def _scaled_mm_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, quantize: Callable | None = None
+) -> torch.Tensor:
+    """cuBLAS's block-scaled FP8 GEMM of `x` `[M, K]` with `weight`; `quantize` rounds the activations (default: the
+    one-launch kernel where it runs, else the same in eager torch)."""
     rows = x.shape[0]
-    if rows % 4:  # cuBLAS wants the token count a multiple of 4
-        x = F.pad(x, (0, 0, 0, -rows % 4))
-    a, a_scale = _quantize_activations(x)
+    if quantize is None:
+        quantize = quantize_fp8_activations if kernel_available(x.device) else quantize_fp8_activations_eager
+    a, a_scale = quantize(x)  # rows padded to a multiple of 4, as cuBLAS wants
     k_blocks = scale_inv.shape[1]
     if k_blocks % 4:  # ... and the weight's K blocks a multiple of 4
         scale_inv = F.pad(scale_inv, (0, -k_blocks % 4))
