@@ -24,8 +24,16 @@ from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.transformers_paged_attention import init_continuous_batching
+from .kernels.moe_router import use_fused_top_k
 from .kernels.rms_norm import use_fused_rms_norm
-from .modeling_step3 import Step3ForCausalLM, Step3Model, Step3PreTrainedModel, Step3RMSNorm, Step3VLForCausalLM
+from .modeling_step3 import (
+    Step3ForCausalLM,
+    Step3Model,
+    Step3PreTrainedModel,
+    Step3RMSNorm,
+    Step3TopKRouter,
+    Step3VLForCausalLM,
+)
 from .modeling_step3_vl import Step3VisionModel, Step3VLForConditionalGeneration
 from .parameters import ParameterCounts, count_parameters, kv_cache_bytes_per_token
 from .processing_step3_vl import Step3VLProcessor
@@ -36,6 +44,8 @@ Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_im
 Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
 # ... with its RMSNorms in one kernel each at inference there (eight eager launches otherwise) ...
 use_fused_rms_norm(Step3RMSNorm)
+# ... and its routers' top-k selection in one kernel (two to four eager launches otherwise) ...
+use_fused_top_k(Step3TopKRouter)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
 Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 

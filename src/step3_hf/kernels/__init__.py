@@ -1,5 +1,5 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
-that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
+that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts) and its router's top-k, block-FP8
 linears (a weight-streaming kernel for decode), a one-launch RMSNorm, and their transformers hookup
 (`transformers_attention.py`, `transformers_experts.py`).
 
@@ -14,6 +14,7 @@ from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, qua
 from .fp8_decode_linear import fp8_decode_linear
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
+from .moe_router import top_k_experts, use_fused_top_k
 from .rms_norm import rms_norm, use_fused_rms_norm
 from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available
@@ -59,6 +60,8 @@ __all__ = [
     "MOE_DECODE_EXPERTS",
     "align_pairs_to_blocks",
     "moe_decode",
+    "top_k_experts",
+    "use_fused_top_k",
     "moe_decode_experts_forward",
     "fp8_moe_decode_experts_forward",
     "Step3FP8Linear",
