@@ -12,7 +12,7 @@ kernels under Triton's interpreter, and counts what would be launches on a GPU:
 Each launch is attributed to the innermost module whose forward runs it; the table groups modules by their path with
 the layer index dropped, so a row holds all layers of that kind.
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/launch_count.py [--batch 4] [--unfused-align]
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/launch_count.py [--batch 4] [--unfused-align] [--json PATH]
 
 `--unfused-align` runs the MoE alignment through its torch ops (the path before issue 21) for a side-by-side count.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import sys
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default bfloat16)")
     parser.add_argument("--unfused-align", action="store_true", help="the MoE alignment in torch ops")
     parser.add_argument("--by-op", action="store_true", help="also list each module's launches by name")
+    parser.add_argument("--json", help="also write {module: {launch: count}} to this file")
     args = parser.parse_args(argv)
     if not interpreter_enabled():
         parser.error("Triton was imported before TRITON_INTERPRET=1 took effect; set it in the environment")
@@ -154,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     moe = sum(n for module, n in per_module.items() if ".mlp" in module and module.endswith(("gate", "experts")))
     print(f"{total:9d}  in all ({triton} Triton launches)")
     print(f"{moe / num_moe:9.1f}  per MoE layer in its router and routed experts")
+    if args.json:
+        table = {}
+        for (module, name), n in sorted(counts.items()):
+            table.setdefault(module, {})[name] = n
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
 
 
 if __name__ == "__main__":

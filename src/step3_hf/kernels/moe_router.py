@@ -12,7 +12,8 @@ and CUDA) would move results by an ulp: the softmax, and the renormalisation of 
 Ties choose the lowest expert index first; NaN counts as larger than every number (as in `torch.topk`).
 
 `use_fused_top_k(Step3TopKRouter)`, which `step3_hf` runs at import, makes the router's `select_experts` take the
-kernel for inference calls on a device it runs on, and the eager code for everything else (training, CPU, fp16, renormalised weights).
+kernel for inference calls on a device it runs on, and the eager code for everything else (training, CPU, fp16,
+renormalisation).
 """
 
 from __future__ import annotations
