@@ -33,7 +33,7 @@ from step3_hf.kernels.fp8_activation_quant import quantize_fp8_activations, quan
 from step3_hf.kernels.fp8_linear import _scaled_mm_linear
 
 GROUPS = {
-    "experts (moe_decode)": r"_gate_up_swiglu|_down_weighted",
+    "experts (moe_decode)": r"_align_pairs|_gate_up_swiglu|_down_weighted|_sum_choices",
     "attention kernel": r"mfa|decode_attention|_attention|flash",
     "GEMMs": r"gemm|sm90|nvjet|cutlass|xmma|gemv|scaled_mm|cublas",
 }

@@ -26,6 +26,7 @@ from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProces
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.transformers_paged_attention import init_continuous_batching
 from .kernels.decode_graphs import use_ffn_decode_graphs
+from .kernels.moe_router import use_fused_top_k
 from .kernels.rms_norm import use_fused_rms_norm
 from .kernels.rotary import use_fused_rotary
 from .modeling_step3 import (
@@ -34,6 +35,7 @@ from .modeling_step3 import (
     Step3Model,
     Step3PreTrainedModel,
     Step3RMSNorm,
+    Step3TopKRouter,
     Step3VLForCausalLM,
 )
 from .modeling_step3_vl import Step3VisionModel, Step3VLForConditionalGeneration
@@ -46,6 +48,8 @@ Step3PreTrainedModel._default_attn_implementation = staticmethod(default_attn_im
 Step3PreTrainedModel._default_experts_implementation = staticmethod(default_experts_implementation)
 # ... with its RMSNorms in one kernel each at inference there (eight eager launches otherwise) ...
 use_fused_rms_norm(Step3RMSNorm)
+# ... its routers' top-k selection in one kernel (two to four eager launches otherwise) ...
+use_fused_top_k(Step3TopKRouter)
 # ... its rotary embedding of queries and keys in one kernel (about ten eager launches per layer) ...
 use_fused_rotary(modeling_step3)
 # ... and, decoding eagerly on CUDA, replays each layer's FFN half from a CUDA graph (its shapes do not change) ...

@@ -316,10 +316,15 @@ class Step3TopKRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)
         router_probs = F.softmax(router_logits, dtype=torch.float32, dim=-1)
+        top_k_weights, top_k_index = self.select_experts(router_probs, hidden_states.dtype)
+        return router_logits, top_k_weights, top_k_index
+
+    def select_experts(self, router_probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of the fp32 probabilities, renormalised when `norm_expert_weight`, the weights cast to `dtype`."""
         top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
         if self.norm_expert_weight:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+        return top_k_weights.to(dtype), top_k_index
 
 
 class Step3SparseMoeBlock(nn.Module):

@@ -14,11 +14,13 @@ from triton_cases import DEVICES, HAS_CUDA, INTERPRETED, relative_error, rerun_u
 from step3_hf import Step3Config
 from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, moe_decode
 from step3_hf.kernels.moe_decode import PREFILL_LAUNCH, default_launch
+from step3_hf.kernels.moe_decode import align_pairs_to_blocks_torch
 from step3_hf.modeling_step3 import Step3Experts, Step3ForCausalLM
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
 # The transformers hookup, whose module globals the dispatcher tests count calls through.
 experts_module = importlib.import_module("step3_hf.kernels.transformers_experts")
+moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -108,6 +110,68 @@ def test_alignment_sorts_every_pair_into_blocks_of_one_expert():
         assert pairs.numel() > 0 and (expert_ids[pairs] == expert).all()
     counts = torch.bincount(expert_ids, minlength=8)
     assert used == int(((counts + block_m - 1) // block_m).sum())  # 40 rows of expert 0 take 3 blocks
+
+
+def alignment_case(case, generator):
+    """`(expert_ids, num_experts)` of the alignment's adversarial cases."""
+    if case == "random":  # 64 tokens x top-3 over 48 experts, as at decode
+        return torch.randint(0, 48, (192,), generator=generator), 48
+    if case == "all_to_one":  # one expert's rows cross several blocks, every other expert empty
+        return torch.full((150,), 5), 8
+    if case == "every_expert":  # each expert hit, unevenly
+        return torch.cat([torch.arange(8).repeat(3), torch.randint(0, 8, (37,), generator=generator)]), 8
+    if case == "more_experts_than_pairs":
+        return torch.randint(0, 64, (5,), generator=generator), 64
+    if case == "one_pair":
+        return torch.tensor([2]), 4
+    if case == "expert_parallel":  # pairs routed to other ranks carry the sentinel id E of E + 1 buckets
+        ids = torch.randint(0, 4, (60,), generator=generator)
+        return torch.where(torch.rand(60, generator=generator) < 0.4, 4, ids), 5
+    if case == "int32_many_chunks":  # int32 ids, more pairs than one chunk of the kernel's walk holds
+        return torch.randint(0, 48, (1500,), generator=generator, dtype=torch.int32), 48
+    raise ValueError(case)
+
+
+ALIGNMENT_CASES = ["random", "all_to_one", "every_expert", "more_experts_than_pairs", "one_pair", "expert_parallel",
+                   "int32_many_chunks"]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ALIGNMENT_CASES)
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_one_launch_alignment_equals_the_torch_ops(device, case, block_m):
+    """The kernel's arrays, bit for bit those of the stable sort and scatters (the order within an expert
+    included), which the test above checks for what they mean."""
+    expert_ids, num_experts = alignment_case(case, torch.Generator().manual_seed(block_m))
+    sorted_pair_ids, block_expert = torch.ops.step3_hf.align_pairs_to_blocks(expert_ids.to(device), num_experts,
+                                                                             block_m)  # fmt: skip
+    reference = align_pairs_to_blocks_torch(expert_ids, num_experts, block_m)
+    assert sorted_pair_ids.dtype == block_expert.dtype == torch.int32
+    assert torch.equal(sorted_pair_ids.cpu(), reference[0]) and torch.equal(block_expert.cpu(), reference[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alignment_takes_the_kernel_at_decode_sizes_only(device, monkeypatch):
+    calls = []
+    torch_ops = moe_decode_module.align_pairs_to_blocks_torch
+    monkeypatch.setattr(moe_decode_module, "align_pairs_to_blocks_torch", lambda *a: calls.append(1) or torch_ops(*a))
+    expert_ids = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(0)).to(device)
+    fused = align_pairs_to_blocks(expert_ids, 8, 16)
+    assert calls == []
+    monkeypatch.setattr(moe_decode_module, "MAX_FUSED_ALIGN_PAIRS", 39)
+    unfused = align_pairs_to_blocks(expert_ids, 8, 16)
+    assert calls == [1]
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alignment_op_passes_torch_library_checks_and_compiles(device):
+    expert_ids = torch.randint(0, 8, (30,), generator=torch.Generator().manual_seed(1)).to(device)
+    torch.library.opcheck(torch.ops.step3_hf.align_pairs_to_blocks, (expert_ids, 8, 16),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
+    compiled = torch.compile(align_pairs_to_blocks, fullgraph=True, backend="eager")
+    reference = align_pairs_to_blocks_torch(expert_ids.cpu(), 8, 16)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(compiled(expert_ids, 8, 16), reference))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,8 +1,9 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
-that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts), block-FP8
-linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a one-launch
-RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's FFN half for eager decoding
-(`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`, `transformers_experts.py`).
+that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts) and its router's
+top-k, block-FP8 linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a
+one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's FFN half for
+eager decoding (`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`,
+`transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
 `"mfa_paged"` (`paged_attention.py`, `transformers_paged_attention.py`) and `experts_implementation="moe_decode"`
@@ -16,6 +17,7 @@ from .fp8_activation_quant import quantize_fp8_activations
 from .fp8_decode_linear import fp8_decode_linear
 from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
+from .moe_router import top_k_experts, use_fused_top_k
 from .rms_norm import rms_norm, use_fused_rms_norm
 from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
 from .rotary import apply_rotary, use_fused_rotary
@@ -64,6 +66,8 @@ __all__ = [
     "MOE_DECODE_EXPERTS",
     "align_pairs_to_blocks",
     "moe_decode",
+    "top_k_experts",
+    "use_fused_top_k",
     "moe_decode_experts_forward",
     "fp8_moe_decode_experts_forward",
     "Step3FP8Linear",

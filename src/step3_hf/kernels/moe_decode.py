@@ -6,13 +6,18 @@ once, at close to HBM bandwidth. The (token, k) pairs are sorted by expert and e
 multiple of `BLOCK_M`; one program multiplies one block of an expert's rows by one `BLOCK_N` slice of that expert's
 weights, so in the common case (an expert's rows fit one block) every weight byte is read exactly once.
 
-- Alignment (`align_pairs_to_blocks`): torch ops only, with no host synchronisation (no `.item()`, `nonzero` or
-  `bincount`), so the whole path can be captured in a CUDA graph. Its arrays have static upper-bound lengths; padding
-  slots hold a sentinel pair id and blocks past the last expert's a sentinel expert id (those programs exit at once).
+- Alignment (`align_pairs_to_blocks`): one single-program Triton launch at decode sizes (torch ops beyond them),
+  with no host synchronisation, so the whole path can be captured in a CUDA graph. Its arrays have static
+  upper-bound lengths; padding slots hold a sentinel pair id and blocks past the last expert's a sentinel expert id
+  (those programs exit at once).
 - Kernel 1: `gate_up_proj[e]` `[2I, H]` against the block's rows, gate and up halves in two fp32 accumulators,
   writing `act(gate) * up` in the weight dtype to an `[S, I]` buffer at each pair's index.
 - Kernel 2: `down_proj[e]` `[H, I]` against that buffer, scaled by each pair's routing weight, fp32 `[S, H]`; the
-  top-k partial outputs of each token are then summed in fp32.
+  top-k partial outputs of each token are then summed in fp32 and rounded once, by a third small kernel (a
+  deterministic sum in a fixed order; atomics in kernel 2 would not be).
+
+At decode the path is four launches (align, the two kernels, the sum), where the torch alignment and reduction
+alone were ~17 (issue 21: a decode step is bound by the host issuing launches).
 
 Block-FP8 expert weights (float8 e4m3 with one float32 `scale_inv` per `[SN, SK]` tile, transformers' `FP8Experts`)
 run through the same kernels: each `BLOCK_K` step lies within one scale column, so a step's float8 tile is widened
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
 
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
@@ -183,6 +188,19 @@ DECODE_LAUNCH = dict(block_n=64, block_k=128, num_warps=4, num_stages=4)  # the 
 PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
 
 
+@triton_jit
+def _sum_choices(PARTIAL, OUT, hidden, top_k, BLOCK_H: tl.constexpr):
+    """One program: one token's BLOCK_H columns, its top-k fp32 partial rows summed in order k = 0, 1, ... and
+    rounded once to the output dtype (deterministic: no atomics)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < hidden
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k in range(0, top_k):
+        acc += tl.load(PARTIAL + (token * top_k + k) * hidden + offs, mask=ok, other=0.0)
+    tl.store(OUT + token * hidden + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
 def default_block_m(num_pairs: int, num_experts: int) -> int:
     """Rows per block. Decode-sized calls: twice the average rows per expert, rounded up to a power of two, within
     [16, 64] (tensor-core tiles need 16 rows), so that in the common case one block holds all of an expert's rows and
@@ -204,6 +222,63 @@ def default_launch(num_pairs: int, num_experts: int) -> dict[str, int]:
     return dict(block_m=default_block_m(num_pairs, num_experts), **DECODE_LAUNCH)
 
 
+# The one-launch alignment runs in one program, which walks the pairs (and the slots) in chunks of a
+# `[experts, chunk]` one-hot tile; beyond these sizes (not decode) the torch ops take over.
+MAX_FUSED_ALIGN_PAIRS = 4096  # 512 tokens (transformers_experts.MAX_MOE_DECODE_TOKENS) x top-8
+MAX_FUSED_ALIGN_EXPERTS = 1024
+
+
+@triton_jit
+def _one_hot_chunk(EXPERT_IDS, start, num_pairs, num_experts, experts, CHUNK: tl.constexpr):
+    """`[BLOCK_E, CHUNK]` int32 one-hot of the expert ids of pairs `start + [0, CHUNK)`, those pair ids (int32) and
+    which of them are pairs with an id in `[0, num_experts)` (others hit no expert)."""
+    pairs = start + tl.arange(0, CHUNK)
+    ids = tl.load(EXPERT_IDS + pairs, mask=pairs < num_pairs, other=-1)
+    valid = (pairs < num_pairs) & (ids >= 0) & (ids < num_experts)
+    ids = tl.where(valid, ids, -1).to(tl.int32)
+    return (ids[None, :] == experts[:, None]).to(tl.int32), pairs, valid
+
+
+@triton_jit
+def _align_pairs(EXPERT_IDS, SORTED_PAIR, BLOCK_EXPERT, num_pairs, num_experts, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """One program: `align_pairs_to_blocks` (the histogram of expert ids, the prefix sums of the experts' padded
+    rows, each pair's slot, the sentinel in padding slots, the expert of each block)."""
+    experts = tl.arange(0, BLOCK_E)
+    real_expert = (experts < num_experts)[:, None]
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        hit, _, _ = _one_hot_chunk(EXPERT_IDS, start, num_pairs, num_experts, experts, CHUNK)
+        counts += tl.sum(hit, axis=1)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    padded_start = (block_end - blocks) * BLOCK_M  # first slot of each expert
+
+    # A pair's slot: its expert's first slot plus the earlier pairs of that expert (stable, as a stable sort).
+    earlier = tl.zeros([BLOCK_E], tl.int32)  # pairs of each expert in the chunks before
+    for start in range(0, num_pairs, CHUNK):
+        hit, pairs, valid = _one_hot_chunk(EXPERT_IDS, start, num_pairs, num_experts, experts, CHUNK)
+        before = tl.cumsum(hit, axis=1) - hit + earlier[:, None]
+        slot = tl.sum(hit * (padded_start[:, None] + before), axis=0)
+        tl.store(SORTED_PAIR + slot, pairs, mask=valid)
+        earlier += tl.sum(hit, axis=1)
+
+    # The sentinel in every slot that no pair takes (disjoint from the stores above: no ordering needed).
+    num_slots = num_blocks * BLOCK_M
+    for start in range(0, num_slots, CHUNK):
+        slots = start + tl.arange(0, CHUNK)
+        row = slots[None, :] - padded_start[:, None]
+        taken = tl.sum(((row >= 0) & (row < counts[:, None])).to(tl.int32), axis=0)
+        sentinel = tl.full([CHUNK], 0, tl.int32) + num_pairs
+        tl.store(SORTED_PAIR + slots, sentinel, mask=(slots < num_slots) & (taken == 0))
+
+    # A block's expert: the experts whose blocks end at or before it (`num_experts` past the last one).
+    for start in range(0, num_blocks, CHUNK):
+        block = start + tl.arange(0, CHUNK)
+        expert = tl.sum(((block_end[:, None] <= block[None, :]) & real_expert).to(tl.int32), axis=0)
+        tl.store(BLOCK_EXPERT + block, expert, mask=block < num_blocks)
+
+
 def align_pairs_to_blocks(
     expert_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,16 +288,57 @@ def align_pairs_to_blocks(
         expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`.
 
     Returns:
-        `sorted_pair_ids` `[num_blocks * block_m]` int32: each expert's pairs, its rows padded to a multiple of
-        `block_m` with the sentinel `S`; `block_expert` `[num_blocks]` int32: the expert of each block, `E` for
-        blocks past the last expert's rows. `num_blocks` is a static upper bound, `min(S, (S + min(E, S) *
-        (block_m - 1)) // block_m)`, so the shapes depend on `S` only (and graphs can be captured).
+        `sorted_pair_ids` `[num_blocks * block_m]` int32: each expert's pairs in ascending order, its rows padded to
+        a multiple of `block_m` with the sentinel `S`; `block_expert` `[num_blocks]` int32: the expert of each
+        block, `E` for blocks past the last expert's rows. `num_blocks` is a static upper bound, `min(S, (S +
+        min(E, S) * (block_m - 1)) // block_m)`, so the shapes depend on `S` only (and graphs can be captured).
+
+    Where the kernels run and for up to `MAX_FUSED_ALIGN_PAIRS` pairs over `MAX_FUSED_ALIGN_EXPERTS` experts, one
+    Triton launch computes it; otherwise ~15 torch ops (`align_pairs_to_blocks_torch`), with the same result.
     """
+    if (
+        kernel_available(expert_ids.device)
+        and 0 < expert_ids.numel() <= MAX_FUSED_ALIGN_PAIRS
+        and num_experts <= MAX_FUSED_ALIGN_EXPERTS
+    ):
+        return torch.ops.step3_hf.align_pairs_to_blocks(expert_ids.reshape(-1), num_experts, block_m)
+    return align_pairs_to_blocks_torch(expert_ids, num_experts, block_m)
+
+
+def _num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    nonempty = min(num_experts, num_pairs)  # experts that can have rows
+    return min(num_pairs, (num_pairs + nonempty * (block_m - 1)) // block_m)
+
+
+@torch.library.custom_op("step3_hf::align_pairs_to_blocks", mutates_args=())
+def _align_pairs_op(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_pairs = expert_ids.numel()
+    num_blocks = _num_blocks(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=expert_ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=expert_ids.device)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    _align_pairs[(1,)](
+        expert_ids.contiguous(), sorted_pair_ids, block_expert, num_pairs, num_experts, num_blocks,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 8192 // block_e), num_warps=4,
+    )  # fmt: skip
+    return sorted_pair_ids, block_expert
+
+
+@_align_pairs_op.register_fake
+def _(expert_ids, num_experts, block_m):
+    num_blocks = _num_blocks(expert_ids.numel(), num_experts, block_m)
+    return expert_ids.new_empty(num_blocks * block_m, dtype=torch.int32), expert_ids.new_empty(
+        num_blocks, dtype=torch.int32
+    )
+
+
+def align_pairs_to_blocks_torch(
+    expert_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align_pairs_to_blocks` in torch ops (a stable sort by expert, and scatters), on any device and size."""
     num_pairs = expert_ids.numel()
     device = expert_ids.device
-    nonempty = min(num_experts, num_pairs)  # experts that can have rows
-    num_blocks = min(num_pairs, (num_pairs + nonempty * (block_m - 1)) // block_m)
-
+    num_blocks = _num_blocks(num_pairs, num_experts, block_m)
     expert_ids = expert_ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
     counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
@@ -410,7 +526,11 @@ def _moe_decode_op(
         num_pairs, num_experts, hidden, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch,
     )  # fmt: skip
-    return partial.view(num_tokens, top_k, hidden).sum(1).to(hidden_states.dtype)  # fp32 sum, then one rounding
+    # The top-k partial rows of each token: summed in fp32, then rounded once, in one launch.
+    out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _sum_choices[(num_tokens, triton.cdiv(hidden, block_h))](partial, out, hidden, top_k, BLOCK_H=block_h)
+    return out
 
 
 def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
