@@ -112,6 +112,7 @@ def test_cuda_replays_equal_the_eager_ffn_bitwise(monkeypatch, precision):
     layers = list(model.model.layers)
     assert all(len(decode_graphs._graphs[layer]) == 1 for layer in layers)  # one capture per layer, then replays
     first = [next(iter(decode_graphs._graphs[layer].values())) for layer in layers]
+    assert all(entry.graph is not None for entry in first)  # captured, not run eagerly after a failed capture
     decode_logits(model, ids, steps=2)
     assert [next(iter(decode_graphs._graphs[layer].values())) for layer in layers] == first
 
@@ -145,7 +146,8 @@ def test_cuda_replaced_weight_is_captured_again(monkeypatch):
         down = layer.mlp.shared_expert.down_proj
         down.weight = torch.nn.Parameter(torch.randn_like(down.weight))
         graphed = layer.ffn_block(hidden)
-        assert next(iter(decode_graphs._graphs[layer].values())) is not before
+        after = next(iter(decode_graphs._graphs[layer].values()))
+        assert after is not before and after.graph is not None
         eager = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
     assert torch.equal(graphed, eager)
 
@@ -158,6 +160,9 @@ def test_cuda_calls_graphs_must_not_take_run_eagerly():
     ids = torch.tensor([[1, 5, 9]], device="cuda")
     with torch.no_grad():
         out = model(ids[:, :1], output_router_logits=True)  # one token: decode-sized, but router logits are recorded
-    assert len(out.router_logits) == 2 and not any(layer in decode_graphs._graphs for layer in model.model.layers)
+    moe_layers = [model.model.layers[i] for i in (1, 2)]  # TINY_CONFIG's MoE layers: their routers record
+    assert len(out.router_logits) == 2 and not any(layer in decode_graphs._graphs for layer in moe_layers)
+    assert model.model.layers[0] in decode_graphs._graphs  # a dense FFN has nothing to record
+    decode_graphs.clear_decode_graphs(model)
     model(ids[:, :1]).logits.sum().backward()  # gradients: eager
     assert not any(layer in decode_graphs._graphs for layer in model.model.layers)
