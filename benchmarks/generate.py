@@ -134,22 +134,21 @@ def main() -> None:
                         help="RMSNorm in eager torch (eight launches each) instead of the one-launch kernel")
     parser.add_argument("--eager-rope", action="store_true",
                         help="RoPE in eager torch (about ten launches per layer) instead of the one-launch kernel")
-    parser.add_argument("--eager-ffn", action="store_true",
-                        help="every layer's FFN half issued eagerly instead of replayed from a CUDA graph")
+    parser.add_argument("--ffn-graphs", action="store_true",
+                        help="replay each layer's FFN half from a CUDA graph (step3_hf.kernels.decode_graphs, opt-in)")
     args = parser.parse_args()
     if args.eager_norms:
         Step3RMSNorm.forward = Step3RMSNorm.forward._eager_forward
     if args.eager_rope:
         modeling_step3.apply_rotary_pos_emb = modeling_step3.apply_rotary_pos_emb._eager_function
-    if args.eager_ffn:
-        decode_graphs.ENABLED = False
+    decode_graphs.ENABLED = args.ffn_graphs
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, RMSNorm "
           f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}, "
           f"RoPE {'eager (--eager-rope)' if args.eager_rope else 'one launch'}, "
-          f"FFN halves {'eager (--eager-ffn)' if args.eager_ffn else 'CUDA graphs'}", flush=True)
+          f"FFN halves {'CUDA graphs (--ffn-graphs)' if args.ffn_graphs else 'eager'}", flush=True)
     print(f"default kernels: attention {model.config._attn_implementation}, "
           f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
     default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation

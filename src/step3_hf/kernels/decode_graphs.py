@@ -8,18 +8,20 @@ FFN half is captured once per layer and input shape in a CUDA graph and replayed
 a copy in, one replay and a copy out. A replay runs the kernels the eager call ran on the same inputs, so its result
 is bitwise the eager one.
 
-`use_ffn_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs this. A call is graphed only
-where the capture stays true:
+`use_ffn_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs the switch; the graphs are
+opt-in (`decode_graphs.ENABLED = True`): on an H100 they moved default `generate()` by -7% to +8% per step
+(docs/performance.md), and a block-FP8 FFN's capture failed there. A call is graphed only where the capture stays
+true:
 
 - inference on CUDA (no gradient, not compiling: compiled generation has CUDA graphs of its own, not inside another
   capture), decode-sized (up to `MAX_DECODE_TOKENS` new tokens per sequence, `MAX_GRAPH_TOKENS` in all);
-- the FFN is made only of Step-3's own modules, plain or block-FP8 linears and experts (a peft adapter, which can be
+- the FFN is made only of Step-3's own modules with plain linears (a block-FP8 FFN, a peft adapter, which can be
   switched off between calls, or a remote FFN of AFD runs eagerly), on the input's device, with no hooks that would
   have to run (accelerate's device hooks; transformers' output-recording hooks while outputs are being recorded);
 - a graph is captured again when one of the FFN's weights is another tensor than at capture (a module or weight
   replaced); weights changed in place are read as they are.
 
-`ENABLED = False` runs every FFN half eagerly; `clear_decode_graphs(model)` frees a model's graphs.
+`clear_decode_graphs(model)` frees a model's graphs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.utils import logging
 
 from .transformers_attention import MAX_DECODE_TOKENS
 from .transformers_experts import MAX_MOE_DECODE_TOKENS
@@ -49,10 +50,8 @@ __all__ = [
     "use_ffn_decode_graphs",
 ]
 
-logger = logging.get_logger(__name__)
-
-# False: every FFN half runs eagerly (the benchmarks' comparison).
-ENABLED = True
+# Opt-in: True replays decode-sized FFN halves from CUDA graphs where `ffn_graph_applies` holds.
+ENABLED = False
 # Tokens per call up to which the FFN half is graphed: the decode range of the experts kernel.
 MAX_GRAPH_TOKENS = MAX_MOE_DECODE_TOKENS
 # transformers' output-recording hook: inert unless outputs are being recorded.
@@ -61,9 +60,9 @@ _RECORDING_HOOK = "output_capturing_hook"
 
 @dataclass
 class _FFNGraph:
-    graph: torch.cuda.CUDAGraph | None  # None: capture failed, this shape runs eagerly
-    inputs: torch.Tensor | None
-    output: torch.Tensor | None
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor
+    output: torch.Tensor
     weights: tuple  # what the capture read: each module and each parameter's storage, dtype and shape
 
 
@@ -77,15 +76,15 @@ _pools: dict[torch.device, tuple] = {}
 
 @functools.cache
 def _allowed_module_types() -> tuple[type, ...]:
-    """What an FFN half may be made of to be graphed: Step-3's modules, plain and block-FP8 linears and experts."""
+    """What an FFN half may be made of to be graphed: Step-3's modules and plain linears. Block-FP8 modules are left
+    out: an FP8 FFN's capture failed on an H100 (tests/step3/test_decode_graphs.py), and a failed capture leaves the
+    process's CUDA random generator unusable."""
     from transformers.activations import ACT2CLS
-    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
 
     from ..modeling_step3 import Step3Experts, Step3MLP, Step3RMSNorm, Step3SparseMoeBlock, Step3TopKRouter
 
     activations = tuple({cls if isinstance(cls, type) else cls[0] for cls in ACT2CLS.values()})
-    return (Step3MLP, Step3SparseMoeBlock, Step3TopKRouter, Step3Experts, Step3RMSNorm, FP8Experts, FP8Linear,
-            nn.Linear, *activations)  # fmt: skip
+    return (Step3MLP, Step3SparseMoeBlock, Step3TopKRouter, Step3Experts, Step3RMSNorm, *activations)
 
 
 def _ffn_modules(layer: nn.Module) -> list[nn.Module]:
@@ -117,13 +116,14 @@ def ffn_graph_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
 
 def ffn_graphable(layer: nn.Module, device: torch.device) -> bool:
     """Whether a replay of `layer`'s FFN half computes what its eager call would, on `device`: Step-3's own modules
-    (plain or block-FP8), their weights plain parameters on `device`, and no hook a replay would skip."""
+    with plain linears, their weights plain parameters on `device`, and no hook a replay would skip."""
     nn_hooks = nn.modules.module
     if nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks:
         return False
     allowed = _allowed_module_types()
     for module in _ffn_modules(layer):
-        if not isinstance(module, allowed) or not _hooks_inert(module):
+        plain_linear = type(module) is nn.Linear  # not a subclass: FP8Linear is one
+        if not (plain_linear or isinstance(module, allowed)) or not _hooks_inert(module):
             return False
         for param in module.parameters(recurse=False):
             if type(param) is not nn.Parameter or param.device != device:  # a DTensor, an offloaded weight
@@ -159,8 +159,13 @@ def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tupl
         with torch.cuda.device(device), torch.cuda.graph(graph, pool=_pool(device)):
             output = eager(layer, inputs)
     except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
-        logger.warning_once(f"decode graphs: the FFN half of a layer could not be captured and runs eagerly ({err})")
-        return _FFNGraph(None, None, None, weights)
+        # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
+        # generator among it) unusable.
+        raise RuntimeError(
+            f"decode graphs: the FFN half of layer {layer.self_attn.layer_idx} could not be captured in a CUDA "
+            f"graph for input {tuple(hidden_states.shape)} ({err}); set "
+            "step3_hf.kernels.decode_graphs.ENABLED = False to run it eagerly"
+        ) from err
     return _FFNGraph(graph, inputs, output, weights)
 
 
@@ -181,8 +186,6 @@ def use_ffn_decode_graphs(layer_class: type[nn.Module]) -> None:
         if entry is None or entry.weights != weights:
             graphs.pop(key, None)  # the old graph's memory goes back before the new capture
             entry = graphs[key] = _capture(self, hidden_states, eager, weights)
-        if entry.graph is None:
-            return eager(self, hidden_states)
         entry.inputs.copy_(hidden_states)
         entry.graph.replay()
         return entry.output.clone()  # the caller's own tensor: the next replay overwrites `entry.output`
