@@ -55,10 +55,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton_jit
 def _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M: tl.constexpr):
-    """A block's expert (int64: expert * stride exceeds int32 at Step-3 widths, 48 x 2 x 5120 x 7168), its rows'
-    pair ids, and which rows are real (padding slots hold the sentinel `num_pairs`)."""
+    """A block's expert, its rows' pair ids, and which rows are real (padding slots hold the sentinel `num_pairs`).
+    Both int64: expert * stride exceeds int32 at Step-3 widths (48 x 2 x 5120 x 7168), and so does pair * stride in
+    the `[S, H]` and `[S, I]` buffers of a long prefill (S * 7168 above 2^31 from 300k pairs)."""
     expert = tl.load(BLOCK_EXPERT + block).to(tl.int64)
-    pair = tl.load(SORTED_PAIR + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    pair = tl.load(SORTED_PAIR + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     return expert, pair, pair < num_pairs
 
 
