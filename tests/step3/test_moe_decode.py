@@ -543,6 +543,29 @@ def test_prefill_sized_calls_take_the_prefill_launch(device, fp8):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_strided_top_1_columns(device):
+    """A `[T, 1]` column of wider routing tensors (rows 3 apart, which `reshape(-1)` keeps as a strided view)."""
+    x, index, weights, gate_up, down = random_experts(20, 48, 24, 8, 3, torch.float32, device, seed=13)
+    out = moe_decode(x, index[:, 1:2], weights[:, 1:2], gate_up, down)
+    ref = reference_experts(x.double(), index[:, 1:2], weights[:, 1:2].double(), gate_up, down)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_choices_outside_the_experts_add_nothing_at_decode_sizes(device):
+    """Without `expert_parallel` the ids are not checked (a check would synchronise with the host); where the
+    one-launch alignment runs, a choice outside `[0, E)` adds nothing (no uninitialised partial row is summed)."""
+    x, index, weights, gate_up, down = random_experts(20, 48, 24, 8, 3, torch.float32, device, seed=14)
+    outside = torch.zeros_like(index, dtype=torch.bool)
+    outside[::3, 2], outside[1::4, 0] = True, True
+    bad = torch.where(outside, torch.where(index % 2 == 0, -1, 8), index)
+    for _ in range(3):  # fresh allocations each time
+        out = moe_decode(x, bad, weights, gate_up, down)
+        ref = reference_experts(x.double(), index, weights.double() * ~outside, gate_up, down)
+        assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_expert_parallel_range_adds_only_its_own_choices(device, fp8):
     """An FFN rank holding experts [3, 6) of 8: choices elsewhere carry the sentinel id (3, transformers' convention)

@@ -190,15 +190,18 @@ PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stage
 
 
 @triton_jit
-def _sum_choices(PARTIAL, OUT, hidden, top_k, BLOCK_H: tl.constexpr):
+def _sum_choices(PARTIAL, EXPERT_IDS, OUT, hidden, top_k, num_experts, BLOCK_H: tl.constexpr):
     """One program: one token's BLOCK_H columns, its top-k fp32 partial rows summed in order k = 0, 1, ... and
-    rounded once to the output dtype (deterministic: no atomics)."""
+    rounded once to the output dtype (deterministic: no atomics). A choice outside `[0, num_experts)` adds nothing:
+    no program wrote its partial row."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < hidden
     acc = tl.zeros([BLOCK_H], tl.float32)
     for k in range(0, top_k):
-        acc += tl.load(PARTIAL + (token * top_k + k) * hidden + offs, mask=ok, other=0.0)
+        expert = tl.load(EXPERT_IDS + token * top_k + k)
+        hit = (expert >= 0) & (expert < num_experts)
+        acc += tl.load(PARTIAL + (token * top_k + k) * hidden + offs, mask=ok & hit, other=0.0)
     tl.store(OUT + token * hidden + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -379,7 +382,8 @@ def moe_decode(
 
     Args:
         hidden_states: `[T, H]` tokens.
-        top_k_index: `[T, top_k]` integer expert of each choice, in `[0, E)`.
+        top_k_index: `[T, top_k]` integer expert of each choice, in `[0, E)` (not checked: that would synchronise
+            with the host). A choice outside it adds nothing where the one-launch alignment runs (decode sizes).
         top_k_weights: `[T, top_k]` routing weights.
         gate_up_proj: `[E, 2I, H]`, the gate rows first (transformers' concatenated, untransposed layout).
         down_proj: `[E, H, I]`.
@@ -496,10 +500,11 @@ def _moe_decode_op(
     device = hidden_states.device
     if num_pairs == 0:
         return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
-    expert_ids = top_k_index.reshape(-1)
+    # Contiguous: the kernels index pairs as `token * top_k + k` (reshape keeps a strided view of a `[T, 1]` column).
+    expert_ids = top_k_index.reshape(-1).contiguous()
     if expert_parallel:
         # Choices routed to other ranks become expert E: align sorts them into blocks of "expert E", whose programs
-        # exit at once (as blocks past the last expert's do), so those pairs' partial rows stay zero.
+        # exit at once (as blocks past the last expert's do), and the top-k sum skips them.
         expert_ids = torch.where((expert_ids < 0) | (expert_ids >= num_experts), num_experts, expert_ids)
     sorted_pair_ids, block_expert = align_pairs_to_blocks(expert_ids, num_experts + int(expert_parallel), block_m)
     num_blocks = block_expert.numel()
@@ -518,9 +523,8 @@ def _moe_decode_op(
         num_pairs, num_experts, hidden, inter, top_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
-    routing = top_k_weights.reshape(-1)
-    new = torch.zeros if expert_parallel else torch.empty
-    partial = new(num_pairs, hidden, dtype=torch.float32, device=device)
+    routing = top_k_weights.reshape(-1).contiguous()
+    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
         activated, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
         *activated.stride(), *down_proj.stride(), *_scale_strides(down_scale), *partial.stride(),
@@ -530,7 +534,9 @@ def _moe_decode_op(
     # The top-k partial rows of each token: summed in fp32, then rounded once, in one launch.
     out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _sum_choices[(num_tokens, triton.cdiv(hidden, block_h))](partial, out, hidden, top_k, BLOCK_H=block_h)
+    _sum_choices[(num_tokens, triton.cdiv(hidden, block_h))](
+        partial, expert_ids, out, hidden, top_k, num_experts, BLOCK_H=block_h
+    )
     return out
 
 
