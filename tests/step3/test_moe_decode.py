@@ -189,6 +189,8 @@ def test_bad_arguments_raise_clear_errors(device):
         moe_decode(x.bfloat16(), index, weights, gate_up, down)
     with pytest.raises(ValueError, match="block_m"):
         moe_decode(x, index, weights, gate_up, down, block_m=48)
+    with pytest.raises(ValueError, match=r"gate_up_proj \(0, 32, 32\) holds no experts"):
+        moe_decode(x, index, weights, gate_up[:0], down[:0])
 
 
 def test_cpu_without_interpreter_is_refused():

@@ -205,30 +205,32 @@ def _sum_choices(PARTIAL, EXPERT_IDS, OUT, hidden, top_k, num_experts, BLOCK_H: 
     tl.store(OUT + token * hidden + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
+def _rows_per_expert(num_pairs: int, num_experts: int) -> int:
+    return -(-num_pairs // num_experts)  # the average, rounded up
+
+
 def default_block_m(num_pairs: int, num_experts: int) -> int:
     """Rows per block. Decode-sized calls: twice the average rows per expert, rounded up to a power of two, within
     [16, 64] (tensor-core tiles need 16 rows), so that in the common case one block holds all of an expert's rows and
     its weights are read once. (At the average itself, batch 256 on the H200: 1.30x the weight-read time instead of
     0.99x at batch 64, as the busier half of the experts took two blocks.) Prefill-sized calls (above
     `MAX_DECODE_ROWS_PER_EXPERT` rows per expert on average): `PREFILL_LAUNCH`'s."""
-    average = -(-num_pairs // num_experts)
-    if average > MAX_DECODE_ROWS_PER_EXPERT:
-        return PREFILL_LAUNCH["block_m"]
-    return min(64, max(16, triton.next_power_of_2(2 * average)))
+    return default_launch(num_pairs, num_experts)["block_m"]
 
 
 def default_launch(num_pairs: int, num_experts: int) -> dict[str, int]:
     """`moe_decode`'s launch parameters for `num_pairs` (token, choice) pairs over `num_experts` experts, by the
-    average rows per expert: `DECODE_LAUNCH` with `default_block_m` rows up to `MAX_DECODE_ROWS_PER_EXPERT`,
-    `PREFILL_LAUNCH` above."""
-    if -(-num_pairs // num_experts) > MAX_DECODE_ROWS_PER_EXPERT:
+    average rows per expert: `DECODE_LAUNCH` up to `MAX_DECODE_ROWS_PER_EXPERT`, `PREFILL_LAUNCH` above."""
+    average = _rows_per_expert(num_pairs, num_experts)
+    if average > MAX_DECODE_ROWS_PER_EXPERT:
         return dict(PREFILL_LAUNCH)
-    return dict(block_m=default_block_m(num_pairs, num_experts), **DECODE_LAUNCH)
+    return dict(block_m=min(64, max(16, triton.next_power_of_2(2 * average))), **DECODE_LAUNCH)
 
 
 # The one-launch alignment runs in one program, which walks the pairs (and the slots) in chunks of a
 # `[experts, chunk]` one-hot tile; beyond these sizes (not decode) the torch ops take over.
-MAX_FUSED_ALIGN_PAIRS = 4096  # 512 tokens (transformers_experts.MAX_MOE_DECODE_TOKENS) x top-8
+# 512 tokens (transformers_experts.MAX_MOE_DECODE_TOKENS, bf16 experts) x top-8; FP8 prefill slices go beyond it.
+MAX_FUSED_ALIGN_PAIRS = 4096
 MAX_FUSED_ALIGN_EXPERTS = 1024
 
 
@@ -413,6 +415,8 @@ def moe_decode(
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = gate_up_proj.shape
     inter = two_inter // 2
+    if num_experts == 0:
+        raise ValueError(f"gate_up_proj {tuple(gate_up_proj.shape)} holds no experts")
     if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
         raise ValueError(
             f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} do not fit hidden size "
