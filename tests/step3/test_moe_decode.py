@@ -431,7 +431,8 @@ def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
 
 def fp8_experts_module(device, num_tokens):
     """transformers' own `FP8Experts` (hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
-    `experts_implementation="moe_decode"`, a routed batch and its float64 reference from the dequantized weights."""
+    `experts_implementation="moe_decode"`, a routed batch, its float64 reference and the dequantized float64 weights
+    `(gate_up, down)` it comes from."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
     from transformers.integrations.moe import use_experts_implementation
 
@@ -446,8 +447,8 @@ def fp8_experts_module(device, num_tokens):
                             ("down_proj", down), ("down_proj_scale_inv", down_scale)):  # fmt: skip
             getattr(experts, name).data = value
     x, index, weights, _, _ = random_experts(num_tokens, 64, 32, 6, 2, torch.float32, device, seed=6)
-    ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
-    return experts, x, index, weights, ref
+    dequantized = (gate_up_ref.to(device), down_ref.to(device))
+    return experts, x, index, weights, reference_experts(x.double(), index, weights.double(), *dequantized), dequantized
 
 
 @pytest.fixture
@@ -468,7 +469,7 @@ def kernel_calls(monkeypatch):
 def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kernel_calls):
     """Decode calls take the kernel, calls with a gradient go expert by expert; both equal the dequantized float64
     reference."""
-    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=6)
+    experts, x, index, weights, ref, _ = fp8_experts_module(device, num_tokens=6)
     with torch.no_grad():
         decoded = experts(x, index, weights)
     by_expert = experts(x.requires_grad_(), index, weights)
@@ -478,10 +479,32 @@ def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kerne
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_module_with_a_routing_gradient_goes_by_expert(device, kernel_calls):
+    """The kernel has no backward: a call whose routing weights alone need a gradient goes expert by expert, and the
+    gradient reaches them (d sum(out) / d w[t, k] is the sum of that choice's expert output); there a negative
+    (another rank's) id adds nothing, as in the kernel."""
+    experts, x, index, weights, ref, dequantized = fp8_experts_module(device, num_tokens=6)
+    experts.requires_grad_(False)  # frozen float8 weights (no gradient accumulates into float8)
+    weights = weights.clone().requires_grad_()
+    out = experts(x, index, weights)
+    out.sum().backward()
+    assert kernel_calls == [] and relative_error(out.detach(), ref) < 1e-5
+    ones = torch.ones(6, 1, dtype=torch.float64, device=device)
+    for k in range(index.shape[1]):
+        choice = reference_experts(x.double(), index[:, k : k + 1], ones, *dequantized)
+        torch.testing.assert_close(weights.grad[:, k].double(), choice.sum(-1), rtol=1e-4, atol=1e-5)
+    elsewhere = torch.zeros_like(index, dtype=torch.bool)
+    elsewhere[::2, 1] = True
+    out = experts(x, index.masked_fill(elsewhere, -1), weights)
+    local = reference_experts(x.double(), index, weights.detach().double() * ~elsewhere, *dequantized)
+    assert kernel_calls == [] and relative_error(out.detach(), local) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monkeypatch):
     """A prefill-sized FP8 call (beyond the bf16 decode limit and beyond the slice size) runs the kernel on slices of
     at most `MAX_FP8_EXPERTS_TOKENS` tokens; the result equals the float64 reference and one unsliced call."""
-    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=24)
+    experts, x, index, weights, ref, _ = fp8_experts_module(device, num_tokens=24)
     monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", 4)  # the bf16 hand-off to grouped_mm: not for FP8
     monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 10)
     with torch.no_grad():
