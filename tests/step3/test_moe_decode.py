@@ -501,6 +501,25 @@ def test_fp8_experts_module_with_a_routing_gradient_goes_by_expert(device, kerne
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_with_a_clamped_gate_go_by_expert(device, kernel_calls):
+    """The kernel computes plain SwiGLU: an `FP8Experts` whose gate is clamped (`swiglu_limit`) runs expert by
+    expert, whose `_apply_gate` clamps, and equals the float64 loop with the clamps."""
+    experts, x, index, weights, _, (gate_up, down) = fp8_experts_module(device, num_tokens=6)
+    experts.limit = limit = 0.05
+    assert "`limit=0.05`" in experts_module._fp8_layout_unsupported(experts)
+    with torch.no_grad():
+        out = experts(x, index, weights)
+    assert kernel_calls == []
+    ref = torch.zeros(x.shape, dtype=torch.float64, device=device)
+    for token in range(x.shape[0]):
+        for k in range(index.shape[1]):
+            gate, up = (gate_up[index[token, k]] @ x[token].double()).chunk(2)
+            activated = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+            ref[token] += weights[token, k].double() * (down[index[token, k]] @ activated)
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monkeypatch):
     """A prefill-sized FP8 call (beyond the bf16 decode limit and beyond the slice size) runs the kernel on slices of
     at most `MAX_FP8_EXPERTS_TOKENS` tokens; the result equals the float64 reference and one unsliced call."""

@@ -140,7 +140,10 @@ def fp8_moe_decode_experts_forward(
     """`experts_implementation="moe_decode"` for transformers' `FP8Experts`: the kernel on float8 weights for
     inference calls of any size (in slices of at most `MAX_FP8_EXPERTS_TOKENS` tokens), one block-FP8 GEMM per hit
     expert for the calls it cannot take (a gradient, a device without the kernel, a layout it does not compute)."""
-    if not _fp8_kernel_takes(self, hidden_states, top_k_weights):
+    unsupported = _fp8_layout_unsupported(self)
+    if unsupported is not None:
+        logger.warning_once(f"moe_decode: FP8 experts with {unsupported} run expert by expert instead")
+    if unsupported is not None or not _fp8_kernel_takes(self, hidden_states, top_k_weights):
         return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
 
     def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -154,12 +157,27 @@ def fp8_moe_decode_experts_forward(
     return _in_token_slices(forward, MAX_FP8_EXPERTS_TOKENS, hidden_states, top_k_index, top_k_weights)
 
 
+def _fp8_layout_unsupported(experts: torch.nn.Module) -> str | None:
+    """`_layout_unsupported` for an `FP8Experts`, which also has an activation scheme and optional gate clamps or
+    softcaps (in `_apply_gate`, which the expert-by-expert path runs and the kernel does not)."""
+    unsupported = _layout_unsupported(experts)
+    if unsupported is not None:
+        return unsupported
+    scheme = getattr(experts, "activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        return f"`activation_scheme={scheme!r}`"
+    for name in ("swiglu_alpha", "limit", "gate_softcap", "up_softcap"):  # transformers 5.17 lacks some
+        if getattr(experts, name, None) is not None:
+            return f"`{name}={getattr(experts, name)}`"
+    return None
+
+
 def _fp8_kernel_takes(
     experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor | None = None
 ) -> bool:
     """Whether `moe_decode` computes this call on the float8 weights: inference (the kernel has no backward), on a
-    device the kernel runs on with float8 (a GPU of compute capability 8.9+, or the interpreter), SiLU-gated experts
-    with dynamic activations."""
+    device the kernel runs on with float8 (a GPU of compute capability 8.9+, or the interpreter), experts whose
+    layout it computes."""
     device = hidden_states.device
     inputs = (hidden_states,) if top_k_weights is None else (hidden_states, top_k_weights)
     return (
@@ -167,9 +185,7 @@ def _fp8_kernel_takes(
         and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
         and hidden_states.dtype in SUPPORTED_DTYPES
-        and getattr(experts, "has_gate", True)
-        and getattr(experts.config, "hidden_act", None) in SUPPORTED_ACTIVATIONS
-        and getattr(experts, "activation_scheme", "dynamic") == "dynamic"
+        and _fp8_layout_unsupported(experts) is None
     )
 
 
