@@ -429,6 +429,29 @@ def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
     assert out.dtype == dtype and relative_error(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_bad_arguments_raise_clear_errors(device):
+    ((gate_up, gate_up_scale), (down, down_scale)), _ = fp8_experts(48, 32, 4, (16, 16), device, 15)
+    x, index, weights, _, _ = random_experts(3, 48, 32, 4, 2, torch.float32, device, seed=15)
+
+    def call(gate_up_scale=gate_up_scale, down_scale=down_scale, block_size=(16, 16), gate_up=gate_up):
+        return moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                          block_size=block_size)  # fmt: skip
+
+    with pytest.raises(ValueError, match="need gate_up_scale, down_scale and block_size together"):
+        call(down_scale=None)
+    with pytest.raises(ValueError, match="float8_e4m3fn, got torch.float32"):
+        call(gate_up=gate_up.float())
+    with pytest.raises(ValueError, match=r"`gate_up_scale` must be float32 \(4, 4, 3\) for blocks \[16, 16\]"):
+        call(gate_up_scale=gate_up_scale[:, :, :2])
+    with pytest.raises(ValueError, match="`down_scale` must be float32"):
+        call(down_scale=down_scale.double())
+    with pytest.raises(ValueError, match="split inside a scale tile: intermediate 32 % 24"):
+        call(torch.ones(4, 3, 3, device=device), torch.ones(4, 2, 2, device=device), (24, 16))
+    with pytest.raises(ValueError, match=r"block_k 24 \(capped to the scale tile width 24\) must divide it"):
+        call(torch.ones(4, 4, 2, device=device), torch.ones(4, 3, 2, device=device), (16, 24))
+
+
 def fp8_experts_module(device, num_tokens):
     """transformers' own `FP8Experts` (hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
     `experts_implementation="moe_decode"`, a routed batch, its float64 reference and the dequantized float64 weights

@@ -471,8 +471,11 @@ def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block
     if (two_inter // 2) % b0:
         raise ValueError(f"the fused gate/up rows split inside a scale tile: intermediate {two_inter // 2} % {b0}")
     block_k = min(block_k, b1)
-    if b1 % block_k or block_k < 16:
-        raise ValueError(f"block_k {block_k} must divide the scale tile width {b1} and be at least 16")
+    if b1 % block_k or block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(
+            f"block_k {block_k} (capped to the scale tile width {b1}) must divide it and be a power of two of at "
+            "least 16"
+        )
     return block_k, b0, b1
 
 
