@@ -169,12 +169,12 @@ def _fp8_layout_unsupported(experts: torch.nn.Module) -> str | None:
     for name in ("swiglu_alpha", "limit", "gate_softcap", "up_softcap"):  # transformers 5.17 lacks some
         if getattr(experts, name, None) is not None:
             return f"`{name}={getattr(experts, name)}`"
-    block_size = getattr(experts, "block_size", None)
     # The kernel steps through a scale tile in power-of-two reductions of up to 128 columns, and splits the fused
-    # gate/up rows between tiles.
-    if block_size is None or (block_size[1] % 128 and block_size[1] not in (16, 32, 64)):
-        return f"scale tiles {block_size}"
-    if experts.gate_up_proj.shape[1] // 2 % block_size[0]:
+    # gate/up rows between tiles. (No block size at all is `moe_decode`'s error to raise: the other path has none.)
+    block_size = getattr(experts, "block_size", None)
+    if block_size is not None and block_size[1] % 128 and block_size[1] not in (16, 32, 64):
+        return f"scale tiles {list(block_size)}"
+    if block_size is not None and experts.gate_up_proj.shape[1] // 2 % block_size[0]:
         return f"scale tiles {list(block_size)} that straddle the gate and up rows"
     return None
 
