@@ -291,7 +291,8 @@ def align_pairs_to_blocks(
     """Sort the flattened (token, k) pairs by expert into blocks of `block_m` rows, without host synchronisation.
 
     Args:
-        expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`.
+        expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`
+            (unchecked: the one-launch kernel leaves other ids out of every block, the torch ops fail on them).
 
     Returns:
         `sorted_pair_ids` `[num_blocks * block_m]` int32: each expert's pairs in ascending order, its rows padded to
