@@ -35,7 +35,7 @@ from decode_step import eager_seconds
 from step3_hf import Step3Config
 from step3_hf.fp8 import quantize_block_fp8
 from step3_hf.kernels import MOE_DECODE_EXPERTS, moe_decode
-from step3_hf.kernels.moe_decode import MAX_DECODE_ROWS_PER_EXPERT, default_launch
+from step3_hf.kernels.moe_decode import PREFILL_LAUNCH, default_launch
 from step3_hf.modeling_step3 import Step3Experts
 
 # name -> (experts_implementation, replayed as a CUDA graph)
@@ -111,10 +111,11 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
         read = sum(weight_bytes(experts, index) for _, index, _ in inputs) / ROUTINGS / (2 if fp8 else 1)
         num_pairs = batch * config.moe_top_k
-        if -(-num_pairs // config.moe_num_experts) > MAX_DECODE_ROWS_PER_EXPERT:  # prefill: compute-bound
+        launch = default_launch(num_pairs, config.moe_num_experts)
+        if launch == PREFILL_LAUNCH:  # prefill: compute-bound
             grid = ((64, 128), (64, 128), (64, 128), (4, 8), (3,))
         else:
-            block_m = default_launch(num_pairs, config.moe_num_experts)["block_m"]
+            block_m = launch["block_m"]
             grid = ((block_m,), *(((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else
                                   ((32, 64, 128), (128, 256), (4, 8), (3, 4))))  # fmt: skip
         results, default, ours = [], None, None
@@ -141,7 +142,7 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         for seconds, params in results[:5]:
             print(f"  {label} B={batch}: {seconds * 1e6:8.1f} us, {read / seconds / 1e12:.2f} TB/s, {params}")
         default_us = "failed" if default is None else f"{default * 1e6:.1f} us"
-        print(f"  {label} B={batch}: default launch {default_launch(num_pairs, config.moe_num_experts)} {default_us}; "
+        print(f"  {label} B={batch}: default launch {launch} {default_us}; "
               f"ceiling {read / bandwidth * 1e6:.1f} us", flush=True)  # fmt: skip
         if fp8:
             with torch.no_grad():

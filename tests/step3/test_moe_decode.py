@@ -189,6 +189,8 @@ def test_bad_arguments_raise_clear_errors(device):
         moe_decode(x.bfloat16(), index, weights, gate_up, down)
     with pytest.raises(ValueError, match="block_m"):
         moe_decode(x, index, weights, gate_up, down, block_m=48)
+    with pytest.raises(ValueError, match=r"gate_up_proj \(0, 32, 32\) holds no experts"):
+        moe_decode(x, index, weights, gate_up[:0], down[:0])
 
 
 def test_cpu_without_interpreter_is_refused():
@@ -427,9 +429,33 @@ def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
     assert out.dtype == dtype and relative_error(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_bad_arguments_raise_clear_errors(device):
+    ((gate_up, gate_up_scale), (down, down_scale)), _ = fp8_experts(48, 32, 4, (16, 16), device, 15)
+    x, index, weights, _, _ = random_experts(3, 48, 32, 4, 2, torch.float32, device, seed=15)
+
+    def call(gate_up_scale=gate_up_scale, down_scale=down_scale, block_size=(16, 16), gate_up=gate_up):
+        return moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                          block_size=block_size)  # fmt: skip
+
+    with pytest.raises(ValueError, match="need gate_up_scale, down_scale and block_size together"):
+        call(down_scale=None)
+    with pytest.raises(ValueError, match="float8_e4m3fn, got torch.float32"):
+        call(gate_up=gate_up.float())
+    with pytest.raises(ValueError, match=r"`gate_up_scale` must be float32 \(4, 4, 3\) for blocks \[16, 16\]"):
+        call(gate_up_scale=gate_up_scale[:, :, :2])
+    with pytest.raises(ValueError, match="`down_scale` must be float32"):
+        call(down_scale=down_scale.double())
+    with pytest.raises(ValueError, match="split inside a scale tile: intermediate 32 % 24"):
+        call(torch.ones(4, 3, 3, device=device), torch.ones(4, 2, 2, device=device), (24, 16))
+    with pytest.raises(ValueError, match=r"block_k 24 \(capped to the scale tile width 24\) must divide it"):
+        call(torch.ones(4, 4, 2, device=device), torch.ones(4, 3, 2, device=device), (16, 24))
+
+
 def fp8_experts_module(device, num_tokens):
     """transformers' own `FP8Experts` (hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
-    `experts_implementation="moe_decode"`, a routed batch and its float64 reference from the dequantized weights."""
+    `experts_implementation="moe_decode"`, a routed batch, its float64 reference and the dequantized float64 weights
+    `(gate_up, down)` it comes from."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
     from transformers.integrations.moe import use_experts_implementation
 
@@ -444,8 +470,8 @@ def fp8_experts_module(device, num_tokens):
                             ("down_proj", down), ("down_proj_scale_inv", down_scale)):  # fmt: skip
             getattr(experts, name).data = value
     x, index, weights, _, _ = random_experts(num_tokens, 64, 32, 6, 2, torch.float32, device, seed=6)
-    ref = reference_experts(x.double(), index, weights.double(), gate_up_ref.to(device), down_ref.to(device))
-    return experts, x, index, weights, ref
+    dequantized = (gate_up_ref.to(device), down_ref.to(device))
+    return experts, x, index, weights, reference_experts(x.double(), index, weights.double(), *dequantized), dequantized
 
 
 @pytest.fixture
@@ -466,7 +492,7 @@ def kernel_calls(monkeypatch):
 def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kernel_calls):
     """Decode calls take the kernel, calls with a gradient go expert by expert; both equal the dequantized float64
     reference."""
-    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=6)
+    experts, x, index, weights, ref, _ = fp8_experts_module(device, num_tokens=6)
     with torch.no_grad():
         decoded = experts(x, index, weights)
     by_expert = experts(x.requires_grad_(), index, weights)
@@ -476,10 +502,51 @@ def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kerne
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_module_with_a_routing_gradient_goes_by_expert(device, kernel_calls):
+    """The kernel has no backward: a call whose routing weights alone need a gradient goes expert by expert, and the
+    gradient reaches them (d sum(out) / d w[t, k] is the sum of that choice's expert output); there a negative
+    (another rank's) id adds nothing, as in the kernel."""
+    experts, x, index, weights, ref, dequantized = fp8_experts_module(device, num_tokens=6)
+    experts.requires_grad_(False)  # frozen float8 weights (no gradient accumulates into float8)
+    weights = weights.clone().requires_grad_()
+    out = experts(x, index, weights)
+    out.sum().backward()
+    assert kernel_calls == [] and relative_error(out.detach(), ref) < 1e-5
+    ones = torch.ones(6, 1, dtype=torch.float64, device=device)
+    for k in range(index.shape[1]):
+        choice = reference_experts(x.double(), index[:, k : k + 1], ones, *dequantized)
+        torch.testing.assert_close(weights.grad[:, k].double(), choice.sum(-1), rtol=1e-4, atol=1e-5)
+    elsewhere = torch.zeros_like(index, dtype=torch.bool)
+    elsewhere[::2, 1] = True
+    out = experts(x, index.masked_fill(elsewhere, -1), weights)
+    local = reference_experts(x.double(), index, weights.detach().double() * ~elsewhere, *dequantized)
+    assert kernel_calls == [] and relative_error(out.detach(), local) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_with_a_clamped_gate_go_by_expert(device, kernel_calls):
+    """The kernel computes plain SwiGLU: an `FP8Experts` whose gate is clamped (`swiglu_limit`) runs expert by
+    expert, whose `_apply_gate` clamps, and equals the float64 loop with the clamps."""
+    experts, x, index, weights, _, (gate_up, down) = fp8_experts_module(device, num_tokens=6)
+    experts.limit = limit = 0.05
+    assert "`limit=0.05`" in experts_module._fp8_layout_unsupported(experts)
+    with torch.no_grad():
+        out = experts(x, index, weights)
+    assert kernel_calls == []
+    ref = torch.zeros(x.shape, dtype=torch.float64, device=device)
+    for token in range(x.shape[0]):
+        for k in range(index.shape[1]):
+            gate, up = (gate_up[index[token, k]] @ x[token].double()).chunk(2)
+            activated = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+            ref[token] += weights[token, k].double() * (down[index[token, k]] @ activated)
+    assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monkeypatch):
     """A prefill-sized FP8 call (beyond the bf16 decode limit and beyond the slice size) runs the kernel on slices of
     at most `MAX_FP8_EXPERTS_TOKENS` tokens; the result equals the float64 reference and one unsliced call."""
-    experts, x, index, weights, ref = fp8_experts_module(device, num_tokens=24)
+    experts, x, index, weights, ref, _ = fp8_experts_module(device, num_tokens=24)
     monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", 4)  # the bf16 hand-off to grouped_mm: not for FP8
     monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 10)
     with torch.no_grad():
@@ -540,6 +607,29 @@ def test_prefill_sized_calls_take_the_prefill_launch(device, fp8):
     out = moe_decode(x, index, weights, gate_up, down, **quantized)
     ref = reference_by_expert(x, index, weights, gate_up_ref.to(device), down_ref.to(device))
     assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_top_1_columns(device):
+    """A `[T, 1]` column of wider routing tensors (rows 3 apart, which `reshape(-1)` keeps as a strided view)."""
+    x, index, weights, gate_up, down = random_experts(20, 48, 24, 8, 3, torch.float32, device, seed=13)
+    out = moe_decode(x, index[:, 1:2], weights[:, 1:2], gate_up, down)
+    ref = reference_experts(x.double(), index[:, 1:2], weights[:, 1:2].double(), gate_up, down)
+    assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_choices_outside_the_experts_add_nothing_at_decode_sizes(device):
+    """Without `expert_parallel` the ids are not checked (a check would synchronise with the host); where the
+    one-launch alignment runs, a choice outside `[0, E)` adds nothing (no uninitialised partial row is summed)."""
+    x, index, weights, gate_up, down = random_experts(20, 48, 24, 8, 3, torch.float32, device, seed=14)
+    outside = torch.zeros_like(index, dtype=torch.bool)
+    outside[::3, 2], outside[1::4, 0] = True, True
+    bad = torch.where(outside, torch.where(index % 2 == 0, -1, 8), index)
+    for _ in range(3):  # fresh allocations each time
+        out = moe_decode(x, bad, weights, gate_up, down)
+        ref = reference_experts(x.double(), index, weights.double() * ~outside, gate_up, down)
+        assert relative_error(out, ref) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)

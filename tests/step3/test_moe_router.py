@@ -85,6 +85,8 @@ def test_bad_arguments_raise_clear_errors(device):
         top_k_experts(probs, 2, torch.float16)
     with pytest.raises(ValueError, match="top_k 9 of 8"):
         top_k_experts(probs, 9, torch.float32)
+    with pytest.raises(ValueError, match="router_probs must be \\[..., E\\] probabilities, got a 0-d tensor"):
+        top_k_experts(probs[0, 0], 1, torch.float32)
 
 
 def test_cpu_without_interpreter_is_refused():

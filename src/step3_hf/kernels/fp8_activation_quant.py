@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..fp8 import FP8_DTYPE, FP8_MAX
 from .triton_support import check_kernel_inputs, tl, triton, triton_jit
 
-__all__ = ["GROUP_SIZE", "ROW_MULTIPLE", "padded_rows", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
+__all__ = ["GROUP_SIZE", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
 
 # Columns per scale (cuBLAS's BlockWise1x128), and the multiple cuBLAS wants the row count to be.
 GROUP_SIZE = 128
@@ -45,7 +45,7 @@ BLOCK_M = 16
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def padded_rows(rows):
+def _padded_rows(rows: int | torch.SymInt) -> int | torch.SymInt:
     """`rows` rounded up to a multiple of `ROW_MULTIPLE` (an int, or a symbolic size under compilation)."""
     return (rows + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
 
@@ -54,7 +54,7 @@ def quantize_fp8_activations_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch
     """`quantize_fp8_activations` in eager torch: the reference, and the fallback where Triton does not run."""
     rows = x.shape[0]
     if rows % ROW_MULTIPLE:
-        x = F.pad(x, (0, 0, 0, padded_rows(rows) - rows))
+        x = F.pad(x, (0, 0, 0, _padded_rows(rows) - rows))
     groups = x.float().unflatten(-1, (-1, GROUP_SIZE))
     # `* (1 / FP8_MAX)`: what `/ FP8_MAX` computes on CUDA, written out so that the CPU gives the same bits
     scale = groups.abs().amax(-1).clamp(min=MIN_AMAX) * (1 / FP8_MAX)
@@ -109,7 +109,7 @@ def _quantize_fp8_activations(
 def _empty_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float8 `[M_pad, K]` and float32 scales `[M_pad, K / GROUP_SIZE]` with strides (1, M_pad), as the eager
     `.t().contiguous().t()` lays them out."""
-    rows_padded = padded_rows(x.shape[0])
+    rows_padded = _padded_rows(x.shape[0])
     groups = x.shape[1] // GROUP_SIZE
     quantized = x.new_empty(rows_padded, x.shape[1], dtype=FP8_DTYPE)
     scale = x.new_empty_strided((rows_padded, groups), (1, torch.sym_max(rows_padded, 1)), dtype=torch.float32)

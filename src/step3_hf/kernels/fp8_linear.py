@@ -91,7 +91,10 @@ def _decode_kernel_runs(device: torch.device, block_size) -> bool:
 
 
 def _scaled_mm_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, quantize: Callable | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """cuBLAS's block-scaled FP8 GEMM of `x` `[M, K]` with `weight`; `quantize` rounds the activations (default: the
     one-launch kernel where it runs, else the same in eager torch)."""

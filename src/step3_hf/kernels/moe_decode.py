@@ -55,10 +55,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton_jit
 def _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M: tl.constexpr):
-    """A block's expert (int64: expert * stride exceeds int32 at Step-3 widths, 48 x 2 x 5120 x 7168), its rows'
-    pair ids, and which rows are real (padding slots hold the sentinel `num_pairs`)."""
+    """A block's expert, its rows' pair ids, and which rows are real (padding slots hold the sentinel `num_pairs`).
+    Both int64: expert * stride exceeds int32 at Step-3 widths (48 x 2 x 5120 x 7168), and so does pair * stride in
+    the `[S, H]` and `[S, I]` buffers of a long prefill (S * 7168 above 2^31 from 300k pairs)."""
     expert = tl.load(BLOCK_EXPERT + block).to(tl.int64)
-    pair = tl.load(SORTED_PAIR + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    pair = tl.load(SORTED_PAIR + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     return expert, pair, pair < num_pairs
 
 
@@ -189,16 +190,23 @@ PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stage
 
 
 @triton_jit
-def _sum_choices(PARTIAL, OUT, hidden, top_k, BLOCK_H: tl.constexpr):
+def _sum_choices(PARTIAL, EXPERT_IDS, OUT, hidden, top_k, num_experts, BLOCK_H: tl.constexpr):
     """One program: one token's BLOCK_H columns, its top-k fp32 partial rows summed in order k = 0, 1, ... and
-    rounded once to the output dtype (deterministic: no atomics)."""
+    rounded once to the output dtype (deterministic: no atomics). A choice outside `[0, num_experts)` adds nothing:
+    no program wrote its partial row."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < hidden
     acc = tl.zeros([BLOCK_H], tl.float32)
     for k in range(0, top_k):
-        acc += tl.load(PARTIAL + (token * top_k + k) * hidden + offs, mask=ok, other=0.0)
+        expert = tl.load(EXPERT_IDS + token * top_k + k)
+        hit = (expert >= 0) & (expert < num_experts)
+        acc += tl.load(PARTIAL + (token * top_k + k) * hidden + offs, mask=ok & hit, other=0.0)
     tl.store(OUT + token * hidden + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def _rows_per_expert(num_pairs: int, num_experts: int) -> int:
+    return -(-num_pairs // num_experts)  # the average, rounded up
 
 
 def default_block_m(num_pairs: int, num_experts: int) -> int:
@@ -207,24 +215,22 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
     its weights are read once. (At the average itself, batch 256 on the H200: 1.30x the weight-read time instead of
     0.99x at batch 64, as the busier half of the experts took two blocks.) Prefill-sized calls (above
     `MAX_DECODE_ROWS_PER_EXPERT` rows per expert on average): `PREFILL_LAUNCH`'s."""
-    average = -(-num_pairs // num_experts)
-    if average > MAX_DECODE_ROWS_PER_EXPERT:
-        return PREFILL_LAUNCH["block_m"]
-    return min(64, max(16, triton.next_power_of_2(2 * average)))
+    return default_launch(num_pairs, num_experts)["block_m"]
 
 
 def default_launch(num_pairs: int, num_experts: int) -> dict[str, int]:
     """`moe_decode`'s launch parameters for `num_pairs` (token, choice) pairs over `num_experts` experts, by the
-    average rows per expert: `DECODE_LAUNCH` with `default_block_m` rows up to `MAX_DECODE_ROWS_PER_EXPERT`,
-    `PREFILL_LAUNCH` above."""
-    if -(-num_pairs // num_experts) > MAX_DECODE_ROWS_PER_EXPERT:
+    average rows per expert: `DECODE_LAUNCH` up to `MAX_DECODE_ROWS_PER_EXPERT`, `PREFILL_LAUNCH` above."""
+    average = _rows_per_expert(num_pairs, num_experts)
+    if average > MAX_DECODE_ROWS_PER_EXPERT:
         return dict(PREFILL_LAUNCH)
-    return dict(block_m=default_block_m(num_pairs, num_experts), **DECODE_LAUNCH)
+    return dict(block_m=min(64, max(16, triton.next_power_of_2(2 * average))), **DECODE_LAUNCH)
 
 
 # The one-launch alignment runs in one program, which walks the pairs (and the slots) in chunks of a
 # `[experts, chunk]` one-hot tile; beyond these sizes (not decode) the torch ops take over.
-MAX_FUSED_ALIGN_PAIRS = 4096  # 512 tokens (transformers_experts.MAX_MOE_DECODE_TOKENS) x top-8
+# 512 tokens (transformers_experts.MAX_MOE_DECODE_TOKENS, bf16 experts) x top-8; FP8 prefill slices go beyond it.
+MAX_FUSED_ALIGN_PAIRS = 4096
 MAX_FUSED_ALIGN_EXPERTS = 1024
 
 
@@ -285,7 +291,8 @@ def align_pairs_to_blocks(
     """Sort the flattened (token, k) pairs by expert into blocks of `block_m` rows, without host synchronisation.
 
     Args:
-        expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`.
+        expert_ids: `[S]` expert of each pair (pair `i` is token `i // top_k`, choice `i % top_k`), in `[0, E)`
+            (unchecked: the one-launch kernel leaves other ids out of every block, the torch ops fail on them).
 
     Returns:
         `sorted_pair_ids` `[num_blocks * block_m]` int32: each expert's pairs in ascending order, its rows padded to
@@ -378,7 +385,8 @@ def moe_decode(
 
     Args:
         hidden_states: `[T, H]` tokens.
-        top_k_index: `[T, top_k]` integer expert of each choice, in `[0, E)`.
+        top_k_index: `[T, top_k]` integer expert of each choice, in `[0, E)` (not checked: that would synchronise
+            with the host). A choice outside it adds nothing where the one-launch alignment runs (decode sizes).
         top_k_weights: `[T, top_k]` routing weights.
         gate_up_proj: `[E, 2I, H]`, the gate rows first (transformers' concatenated, untransposed layout).
         down_proj: `[E, H, I]`.
@@ -408,6 +416,8 @@ def moe_decode(
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = gate_up_proj.shape
     inter = two_inter // 2
+    if num_experts == 0:
+        raise ValueError(f"gate_up_proj {tuple(gate_up_proj.shape)} holds no experts")
     if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
         raise ValueError(
             f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} do not fit hidden size "
@@ -462,8 +472,11 @@ def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block
     if (two_inter // 2) % b0:
         raise ValueError(f"the fused gate/up rows split inside a scale tile: intermediate {two_inter // 2} % {b0}")
     block_k = min(block_k, b1)
-    if b1 % block_k or block_k < 16:
-        raise ValueError(f"block_k {block_k} must divide the scale tile width {b1} and be at least 16")
+    if b1 % block_k or block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(
+            f"block_k {block_k} (capped to the scale tile width {b1}) must divide it and be a power of two of at "
+            "least 16"
+        )
     return block_k, b0, b1
 
 
@@ -495,10 +508,11 @@ def _moe_decode_op(
     device = hidden_states.device
     if num_pairs == 0:
         return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
-    expert_ids = top_k_index.reshape(-1)
+    # Contiguous: the kernels index pairs as `token * top_k + k` (reshape keeps a strided view of a `[T, 1]` column).
+    expert_ids = top_k_index.reshape(-1).contiguous()
     if expert_parallel:
         # Choices routed to other ranks become expert E: align sorts them into blocks of "expert E", whose programs
-        # exit at once (as blocks past the last expert's do), so those pairs' partial rows stay zero.
+        # exit at once (as blocks past the last expert's do), and the top-k sum skips them.
         expert_ids = torch.where((expert_ids < 0) | (expert_ids >= num_experts), num_experts, expert_ids)
     sorted_pair_ids, block_expert = align_pairs_to_blocks(expert_ids, num_experts + int(expert_parallel), block_m)
     num_blocks = block_expert.numel()
@@ -517,9 +531,8 @@ def _moe_decode_op(
         num_pairs, num_experts, hidden, inter, top_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
-    routing = top_k_weights.reshape(-1)
-    new = torch.zeros if expert_parallel else torch.empty
-    partial = new(num_pairs, hidden, dtype=torch.float32, device=device)
+    routing = top_k_weights.reshape(-1).contiguous()
+    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
         activated, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
         *activated.stride(), *down_proj.stride(), *_scale_strides(down_scale), *partial.stride(),
@@ -529,7 +542,9 @@ def _moe_decode_op(
     # The top-k partial rows of each token: summed in fp32, then rounded once, in one launch.
     out = torch.empty(num_tokens, hidden, dtype=hidden_states.dtype, device=device)
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _sum_choices[(num_tokens, triton.cdiv(hidden, block_h))](partial, out, hidden, top_k, BLOCK_H=block_h)
+    _sum_choices[(num_tokens, triton.cdiv(hidden, block_h))](
+        partial, expert_ids, out, hidden, top_k, num_experts, BLOCK_H=block_h
+    )
     return out
 
 

@@ -76,6 +76,8 @@ def top_k_experts(router_probs: torch.Tensor, top_k: int, dtype: torch.dtype) ->
         lower index first).
     """
     check_kernel_inputs("top_k_experts", "router_probs", router_probs, {})
+    if router_probs.ndim == 0:
+        raise ValueError("router_probs must be [..., E] probabilities, got a 0-d tensor")
     num_experts = router_probs.shape[-1]
     if router_probs.dtype != torch.float32:
         raise ValueError(f"router_probs must be float32 probabilities, got {router_probs.dtype}")

@@ -13,8 +13,8 @@ Block-FP8 experts (transformers' `FP8Experts`, loaded from the FP8 release on a 
 transformers' FP8 experts functions: `fp8_moe_decode_experts_forward` runs the kernel on the float8 weights and their
 scales for inference calls of any size (also on a range of the experts, expert-parallel, as an AFD FFN rank holds):
 a prefill is one grouped launch per slice of at most `MAX_FP8_EXPERTS_TOKENS` tokens, with the kernel's prefill
-launch (`moe_decode.default_launch`). Only calls the kernel cannot take (a gradient, a device without the kernel)
-run expert by expert through `fp8_linear.fp8_block_linear`.
+launch (`moe_decode.default_launch`). Only calls the kernel cannot take (a gradient, a device without the kernel, a
+layout it does not compute) run expert by expert through `fp8_linear.fp8_block_linear`.
 """
 
 from __future__ import annotations
@@ -139,8 +139,11 @@ def fp8_moe_decode_experts_forward(
 ) -> torch.Tensor:
     """`experts_implementation="moe_decode"` for transformers' `FP8Experts`: the kernel on float8 weights for
     inference calls of any size (in slices of at most `MAX_FP8_EXPERTS_TOKENS` tokens), one block-FP8 GEMM per hit
-    expert for the calls it cannot take (a gradient, a device without the kernel)."""
-    if not _fp8_kernel_takes(self, hidden_states):
+    expert for the calls it cannot take (a gradient, a device without the kernel, a layout it does not compute)."""
+    unsupported = _fp8_layout_unsupported(self)
+    if unsupported is not None:
+        logger.warning_once(f"moe_decode: FP8 experts with {unsupported} run expert by expert instead")
+    if unsupported is not None or not _fp8_kernel_takes(self, hidden_states, top_k_weights):
         return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
 
     def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -154,18 +157,42 @@ def fp8_moe_decode_experts_forward(
     return _in_token_slices(forward, MAX_FP8_EXPERTS_TOKENS, hidden_states, top_k_index, top_k_weights)
 
 
-def _fp8_kernel_takes(experts: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether `moe_decode` computes this call on the float8 weights: inference, on a device the kernel runs on with
-    float8 (a GPU of compute capability 8.9+, or the interpreter), SiLU-gated experts with dynamic activations."""
+def _fp8_layout_unsupported(experts: torch.nn.Module) -> str | None:
+    """`_layout_unsupported` for an `FP8Experts`, which also has an activation scheme and optional gate clamps or
+    softcaps (in `_apply_gate`, which the expert-by-expert path runs and the kernel does not)."""
+    unsupported = _layout_unsupported(experts)
+    if unsupported is not None:
+        return unsupported
+    scheme = getattr(experts, "activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        return f"`activation_scheme={scheme!r}`"
+    for name in ("swiglu_alpha", "limit", "gate_softcap", "up_softcap"):  # transformers 5.17 lacks some
+        if getattr(experts, name, None) is not None:
+            return f"`{name}={getattr(experts, name)}`"
+    # The kernel steps through a scale tile in power-of-two reductions of up to 128 columns, and splits the fused
+    # gate/up rows between tiles. (No block size at all is `moe_decode`'s error to raise: the other path has none.)
+    block_size = getattr(experts, "block_size", None)
+    if block_size is not None and block_size[1] % 128 and block_size[1] not in (16, 32, 64):
+        return f"scale tiles {list(block_size)}"
+    if block_size is not None and experts.gate_up_proj.shape[1] // 2 % block_size[0]:
+        return f"scale tiles {list(block_size)} that straddle the gate and up rows"
+    return None
+
+
+def _fp8_kernel_takes(
+    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor | None = None
+) -> bool:
+    """Whether `moe_decode` computes this call on the float8 weights: inference (the kernel has no backward), on a
+    device the kernel runs on with float8 (a GPU of compute capability 8.9+, or the interpreter), experts whose
+    layout it computes."""
     device = hidden_states.device
+    inputs = (hidden_states,) if top_k_weights is None else (hidden_states, top_k_weights)
     return (
         kernel_available(device)
         and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
-        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
         and hidden_states.dtype in SUPPORTED_DTYPES
-        and getattr(experts, "has_gate", True)
-        and getattr(experts.config, "hidden_act", None) in SUPPORTED_ACTIVATIONS
-        and getattr(experts, "activation_scheme", "dynamic") == "dynamic"
+        and _fp8_layout_unsupported(experts) is None
     )
 
 
@@ -186,12 +213,14 @@ def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_
 def _fp8_experts_by_expert(
     experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Calls the kernel cannot take (a gradient, a device without the kernel): each hit expert's rows through two
-    block-FP8 GEMMs, summed in fp32."""
+    """Calls the kernel cannot take (a gradient, a device without the kernel, a layout it does not compute): each hit
+    expert's rows through two block-FP8 GEMMs, summed in fp32. Choices outside `[0, E)` (expert parallelism's) add
+    nothing, as in `moe_decode`."""
     from .fp8_linear import fp8_block_linear
 
     output = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    tokens, choices = torch.where(top_k_index < experts.num_experts)
+    # both bounds: a negative id would index the last expert
+    tokens, choices = torch.where((top_k_index >= 0) & (top_k_index < experts.num_experts))
     experts_of_pairs = top_k_index[tokens, choices]
     for expert in experts_of_pairs.unique().tolist():
         rows = experts_of_pairs == expert
