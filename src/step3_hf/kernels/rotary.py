@@ -9,7 +9,8 @@ rotated in one launch. It rounds where the eager code rounds (16-bit: the produc
 
 `use_fused_rotary(module)`, which `step3_hf` runs at import on `modeling_step3`, replaces the module's
 `apply_rotary_pos_emb` by one that takes the kernel for inference calls on a device it runs on, and the eager
-function for everything else (training, CPU, other dtypes).
+function for everything else (training, CPU, other dtypes, a layout other than `unsqueeze_dim=1`). Its eager
+function stays reachable as `apply_rotary_pos_emb._eager_function` (`benchmarks/generate.py --eager-rope`).
 """
 
 from __future__ import annotations
