@@ -2,8 +2,9 @@
 
 On CPU: which layers a replay may stand for (the rules that keep it equal to the eager call), and that the graphs
 are opt-in. On CUDA (skipped without a GPU), with them switched on: replays give bitwise the eager logits and
-tokens, a replaced weight is captured again (dropping the layer's stale graphs), another stream or input layout
-gets a graph of its own, and calls the graphs must not take (recording router logits, gradients) run eagerly.
+tokens, a replaced weight or changed setting is captured again (dropping the layer's stale graphs), another stream,
+input layout or inference mode is served right, and calls the graphs must not take (recording router logits,
+gradients) run eagerly.
 """
 
 import pytest
@@ -169,7 +170,11 @@ def test_cuda_replaced_weight_is_captured_again(graphs_on):
         assert len(decode_graphs._graphs[layer]) == 1
         assert not before & set(map(id, decode_graphs._graphs[layer].values()))
         eager = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
-    assert torch.equal(graphed, eager)
+        assert torch.equal(graphed, eager)
+        layer.mlp.gate.top_k = 1  # a plain attribute the capture baked in
+        graphed = layer.ffn_block(hidden)
+        eager_top_1 = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
+    assert torch.equal(graphed, eager_top_1) and not torch.equal(eager_top_1, eager)
 
 
 @cuda
@@ -182,8 +187,10 @@ def test_cuda_other_streams_and_layouts_get_graphs_of_their_own(graphs_on):
     strided = torch.randn(2, 1, 2 * size, device="cuda", dtype=torch.bfloat16)[..., :size]  # a slice: not dense
     hidden = strided.contiguous()  # same shape and values, other strides
     eager = Step3DecoderLayer.ffn_block._eager_ffn_block
-    with torch.no_grad():
+    with torch.inference_mode():  # captured under inference mode, replayed outside it below
         want = eager(layer, hidden)
+        assert torch.equal(layer.ffn_block(hidden), want)
+    with torch.no_grad():
         assert torch.equal(layer.ffn_block(hidden), want)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -23,7 +23,8 @@ true:
 - graphs are kept per input shape, strides, dtype, device and CUDA stream (a graph is replayed only on the stream
   it was made for, so graphs replayed on different streams never share memory); a layer's graphs are all captured
   again when one of the FFN's weights is another tensor than at capture (a module or weight replaced, moved or
-  cast); weights changed in place are read as they are.
+  cast) or one of its modules' plain attributes changed (a router's `top_k`); weights changed in place are read as
+  they are.
 
 Graphs live as long as their layer. `clear_decode_graphs(model)` frees a model's graphs earlier, e.g. after moving it
 off the GPU.
@@ -146,7 +147,9 @@ def _weights(layer: nn.Module) -> tuple:
     experts_impl = getattr(layer.mlp, "experts", None)
     implementation = getattr(getattr(experts_impl, "config", None), "_experts_implementation", None)
     tensors = (t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
-    return (implementation, *(id(m) for m in modules), *(
+    # plain attributes (a router's `top_k`, a norm's epsilon) are baked into the graph like the weights' addresses
+    settings = (tuple((k, v) for k, v in vars(m).items() if type(v) in (bool, int, float, str)) for m in modules)
+    return (implementation, *(id(m) for m in modules), *settings, *(
         (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors
     ))  # fmt: skip
 
@@ -159,13 +162,16 @@ def _pool(device: torch.device, stream: int):
 
 def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tuple, stream: int) -> _FFNGraph:
     device = hidden_states.device
-    inputs = hidden_states.clone()
+    with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode copy into it
+        inputs = hidden_states.clone()
+    # Outside the capture, and outside the `try`: Triton compiles, cuBLAS sets up its workspaces, and an input the
+    # eager call refuses (a dtype the weights do not have) is reported as the eager call reports it.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        eager(layer, inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            eager(layer, inputs)  # outside the capture: Triton compiles, cuBLAS sets up its workspaces
-        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device), torch.cuda.graph(graph, pool=_pool(device, stream)):
             output = eager(layer, inputs)
