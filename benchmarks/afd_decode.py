@@ -20,8 +20,9 @@ tokens (decode only). Batches that do not fit on one GPU next to the experts are
 `--connector inprocess` asks instead where each half's time goes, on ONE GPU: both halves in one process
 (`InProcessConnector`), attention (+ norm + router), the wire's FP8 quantisation and the FFN each timed with CUDA
 events per micro-batch and layer, against their rooflines (weights + KV bytes over the measured copy bandwidth) and
-the cost model's prediction, for a static vs dynamic cache, mfa_decode vs sdpa, CUDA graphs, and the FFN's experts kernel; context 4096, as many of the
-61 layers' attention as fit (the FFN side holds one MoE layer of experts and serves every layer with it):
+the cost model's prediction, for a static vs dynamic cache, mfa_decode vs sdpa, CUDA graphs, and the FFN's experts
+kernel and weights (bf16, or block-FP8 routed experts in `ffn:fp8`); context 4096, as many of the 61 layers'
+attention as fit (the FFN side holds one MoE layer of experts and serves every layer with it):
 
     python benchmarks/afd_decode.py --connector inprocess --quick --out afd_inprocess \
         --trace afd_inprocess/trace.json                          # < 4 min on one H100
@@ -596,7 +597,7 @@ def main() -> None:
     parser.add_argument("--connector", choices=["nccl", "inprocess"], default="nccl",
                         help="nccl: the 2-GPU comparison above; inprocess: both halves on one device, timed apart")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="inprocess: cache and attention implementation of each run")
+                        help="inprocess: cache, attention implementation, CUDA graphs and FFN experts of each run")
     parser.add_argument("--ffn-layers", type=int, default=1, help="inprocess: distinct FFN layers held (reused cyclically)")
     parser.add_argument("--device", default="cuda", help="inprocess: the device (cpu only with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="inprocess: toy widths, to check the script on CPU")

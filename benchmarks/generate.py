@@ -15,7 +15,10 @@ Roofline = (weights a step reads + KV bytes at the mean context of the run) / de
 same run (see `decode_step.step_bytes`).
 
     python benchmarks/generate.py [--shapes 16x2048 64x1024 128x1024 64x2048] [--new-tokens 32]
-    python benchmarks/generate.py --profile 128x1024     # top CUDA kernels of a short default generate()
+    python benchmarks/generate.py --profile 128x1024     # GPU kernels and host time of a short default generate()
+
+`--eager-norms` and `--eager-rope` put back the eager RMSNorm and RoPE in place of their one-launch kernels;
+`--ffn-graphs` switches on the opt-in CUDA graphs of each layer's FFN half (`step3_hf.kernels.decode_graphs`).
 """
 
 import argparse
@@ -82,8 +85,8 @@ def static_compile_seconds(model, batch: int, prompt: int, new_tokens: int) -> t
 
 
 def profile(model, batch: int, prompt: int, new_tokens: int) -> None:
-    """Per-op GPU time of `new_tokens - 1` decode steps: a profile of `generate` for `new_tokens` tokens minus one
-    for a single token (the prefill)."""
+    """Per-op GPU and host time of `new_tokens - 1` decode steps (a profile of `generate` for `new_tokens` tokens
+    minus one for a single token, the prefill), then cProfile's Python functions of one such `generate`."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

@@ -24,11 +24,11 @@ from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
-from .kernels.transformers_paged_attention import init_continuous_batching
 from .kernels.decode_graphs import use_ffn_decode_graphs
 from .kernels.moe_router import use_fused_top_k
 from .kernels.rms_norm import use_fused_rms_norm
 from .kernels.rotary import use_fused_rotary
+from .kernels.transformers_paged_attention import init_continuous_batching
 from .modeling_step3 import (
     Step3DecoderLayer,
     Step3ForCausalLM,

@@ -40,6 +40,7 @@ __all__ = [
     "is_quantized_weight",
     "quantize_block_fp8",
     "quantize_checkpoint",
+    "quantize_experts_into",
     "quantize_model",
     "quantize_state_dict",
     "save_fp8_weights",
@@ -165,6 +166,17 @@ def quantize_block_fp8(
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     quantized = (weight / _expand(scale, weight.shape, block_size)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return quantized, scale
+
+
+def quantize_experts_into(
+    fp8_experts: torch.nn.Module, experts: torch.nn.Module, block_size: tuple[int, int]
+) -> None:
+    """Set `fp8_experts` (an `FP8Experts`) to `experts`' fused `gate_up_proj` and `down_proj` in block FP8: float8
+    weights and float32 scales, frozen."""
+    for param in ("gate_up_proj", "down_proj"):
+        weight, scale = quantize_block_fp8(getattr(experts, param).detach(), block_size)
+        setattr(fp8_experts, param, torch.nn.Parameter(weight, requires_grad=False))
+        setattr(fp8_experts, param + SCALE_SUFFIX, torch.nn.Parameter(scale, requires_grad=False))
 
 
 def dequantize_block_fp8(
@@ -484,10 +496,7 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
                 raise Fp8LayoutError(f"{name}: FP8 experts need whole tiles ({list(block_size)}) in every dimension")
             with torch.device("meta"):
                 new = experts_class(config=text_config, block_size=block_size)
-            for param in ("gate_up_proj", "down_proj"):
-                weight, scale = quantize_block_fp8(getattr(module, param).detach(), block_size)
-                setattr(new, param, torch.nn.Parameter(weight, requires_grad=False))
-                setattr(new, param + SCALE_SUFFIX, torch.nn.Parameter(scale, requires_grad=False))
+            quantize_experts_into(new, module, block_size)
         else:
             continue
         model.set_submodule(name, new)

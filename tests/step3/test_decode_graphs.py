@@ -2,7 +2,8 @@
 
 On CPU: which layers a replay may stand for (the rules that keep it equal to the eager call), and that the graphs
 are opt-in. On CUDA (skipped without a GPU), with them switched on: replays give bitwise the eager logits and
-tokens, a replaced weight is captured again, and calls the graphs must not take (recording router logits,
+tokens, a replaced weight or changed setting is captured again (dropping the layer's stale graphs), another stream,
+input layout or inference mode is served right, and calls the graphs must not take (recording router logits,
 gradients) run eagerly.
 """
 
@@ -42,6 +43,11 @@ def test_graphable_layers_are_step3_modules_without_active_hooks():
     assert not decode_graphs.ffn_graphable(moe, cpu)  # a replay would skip the hook
     handle.remove()
     assert decode_graphs.ffn_graphable(moe, cpu)
+    up = moe.mlp.shared_expert.up_proj
+    up.forward = up.forward  # a forward set on the instance (as some wrappers do) could do anything
+    assert not decode_graphs.ffn_graphable(moe, cpu)
+    del up.forward
+    assert decode_graphs.ffn_graphable(moe, cpu)
 
     # transformers' output-recording hooks are inert until outputs are recorded; recording router logits needs the
     # router to run eagerly.
@@ -77,7 +83,10 @@ def test_adapters_and_remote_ffns_stay_eager():
 
     from step3_hf.afd import RemoteFFN
 
-    assert not issubclass(RemoteFFN, decode_graphs._allowed_module_types())
+    config = model.config
+    remote = Step3DecoderLayer(config, 1)  # an AFD attention-side layer: its FFN runs in another process
+    remote.mlp = RemoteFFN(config, 1)
+    assert not decode_graphs.ffn_graphable(remote, torch.device("cpu"))
 
 
 def test_cpu_calls_run_the_eager_ffn(monkeypatch):
@@ -149,15 +158,48 @@ def test_cuda_replaced_weight_is_captured_again(graphs_on):
     model = tiny_model(torch.bfloat16, "cuda")
     layer = model.model.layers[1]
     hidden = torch.randn(2, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    other_batch = torch.randn(3, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
+        layer.ffn_block(other_batch)
         layer.ffn_block(hidden)
-        before = next(iter(decode_graphs._graphs[layer].values()))
+        before = set(map(id, decode_graphs._graphs[layer].values()))
         down = layer.mlp.shared_expert.down_proj
         down.weight = torch.nn.Parameter(torch.randn_like(down.weight))
         graphed = layer.ffn_block(hidden)
-        assert next(iter(decode_graphs._graphs[layer].values())) is not before
+        # the other batch's graph read the old weight too: it is gone, not kept stale
+        assert len(decode_graphs._graphs[layer]) == 1
+        assert not before & set(map(id, decode_graphs._graphs[layer].values()))
         eager = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
-    assert torch.equal(graphed, eager)
+        assert torch.equal(graphed, eager)
+        layer.mlp.gate.top_k = 1  # a plain attribute the capture baked in
+        graphed = layer.ffn_block(hidden)
+        eager_top_1 = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
+    assert torch.equal(graphed, eager_top_1) and not torch.equal(eager_top_1, eager)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_other_streams_and_layouts_get_graphs_of_their_own(graphs_on):
+    model = tiny_model(torch.bfloat16, "cuda")
+    layer = model.model.layers[1]
+    decode_graphs.clear_decode_graphs(model)
+    size = model.config.hidden_size
+    strided = torch.randn(2, 1, 2 * size, device="cuda", dtype=torch.bfloat16)[..., :size]  # a slice: not dense
+    hidden = strided.contiguous()  # same shape and values, other strides
+    eager = Step3DecoderLayer.ffn_block._eager_ffn_block
+    with torch.inference_mode():  # captured under inference mode, replayed outside it below
+        want = eager(layer, hidden)
+        assert torch.equal(layer.ffn_block(hidden), want)
+    with torch.no_grad():
+        assert torch.equal(layer.ffn_block(hidden), want)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            on_side = layer.ffn_block(hidden)
+        torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(on_side, want)
+        assert torch.equal(layer.ffn_block(strided), eager(layer, strided))
+    assert len(decode_graphs._graphs[layer]) == 3
 
 
 @cuda

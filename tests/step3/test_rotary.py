@@ -58,6 +58,15 @@ def reference(x, position_ids):
     return torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
 
 
+def small_case(device, seed):
+    """bf16 q `[2, 4, 3, 16]` and k `[2, 1, 3, 16]` as the projections leave them, and per-sequence cos/sin."""
+    generator = torch.Generator().manual_seed(seed)
+    q = projected(2, 4, 3, 16, torch.bfloat16, device, generator)
+    k = projected(2, 1, 3, 16, torch.bfloat16, device, generator)
+    cos, sin = rope_tables(16, positions(2, 3, shared=False), torch.bfloat16, device)
+    return q, k, cos, sin
+
+
 def same_layout(out, eager):
     """Equal strides wherever a dimension has more than one element (a size-1 dimension's stride is arbitrary)."""
     return all(a == b for n, a, b in zip(out.shape, out.stride(), eager.stride()) if n > 1)
@@ -127,10 +136,7 @@ def test_empty_inputs(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments_raise_clear_errors(device):
-    generator = torch.Generator().manual_seed(2)
-    q = projected(2, 4, 3, 16, torch.bfloat16, device, generator)
-    k = projected(2, 1, 3, 16, torch.bfloat16, device, generator)
-    cos, sin = rope_tables(16, positions(2, 3, shared=False), torch.bfloat16, device)
+    q, k, cos, sin = small_case(device, seed=2)
     bad = [
         ((q[0], k, cos, sin), r"q must be \[batch, heads, seq, head_dim\], got shape \(4, 3, 16\)"),
         ((q[..., :15], k[..., :15], cos[..., :15], sin[..., :15]), "head_dim must be even"),
@@ -169,10 +175,7 @@ def count_kernel_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_installed_function_takes_the_kernel_for_inference_only(device, monkeypatch):
     calls = count_kernel_calls(monkeypatch)
-    generator = torch.Generator().manual_seed(3)
-    q = projected(2, 4, 3, 16, torch.bfloat16, device, generator)
-    k = projected(2, 1, 3, 16, torch.bfloat16, device, generator)
-    cos, sin = rope_tables(16, positions(2, 3, shared=False), torch.bfloat16, device)
+    q, k, cos, sin = small_case(device, seed=3)
     with torch.no_grad():
         out = modeling_step3.apply_rotary_pos_emb(q, k, cos, sin)
     assert calls == [1]
@@ -204,10 +207,7 @@ def test_cpu_tensors_keep_the_eager_function_without_the_interpreter(monkeypatch
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_installed_function_compiles_without_graph_breaks(device):
-    generator = torch.Generator().manual_seed(5)
-    q = projected(2, 4, 3, 16, torch.bfloat16, device, generator)
-    k = projected(2, 1, 3, 16, torch.bfloat16, device, generator)
-    cos, sin = rope_tables(16, positions(2, 3, shared=False), torch.bfloat16, device)
+    q, k, cos, sin = small_case(device, seed=5)
     graphs = []
 
     def backend(gm, example_inputs):

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from ..checkpoint_layout import BASE_MODEL_PREFIX, EXPERTS_DOWN, EXPERTS_GATE, EXPERTS_UP, SHARED_EXPERT
 from ..configuration_step3 import Step3Config
-from ..fp8 import SCALE_SUFFIX, quantize_block_fp8
+from ..fp8 import SCALE_SUFFIX, quantize_experts_into
 from ..loading import BrokenCheckpointError
 from ..modeling_step3 import Step3MLP, Step3PreTrainedModel, Step3SparseMoeBlock
 from .checkpoint import CheckpointReader
@@ -210,10 +210,7 @@ class Step3FFNShard(nn.Module):
             for block in shard.layers:
                 if isinstance(block, Step3FFNMoE):
                     experts = _fp8_experts_module(block.experts, shard.config, block_size)
-                    for param in ("gate_up_proj", "down_proj"):
-                        weight, scale = quantize_block_fp8(getattr(block.experts, param).detach(), block_size)
-                        setattr(experts, param, nn.Parameter(weight, requires_grad=False))
-                        setattr(experts, param + SCALE_SUFFIX, nn.Parameter(scale, requires_grad=False))
+                    quantize_experts_into(experts, block.experts, block_size)
                     block.experts = experts
             shard.config._experts_implementation = "moe_decode"
         return shard

@@ -12,6 +12,7 @@ with transformers.
 
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
+from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
 from .fp8_activation_quant import quantize_fp8_activations
 from .fp8_decode_linear import fp8_decode_linear
@@ -19,7 +20,6 @@ from .fp8_linear import Step3FP8Linear, fp8_block_linear, use_fp8_kernels
 from .moe_decode import align_pairs_to_blocks, moe_decode
 from .moe_router import top_k_experts, use_fused_top_k
 from .rms_norm import rms_norm, use_fused_rms_norm
-from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
 from .rotary import apply_rotary, use_fused_rotary
 from .paged_attention import paged_decode_attention, ragged_sdpa_attention, token_key_ranges
 from .triton_support import interpreter_enabled, kernel_available

@@ -13,15 +13,21 @@ opt-in (`decode_graphs.ENABLED = True`): on an H100 they moved default `generate
 (docs/performance.md), and a block-FP8 FFN's capture failed there. A call is graphed only where the capture stays
 true:
 
-- inference on CUDA (no gradient, not compiling: compiled generation has CUDA graphs of its own, not inside another
-  capture), decode-sized (up to `MAX_DECODE_TOKENS` new tokens per sequence, `MAX_GRAPH_TOKENS` in all);
+- inference on CUDA (no gradient, no autocast, not compiling: compiled generation has CUDA graphs of its own, not
+  inside another capture), decode-sized (up to `MAX_DECODE_TOKENS` new tokens per sequence, `MAX_GRAPH_TOKENS` in
+  all);
 - the FFN is made only of Step-3's own modules with plain linears (a block-FP8 FFN, a peft adapter, which can be
   switched off between calls, or a remote FFN of AFD runs eagerly), on the input's device, with no hooks that would
-  have to run (accelerate's device hooks; transformers' output-recording hooks while outputs are being recorded);
-- a graph is captured again when one of the FFN's weights is another tensor than at capture (a module or weight
-  replaced); weights changed in place are read as they are.
+  have to run (accelerate's device hooks; transformers' output-recording hooks while outputs are being recorded) and
+  no `forward` replaced on an instance;
+- graphs are kept per input shape, strides, dtype, device and CUDA stream (a graph is replayed only on the stream
+  it was made for, so graphs replayed on different streams never share memory); a layer's graphs are all captured
+  again when one of the FFN's weights is another tensor than at capture (a module or weight replaced, moved or
+  cast) or one of its modules' plain attributes changed (a router's `top_k`); weights changed in place are read as
+  they are.
 
-`clear_decode_graphs(model)` frees a model's graphs.
+Graphs live as long as their layer. `clear_decode_graphs(model)` frees a model's graphs earlier, e.g. after moving it
+off the GPU.
 """
 
 from __future__ import annotations
@@ -63,15 +69,15 @@ class _FFNGraph:
     graph: torch.cuda.CUDAGraph
     inputs: torch.Tensor
     output: torch.Tensor
-    weights: tuple  # what the capture read: each module and each parameter's storage, dtype and shape
+    weights: tuple  # what the capture read: each module, each parameter's and buffer's storage, dtype and layout
 
 
-# layer -> {(shape, dtype, device): _FFNGraph}. Held beside the modules, not in them: a model stays deep-copyable and
-# picklable, and its graphs go when it does.
+# layer -> {(shape, strides, dtype, device, stream): _FFNGraph}. Held beside the modules, not in them: a model stays
+# deep-copyable and picklable, and its graphs go when it does.
 _graphs: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-# One memory pool per device for every graph: replays run one after another on the caller's stream, so a graph's
-# temporaries may share memory with another's (each graph's input and output stay allocated while it lives).
-_pools: dict[torch.device, tuple] = {}
+# One memory pool per device and stream: replays on one stream run one after another, so a graph's temporaries may
+# share memory with another's (each graph's input and output stay allocated while it lives).
+_pools: dict[tuple[torch.device, int], tuple] = {}
 
 
 @functools.cache
@@ -105,6 +111,8 @@ def ffn_graph_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether `layer.ffn_block(hidden_states)` runs from a CUDA graph (see the module docstring)."""
     if not (ENABLED and hidden_states.is_cuda and not torch.is_grad_enabled() and not layer.training):
         return False
+    if torch.is_autocast_enabled("cuda"):  # a replay would keep the capture's autocast state
+        return False
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return False
     if hidden_states.dim() != 3 or hidden_states.shape[1] > MAX_DECODE_TOKENS:
@@ -116,18 +124,21 @@ def ffn_graph_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
 
 def ffn_graphable(layer: nn.Module, device: torch.device) -> bool:
     """Whether a replay of `layer`'s FFN half computes what its eager call would, on `device`: Step-3's own modules
-    with plain linears, their weights plain parameters on `device`, and no hook a replay would skip."""
+    with plain linears, their weights plain parameters on `device`, and no hook or instance `forward` a replay
+    would skip."""
     nn_hooks = nn.modules.module
     if nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks:
         return False
     allowed = _allowed_module_types()
     for module in _ffn_modules(layer):
         plain_linear = type(module) is nn.Linear  # not a subclass: FP8Linear is one
-        if not (plain_linear or isinstance(module, allowed)) or not _hooks_inert(module):
+        if not (plain_linear or isinstance(module, allowed)) or not _hooks_inert(module) or "forward" in vars(module):
             return False
         for param in module.parameters(recurse=False):
             if type(param) is not nn.Parameter or param.device != device:  # a DTensor, an offloaded weight
                 return False
+        if any(buffer.device != device for buffer in module.buffers(recurse=False)):
+            return False
     return True
 
 
@@ -135,28 +146,34 @@ def _weights(layer: nn.Module) -> tuple:
     modules = _ffn_modules(layer)
     experts_impl = getattr(layer.mlp, "experts", None)
     implementation = getattr(getattr(experts_impl, "config", None), "_experts_implementation", None)
-    return (implementation, *(id(m) for m in modules), *(
-        (p.data_ptr(), p.dtype, tuple(p.shape)) for m in modules for p in m.parameters(recurse=False)
+    tensors = (t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    # plain attributes (a router's `top_k`, a norm's epsilon) are baked into the graph like the weights' addresses
+    settings = (tuple((k, v) for k, v in vars(m).items() if type(v) in (bool, int, float, str)) for m in modules)
+    return (implementation, *(id(m) for m in modules), *settings, *(
+        (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors
     ))  # fmt: skip
 
 
-def _pool(device: torch.device):
-    if device not in _pools:
-        _pools[device] = torch.cuda.graph_pool_handle()
-    return _pools[device]
+def _pool(device: torch.device, stream: int):
+    if (device, stream) not in _pools:
+        _pools[device, stream] = torch.cuda.graph_pool_handle()
+    return _pools[device, stream]
 
 
-def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tuple) -> _FFNGraph:
+def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tuple, stream: int) -> _FFNGraph:
     device = hidden_states.device
-    inputs = hidden_states.clone()
+    with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode copy into it
+        inputs = hidden_states.clone()
+    # Outside the capture, and outside the `try`: Triton compiles, cuBLAS sets up its workspaces, and an input the
+    # eager call refuses (a dtype the weights do not have) is reported as the eager call reports it.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        eager(layer, inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            eager(layer, inputs)  # outside the capture: Triton compiles, cuBLAS sets up its workspaces
-        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=_pool(device)):
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=_pool(device, stream)):
             output = eager(layer, inputs)
     except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
         # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
@@ -179,16 +196,20 @@ def use_ffn_decode_graphs(layer_class: type[nn.Module]) -> None:
     def ffn_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not ffn_graph_applies(self, hidden_states):
             return eager(self, hidden_states)
-        graphs = _graphs.setdefault(self, {})
-        key = (tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device)
-        weights = _weights(self)
-        entry = graphs.get(key)
-        if entry is None or entry.weights != weights:
-            graphs.pop(key, None)  # the old graph's memory goes back before the new capture
-            entry = graphs[key] = _capture(self, hidden_states, eager, weights)
-        entry.inputs.copy_(hidden_states)
-        entry.graph.replay()
-        return entry.output.clone()  # the caller's own tensor: the next replay overwrites `entry.output`
+        device = hidden_states.device
+        with torch.cuda.device(device):  # a replay launches on the current device's stream: the input's
+            stream = torch.cuda.current_stream(device).cuda_stream
+            graphs = _graphs.setdefault(self, {})
+            key = (tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype, device, stream)
+            weights = _weights(self)
+            if graphs and next(iter(graphs.values())).weights != weights:
+                graphs.clear()  # every graph of the layer read the old weights; their memory goes back first
+            entry = graphs.get(key)
+            if entry is None:
+                entry = graphs[key] = _capture(self, hidden_states, eager, weights, stream)
+            entry.inputs.copy_(hidden_states)
+            entry.graph.replay()
+            return entry.output.clone()  # the caller's own tensor: the next replay overwrites `entry.output`
 
     ffn_block._eager_ffn_block = eager
     ffn_block.__doc__ = f"{eager.__doc__} (replayed from a CUDA graph when decoding on CUDA)"

@@ -9,11 +9,13 @@ rotated in one launch. It rounds where the eager code rounds (16-bit: the produc
 
 `use_fused_rotary(module)`, which `step3_hf` runs at import on `modeling_step3`, replaces the module's
 `apply_rotary_pos_emb` by one that takes the kernel for inference calls on a device it runs on, and the eager
-function for everything else (training, CPU, other dtypes).
+function for everything else (training, CPU, other dtypes, a layout other than `unsqueeze_dim=1`). Its eager
+function stays reachable as `apply_rotary_pos_emb._eager_function` (`benchmarks/generate.py --eager-rope`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import ModuleType
 
@@ -152,14 +154,16 @@ def _apply_rotary_op(
     block_hq = min(triton.next_power_of_2(max(q_heads, 1)), block_heads)
     block_hk = min(triton.next_power_of_2(max(k_heads, 1)), block_heads)
     q_blocks, k_blocks = triton.cdiv(q_heads, block_hq), triton.cdiv(k_heads, block_hk)
-    _rotary[(batch * seq_len, q_blocks + k_blocks)](
-        q, k, cos, sin, q_out, k_out,
-        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride(), *k_out.stride(),
-        seq_len, q_heads, k_heads, half, q_blocks,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        num_warps=4 if block_hq * block_half >= 1024 else 1,
-        enable_fp_fusion=False,  # fp32: a fused multiply-add would skip the rounding of `q * cos`
-    )  # fmt: skip
+    # Triton launches on the current device: make it q's (a model spread over GPUs calls this on each of them)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _rotary[(batch * seq_len, q_blocks + k_blocks)](
+            q, k, cos, sin, q_out, k_out,
+            *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride(), *k_out.stride(),
+            seq_len, q_heads, k_heads, half, q_blocks,
+            BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+            num_warps=4 if block_hq * block_half >= 1024 else 1,
+            enable_fp_fusion=False,  # fp32: a fused multiply-add would skip the rounding of `q * cos`
+        )  # fmt: skip
     return q_out, k_out
 
 
