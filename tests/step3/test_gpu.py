@@ -262,3 +262,19 @@ def test_fp8_block_linear_cublas_path_matches_dequantized_weights(monkeypatch):
     reference = x.double() @ dequantize_block_fp8(weight.cpu(), scale.cpu(), (128, 128), torch.float64).T
     assert out.shape == (37, 384)
     assert ((out - reference).norm() / reference.norm()).item() < 3e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_their_inputs_device_whatever_the_current_one(tmp_path):
+    # device_map="auto" spreads the layers over GPUs while the current device stays the first: every Triton kernel
+    # (norm, RoPE, router, experts, attention) must launch where its tensors are.
+    config = Step3Config(**TINY_CONFIG)
+    write_official_checkpoint(tmp_path, random_official_state_dict(config, std=0.2), config)
+    ids = torch.tensor([[1, 17, 33, 90, 4, 5], [1, 200, 7, 9, 11, 3]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    tokens = {}
+    for device in ("cuda:0", "cuda:1"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map=device).eval()
+        with torch.cuda.device(0):
+            tokens[device] = model.generate(ids.to(device), **kwargs).cpu()
+    assert torch.equal(tokens["cuda:0"], tokens["cuda:1"])

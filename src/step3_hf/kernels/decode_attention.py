@@ -23,7 +23,7 @@ import torch
 
 from .decode_attention_plan import DecodePlan, decode_device, plan_decode_attention
 from .decode_attention_sm90 import dense_layout, float8_attention_sm90
-from .triton_support import check_kernel_inputs, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["decode_attention", "kv_bounds_from_mask"]
 
@@ -457,6 +457,7 @@ def decode_attention(
 # A custom op, so that compiled models (transformers compiles static-cache generation on CUDA, with CUDA graphs) keep
 # the kernel inside their graph instead of breaking it.
 @torch.library.custom_op("step3_hf::decode_attention", mutates_args=())
+@launches_on_input_device
 def _decode_attention_op(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fp8 import FP8_DTYPE, FP8_MAX
-from .triton_support import check_kernel_inputs, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["GROUP_SIZE", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
 
@@ -132,6 +132,7 @@ def quantize_fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.library.custom_op("step3_hf::quantize_fp8_activations", mutates_args=())
+@launches_on_input_device
 def _quantize_fp8_activations_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quantized, scale = _empty_outputs(x)
     rows, width = x.shape

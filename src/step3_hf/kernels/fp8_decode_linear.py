@@ -31,7 +31,7 @@ import torch
 
 from ..fp8 import FP8_DTYPE, scale_shape
 from .moe_decode import _add_product, _load_k_tile
-from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, interpreter_enabled, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["DecodeLinearLaunch", "decode_linear_launch", "fp8_decode_linear", "launch_block_k"]
 
@@ -173,6 +173,7 @@ def fp8_decode_linear(
 
 
 @torch.library.custom_op("step3_hf::fp8_decode_linear", mutates_args=())
+@launches_on_input_device
 def _fp8_decode_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -37,7 +37,15 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, interpreter_enabled, kernel_available, tl, triton, triton_jit
+from .triton_support import (
+    check_kernel_inputs,
+    interpreter_enabled,
+    kernel_available,
+    launches_on_input_device,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = [
     "SUPPORTED_ACTIVATIONS",
@@ -318,6 +326,7 @@ def _num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 @torch.library.custom_op("step3_hf::align_pairs_to_blocks", mutates_args=())
+@launches_on_input_device
 def _align_pairs_op(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     num_pairs = expert_ids.numel()
     num_blocks = _num_blocks(num_pairs, num_experts, block_m)
@@ -482,6 +491,7 @@ def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block
 
 # A custom op, so that compiled callers keep the kernels inside their graph instead of breaking it.
 @torch.library.custom_op("step3_hf::moe_decode", mutates_args=())
+@launches_on_input_device
 def _moe_decode_op(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,

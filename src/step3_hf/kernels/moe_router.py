@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["MAX_ROUTER_EXPERTS", "top_k_experts", "use_fused_top_k"]
 
@@ -91,6 +91,7 @@ def top_k_experts(router_probs: torch.Tensor, top_k: int, dtype: torch.dtype) ->
 
 
 @torch.library.custom_op("step3_hf::top_k_experts", mutates_args=())
+@launches_on_input_device
 def _top_k_experts_op(router_probs: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     num_experts = router_probs.shape[-1]
     probs = router_probs.reshape(-1, num_experts)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .decode_attention import _merge_splits
 from .decode_attention_plan import decode_device, split_count
-from .triton_support import check_kernel_inputs, interpreter_enabled, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, interpreter_enabled, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["paged_decode_attention", "ragged_sdpa_attention", "token_key_ranges"]
 
@@ -141,6 +141,7 @@ def token_key_ranges(
     return start.to(torch.int32), end.to(torch.int32)
 
 
+@launches_on_input_device
 def paged_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,

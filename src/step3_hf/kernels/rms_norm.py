@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["rms_norm", "use_fused_rms_norm"]
 
@@ -49,6 +49,7 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
 
 
 @torch.library.custom_op("step3_hf::rms_norm", mutates_args=())
+@launches_on_input_device
 def _rms_norm_op(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     width = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, width)

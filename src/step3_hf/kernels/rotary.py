@@ -15,13 +15,12 @@ function stays reachable as `apply_rotary_pos_emb._eager_function` (`benchmarks/
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from types import ModuleType
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["apply_rotary", "use_fused_rotary"]
 
@@ -139,6 +138,7 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> tuple[torch
 
 
 @torch.library.custom_op("step3_hf::apply_rotary", mutates_args=())
+@launches_on_input_device
 def _apply_rotary_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,16 +154,14 @@ def _apply_rotary_op(
     block_hq = min(triton.next_power_of_2(max(q_heads, 1)), block_heads)
     block_hk = min(triton.next_power_of_2(max(k_heads, 1)), block_heads)
     q_blocks, k_blocks = triton.cdiv(q_heads, block_hq), triton.cdiv(k_heads, block_hk)
-    # Triton launches on the current device: make it q's (a model spread over GPUs calls this on each of them)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _rotary[(batch * seq_len, q_blocks + k_blocks)](
-            q, k, cos, sin, q_out, k_out,
-            *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride(), *k_out.stride(),
-            seq_len, q_heads, k_heads, half, q_blocks,
-            BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-            num_warps=4 if block_hq * block_half >= 1024 else 1,
-            enable_fp_fusion=False,  # fp32: a fused multiply-add would skip the rounding of `q * cos`
-        )  # fmt: skip
+    _rotary[(batch * seq_len, q_blocks + k_blocks)](
+        q, k, cos, sin, q_out, k_out,
+        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride(), *k_out.stride(),
+        seq_len, q_heads, k_heads, half, q_blocks,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        num_warps=4 if block_hq * block_half >= 1024 else 1,
+        enable_fp_fusion=False,  # fp32: a fused multiply-add would skip the rounding of `q * cos`
+    )  # fmt: skip
     return q_out, k_out
 
 

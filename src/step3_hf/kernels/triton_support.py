@@ -4,7 +4,10 @@ Triton's interpreter (the tests do this)."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -15,7 +18,17 @@ except ImportError:  # the package works without Triton; only its kernels need i
     triton = None
     tl = None
 
-__all__ = ["check_kernel_inputs", "interpreter_enabled", "kernel_available", "tl", "triton", "triton_jit"]
+__all__ = [
+    "check_kernel_inputs",
+    "interpreter_enabled",
+    "kernel_available",
+    "launches_on_input_device",
+    "tl",
+    "triton",
+    "triton_jit",
+]
+
+_Launcher = TypeVar("_Launcher", bound=Callable)
 
 
 def interpreter_enabled() -> bool:
@@ -51,3 +64,18 @@ def check_kernel_inputs(op: str, name: str, tensor: torch.Tensor, others: dict[s
     for other_name, other in others.items():
         if other is not None and other.device != tensor.device:
             raise ValueError(f"`{other_name}` is on {other.device} but `{name}` is on {tensor.device}")
+
+
+def launches_on_input_device(launcher: _Launcher) -> _Launcher:
+    """Run `launcher` (a function whose first argument is a tensor and which launches Triton kernels) with that
+    tensor's CUDA device current. Triton launches on the current device, and a model spread over several GPUs
+    (`device_map="auto"`) calls the kernels with tensors on each of them; on one GPU and on CPU nothing changes."""
+
+    @functools.wraps(launcher)
+    def on_input_device(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return on_input_device
