@@ -26,7 +26,7 @@ from transformers.utils import logging
 from ..fp8 import dequantize_block_fp8
 from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
 from .fp8_decode_linear import fp8_decode_linear, launch_block_k
-from .triton_support import kernel_available
+from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
     "MAX_DECODE_LINEAR_ROWS",
@@ -84,8 +84,7 @@ def _decode_kernel_runs(device: torch.device, block_size) -> bool:
     interpreter) for scale tiles of `block_size`."""
     return (
         block_size is not None
-        and kernel_available(device)
-        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
+        and float8_kernel_available(device)
         and launch_block_k(int(block_size[1])) is not None
     )
 
