@@ -17,6 +17,7 @@ the `kernels` package and a download. `fp8_block_linear` computes the same produ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -74,7 +75,7 @@ def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> 
     return (
         _decode_kernel_runs(x.device, block_size)
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_DECODE_LINEAR_ROWS
+        and math.prod(x.shape[:-1]) <= MAX_DECODE_LINEAR_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
     )
 
