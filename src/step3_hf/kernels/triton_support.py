@@ -19,6 +19,7 @@ except ImportError:  # the package works without Triton; only its kernels need i
     tl = None
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "check_kernel_inputs",
     "float8_kernel_available",
     "interpreter_enabled",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 _Launcher = TypeVar("_Launcher", bound=Callable)
+
+# The floating-point dtypes the kernels compute on.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def interpreter_enabled() -> bool:
