@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, HAS_CUDA, INTERPRETED, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import CUDA_ONLY, DEVICES, INTERPRETED, rerun_under_interpreter, skip_if_interpreted
 
 from step3_hf.fp8 import FP8_DTYPE, quantize_block_fp8
 from step3_hf.kernels.fp8_activation_quant import quantize_fp8_activations, quantize_fp8_activations_eager
@@ -18,7 +18,6 @@ fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Magnitudes (powers of ten) spread over the rows and groups: from the dtype's subnormals to near its largest value.
 MAGNITUDES = {torch.bfloat16: (-40, 37), torch.float16: (-7, 4), torch.float32: (-42, 37)}
-cuda_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 
 
 @skip_if_interpreted
@@ -194,7 +193,7 @@ def test_cpu_without_interpreter_is_refused():
         quantize_fp8_activations(activations(3, 256, torch.bfloat16, "cpu"))
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)])
 def test_captured_in_a_cuda_graph(device):
     static = activations(67, 384, torch.bfloat16, device)
     quantize_fp8_activations(static)  # compiles the kernel before the capture
@@ -217,7 +216,7 @@ def cublas_case(rows):
     return x.cuda(), weight, scale
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)])
 def test_the_cublas_path_quantizes_in_one_launch(device, monkeypatch):
     """`fp8_block_linear` above 64 rows quantizes through the kernel (counted through the module global), and cuBLAS
     gets the bytes the eager quantization gives, so the product is the same."""
@@ -230,7 +229,7 @@ def test_the_cublas_path_quantizes_in_one_launch(device, monkeypatch):
     assert torch.equal(out, fp8_linear._scaled_mm_linear(x, weight, scale, quantize_fp8_activations_eager))
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)])
 def test_the_cublas_path_compiles_without_graph_breaks(device):
     x, weight, scale = cublas_case(67)
     compiled = torch.compile(lambda a: fp8_linear._scaled_mm_linear(a, weight, scale), fullgraph=True, backend="eager")

@@ -18,10 +18,9 @@ from step3_hf.kernels import interpreter_enabled
 
 INTERPRETED = interpreter_enabled()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
-if INTERPRETED:
-    DEVICES = ["cpu"]
-else:
-    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]
+# The marks of a case that runs on CUDA only.
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=CUDA_ONLY)]
 
 skip_if_interpreted = pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fp8 import FP8_DTYPE, FP8_MAX
-from .triton_support import check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
 
 __all__ = ["GROUP_SIZE", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
 
@@ -42,7 +42,6 @@ ROW_MULTIPLE = 4
 MIN_AMAX = 1e-12
 # Rows per program: a [BLOCK_M, GROUP_SIZE] tile, whose BLOCK_M scales are one contiguous store.
 BLOCK_M = 16
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _padded_rows(rows: int | torch.SymInt) -> int | torch.SymInt:

@@ -31,7 +31,15 @@ import torch
 
 from ..fp8 import FP8_DTYPE, scale_shape
 from .moe_decode import _add_product, _load_k_tile
-from .triton_support import check_kernel_inputs, interpreter_enabled, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    SUPPORTED_DTYPES,
+    check_kernel_inputs,
+    interpreter_enabled,
+    launches_on_input_device,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["DecodeLinearLaunch", "decode_linear_launch", "fp8_decode_linear", "launch_block_k"]
 
@@ -155,7 +163,7 @@ def fp8_decode_linear(
         raise ValueError(f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
     if weight.dtype != FP8_DTYPE:
         raise ValueError(f"weight must be float8_e4m3fn, got {weight.dtype}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
     b0, b1 = (int(b) for b in block_size)
     expected = scale_shape(tuple(weight.shape), (b0, b1))

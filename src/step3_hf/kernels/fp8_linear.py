@@ -17,6 +17,7 @@ the `kernels` package and a download. `fp8_block_linear` computes the same produ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ from transformers.utils import logging
 from ..fp8 import dequantize_block_fp8
 from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
 from .fp8_decode_linear import fp8_decode_linear, launch_block_k
-from .triton_support import kernel_available
+from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
     "MAX_DECODE_LINEAR_ROWS",
@@ -74,7 +75,7 @@ def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> 
     return (
         _decode_kernel_runs(x.device, block_size)
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and x.reshape(-1, x.shape[-1]).shape[0] <= MAX_DECODE_LINEAR_ROWS
+        and math.prod(x.shape[:-1]) <= MAX_DECODE_LINEAR_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
     )
 
@@ -84,8 +85,7 @@ def _decode_kernel_runs(device: torch.device, block_size) -> bool:
     interpreter) for scale tiles of `block_size`."""
     return (
         block_size is not None
-        and kernel_available(device)
-        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
+        and float8_kernel_available(device)
         and launch_block_k(int(block_size[1])) is not None
     )
 

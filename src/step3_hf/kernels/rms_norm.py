@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    SUPPORTED_DTYPES,
+    check_kernel_inputs,
+    kernel_available,
+    launches_on_input_device,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["rms_norm", "use_fused_rms_norm"]
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton_jit

@@ -20,11 +20,18 @@ from types import ModuleType
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    SUPPORTED_DTYPES,
+    check_kernel_inputs,
+    kernel_available,
+    launches_on_input_device,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["apply_rotary", "use_fused_rotary"]
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The elements one program rotates: a block of heads of one token (the head dimension in two halves).
 _TILE = 4096
 

@@ -19,7 +19,9 @@ except ImportError:  # the package works without Triton; only its kernels need i
     tl = None
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "check_kernel_inputs",
+    "float8_kernel_available",
     "interpreter_enabled",
     "kernel_available",
     "launches_on_input_device",
@@ -29,6 +31,9 @@ __all__ = [
 ]
 
 _Launcher = TypeVar("_Launcher", bound=Callable)
+
+# The floating-point dtypes the kernels compute on.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def interpreter_enabled() -> bool:
@@ -50,6 +55,22 @@ def kernel_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return not interpreter_enabled()
     return device.type == "cpu" and interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def float8_kernel_available(device: torch.device | str) -> bool:
+    """`kernel_available`, with float8 in Triton there: a GPU of compute capability 8.9+, or the interpreter. The
+    capability is queried once per GPU (callers ask on every decode step)."""
+    device = torch.device(device)
+    if not kernel_available(device):
+        return False
+    if device.type != "cuda":
+        return True
+    return _compute_capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 9)
 
 
 def check_kernel_inputs(op: str, name: str, tensor: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
