@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    check_kernel_inputs,
+    kernel_available,
+    launches_on_input_device,
+    round_to_bfloat16,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["MAX_ROUTER_EXPERTS", "top_k_experts", "use_fused_top_k"]
 
@@ -59,8 +67,7 @@ def _top_k_experts(PROBS, WEIGHTS, INDEX, stride_p, stride_w, stride_i, num_expe
 @triton_jit
 def _bfloat16_bits(x):
     """The bits (int16) of `x` rounded to the nearest bfloat16, ties to even (NaN: the canonical quiet NaN)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = round_to_bfloat16(x).to(tl.uint32, bitcast=True) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
 

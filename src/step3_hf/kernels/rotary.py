@@ -20,7 +20,15 @@ from types import ModuleType
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    check_kernel_inputs,
+    kernel_available,
+    launches_on_input_device,
+    round_to_bfloat16,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["apply_rotary", "use_fused_rotary"]
 
@@ -31,12 +39,9 @@ _TILE = 4096
 
 @triton_jit
 def _round(x, DTYPE: tl.constexpr):
-    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32. The interpreter truncates fp32 -> bf16 casts, so bf16
-    rounds by hand (exact on both: the carry into the upper 16 bits is the rounding; NaNs stay NaNs)."""
+    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32 (bf16 by hand: the interpreter truncates the cast)."""
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        return round_to_bfloat16(x)
     elif DTYPE == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:

@@ -23,6 +23,7 @@ __all__ = [
     "interpreter_enabled",
     "kernel_available",
     "launches_on_input_device",
+    "round_to_bfloat16",
     "tl",
     "triton",
     "triton_jit",
@@ -39,6 +40,16 @@ def interpreter_enabled() -> bool:
 def triton_jit(fn):
     """`triton.jit`, or the plain function where Triton is absent (the package imports without it)."""
     return fn if triton is None else triton.jit(fn)
+
+
+@triton_jit
+def round_to_bfloat16(x):
+    """`x` (fp32) rounded to the nearest bfloat16, ties to even, back in fp32 (NaNs stay NaNs). By integer
+    arithmetic, exact on GPU and in the interpreter, which truncates fp32 -> bf16 casts: the carry into the upper 16
+    bits is the rounding."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 def kernel_available(device: torch.device | str) -> bool:
