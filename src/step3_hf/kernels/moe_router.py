@@ -22,6 +22,7 @@ import torch
 
 from .triton_support import (
     check_kernel_inputs,
+    install_dispatch,
     kernel_available,
     launches_on_input_device,
     round_to_bfloat16,
@@ -138,15 +139,14 @@ def _kernel_takes(router: torch.nn.Module, router_probs: torch.Tensor, dtype: to
 def use_fused_top_k(router_class: type[torch.nn.Module]) -> None:
     """Make `router_class.select_experts(router_probs, dtype)` (a router with `top_k` and `norm_expert_weight`, the
     eager selection) take the kernel for inference calls where it runs (idempotent)."""
-    if getattr(router_class.select_experts, "_eager_select_experts", None) is not None:
-        return
-    eager_select = router_class.select_experts
 
-    def select_experts(self, router_probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if _kernel_takes(self, router_probs, dtype):
-            return top_k_experts(router_probs, self.top_k, dtype)
-        return eager_select(self, router_probs, dtype)
+    def make(eager_select):
+        def select_experts(self, router_probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            if _kernel_takes(self, router_probs, dtype):
+                return top_k_experts(router_probs, self.top_k, dtype)
+            return eager_select(self, router_probs, dtype)
 
-    select_experts._eager_select_experts = eager_select
-    select_experts.__doc__ = f"{eager_select.__doc__ or 'Top-k.'} (one Triton kernel at inference on CUDA)"
-    router_class.select_experts = select_experts
+        return select_experts
+
+    install_dispatch(router_class, "select_experts", "_eager_select_experts", make, "Top-k.",
+                     "one Triton kernel at inference on CUDA")  # fmt: skip

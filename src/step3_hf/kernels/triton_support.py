@@ -20,6 +20,7 @@ except ImportError:  # the package works without Triton; only its kernels need i
 
 __all__ = [
     "check_kernel_inputs",
+    "install_dispatch",
     "interpreter_enabled",
     "kernel_available",
     "launches_on_input_device",
@@ -90,3 +91,18 @@ def launches_on_input_device(launcher: _Launcher) -> _Launcher:
         return launcher(first, *args, **kwargs)
 
     return on_input_device
+
+
+def install_dispatch(
+    owner: object, name: str, eager_attr: str, make: Callable[[Callable], Callable], summary: str, note: str
+) -> None:
+    """Replace `owner.<name>` (a class's method or a module's function) by `make(eager)`, which takes a kernel where
+    it runs and calls `eager` elsewhere; `eager` stays reachable as `owner.<name>.<eager_attr>`. The new docstring:
+    the eager one (`summary` where it has none) and `note` in parentheses. Idempotent."""
+    eager = getattr(owner, name)
+    if getattr(eager, eager_attr, None) is not None:
+        return
+    dispatch = make(eager)
+    setattr(dispatch, eager_attr, eager)
+    dispatch.__doc__ = f"{eager.__doc__ or summary} ({note})"
+    setattr(owner, name, dispatch)
