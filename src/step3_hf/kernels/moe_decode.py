@@ -213,10 +213,6 @@ def _sum_choices(PARTIAL, EXPERT_IDS, OUT, hidden, top_k, num_experts, BLOCK_H: 
     tl.store(OUT + token * hidden + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _rows_per_expert(num_pairs: int, num_experts: int) -> int:
-    return -(-num_pairs // num_experts)  # the average, rounded up
-
-
 def default_block_m(num_pairs: int, num_experts: int) -> int:
     """Rows per block. Decode-sized calls: twice the average rows per expert, rounded up to a power of two, within
     [16, 64] (tensor-core tiles need 16 rows), so that in the common case one block holds all of an expert's rows and
@@ -229,7 +225,7 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
 def default_launch(num_pairs: int, num_experts: int) -> dict[str, int]:
     """`moe_decode`'s launch parameters for `num_pairs` (token, choice) pairs over `num_experts` experts, by the
     average rows per expert: `DECODE_LAUNCH` up to `MAX_DECODE_ROWS_PER_EXPERT`, `PREFILL_LAUNCH` above."""
-    average = _rows_per_expert(num_pairs, num_experts)
+    average = -(-num_pairs // num_experts)  # rounded up
     if average > MAX_DECODE_ROWS_PER_EXPERT:
         return dict(PREFILL_LAUNCH)
     return dict(block_m=min(64, max(16, triton.next_power_of_2(2 * average))), **DECODE_LAUNCH)

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import check_kernel_inputs, kernel_available, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import (
+    check_kernel_inputs,
+    install_dispatch,
+    kernel_available,
+    launches_on_input_device,
+    round_to_bfloat16,
+    tl,
+    triton,
+    triton_jit,
+)
 
 __all__ = ["MAX_ROUTER_EXPERTS", "top_k_experts", "use_fused_top_k"]
 
@@ -59,8 +68,7 @@ def _top_k_experts(PROBS, WEIGHTS, INDEX, stride_p, stride_w, stride_i, num_expe
 @triton_jit
 def _bfloat16_bits(x):
     """The bits (int16) of `x` rounded to the nearest bfloat16, ties to even (NaN: the canonical quiet NaN)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = round_to_bfloat16(x).to(tl.uint32, bitcast=True) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
 
@@ -131,15 +139,14 @@ def _kernel_takes(router: torch.nn.Module, router_probs: torch.Tensor, dtype: to
 def use_fused_top_k(router_class: type[torch.nn.Module]) -> None:
     """Make `router_class.select_experts(router_probs, dtype)` (a router with `top_k` and `norm_expert_weight`, the
     eager selection) take the kernel for inference calls where it runs (idempotent)."""
-    if getattr(router_class.select_experts, "_eager_select_experts", None) is not None:
-        return
-    eager_select = router_class.select_experts
 
-    def select_experts(self, router_probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if _kernel_takes(self, router_probs, dtype):
-            return top_k_experts(router_probs, self.top_k, dtype)
-        return eager_select(self, router_probs, dtype)
+    def make(eager_select):
+        def select_experts(self, router_probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            if _kernel_takes(self, router_probs, dtype):
+                return top_k_experts(router_probs, self.top_k, dtype)
+            return eager_select(self, router_probs, dtype)
 
-    select_experts._eager_select_experts = eager_select
-    select_experts.__doc__ = f"{eager_select.__doc__ or 'Top-k.'} (one Triton kernel at inference on CUDA)"
-    router_class.select_experts = select_experts
+        return select_experts
+
+    install_dispatch(router_class, "select_experts", "_eager_select_experts", make, "Top-k.",
+                     "one Triton kernel at inference on CUDA")  # fmt: skip

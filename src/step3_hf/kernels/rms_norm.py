@@ -19,6 +19,7 @@ import torch
 from .triton_support import (
     SUPPORTED_DTYPES,
     check_kernel_inputs,
+    install_dispatch,
     kernel_available,
     launches_on_input_device,
     tl,
@@ -92,16 +93,15 @@ def _kernel_takes(module: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
 def use_fused_rms_norm(norm_class: type[torch.nn.Module]) -> None:
     """Make `norm_class.forward` (an RMSNorm with `weight` and `variance_epsilon`, the eager forward) take the kernel
     for inference calls where it runs (idempotent)."""
-    if getattr(norm_class.forward, "_eager_forward", None) is not None:
-        return
-    eager_forward = norm_class.forward
 
-    def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if _kernel_takes(self, hidden_states):
-            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        return eager_forward(self, hidden_states)
+    def make(eager_forward):
+        def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            if _kernel_takes(self, hidden_states):
+                return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+            return eager_forward(self, hidden_states)
 
-    rms_norm_forward._eager_forward = eager_forward
-    rms_norm_forward.__doc__ = f"{eager_forward.__doc__ or 'RMSNorm.'} (fused Triton kernel at inference on CUDA)"
-    norm_class.forward = rms_norm_forward
+        return rms_norm_forward
+
+    install_dispatch(norm_class, "forward", "_eager_forward", make, "RMSNorm.",
+                     "fused Triton kernel at inference on CUDA")  # fmt: skip
 

@@ -23,8 +23,10 @@ import torch
 from .triton_support import (
     SUPPORTED_DTYPES,
     check_kernel_inputs,
+    install_dispatch,
     kernel_available,
     launches_on_input_device,
+    round_to_bfloat16,
     tl,
     triton,
     triton_jit,
@@ -38,12 +40,9 @@ _TILE = 4096
 
 @triton_jit
 def _round(x, DTYPE: tl.constexpr):
-    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32. The interpreter truncates fp32 -> bf16 casts, so bf16
-    rounds by hand (exact on both: the carry into the upper 16 bits is the rounding; NaNs stay NaNs)."""
+    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32 (bf16 by hand: the interpreter truncates the cast)."""
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        return round_to_bfloat16(x)
     elif DTYPE == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:
@@ -194,17 +193,16 @@ def _kernel_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def use_fused_rotary(module: ModuleType) -> None:
     """Make `module.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` (the eager neox-style function, looked up
     as a module global by its callers) take the kernel for inference calls where it runs (idempotent)."""
-    eager = module.apply_rotary_pos_emb
-    if getattr(eager, "_eager_function", None) is not None:
-        return
 
-    @functools.wraps(eager)
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-        # unsqueeze_dim=1 is the [B, H, S, D] layout the kernel reads; shape errors are the kernel's to report
-        if unsqueeze_dim == 1 and _kernel_takes(q, k, cos, sin):
-            return apply_rotary(q, k, cos, sin)
-        return eager(q, k, cos, sin, unsqueeze_dim)
+    def make(eager):
+        @functools.wraps(eager)
+        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+            # unsqueeze_dim=1 is the [B, H, S, D] layout the kernel reads; shape errors are the kernel's to report
+            if unsqueeze_dim == 1 and _kernel_takes(q, k, cos, sin):
+                return apply_rotary(q, k, cos, sin)
+            return eager(q, k, cos, sin, unsqueeze_dim)
 
-    apply_rotary_pos_emb._eager_function = eager
-    apply_rotary_pos_emb.__doc__ = f"{eager.__doc__ or 'RoPE.'} (one Triton kernel for both at inference on CUDA)"
-    module.apply_rotary_pos_emb = apply_rotary_pos_emb
+        return apply_rotary_pos_emb
+
+    install_dispatch(module, "apply_rotary_pos_emb", "_eager_function", make, "RoPE.",
+                     "one Triton kernel for both at inference on CUDA")  # fmt: skip

@@ -143,7 +143,7 @@ def fp8_moe_decode_experts_forward(
     unsupported = _fp8_layout_unsupported(self)
     if unsupported is not None:
         logger.warning_once(f"moe_decode: FP8 experts with {unsupported} run expert by expert instead")
-    if unsupported is not None or not _fp8_kernel_takes(self, hidden_states, top_k_weights):
+    if unsupported is not None or not _fp8_call_takes(hidden_states, top_k_weights):
         return _fp8_experts_by_expert(self, hidden_states, top_k_index, top_k_weights)
 
     def forward(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -179,12 +179,10 @@ def _fp8_layout_unsupported(experts: torch.nn.Module) -> str | None:
     return None
 
 
-def _fp8_kernel_takes(
-    experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor | None = None
-) -> bool:
-    """Whether `moe_decode` computes this call on the float8 weights: inference (the kernel has no backward), on a
-    device the kernel runs on with float8 (a GPU of compute capability 8.9+, or the interpreter), experts whose
-    layout it computes."""
+def _fp8_call_takes(hidden_states: torch.Tensor, top_k_weights: torch.Tensor | None = None) -> bool:
+    """Whether `moe_decode` computes this call on the float8 weights of experts whose layout it computes
+    (`_fp8_layout_unsupported`): inference (the kernel has no backward), on a device the kernel runs on with float8
+    (a GPU of compute capability 8.9+, or the interpreter)."""
     device = hidden_states.device
     inputs = (hidden_states,) if top_k_weights is None else (hidden_states, top_k_weights)
     return (
@@ -192,14 +190,13 @@ def _fp8_kernel_takes(
         and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
         and hidden_states.dtype in SUPPORTED_DTYPES
-        and _fp8_layout_unsupported(experts) is None
     )
 
 
 def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> str:
     """Which path `fp8_moe_decode_experts_forward` takes for `experts` (an `FP8Experts`) on a call of `hidden_states`
     with `top_k` choices per token, and the kernel's launch (for reports)."""
-    if not _fp8_kernel_takes(experts, hidden_states):
+    if _fp8_layout_unsupported(experts) is not None or not _fp8_call_takes(hidden_states):
         return "expert by expert (fp8_block_linear per hit expert)"
     tokens = hidden_states.shape[0]
     slices = -(-tokens // MAX_FP8_EXPERTS_TOKENS)

@@ -22,9 +22,11 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_kernel_inputs",
     "float8_kernel_available",
+    "install_dispatch",
     "interpreter_enabled",
     "kernel_available",
     "launches_on_input_device",
+    "round_to_bfloat16",
     "tl",
     "triton",
     "triton_jit",
@@ -44,6 +46,16 @@ def interpreter_enabled() -> bool:
 def triton_jit(fn):
     """`triton.jit`, or the plain function where Triton is absent (the package imports without it)."""
     return fn if triton is None else triton.jit(fn)
+
+
+@triton_jit
+def round_to_bfloat16(x):
+    """`x` (fp32) rounded to the nearest bfloat16, ties to even, back in fp32 (NaNs stay NaNs). By integer
+    arithmetic, exact on GPU and in the interpreter, which truncates fp32 -> bf16 casts: the carry into the upper 16
+    bits is the rounding."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -100,3 +112,18 @@ def launches_on_input_device(launcher: _Launcher) -> _Launcher:
         return launcher(first, *args, **kwargs)
 
     return on_input_device
+
+
+def install_dispatch(
+    owner: object, name: str, eager_attr: str, make: Callable[[Callable], Callable], summary: str, note: str
+) -> None:
+    """Replace `owner.<name>` (a class's method or a module's function) by `make(eager)`, which takes a kernel where
+    it runs and calls `eager` elsewhere; `eager` stays reachable as `owner.<name>.<eager_attr>`. The new docstring:
+    the eager one (`summary` where it has none) and `note` in parentheses. Idempotent."""
+    eager = getattr(owner, name)
+    if getattr(eager, eager_attr, None) is not None:
+        return
+    dispatch = make(eager)
+    setattr(dispatch, eager_attr, eager)
+    dispatch.__doc__ = f"{eager.__doc__ or summary} ({note})"
+    setattr(owner, name, dispatch)
