@@ -26,7 +26,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.utils import logging
 
 from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, default_launch, moe_decode
-from .triton_support import kernel_available
+from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
     "MAX_FP8_EXPERTS_TOKENS",
@@ -186,8 +186,7 @@ def _fp8_call_takes(hidden_states: torch.Tensor, top_k_weights: torch.Tensor | N
     device = hidden_states.device
     inputs = (hidden_states,) if top_k_weights is None else (hidden_states, top_k_weights)
     return (
-        kernel_available(device)
-        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))
+        float8_kernel_available(device)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
         and hidden_states.dtype in SUPPORTED_DTYPES
     )
