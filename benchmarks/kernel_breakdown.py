@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from decode_attention import machine_and_ceiling, timed_per_call
 from decode_step import build_model, decode_step_fn, step_bytes
+from moe_decode import relative_error
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8, quantize_model
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
@@ -62,10 +63,6 @@ def kernel_times(step, steps: int = 3) -> dict[str, tuple[float, float]]:
         if device_us > 0:
             table[event.key] = (event.count / steps, device_us / steps)
     return table
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def print_breakdown(label: str, table: dict, weights: float, kv: float, bandwidth: float) -> None:
