@@ -81,7 +81,7 @@ def print_breakdown(label: str, table: dict, weights: float, kv: float, bandwidt
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """name -> (out, in) of each linear of a Step-3 layer, and the LM head."""
+    """name -> (out, in) of each linear of a Step-3 layer."""
     hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
     return {
         "q_proj (low rank)": (config.share_q_dim, hidden),
