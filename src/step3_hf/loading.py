@@ -27,6 +27,7 @@ from .checkpoint_layout import (
     module_tensor_shapes,
     official_tensor_shapes,
 )
+from .configuration_step3 import Step3Config, Step3VLConfig
 from .fp8 import (
     DEFAULT_SHARD_BYTES,
     MODULES_NOT_CONVERTED,
@@ -38,7 +39,6 @@ from .fp8 import (
     is_quantized_weight,
     save_fp8_weights,
 )
-from .configuration_step3 import Step3Config, Step3VLConfig
 from .inspect_checkpoint import (
     CONFIG_CLASSES,
     CONFIG_FILE,
