@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from decode_attention import machine_and_ceiling, timed_per_call
 from decode_step import build_model, decode_step_fn, step_bytes
+from moe_decode import relative_error
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8, quantize_model
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
@@ -64,10 +65,6 @@ def kernel_times(step, steps: int = 3) -> dict[str, tuple[float, float]]:
     return table
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 def print_breakdown(label: str, table: dict, weights: float, kv: float, bandwidth: float) -> None:
     total = sum(us for _, us in table.values())
     roofline = f"; roofline {(weights + kv) / bandwidth * 1e6:,.0f} µs (weights {weights / 1e9:.2f} GB + KV " \
@@ -84,7 +81,7 @@ def print_breakdown(label: str, table: dict, weights: float, kv: float, bandwidt
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """name -> (out, in) of each linear of a Step-3 layer, and the LM head."""
+    """name -> (out, in) of each linear of a Step-3 layer."""
     hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
     return {
         "q_proj (low rank)": (config.share_q_dim, hidden),

@@ -120,7 +120,7 @@ def write_random_checkpoint(path: Path, config: Step3Config, device: torch.devic
     path.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(0)
     shapes = official_tensor_shapes(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
 
     def tensors():
         for name, shape in shapes.items():

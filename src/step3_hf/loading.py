@@ -27,6 +27,7 @@ from .checkpoint_layout import (
     module_tensor_shapes,
     official_tensor_shapes,
 )
+from .configuration_step3 import Step3Config, Step3VLConfig
 from .fp8 import (
     DEFAULT_SHARD_BYTES,
     MODULES_NOT_CONVERTED,
@@ -38,7 +39,6 @@ from .fp8 import (
     is_quantized_weight,
     save_fp8_weights,
 )
-from .configuration_step3 import Step3Config, Step3VLConfig
 from .inspect_checkpoint import (
     CONFIG_CLASSES,
     CONFIG_FILE,
@@ -92,7 +92,6 @@ def _is_step3_directory(directory: Path) -> bool:
 class CheckedCheckpoint:
     """What `check_checkpoint_files` read from a checkpoint that passed, so that its callers need not read it again."""
 
-    directory: Path
     config: Step3Config | Step3VLConfig
     """The config as written (`step3_vl` or `step3_text`), built by `inspect_checkpoint.load_config`."""
     block_size: tuple[int, int] | None
@@ -163,7 +162,7 @@ def check_checkpoint_files(directory: str | os.PathLike, *, check_shapes: bool =
                      if t.name.endswith(SCALE_SUFFIX) and t.name not in expected]  # fmt: skip
     if problems:
         _raise_broken(directory, problems)
-    return CheckedCheckpoint(directory, full_config, block_size, tuple(files), weight_map, tuple(shards))
+    return CheckedCheckpoint(full_config, block_size, tuple(files), weight_map, tuple(shards))
 
 
 def fp8_problems(tensors: list[TensorHeader], block_size: tuple[int, int]) -> list[str]:

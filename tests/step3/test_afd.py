@@ -5,6 +5,7 @@ start-up dominates the time)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -544,7 +545,7 @@ def test_random_shard_with_fp8_experts_computes_its_dequantized_weights(checkpoi
     assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
     assert experts.down_proj_scale_inv.shape == (6, 4, 2) and fp8.config._experts_implementation == "moe_decode"
     assert fp8.layers[1].shared_expert.gate_proj.weight.dtype == torch.float32
-    reference = Step3FFNShard.from_random(config, Placement(1, 1), 0, dtype=torch.float32, seed=5)
+    reference = copy.deepcopy(plain)  # the same draw, its experts replaced by the dequantized weights below
     with torch.no_grad():
         for name in ("gate_up_proj", "down_proj"):
             weight, scale = getattr(experts, name), getattr(experts, name + "_scale_inv")
