@@ -23,7 +23,7 @@ import torch
 
 from .decode_attention_plan import DecodePlan, decode_device, plan_decode_attention
 from .decode_attention_sm90 import dense_layout, float8_attention_sm90
-from .triton_support import check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import check_kernel_inputs, kernel_op, tl, triton, triton_jit
 
 __all__ = ["decode_attention", "kv_bounds_from_mask"]
 
@@ -449,15 +449,14 @@ def decode_attention(
     scale = head_dim**-0.5 if scale is None else scale
     if not (math.isfinite(scale) and scale * math.log2(math.e) >= torch.finfo(torch.float32).tiny):
         raise ValueError(f"`scale` must be positive, finite and not below float32's range, got {scale}")
-    return torch.ops.step3_hf.decode_attention(
+    return _decode_attention_op(
         query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages
     )
 
 
 # A custom op, so that compiled models (transformers compiles static-cache generation on CUDA, with CUDA graphs) keep
 # the kernel inside their graph instead of breaking it.
-@torch.library.custom_op("step3_hf::decode_attention", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::decode_attention")
 def _decode_attention_op(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fp8 import FP8_DTYPE, FP8_MAX
-from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, launches_on_input_device, tl, triton, triton_jit
+from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, kernel_op, tl, triton, triton_jit
 
 __all__ = ["GROUP_SIZE", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
 
@@ -127,11 +127,10 @@ def quantize_fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"`x` must be bf16, fp16 or fp32, got {x.dtype}")
     if x.shape[1] % GROUP_SIZE:
         raise ValueError(f"`x` has {x.shape[1]} features, not a multiple of the group size {GROUP_SIZE}")
-    return torch.ops.step3_hf.quantize_fp8_activations(x)
+    return _quantize_fp8_activations_op(x)
 
 
-@torch.library.custom_op("step3_hf::quantize_fp8_activations", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::quantize_fp8_activations")
 def _quantize_fp8_activations_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     quantized, scale = _empty_outputs(x)
     rows, width = x.shape

@@ -35,7 +35,7 @@ from .triton_support import (
     SUPPORTED_DTYPES,
     check_kernel_inputs,
     interpreter_enabled,
-    launches_on_input_device,
+    kernel_op,
     tl,
     triton,
     triton_jit,
@@ -177,11 +177,10 @@ def fp8_decode_linear(
     elif b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
                          f"width {b1}")  # fmt: skip
-    return torch.ops.step3_hf.fp8_decode_linear(x, weight, scale_inv, b0, b1, *launch)
+    return _fp8_decode_linear_op(x, weight, scale_inv, b0, b1, *launch)
 
 
-@torch.library.custom_op("step3_hf::fp8_decode_linear", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::fp8_decode_linear")
 def _fp8_decode_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,

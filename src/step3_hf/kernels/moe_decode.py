@@ -41,7 +41,7 @@ from .triton_support import (
     check_kernel_inputs,
     interpreter_enabled,
     kernel_available,
-    launches_on_input_device,
+    kernel_op,
     tl,
     triton,
     triton_jit,
@@ -312,7 +312,7 @@ def align_pairs_to_blocks(
         and 0 < expert_ids.numel() <= MAX_FUSED_ALIGN_PAIRS
         and num_experts <= MAX_FUSED_ALIGN_EXPERTS
     ):
-        return torch.ops.step3_hf.align_pairs_to_blocks(expert_ids.reshape(-1), num_experts, block_m)
+        return _align_pairs_op(expert_ids.reshape(-1), num_experts, block_m)
     return align_pairs_to_blocks_torch(expert_ids, num_experts, block_m)
 
 
@@ -321,8 +321,7 @@ def _num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return min(num_pairs, (num_pairs + nonempty * (block_m - 1)) // block_m)
 
 
-@torch.library.custom_op("step3_hf::align_pairs_to_blocks", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::align_pairs_to_blocks")
 def _align_pairs_op(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     num_pairs = expert_ids.numel()
     num_blocks = _num_blocks(num_pairs, num_experts, block_m)
@@ -455,7 +454,7 @@ def moe_decode(
         raise ValueError(
             f"hidden_states and expert weights must share one of {SUPPORTED_DTYPES}, got {sorted(map(str, dtypes))}"
         )
-    return torch.ops.step3_hf.moe_decode(
+    return _moe_decode_op(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
         block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel,
     )  # fmt: skip
@@ -486,8 +485,7 @@ def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block
 
 
 # A custom op, so that compiled callers keep the kernels inside their graph instead of breaking it.
-@torch.library.custom_op("step3_hf::moe_decode", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::moe_decode")
 def _moe_decode_op(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,

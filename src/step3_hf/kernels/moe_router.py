@@ -24,7 +24,7 @@ from .triton_support import (
     check_kernel_inputs,
     install_dispatch,
     kernel_available,
-    launches_on_input_device,
+    kernel_op,
     round_to_bfloat16,
     tl,
     triton,
@@ -95,11 +95,10 @@ def top_k_experts(router_probs: torch.Tensor, top_k: int, dtype: torch.dtype) ->
         raise ValueError(
             f"top_k_experts picks 1 <= top_k <= E <= {MAX_ROUTER_EXPERTS} experts, got top_k {top_k} of {num_experts}"
         )
-    return torch.ops.step3_hf.top_k_experts(router_probs, top_k, dtype)
+    return _top_k_experts_op(router_probs, top_k, dtype)
 
 
-@torch.library.custom_op("step3_hf::top_k_experts", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::top_k_experts")
 def _top_k_experts_op(router_probs: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     num_experts = router_probs.shape[-1]
     probs = router_probs.reshape(-1, num_experts)

@@ -21,7 +21,7 @@ from .triton_support import (
     check_kernel_inputs,
     install_dispatch,
     kernel_available,
-    launches_on_input_device,
+    kernel_op,
     tl,
     triton,
     triton_jit,
@@ -53,11 +53,10 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
         raise ValueError(f"weight {tuple(weight.shape)} does not fit hidden states of width {width}")
     if hidden_states.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"rms_norm computes {SUPPORTED_DTYPES}, got {hidden_states.dtype} and {weight.dtype}")
-    return torch.ops.step3_hf.rms_norm(hidden_states, weight, float(eps))
+    return _rms_norm_op(hidden_states, weight, float(eps))
 
 
-@torch.library.custom_op("step3_hf::rms_norm", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::rms_norm")
 def _rms_norm_op(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     width = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, width)

@@ -25,7 +25,7 @@ from .triton_support import (
     check_kernel_inputs,
     install_dispatch,
     kernel_available,
-    launches_on_input_device,
+    kernel_op,
     round_to_bfloat16,
     tl,
     triton,
@@ -134,7 +134,7 @@ def apply_rotary(
     the heads of q `[B, Hq, S, D]` and k `[B, Hkv, S, D]` (a leading 1 broadcasts over the batch too): new tensors in
     the layout of q and k, of the dtype torch promotes q's and cos's to."""
     _check_inputs(q, k, cos, sin)
-    return torch.ops.step3_hf.apply_rotary(q, k, cos, sin)
+    return _apply_rotary_op(q, k, cos, sin)
 
 
 def _outputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +143,7 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> tuple[torch
     return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 
 
-@torch.library.custom_op("step3_hf::apply_rotary", mutates_args=())
-@launches_on_input_device
+@kernel_op("step3_hf::apply_rotary")
 def _apply_rotary_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ __all__ = [
     "install_dispatch",
     "interpreter_enabled",
     "kernel_available",
+    "kernel_op",
     "launches_on_input_device",
     "round_to_bfloat16",
     "tl",
@@ -112,6 +113,50 @@ def launches_on_input_device(launcher: _Launcher) -> _Launcher:
         return launcher(first, *args, **kwargs)
 
     return on_input_device
+
+
+class KernelOp:
+    """A Triton launcher registered as the custom op `qualname` (see `kernel_op`)."""
+
+    def __init__(self, qualname: str, launcher: Callable):
+        functools.update_wrapper(self, launcher)
+        self.launch = launches_on_input_device(launcher)
+        self.op = torch.library.custom_op(qualname, mutates_args=())(self.launch)
+        namespace, name = qualname.split("::")
+        self._dispatched = getattr(getattr(torch.ops, namespace), name)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or not _plain_eager_call(args):
+            return self._dispatched(*args)
+        return self.launch(*args)
+
+
+def _plain_eager_call(args: tuple) -> bool:
+    """Plain tensors on a device, with no gradient asked for: nothing the dispatcher would have to see."""
+    grad = torch.is_grad_enabled()
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (
+            type(arg) is not torch.Tensor or arg.device.type == "meta" or (grad and arg.requires_grad)
+        ):
+            return False
+    return True
+
+
+def kernel_op(qualname: str) -> Callable[[Callable], KernelOp]:
+    """Register a launcher (a function that launches Triton kernels on its first tensor's device and returns new
+    tensors) as the custom op `qualname`, so that torch.compile and torch.export keep it in their graphs, and return
+    a callable `KernelOp`. In eager mode, for plain tensors with no gradient asked for, the callable runs the launcher
+    itself: the dispatcher's Python layers around a custom op (autograd, redispatch, aliasing checks) cost more host
+    time than a decode kernel takes on the GPU. Tracing, tensor subclasses (fake, functional), meta tensors and
+    calls that need autograd (which the ops refuse at backward) go through the op."""
+
+    def register(launcher: Callable) -> KernelOp:
+        return KernelOp(qualname, launcher)
+
+    return register
 
 
 def install_dispatch(
