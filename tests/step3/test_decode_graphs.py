@@ -7,6 +7,8 @@ input layout or inference mode is served right, and calls the graphs must not ta
 gradients) run eagerly.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -216,3 +218,24 @@ def test_cuda_calls_graphs_must_not_take_run_eagerly(graphs_on):
     decode_graphs.clear_decode_graphs(model)
     model(ids[:, :1]).logits.sum().backward()  # gradients: eager
     assert not any(layer in decode_graphs._graphs for layer in model.model.layers)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_captures_again_after_every_graph_of_a_pool_is_gone(graphs_on):
+    # The allocator refuses a capture into a memory pool whose graphs have all been freed: the pool goes with them.
+    hidden = torch.randn(2, 1, TINY_CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    key = (hidden.device, torch.cuda.current_stream().cuda_stream)
+    first = tiny_model(torch.bfloat16, "cuda")
+    with torch.no_grad():
+        first.model.layers[0].ffn_block(hidden)
+    assert key in decode_graphs._pools
+    for layer in list(decode_graphs._graphs.keys()):  # every model's graphs, this test's and earlier ones'
+        decode_graphs._graphs.pop(layer, None)
+    gc.collect()
+    assert key not in decode_graphs._pools
+    second = tiny_model(torch.bfloat16, "cuda")
+    with torch.no_grad():
+        graphed = second.model.layers[0].ffn_block(hidden)
+        eager = Step3DecoderLayer.ffn_block._eager_ffn_block(second.model.layers[0], hidden)
+    assert torch.equal(graphed, eager) and decode_graphs._pools[key][1] == 1

@@ -206,10 +206,12 @@ def test_captured_in_a_cuda_graph(device):
     assert_same_bytes(out, quantize_fp8_activations_eager(fresh.cpu()))
 
 
-def cublas_case(rows):
+def cublas_case(rows, device="cuda"):
     generator = torch.Generator().manual_seed(0)
     weight, scale = quantize_block_fp8(torch.randn(384, 512, generator=generator) * 0.05, (128, 128))
     x = torch.randn(rows, 512, generator=generator).bfloat16()
+    if device == "cpu":
+        return x, weight, scale
     weight, scale = weight.cuda(), scale.cuda()
     if not fp8_linear.scaled_mm_supported(weight, (128, 128)):
         pytest.skip("cuBLAS block-scaled FP8 GEMM needs compute capability 9.0+")
@@ -229,7 +231,24 @@ def test_the_cublas_path_quantizes_in_one_launch(device, monkeypatch):
     assert torch.equal(out, fp8_linear._scaled_mm_linear(x, weight, scale, quantize_fp8_activations_eager))
 
 
+def test_the_cublas_path_traces_into_one_graph():
+    """torch.compile(fullgraph=True) traces the quantization and cuBLAS's block-scaled GEMM (`F.scaled_mm`) into one
+    graph. On CPU, which has no such GEMM, the graph is traced and not run."""
+    x, weight, scale = cublas_case(67, device="cpu")
+    graphs = []
+
+    def trace_only(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: [torch.empty(0)]
+
+    torch.compile(lambda a: fp8_linear._scaled_mm_linear(a, weight, scale), fullgraph=True, backend=trace_only)(x)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert len(graphs) == 1 and any("scaled_mm" in target for target in targets), targets
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)])
+@pytest.mark.skipif(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 13),
+                    reason="torch < 2.13 (below the supported range) cannot trace F.scaled_mm")  # fmt: skip
 def test_the_cublas_path_compiles_without_graph_breaks(device):
     x, weight, scale = cublas_case(67)
     compiled = torch.compile(lambda a: fp8_linear._scaled_mm_linear(a, weight, scale), fullgraph=True, backend="eager")

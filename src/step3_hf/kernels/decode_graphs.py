@@ -76,8 +76,10 @@ class _FFNGraph:
 # deep-copyable and picklable, and its graphs go when it does.
 _graphs: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # One memory pool per device and stream: replays on one stream run one after another, so a graph's temporaries may
-# share memory with another's (each graph's input and output stay allocated while it lives).
-_pools: dict[tuple[torch.device, int], tuple] = {}
+# share memory with another's (each graph's input and output stay allocated while it lives). Each pool is held with
+# the number of live graphs that use it and forgotten when the last one goes: the allocator refuses (an internal
+# assert, then a CUDA random generator left in capture mode) a capture into a pool whose graphs are all gone.
+_pools: dict[tuple[torch.device, int], list] = {}
 
 
 @functools.cache
@@ -154,10 +156,17 @@ def _weights(layer: nn.Module) -> tuple:
     ))  # fmt: skip
 
 
-def _pool(device: torch.device, stream: int):
+def _pool(device: torch.device, stream: int) -> list:
+    """`[pool handle, live graphs]` of `(device, stream)`, a new pool where none is in use."""
     if (device, stream) not in _pools:
-        _pools[device, stream] = torch.cuda.graph_pool_handle()
+        _pools[device, stream] = [torch.cuda.graph_pool_handle(), 0]
     return _pools[device, stream]
+
+
+def _release_pool(key: tuple[torch.device, int], record: list) -> None:
+    record[1] -= 1
+    if record[1] == 0 and _pools.get(key) is record:
+        del _pools[key]
 
 
 def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tuple, stream: int) -> _FFNGraph:
@@ -171,9 +180,10 @@ def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tupl
     with torch.cuda.stream(side):
         eager(layer, inputs)
     torch.cuda.current_stream(device).wait_stream(side)
+    pool = _pool(device, stream)
     try:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=_pool(device, stream)):
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool[0]):
             output = eager(layer, inputs)
     except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
         # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
@@ -183,7 +193,10 @@ def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tupl
             f"graph for input {tuple(hidden_states.shape)} ({err}); set "
             "step3_hf.kernels.decode_graphs.ENABLED = False to run it eagerly"
         ) from err
-    return _FFNGraph(graph, inputs, output, weights)
+    entry = _FFNGraph(graph, inputs, output, weights)
+    pool[1] += 1
+    weakref.finalize(entry, _release_pool, (device, stream), pool)
+    return entry
 
 
 def use_ffn_decode_graphs(layer_class: type[nn.Module]) -> None:
