@@ -558,8 +558,8 @@ def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monk
     assert kernel_calls[3:] == [24]
     assert sliced.shape == x.shape and relative_error(sliced, ref) < 1e-5
     # Each token's rows see the same launch (16-row blocks at these sizes) and the same products: equal up to the
-    # order in which a BLAS sums a tile's products.
-    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-7)
+    # order in which a BLAS sums a tile's products (a few float32 ulps; 2.4e-7 on an AMD EPYC under the interpreter).
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
 
 
 def random_top_k(num_tokens, num_experts, top_k, generator):
