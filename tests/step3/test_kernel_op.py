@@ -53,6 +53,26 @@ def test_plain_eager_call_runs_the_launcher_without_the_op():
     assert ops == [] and launches == [(2, 3)]
 
 
+def test_module_weights_are_plain_tensors_under_no_grad():
+    # A module's weight is an nn.Parameter that requires grad: at inference (no_grad) it needs no dispatcher.
+    weight = torch.nn.Linear(3, 2).weight
+    launches.clear()
+    with torch.no_grad():
+        out, ops = dispatched_ops(scaled_copy, weight, 2.0)
+    torch.testing.assert_close(out, weight.detach() * 2)
+    assert ops == [] and launches == [(2, 3)]
+    assert dispatched_ops(scaled_copy, weight, 2.0)[1] == ["step3_hf_test.scaled_copy.default"]  # grad enabled
+
+
+def test_tensor_subclasses_go_through_the_op():
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = torch.arange(4.0).as_subclass(Tagged)
+    launches.clear()
+    assert dispatched_ops(scaled_copy, tagged, 2.0)[1] == ["step3_hf_test.scaled_copy.default"]
+
+
 def test_call_that_needs_autograd_goes_through_the_op():
     x = torch.arange(6.0, requires_grad=True)
     out, ops = dispatched_ops(scaled_copy, x, 2.0)

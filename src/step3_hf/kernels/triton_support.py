@@ -39,9 +39,15 @@ _Launcher = TypeVar("_Launcher", bound=Callable)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# Triton reads TRITON_INTERPRET when a kernel is defined, so the kernels of this package, defined when it is imported,
+# run as this says whatever the variable becomes later. Read once: the gates ask on every call.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """Whether Triton runs this package's kernels through its CPU interpreter (`TRITON_INTERPRET=1` when they were
+    defined, at import)."""
+    return _INTERPRETED
 
 
 def triton_jit(fn):
@@ -134,12 +140,17 @@ class KernelOp:
         return self.launch(*args)
 
 
+# Tensor types the dispatcher has nothing to do for. A module's weight is an `nn.Parameter` of a plain tensor (a
+# parameter of a subclass, a DTensor say, keeps the subclass's type).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager_call(args: tuple) -> bool:
     """Plain tensors on a device, with no gradient asked for: nothing the dispatcher would have to see."""
     grad = torch.is_grad_enabled()
     for arg in args:
         if isinstance(arg, torch.Tensor) and (
-            type(arg) is not torch.Tensor or arg.device.type == "meta" or (grad and arg.requires_grad)
+            type(arg) not in _PLAIN_TENSOR_TYPES or arg.device.type == "meta" or (grad and arg.requires_grad)
         ):
             return False
     return True
