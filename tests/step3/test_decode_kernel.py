@@ -8,7 +8,14 @@ import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import (
+    DEVICES,
+    INTERPRETED,
+    eager_when_interpreted,
+    relative_error,
+    rerun_under_interpreter,
+    skip_if_interpreted,
+)
 
 from step3_hf.kernels import Float8StaticCache, decode_attention, quantize_float8
 
@@ -385,8 +392,7 @@ def test_float8_static_cache_refuses_other_attention_implementations():
 # --- through transformers: `attn_implementation="mfa_decode"` in generate() ---
 
 PROMPTS = [[1, 17, 33, 90, 4, 5, 6], [1, 200], [1, 8, 9, 10, 77]]
-# Fewer new tokens under the interpreter, where each kernel call takes about half a second on CI's CPU.
-NEW_TOKENS = 4 if INTERPRETED else 8
+NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -406,6 +412,11 @@ def load(checkpoint, attention, device, dtype=torch.float32):
             if p.ndim > 1:
                 p.mul_(4.0)
     return model
+
+
+@pytest.fixture
+def eager_norms_rope_and_top_k(monkeypatch):
+    eager_when_interpreted(monkeypatch, "rms_norm", "rotary", "top_k")
 
 
 @pytest.fixture
@@ -452,7 +463,9 @@ def left_padded_batch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
-def test_generate_matches_sdpa_with_left_padding(checkpoint, device, cache_implementation, kernel_calls):
+def test_generate_matches_sdpa_with_left_padding(
+    checkpoint, device, cache_implementation, kernel_calls, eager_norms_rope_and_top_k
+):
     from transformers import GenerationConfig
 
     ids, mask = left_padded_batch(device)
@@ -475,7 +488,9 @@ def test_generate_matches_sdpa_with_left_padding(checkpoint, device, cache_imple
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_with_float8_cache(checkpoint, device, kernel_calls, monkeypatch, float8_products):
+def test_generate_with_float8_cache(
+    checkpoint, device, kernel_calls, monkeypatch, float8_products, eager_norms_rope_and_top_k
+):
     from transformers import GenerationConfig
 
     from step3_hf.kernels import transformers_attention

@@ -9,7 +9,15 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_cases import DEVICES, HAS_CUDA, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import (
+    DEVICES,
+    HAS_CUDA,
+    INTERPRETED,
+    eager_when_interpreted,
+    relative_error,
+    rerun_under_interpreter,
+    skip_if_interpreted,
+)
 
 from step3_hf import Step3Config
 from step3_hf.kernels import MOE_DECODE_EXPERTS, align_pairs_to_blocks, moe_decode
@@ -302,8 +310,10 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_matches_grouped_mm(checkpoint, device, path_calls):
+def test_generate_matches_grouped_mm(checkpoint, device, path_calls, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    eager_when_interpreted(monkeypatch, "rms_norm", "rotary", "top_k")
 
     ids = torch.tensor([[1, 17, 33, 90, 4, 5], [1, 8, 9, 10, 77, 200]], device=device)
     outputs = {}

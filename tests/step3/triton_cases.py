@@ -37,6 +37,25 @@ def rerun_under_interpreter(test_file: str) -> None:
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
+def eager_when_interpreted(monkeypatch, *kernels: str) -> None:
+    """Under the interpreter, a test of one kernel inside a whole Step-3 model runs the model's other one-launch
+    kernels, named here ("rms_norm", "rotary", "top_k"), as the eager code they replace. Each gives the eager
+    result bit for bit (its own test file checks that), and interpreted they took most of such a test's time. On
+    CUDA the model runs as users get it."""
+    if not INTERPRETED:
+        return
+    from step3_hf import modeling_step3
+
+    installed = {
+        "rms_norm": (modeling_step3.Step3RMSNorm, "forward", "_eager_forward"),
+        "rotary": (modeling_step3, "apply_rotary_pos_emb", "_eager_function"),
+        "top_k": (modeling_step3.Step3TopKRouter, "select_experts", "_eager_select_experts"),
+    }
+    for kernel in kernels:
+        owner, name, eager = installed[kernel]
+        monkeypatch.setattr(owner, name, getattr(getattr(owner, name), eager))
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """`|out - ref| / |ref|` in float64, after checking that `out` is finite."""
     assert torch.isfinite(out).all()
