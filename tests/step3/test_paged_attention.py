@@ -165,22 +165,26 @@ def test_generate_batch_on_mfa_paged_equals_generate_one_prompt_at_a_time(model,
     config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     # 8 tokens a step: the 21-token prompt is prefilled in chunks after cached tokens, beside other requests' decodes.
     paged = ContinuousBatchingConfig(block_size=16, num_blocks=16, max_batch_tokens=8)
-    decoded = []
-    kernel = transformers_paged_attention.paged_decode_attention
+    decoded, ranges = [], []
+    kernel, key_ranges = transformers_paged_attention.paged_decode_attention, transformers_paged_attention.token_key_ranges
 
     def counting_kernel(*args, **kwargs):
         decoded.append(args[0].shape[0])
         return kernel(*args, **kwargs)
 
-    transformers_paged_attention.paged_decode_attention = counting_kernel
-    try:
-        outputs = model.generate_batch(
-            inputs=PROMPTS, generation_config=config, continuous_batching_config=paged, progress_bar=False
-        )
-    finally:
-        transformers_paged_attention.paged_decode_attention = kernel
+    def counting_key_ranges(*args, **kwargs):
+        ranges.append(args[2])
+        return key_ranges(*args, **kwargs)
+
+    monkeypatch.setattr(transformers_paged_attention, "paged_decode_attention", counting_kernel)
+    monkeypatch.setattr(transformers_paged_attention, "token_key_ranges", counting_key_ranges)
+    outputs = model.generate_batch(
+        inputs=PROMPTS, generation_config=config, continuous_batching_config=paged, progress_bar=False
+    )
     assert model.config._attn_implementation == MFA_DECODE_ATTENTION  # restored when the manager stopped
     assert bool(decoded) == kernel_available(device)  # the kernel ran where it can (CUDA, or CPU under the interpreter)
+    if decoded:  # each step's key ranges are computed by its first layer and reused by the others
+        assert len(ranges) * model.config.get_text_config().num_hidden_layers == len(decoded)
     ordered = sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))
     assert len(ordered) == len(PROMPTS)
     for prompt, result in zip(PROMPTS, ordered):
@@ -188,6 +192,26 @@ def test_generate_batch_on_mfa_paged_equals_generate_one_prompt_at_a_time(model,
             alone = model.generate(torch.tensor([prompt], device=device), generation_config=config)[0, len(prompt) :]
         assert result.prompt_ids == prompt
         assert result.generated_tokens == alone.tolist()
+
+
+@skip_if_interpreted
+def test_step_layout_is_computed_once_per_forward():
+    """The first layer of a forward computes a step's layout, the later layers reuse it; a forward that starts again
+    (a layer index not above the last, even on the same tensors, as with static buffers) or another step's tensors
+    compute it again."""
+    once = transformers_paged_attention._OncePerForward()
+    computed = []
+
+    def get(layer, step, name="ranges"):
+        return once.get(layer, step, name, lambda: computed.append((layer, name)) or len(computed))
+
+    lengths, other = torch.tensor([0, 3]), torch.tensor([0, 3])
+    assert [get(layer, (lengths,)) for layer in range(3)] == [1, 1, 1]
+    assert get(1, (lengths,), "host_lengths") == 2 and get(2, (lengths,), "host_lengths") == 2  # names apart
+    assert get(0, (lengths,)) == 3  # a new forward on the same tensors
+    assert get(1, (other,)) == 4  # another step's tensors
+    assert get(0, (other,)) == 5 and get(0, (other,)) == 6  # a one-layer model: every call a new forward
+    assert computed == [(0, "ranges"), (1, "host_lengths"), (0, "ranges"), (1, "ranges"), (0, "ranges"), (0, "ranges")]
 
 
 @skip_if_interpreted
