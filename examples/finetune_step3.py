@@ -32,6 +32,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 import step3_hf  # noqa: F401  registers Step-3 with the Auto classes and its LoRA defaults with peft
@@ -139,6 +140,7 @@ def main(argv=None) -> None:
     # LoRA: frozen bf16 base weights, float32 adapters (peft upcasts them). Full tuning: float32 master weights,
     # bf16 autocast through `TrainingArguments(bf16=True)`.
     dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
+    set_seed(0)  # the Trainer's seed, before the adapters: LoRA's initialisation draws from the global generator
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, device_map=args.device_map)
     if args.router_aux_loss is not None:
         model.config.get_text_config().output_router_logits = True

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 
 import step3_hf  # noqa: F401  registers Step-3 with the Auto classes and its LoRA defaults with peft
 from step3_hf.data_collator_step3_vl import Step3VLDataCollator
@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--seed", type=int, default=0, help="for the adapters' initialisation and the Trainer")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device-map", default=None, help="e.g. 'auto' for a checkpoint larger than one GPU")
@@ -120,6 +121,7 @@ def main(argv=None) -> dict[str, float]:
     processor = AutoProcessor.from_pretrained(checkpoint)
     data = colour_dataset(args.examples)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    set_seed(args.seed)  # before the adapters: LoRA's initialisation draws from the global generator
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, device_map=args.device_map)
     model = with_adapters(model, args)
     vision_frozen = not any(p.requires_grad for n, p in model.named_parameters() if ".vision_model." in n)
@@ -143,7 +145,7 @@ def main(argv=None) -> dict[str, float]:
         report_to="none",
         remove_unused_columns=False,  # the collator needs the image, prompt and response columns
         use_cpu=not use_cuda,
-        seed=0,
+        seed=args.seed,
         **{CHECKPOINTING_ARGUMENT: args.gradient_checkpointing},
     )
     trainer = Trainer(

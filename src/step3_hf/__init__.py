@@ -24,7 +24,7 @@ from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
-from .kernels.decode_graphs import use_ffn_decode_graphs
+from .kernels.decode_graphs import use_decode_graphs
 from .kernels.moe_router import use_fused_top_k
 from .kernels.rms_norm import use_fused_rms_norm
 from .kernels.rotary import use_fused_rotary
@@ -52,8 +52,8 @@ use_fused_rms_norm(Step3RMSNorm)
 use_fused_top_k(Step3TopKRouter)
 # ... its rotary embedding of queries and keys in one kernel (about ten eager launches per layer) ...
 use_fused_rotary(modeling_step3)
-# ... can replay each layer's FFN half from a CUDA graph when decoding eagerly (opt-in: `decode_graphs.ENABLED`) ...
-use_ffn_decode_graphs(Step3DecoderLayer)
+# ... replays each layer's work around its attention from CUDA graphs in eager decoding (decode_graphs) ...
+use_decode_graphs(Step3DecoderLayer)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
 Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 

@@ -1,10 +1,11 @@
-"""CUDA graphs of each decoder layer's FFN half while decoding eagerly (`step3_hf.kernels.decode_graphs`).
+"""CUDA graphs of each decoder layer's work around its attention in eager decoding (`step3_hf.kernels.decode_graphs`).
 
-On CPU: which layers a replay may stand for (the rules that keep it equal to the eager call), and that the graphs
-are opt-in. On CUDA (skipped without a GPU), with them switched on: replays give bitwise the eager logits and
-tokens, a replaced weight or changed setting is captured again (dropping the layer's stale graphs), another stream,
-input layout or inference mode is served right, and calls the graphs must not take (recording router logits,
-gradients) run eagerly.
+On CPU: which layers a replay may stand for (the rules that keep it equal to the eager call), that a layer's record
+notices every change a capture baked in, and that CPU calls stay eager. On CUDA (skipped without a GPU): replays give
+bitwise the eager logits and tokens, on the dynamic and the static cache; a replaced weight or changed setting is
+captured again (dropping the layer's stale graphs), another stream, input layout or inference mode is served right,
+each layer keeps at most `MAX_SHAPES_PER_LAYER` shapes, and calls the graphs must not take (recording router
+logits, gradients) run eagerly.
 """
 
 import gc
@@ -19,6 +20,7 @@ from step3_hf.modeling_step3 import Step3DecoderLayer
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CPU = torch.device("cpu")
 
 
 def tiny_model(dtype=torch.float32, device="cpu", **overrides) -> Step3ForCausalLM:
@@ -27,88 +29,119 @@ def tiny_model(dtype=torch.float32, device="cpu", **overrides) -> Step3ForCausal
     return Step3ForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def test_installed_on_the_decoder_layer_and_off_by_default():
-    assert Step3DecoderLayer.ffn_block._eager_ffn_block is not None
-    assert decode_graphs.ENABLED is False
-    decode_graphs.use_ffn_decode_graphs(Step3DecoderLayer)  # idempotent: the eager method stays the one wrapped
-    assert getattr(Step3DecoderLayer.ffn_block._eager_ffn_block, "_eager_ffn_block", None) is None
+def eager_forward(layer, *args, **kwargs):
+    return Step3DecoderLayer.forward._eager_forward(layer, *args, **kwargs)
 
 
-def test_graphable_layers_are_step3_modules_without_active_hooks():
+def test_installed_on_the_decoder_layer_and_on_by_default():
+    assert Step3DecoderLayer.forward._eager_forward is not None
+    assert decode_graphs.ENABLED is True
+    decode_graphs.use_decode_graphs(Step3DecoderLayer)  # idempotent: the eager method stays the one wrapped
+    assert getattr(Step3DecoderLayer.forward._eager_forward, "_eager_forward", None) is None
+
+
+def test_graphable_layers_are_step3_modules_without_hooks_a_replay_would_skip():
     model = tiny_model()
     dense, moe = model.model.layers[0], model.model.layers[1]
-    cpu = torch.device("cpu")
-    assert decode_graphs.ffn_graphable(dense, cpu) and decode_graphs.ffn_graphable(moe, cpu)
-    assert not decode_graphs.ffn_graphable(moe, torch.device("meta"))  # weights on another device
+    assert decode_graphs.layer_graphable(dense, CPU) and decode_graphs.layer_graphable(moe, CPU)
+    assert not decode_graphs.layer_graphable(moe, torch.device("meta"))  # weights on another device
 
-    handle = moe.mlp.shared_expert.up_proj.register_forward_pre_hook(lambda module, args: None)
-    assert not decode_graphs.ffn_graphable(moe, cpu)  # a replay would skip the hook
-    handle.remove()
-    assert decode_graphs.ffn_graphable(moe, cpu)
+    for module in (moe.mlp.shared_expert.up_proj, moe.self_attn.k_proj, moe.input_layernorm):
+        handle = module.register_forward_pre_hook(lambda module, args: None)
+        assert not decode_graphs.layer_graphable(moe, CPU)  # a replay would skip the hook
+        handle.remove()
+        assert decode_graphs.layer_graphable(moe, CPU)
     up = moe.mlp.shared_expert.up_proj
     up.forward = up.forward  # a forward set on the instance (as some wrappers do) could do anything
-    assert not decode_graphs.ffn_graphable(moe, cpu)
+    assert not decode_graphs.layer_graphable(moe, CPU)
     del up.forward
-    assert decode_graphs.ffn_graphable(moe, cpu)
+    assert decode_graphs.layer_graphable(moe, CPU)
 
-    # transformers' output-recording hooks are inert until outputs are recorded; recording router logits needs the
-    # router to run eagerly.
+    # transformers' output-recording hooks are inert until outputs are recorded; recording router logits (or
+    # attentions) needs those modules to run eagerly, which the record tells per call.
     from transformers.utils.output_capturing import _active_collector
 
     model(torch.tensor([[1, 2, 3]]), output_router_logits=True)  # installs the recording hooks
     assert moe.mlp.gate._forward_hooks
-    assert decode_graphs.ffn_graphable(moe, cpu)
+    record = decode_graphs._record(moe, CPU)
+    assert record.graphable and record.recording_hooks and not decode_graphs._recording()
     token = _active_collector.set({"router_logits": []})
     try:
-        assert not decode_graphs.ffn_graphable(moe, cpu)
+        assert decode_graphs._recording()
     finally:
         _active_collector.reset(token)
 
 
-def test_block_fp8_ffns_stay_eager():
+def test_a_layer_record_notices_every_change_a_capture_baked_in():
+    model = tiny_model()
+    layer = model.model.layers[1]
+
+    def changed(change) -> bool:
+        record = decode_graphs._record(layer, CPU)
+        assert decode_graphs._record(layer, CPU) is record  # nothing changed: the same record, graphs kept
+        change()
+        return decode_graphs._record(layer, CPU) is not record
+
+    down = layer.mlp.shared_expert.down_proj
+    assert changed(lambda: setattr(down, "weight", torch.nn.Parameter(down.weight.detach().clone())))
+    wq = layer.self_attn.wq
+    assert changed(lambda: setattr(wq.weight, "data", wq.weight.data.clone()))  # what `.to()` does in place
+    assert changed(lambda: setattr(layer.mlp.gate, "top_k", 1))  # a plain attribute
+    o_proj = layer.self_attn.o_proj
+    assert changed(lambda: setattr(layer.self_attn, "o_proj", torch.nn.Linear(o_proj.in_features, o_proj.out_features)))
+    handle = None
+
+    def add_hook():
+        nonlocal handle
+        handle = layer.post_attention_layernorm.register_forward_hook(lambda *args: None)
+
+    assert changed(add_hook)
+    assert changed(handle.remove)
+    assert changed(lambda: delattr(layer.mlp.gate, "top_k"))  # an attribute gone
+
+
+def test_block_fp8_layers_stay_eager():
     # An FP8 FFN's capture failed on an H100 (leaving the process's CUDA generator unusable): FP8 modules are eager.
     from step3_hf.fp8 import quantize_model
 
     model = quantize_model(tiny_model(moe_intermediate_size=32), block_size=(16, 16))
-    assert not decode_graphs.ffn_graphable(model.model.layers[0], torch.device("cpu"))  # FP8 dense MLP
-    assert not decode_graphs.ffn_graphable(model.model.layers[1], torch.device("cpu"))  # FP8 experts
+    assert not decode_graphs.layer_graphable(model.model.layers[0], CPU)  # FP8 dense MLP and attention
+    assert not decode_graphs.layer_graphable(model.model.layers[1], CPU)  # FP8 experts
 
 
 def test_adapters_and_remote_ffns_stay_eager():
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model()
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["down_proj"]))
-    layer = peft_model.base_model.model.model.layers[0]
-    assert not decode_graphs.ffn_graphable(layer, torch.device("cpu"))  # an adapter can be switched off per call
+    for target in ("down_proj", "wq"):
+        peft_model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=[target]))
+        layer = peft_model.base_model.model.model.layers[0]
+        assert not decode_graphs.layer_graphable(layer, CPU)  # an adapter can be switched off per call
 
     from step3_hf.afd import RemoteFFN
 
-    config = model.config
+    config = tiny_model().config
     remote = Step3DecoderLayer(config, 1)  # an AFD attention-side layer: its FFN runs in another process
     remote.mlp = RemoteFFN(config, 1)
-    assert not decode_graphs.ffn_graphable(remote, torch.device("cpu"))
+    assert not decode_graphs.layer_graphable(remote, CPU)
 
 
-def test_cpu_calls_run_the_eager_ffn(monkeypatch):
-    monkeypatch.setattr(decode_graphs, "ENABLED", True)
+def test_cpu_calls_run_eagerly():
     model = tiny_model()
     layer = model.model.layers[1]
     hidden = torch.randn(2, 1, model.config.hidden_size)
     with torch.no_grad():
-        assert not decode_graphs.ffn_graph_applies(layer, hidden)
-        torch.testing.assert_close(layer.ffn_block(hidden), Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden),
-                                   rtol=0, atol=0)  # fmt: skip
-    assert layer not in decode_graphs._graphs
+        assert not decode_graphs.decode_graph_applies(layer, hidden)
+        model(torch.tensor([[1, 2, 3]]))
+    assert not decode_graphs._records.get(layer, None) or not decode_graphs._records[layer].graphs
 
 
 # ----- CUDA ----------------------------------------------------------------------------------------------------
-def decode_logits(model, ids, steps: int):
-    """Prefill, then `steps` greedy decode steps on a dynamic cache: the logits of every step."""
+def decode_logits(model, ids, steps: int, cache=None):
+    """Prefill, then `steps` greedy decode steps (on a new dynamic cache unless given one): every step's logits."""
     from transformers import DynamicCache
 
-    cache, logits = DynamicCache(config=model.config), []
+    cache, logits = cache if cache is not None else DynamicCache(config=model.config), []
     with torch.no_grad():
         out = model(ids, cache=cache, use_cache=True)
         for _ in range(steps):
@@ -118,23 +151,36 @@ def decode_logits(model, ids, steps: int):
     return torch.cat(logits, 1)
 
 
-@pytest.fixture
-def graphs_on(monkeypatch):
-    monkeypatch.setattr(decode_graphs, "ENABLED", True)
+def graphs_of(layer) -> list:
+    record = decode_graphs._records.get(layer)
+    return list(record.graphs.values()) if record is not None else []
+
+
+def layer_call(model, layer, hidden):
+    """`layer(hidden)` for one new token per row, without a cache, as `Step3Model` calls it."""
+    positions = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    position_embeddings = model.model.rotary_emb(hidden, position_ids=positions)
+    return layer(hidden, position_embeddings=position_embeddings, attention_mask=None)
+
+
+def eager_layer_call(model, layer, hidden):
+    positions = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    position_embeddings = model.model.rotary_emb(hidden, position_ids=positions)
+    return eager_forward(layer, hidden, position_embeddings, None)
 
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_replays_equal_the_eager_ffn_bitwise(graphs_on, monkeypatch):
+def test_cuda_replays_equal_the_eager_layers_bitwise(monkeypatch):
     model = tiny_model(torch.bfloat16, "cuda", hidden_size=128, share_q_dim=128, moe_intermediate_size=128,
                        intermediate_size=256)  # fmt: skip
     ids = torch.randint(3, 256, (3, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     graphed = decode_logits(model, ids, steps=4)
     layers = list(model.model.layers)
-    assert all(len(decode_graphs._graphs[layer]) == 1 for layer in layers)  # one capture per layer, then replays
-    first = [next(iter(decode_graphs._graphs[layer].values())) for layer in layers]
+    assert all(len(graphs_of(layer)) == 1 for layer in layers)  # one capture per layer, then replays
+    first = [graphs_of(layer)[0] for layer in layers]
     decode_logits(model, ids, steps=2)
-    assert [next(iter(decode_graphs._graphs[layer].values())) for layer in layers] == first
+    assert [graphs_of(layer)[0] for layer in layers] == first
 
     monkeypatch.setattr(decode_graphs, "ENABLED", False)
     eager = decode_logits(model, ids, steps=4)
@@ -144,98 +190,115 @@ def test_cuda_replays_equal_the_eager_ffn_bitwise(graphs_on, monkeypatch):
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_generate_with_graphs_gives_the_eager_tokens(graphs_on, monkeypatch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_generate_with_graphs_gives_the_eager_tokens(cache, monkeypatch):
+    from transformers import StaticCache
+
     model = tiny_model(torch.bfloat16, "cuda")
     ids = torch.randint(3, 256, (4, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    graphed = model.generate(ids, **kwargs)
-    assert model.model.layers[2] in decode_graphs._graphs
+
+    def generate():
+        if cache == "dynamic":
+            return model.generate(ids, **kwargs)
+        # uncompiled: compiled decoding keeps its own graphs and never enters these
+        static = StaticCache(config=model.config, max_cache_len=32)
+        return model.generate(ids, past_key_values=static, disable_compile=True, **kwargs)
+
+    decode_graphs.clear_decode_graphs(model)
+    graphed = generate()
+    assert len(graphs_of(model.model.layers[2])) == 1
     monkeypatch.setattr(decode_graphs, "ENABLED", False)
-    assert torch.equal(graphed, model.generate(ids, **kwargs))
+    assert torch.equal(graphed, generate())
 
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_replaced_weight_is_captured_again(graphs_on):
+def test_cuda_replaced_weight_is_captured_again():
     model = tiny_model(torch.bfloat16, "cuda")
     layer = model.model.layers[1]
     hidden = torch.randn(2, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     other_batch = torch.randn(3, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        layer.ffn_block(other_batch)
-        layer.ffn_block(hidden)
-        before = set(map(id, decode_graphs._graphs[layer].values()))
+        layer_call(model, layer, other_batch)
+        layer_call(model, layer, hidden)
+        before = set(map(id, graphs_of(layer)))
+        assert len(before) == 2
         down = layer.mlp.shared_expert.down_proj
         down.weight = torch.nn.Parameter(torch.randn_like(down.weight))
-        graphed = layer.ffn_block(hidden)
-        # the other batch's graph read the old weight too: it is gone, not kept stale
-        assert len(decode_graphs._graphs[layer]) == 1
-        assert not before & set(map(id, decode_graphs._graphs[layer].values()))
-        eager = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
+        graphed = layer_call(model, layer, hidden)
+        # the other batch's graphs read the old weight too: they are gone, not kept stale
+        assert len(graphs_of(layer)) == 1 and not before & set(map(id, graphs_of(layer)))
+        eager = eager_layer_call(model, layer, hidden)
         assert torch.equal(graphed, eager)
         layer.mlp.gate.top_k = 1  # a plain attribute the capture baked in
-        graphed = layer.ffn_block(hidden)
-        eager_top_1 = Step3DecoderLayer.ffn_block._eager_ffn_block(layer, hidden)
+        graphed = layer_call(model, layer, hidden)
+        eager_top_1 = eager_layer_call(model, layer, hidden)
     assert torch.equal(graphed, eager_top_1) and not torch.equal(eager_top_1, eager)
 
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_other_streams_and_layouts_get_graphs_of_their_own(graphs_on):
+def test_cuda_other_streams_layouts_and_shapes_get_graphs_of_their_own(monkeypatch):
     model = tiny_model(torch.bfloat16, "cuda")
     layer = model.model.layers[1]
     decode_graphs.clear_decode_graphs(model)
     size = model.config.hidden_size
     strided = torch.randn(2, 1, 2 * size, device="cuda", dtype=torch.bfloat16)[..., :size]  # a slice: not dense
     hidden = strided.contiguous()  # same shape and values, other strides
-    eager = Step3DecoderLayer.ffn_block._eager_ffn_block
     with torch.inference_mode():  # captured under inference mode, replayed outside it below
-        want = eager(layer, hidden)
-        assert torch.equal(layer.ffn_block(hidden), want)
+        want = eager_layer_call(model, layer, hidden)
+        assert torch.equal(layer_call(model, layer, hidden), want)
     with torch.no_grad():
-        assert torch.equal(layer.ffn_block(hidden), want)
+        assert torch.equal(layer_call(model, layer, hidden), want)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            on_side = layer.ffn_block(hidden)
+            on_side = layer_call(model, layer, hidden)
         torch.cuda.current_stream().wait_stream(side)
         assert torch.equal(on_side, want)
-        assert torch.equal(layer.ffn_block(strided), eager(layer, strided))
-    assert len(decode_graphs._graphs[layer]) == 3
+        assert torch.equal(layer_call(model, layer, strided), eager_layer_call(model, layer, strided))
+        assert len(graphs_of(layer)) == 3
+
+        monkeypatch.setattr(decode_graphs, "MAX_SHAPES_PER_LAYER", 2)  # the least recently used shapes go
+        batches = [torch.randn(rows, 1, size, device="cuda", dtype=torch.bfloat16) for rows in (3, 4)]
+        for batch in batches:
+            assert torch.equal(layer_call(model, layer, batch), eager_layer_call(model, layer, batch))
+    assert [entry.hidden.shape[0] for entry in graphs_of(layer)] == [3, 4]
 
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_calls_graphs_must_not_take_run_eagerly(graphs_on):
+def test_cuda_calls_graphs_must_not_take_run_eagerly():
     model = tiny_model(torch.bfloat16, "cuda")
     decode_graphs.clear_decode_graphs(model)
     ids = torch.tensor([[1, 5, 9]], device="cuda")
     with torch.no_grad():
         out = model(ids[:, :1], output_router_logits=True)  # one token: decode-sized, but router logits are recorded
     moe_layers = [model.model.layers[i] for i in (1, 2)]  # TINY_CONFIG's MoE layers: their routers record
-    assert len(out.router_logits) == 2 and not any(layer in decode_graphs._graphs for layer in moe_layers)
-    assert model.model.layers[0] in decode_graphs._graphs  # a dense FFN has nothing to record
+    assert len(out.router_logits) == 2 and not any(graphs_of(layer) for layer in moe_layers)
+    assert graphs_of(model.model.layers[0])  # a dense layer has nothing to record
     decode_graphs.clear_decode_graphs(model)
     model(ids[:, :1]).logits.sum().backward()  # gradients: eager
-    assert not any(layer in decode_graphs._graphs for layer in model.model.layers)
+    assert not any(graphs_of(layer) for layer in model.model.layers)
 
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_captures_again_after_every_graph_of_a_pool_is_gone(graphs_on):
+def test_cuda_captures_again_after_every_graph_of_a_pool_is_gone():
     # The allocator refuses a capture into a memory pool whose graphs have all been freed: the pool goes with them.
     hidden = torch.randn(2, 1, TINY_CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16)
     key = (hidden.device, torch.cuda.current_stream().cuda_stream)
     first = tiny_model(torch.bfloat16, "cuda")
     with torch.no_grad():
-        first.model.layers[0].ffn_block(hidden)
+        layer_call(first, first.model.layers[0], hidden)
     assert key in decode_graphs._pools
-    for layer in list(decode_graphs._graphs.keys()):  # every model's graphs, this test's and earlier ones'
-        decode_graphs._graphs.pop(layer, None)
+    for layer in list(decode_graphs._records.keys()):  # every model's graphs, this test's and earlier ones'
+        decode_graphs._records.pop(layer, None)
     gc.collect()
     assert key not in decode_graphs._pools
     second = tiny_model(torch.bfloat16, "cuda")
     with torch.no_grad():
-        graphed = second.model.layers[0].ffn_block(hidden)
-        eager = Step3DecoderLayer.ffn_block._eager_ffn_block(second.model.layers[0], hidden)
-    assert torch.equal(graphed, eager) and decode_graphs._pools[key][1] == 1
+        graphed = layer_call(second, second.model.layers[0], hidden)
+        eager = eager_layer_call(second, second.model.layers[0], hidden)
+    assert torch.equal(graphed, eager) and decode_graphs._pools[key][1] == 2  # the layer's two graphs

@@ -1,8 +1,8 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts) and its router's
 top-k, block-FP8 linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a
-one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's FFN half for
-eager decoding (`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`,
+one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's work around its
+attention for eager decoding (`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`,
 `transformers_experts.py`).
 
 Importing this package registers `attn_implementation="mfa_decode"`, its continuous-batching form
@@ -12,7 +12,7 @@ with transformers.
 
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
-from .decode_graphs import clear_decode_graphs, use_ffn_decode_graphs
+from .decode_graphs import clear_decode_graphs, use_decode_graphs
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
 from .fp8_activation_quant import quantize_fp8_activations
 from .fp8_decode_linear import fp8_decode_linear
@@ -75,7 +75,7 @@ __all__ = [
     "fp8_decode_linear",
     "clear_decode_graphs",
     "rms_norm",
-    "use_ffn_decode_graphs",
+    "use_decode_graphs",
     "use_fused_rms_norm",
     "apply_rotary",
     "use_fused_rotary",

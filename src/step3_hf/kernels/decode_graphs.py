@@ -1,29 +1,33 @@
-"""CUDA graphs for the FFN half of each decoder layer while decoding eagerly (default `generate()`, dynamic cache).
+"""CUDA graphs of each decoder layer's work around its attention while decoding eagerly (default `generate()`).
 
-An uncompiled decode step is bound by the host: it issues a few hundred small kernels per step, and each Triton
-launch costs tens of microseconds of Python (docs/performance.md, "model.generate() as users call it"). A decoder
-layer's FFN half (`Step3DecoderLayer.ffn_block`: the post-attention norm, the router, the routed and shared experts,
-the residual) has the same shapes at every step of a batch; only the attention half reads the growing cache. So the
-FFN half is captured once per layer and input shape in a CUDA graph and replayed afterwards: its ~30 launches become
-a copy in, one replay and a copy out. A replay runs the kernels the eager call ran on the same inputs, so its result
-is bitwise the eager one.
+An uncompiled decode step is bound by the host: it issues a few hundred small kernels per step, and each launch costs
+microseconds of Python and driver time (docs/performance.md, "model.generate() as users call it"). Everything in a
+decoder layer has the same shapes at every step of a batch except the attention itself, which reads the growing
+cache. So each layer's decode call runs as two CUDA graphs around it, as vLLM's piecewise graphs split at attention:
 
-`use_ffn_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs the switch; the graphs are
-opt-in (`decode_graphs.ENABLED = True`): on an H100 they moved default `generate()` by -7% to +8% per step
-(docs/performance.md), and a block-FP8 FFN's capture failed there. A call is graphed only where the capture stays
-true:
+- before: `input_layernorm`, the query/key/value projections and RoPE (`Step3Attention.project`);
+- eagerly: the cache update and the attention function (`Step3Attention.attend`), whatever cache and attention
+  implementation the call has;
+- after: `o_proj`, the residual, and the FFN half (`Step3DecoderLayer.ffn_block`: norm, router, routed and shared
+  experts, residual).
+
+About thirty launches per layer become two replays, four copies and the attention's own launches. A replay runs the
+kernels the eager call ran on the same inputs, so the layer's output is bitwise the eager one.
+
+`use_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs the switch (`ENABLED`). A call is
+graphed only where the capture stays true:
 
 - inference on CUDA (no gradient, no autocast, not compiling: compiled generation has CUDA graphs of its own, not
   inside another capture), decode-sized (up to `MAX_DECODE_TOKENS` new tokens per sequence, `MAX_GRAPH_TOKENS` in
   all);
-- the FFN is made only of Step-3's own modules with plain linears (a block-FP8 FFN, a peft adapter, which can be
+- the layer is made only of Step-3's own modules with plain linears (a block-FP8 layer, a peft adapter, which can be
   switched off between calls, or a remote FFN of AFD runs eagerly), on the input's device, with no hooks that would
   have to run (accelerate's device hooks; transformers' output-recording hooks while outputs are being recorded) and
   no `forward` replaced on an instance;
 - graphs are kept per input shape, strides, dtype, device and CUDA stream (a graph is replayed only on the stream
-  it was made for, so graphs replayed on different streams never share memory); a layer's graphs are all captured
-  again when one of the FFN's weights is another tensor than at capture (a module or weight replaced, moved or
-  cast) or one of its modules' plain attributes changed (a router's `top_k`); weights changed in place are read as
+  it was made for, so graphs replayed on different streams never share memory), the `MAX_SHAPES_PER_LAYER` most
+  recent per layer; a layer's graphs are all captured again when one of its modules, weights (a tensor replaced,
+  moved or cast), hooks or plain attributes (a router's `top_k`) changed. Weights changed in place are read as
   they are.
 
 Graphs live as long as their layer. `clear_decode_graphs(model)` frees a model's graphs earlier, e.g. after moving it
@@ -32,9 +36,10 @@ off the GPU.
 
 from __future__ import annotations
 
-import functools
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -44,95 +49,144 @@ from .transformers_experts import MAX_MOE_DECODE_TOKENS
 
 try:  # transformers' switch for its output-recording hooks (private; docs/compatibility.md lists it)
     from transformers.utils.output_capturing import _active_collector
-except ImportError:  # then any hook keeps the FFN eager
+except ImportError:  # then any hook keeps the layer eager
     _active_collector = None
 
 __all__ = [
     "ENABLED",
     "MAX_GRAPH_TOKENS",
+    "MAX_SHAPES_PER_LAYER",
     "clear_decode_graphs",
-    "ffn_graph_applies",
-    "ffn_graphable",
-    "use_ffn_decode_graphs",
+    "decode_graph_applies",
+    "layer_graphable",
+    "use_decode_graphs",
 ]
 
-# Opt-in: True replays decode-sized FFN halves from CUDA graphs where `ffn_graph_applies` holds.
-ENABLED = False
-# Tokens per call up to which the FFN half is graphed: the decode range of the experts kernel.
+# True replays decode-sized layer calls from CUDA graphs where `decode_graph_applies` holds.
+ENABLED = True
+# Tokens per call up to which a layer is graphed: the decode range of the experts kernel.
 MAX_GRAPH_TOKENS = MAX_MOE_DECODE_TOKENS
+# Input shapes whose graphs a layer keeps; the least recently used go first (a server's batch sizes vary).
+MAX_SHAPES_PER_LAYER = 8
 # transformers' output-recording hook: inert unless outputs are being recorded.
 _RECORDING_HOOK = "output_capturing_hook"
+_PLAIN_TYPES = (bool, int, float, str)
+
+
+def _getter(keys: tuple):
+    """`d -> tuple of d[key] for key in keys` at C speed (`itemgetter` of one key returns the bare value)."""
+    return itemgetter(*keys) if len(keys) > 1 else (lambda d, key=keys[0]: (d[key],))
+
+
+class _Snapshot:
+    """What a capture baked in from a layer's modules, re-read cheaply on every call: each module's submodules,
+    parameters and buffers (by identity), plain attributes, hook counts and instance `forward`, and each tensor's
+    address. A few microseconds per layer where walking `named_parameters()` took a hundred."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self._dicts = [module.__dict__ for module in modules]
+        self._plain, self._slots, self._hooks, self._tensors = [], [], [], []
+        for attributes in self._dicts:
+            plain = tuple(key for key, value in attributes.items() if type(value) in _PLAIN_TYPES)
+            if plain:
+                self._plain.append((attributes, _getter(plain)))
+            for slot in (attributes["_parameters"], attributes["_buffers"], attributes["_modules"]):
+                if slot:
+                    self._slots.append((slot, _getter(tuple(slot))))
+            self._hooks += [attributes[name] for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]
+            self._tensors += [t for t in (*attributes["_parameters"].values(), *attributes["_buffers"].values())
+                              if t is not None]  # fmt: skip
+        self._expected = self._read()
+
+    def _read(self) -> tuple:
+        return (
+            [get(attributes) for attributes, get in self._plain],
+            [tuple(map(id, get(slot))) for slot, get in self._slots],
+            list(map(len, self._hooks)),
+            ["forward" in attributes for attributes in self._dicts],
+            [tensor.data_ptr() for tensor in self._tensors],
+        )
+
+    def unchanged(self) -> bool:
+        try:
+            return self._read() == self._expected
+        except KeyError:  # an attribute deleted since
+            return False
 
 
 @dataclass
-class _FFNGraph:
-    graph: torch.cuda.CUDAGraph
-    inputs: torch.Tensor
-    output: torch.Tensor
-    weights: tuple  # what the capture read: each module, each parameter's and buffer's storage, dtype and layout
+class _Graphs:
+    """One input shape's two graphs of a layer and the tensors they read and write."""
+
+    before: torch.cuda.CUDAGraph  # input norm, q/k/v projections, RoPE
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    after: torch.cuda.CUDAGraph | None = None  # o_proj, residual, FFN half: captured at the first attention output
+    attn_output: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
 
-# layer -> {(shape, strides, dtype, device, stream): _FFNGraph}. Held beside the modules, not in them: a model stays
-# deep-copyable and picklable, and its graphs go when it does.
-_graphs: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+@dataclass
+class _LayerRecord:
+    snapshot: _Snapshot
+    graphable: bool  # `layer_graphable` when the snapshot was taken
+    recording_hooks: bool  # some module has an output-recording hook: eager while outputs are recorded
+    graphs: OrderedDict = field(default_factory=OrderedDict)  # (shape, strides, dtype, device, stream) -> _Graphs
+
+
+# layer -> _LayerRecord. Held beside the modules, not in them: a model stays deep-copyable and picklable, and its
+# graphs go when it does.
+_records: weakref.WeakKeyDictionary[nn.Module, _LayerRecord] = weakref.WeakKeyDictionary()
 # One memory pool per device and stream: replays on one stream run one after another, so a graph's temporaries may
-# share memory with another's (each graph's input and output stay allocated while it lives). Each pool is held with
+# share memory with another's (each graph's inputs and outputs stay allocated while it lives). Each pool is held with
 # the number of live graphs that use it and forgotten when the last one goes: the allocator refuses (an internal
 # assert, then a CUDA random generator left in capture mode) a capture into a pool whose graphs are all gone.
 _pools: dict[tuple[torch.device, int], list] = {}
 
 
-@functools.cache
 def _allowed_module_types() -> tuple[type, ...]:
-    """What an FFN half may be made of to be graphed: Step-3's modules and plain linears. Block-FP8 modules are left
+    """What a layer may be made of to be graphed: Step-3's modules and plain linears. Block-FP8 modules are left
     out: an FP8 FFN's capture failed on an H100 (tests/step3/test_decode_graphs.py), and a failed capture leaves the
     process's CUDA random generator unusable."""
     from transformers.activations import ACT2CLS
 
-    from ..modeling_step3 import Step3Experts, Step3MLP, Step3RMSNorm, Step3SparseMoeBlock, Step3TopKRouter
+    from ..modeling_step3 import (
+        Step3Attention,
+        Step3Experts,
+        Step3MLP,
+        Step3RMSNorm,
+        Step3SparseMoeBlock,
+        Step3TopKRouter,
+    )
 
     activations = tuple({cls if isinstance(cls, type) else cls[0] for cls in ACT2CLS.values()})
-    return (Step3MLP, Step3SparseMoeBlock, Step3TopKRouter, Step3Experts, Step3RMSNorm, *activations)
+    return (Step3Attention, Step3MLP, Step3SparseMoeBlock, Step3TopKRouter, Step3Experts, Step3RMSNorm, *activations)
 
 
-def _ffn_modules(layer: nn.Module) -> list[nn.Module]:
-    return [layer.post_attention_layernorm, *layer.mlp.modules()]
+def _layer_modules(layer: nn.Module) -> list[nn.Module]:
+    """Every module a graphed call runs, the layer itself left out (its own hooks run around the call as ever)."""
+    return list(layer.modules())[1:]
 
 
 def _hooks_inert(module: nn.Module) -> bool:
     """No hook that a replay would skip: none, or only transformers' output recording while nothing is recorded."""
     if getattr(module, "_hf_hook", None) is not None or module._forward_pre_hooks or module._backward_hooks:
         return False
-    if not module._forward_hooks:
-        return True
-    recording = _active_collector is None or bool(_active_collector.get())
-    return not recording and all(getattr(h, "__name__", "") == _RECORDING_HOOK for h in module._forward_hooks.values())
+    return all(getattr(hook, "__name__", "") == _RECORDING_HOOK for hook in module._forward_hooks.values())
 
 
-def ffn_graph_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether `layer.ffn_block(hidden_states)` runs from a CUDA graph (see the module docstring)."""
-    if not (ENABLED and hidden_states.is_cuda and not torch.is_grad_enabled() and not layer.training):
-        return False
-    if torch.is_autocast_enabled("cuda"):  # a replay would keep the capture's autocast state
-        return False
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False
-    if hidden_states.dim() != 3 or hidden_states.shape[1] > MAX_DECODE_TOKENS:
-        return False
-    if hidden_states.shape[0] * hidden_states.shape[1] > MAX_GRAPH_TOKENS or hidden_states.numel() == 0:
-        return False
-    return ffn_graphable(layer, hidden_states.device)
+def _recording() -> bool:
+    return _active_collector is None or bool(_active_collector.get())
 
 
-def ffn_graphable(layer: nn.Module, device: torch.device) -> bool:
-    """Whether a replay of `layer`'s FFN half computes what its eager call would, on `device`: Step-3's own modules
-    with plain linears, their weights plain parameters on `device`, and no hook or instance `forward` a replay
-    would skip."""
-    nn_hooks = nn.modules.module
-    if nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks:
-        return False
+def layer_graphable(layer: nn.Module, device: torch.device) -> bool:
+    """Whether replays of `layer`'s decode call compute what its eager call would, on `device`: Step-3's own modules
+    with plain linears, their weights plain parameters on `device`, and no hook (but transformers' output recording,
+    checked per call) or instance `forward` a replay would skip."""
     allowed = _allowed_module_types()
-    for module in _ffn_modules(layer):
+    for module in _layer_modules(layer):
         plain_linear = type(module) is nn.Linear  # not a subclass: FP8Linear is one
         if not (plain_linear or isinstance(module, allowed)) or not _hooks_inert(module) or "forward" in vars(module):
             return False
@@ -144,16 +198,44 @@ def ffn_graphable(layer: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def _weights(layer: nn.Module) -> tuple:
-    modules = _ffn_modules(layer)
-    experts_impl = getattr(layer.mlp, "experts", None)
-    implementation = getattr(getattr(experts_impl, "config", None), "_experts_implementation", None)
-    tensors = (t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
-    # plain attributes (a router's `top_k`, a norm's epsilon) are baked into the graph like the weights' addresses
-    settings = (tuple((k, v) for k, v in vars(m).items() if type(v) in (bool, int, float, str)) for m in modules)
-    return (implementation, *(id(m) for m in modules), *settings, *(
-        (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in tensors
-    ))  # fmt: skip
+def _record(layer: nn.Module, device: torch.device) -> _LayerRecord:
+    """The layer's record, taken again (its graphs dropped) when anything a capture baked in changed."""
+    record = _records.get(layer)
+    if record is None or not record.snapshot.unchanged():
+        modules = _layer_modules(layer)
+        record = _records[layer] = _LayerRecord(
+            snapshot=_Snapshot(modules),
+            graphable=layer_graphable(layer, device),
+            recording_hooks=any(module._forward_hooks for module in modules),
+        )
+    return record
+
+
+def decode_graph_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether `layer(hidden_states, ...)` runs from CUDA graphs (see the module docstring)."""
+    if not (ENABLED and hidden_states.is_cuda and not torch.is_grad_enabled() and not layer.training):
+        return False
+    if torch.is_autocast_enabled("cuda"):  # a replay would keep the capture's autocast state
+        return False
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False
+    if hidden_states.dim() != 3 or hidden_states.shape[1] > MAX_DECODE_TOKENS:
+        return False
+    if hidden_states.shape[0] * hidden_states.shape[1] > MAX_GRAPH_TOKENS or hidden_states.numel() == 0:
+        return False
+    nn_hooks = nn.modules.module
+    if nn_hooks._global_forward_hooks or nn_hooks._global_forward_pre_hooks:
+        return False
+    record = _record(layer, hidden_states.device)
+    return record.graphable and not (record.recording_hooks and _recording())
+
+
+def _before(layer: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return layer.self_attn.project(layer.input_layernorm(hidden_states), (cos, sin))
+
+
+def _after(layer: nn.Module, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    return layer.ffn_block(hidden_states + layer.self_attn.o_proj(attn_output))
 
 
 def _pool(device: torch.device, stream: int) -> list:
@@ -169,69 +251,97 @@ def _release_pool(key: tuple[torch.device, int], record: list) -> None:
         del _pools[key]
 
 
-def _capture(layer: nn.Module, hidden_states: torch.Tensor, eager, weights: tuple, stream: int) -> _FFNGraph:
-    device = hidden_states.device
+def _static(tensor: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(False):  # a normal tensor: later calls outside inference mode copy into it
-        inputs = hidden_states.clone()
+        return tensor.clone()
+
+
+def _capture(layer: nn.Module, piece, inputs: tuple, stream: int) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A CUDA graph of `piece(layer, *inputs)` in the stream's pool, and its output tensors."""
+    device = inputs[0].device
     # Outside the capture, and outside the `try`: Triton compiles, cuBLAS sets up its workspaces, and an input the
     # eager call refuses (a dtype the weights do not have) is reported as the eager call reports it.
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        eager(layer, inputs)
+        piece(layer, *inputs)
     torch.cuda.current_stream(device).wait_stream(side)
     pool = _pool(device, stream)
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool[0]):
-            output = eager(layer, inputs)
+            output = piece(layer, *inputs)
     except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
         # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
         # generator among it) unusable.
         raise RuntimeError(
-            f"decode graphs: the FFN half of layer {layer.self_attn.layer_idx} could not be captured in a CUDA "
-            f"graph for input {tuple(hidden_states.shape)} ({err}); set "
-            "step3_hf.kernels.decode_graphs.ENABLED = False to run it eagerly"
+            f"decode graphs: layer {layer.self_attn.layer_idx} could not be captured in a CUDA graph for input "
+            f"{tuple(inputs[0].shape)} ({err}); set step3_hf.kernels.decode_graphs.ENABLED = False to decode eagerly"
         ) from err
-    entry = _FFNGraph(graph, inputs, output, weights)
     pool[1] += 1
-    weakref.finalize(entry, _release_pool, (device, stream), pool)
-    return entry
+    weakref.finalize(graph, _release_pool, (device, stream), pool)
+    return graph, output
 
 
-def use_ffn_decode_graphs(layer_class: type[nn.Module]) -> None:
-    """Make `layer_class.ffn_block` (a decoder layer's FFN half, one tensor in and out) replay a CUDA graph where
-    `ffn_graph_applies` holds, and run eagerly elsewhere (idempotent)."""
-    if getattr(layer_class.ffn_block, "_eager_ffn_block", None) is not None:
+def _graphed_forward(layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs) -> torch.Tensor:
+    device = hidden_states.device
+    cos, sin = position_embeddings
+    with torch.cuda.device(device):  # a replay launches on the current device's stream: the input's
+        stream = torch.cuda.current_stream(device).cuda_stream
+        graphs = _records[layer].graphs
+        key = (tuple(hidden_states.shape), hidden_states.stride(), tuple(cos.shape), cos.stride(), hidden_states.dtype,
+               cos.dtype, device, stream)  # fmt: skip
+        entry = graphs.get(key)
+        if entry is None:
+            hidden, static_cos, static_sin = _static(hidden_states), _static(cos), _static(sin)
+            graph, qkv = _capture(layer, _before, (hidden, static_cos, static_sin), stream)
+            entry = graphs[key] = _Graphs(graph, hidden, static_cos, static_sin, qkv)
+            while len(graphs) > MAX_SHAPES_PER_LAYER:
+                graphs.popitem(last=False)
+        else:
+            graphs.move_to_end(key)
+            entry.hidden.copy_(hidden_states)
+            entry.cos.copy_(cos)
+            entry.sin.copy_(sin)
+        entry.before.replay()
+        query, key_states, value_states = entry.qkv
+        # The cache gets its own copies: a cache may keep the tensors it is given, and the next replay overwrites them.
+        attn_output, _ = layer.self_attn.attend(
+            query, key_states.clone(), value_states.clone(), attention_mask, cache, **kwargs
+        )
+        if entry.after is None:
+            entry.attn_output = _static(attn_output)
+            entry.after, entry.output = _capture(layer, _after, (entry.attn_output, entry.hidden), stream)
+        else:
+            entry.attn_output.copy_(attn_output)
+        entry.after.replay()
+        return entry.output.clone()  # the caller's own tensor: the next replay overwrites `entry.output`
+
+
+def use_decode_graphs(layer_class: type[nn.Module]) -> None:
+    """Make `layer_class.forward` replay CUDA graphs around the attention where `decode_graph_applies` holds, and run
+    eagerly elsewhere (idempotent)."""
+    if getattr(layer_class.forward, "_eager_forward", None) is not None:
         return
-    eager = layer_class.ffn_block
+    from ..modeling_step3 import cache_kwarg
 
-    def ffn_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not ffn_graph_applies(self, hidden_states):
-            return eager(self, hidden_states)
-        device = hidden_states.device
-        with torch.cuda.device(device):  # a replay launches on the current device's stream: the input's
-            stream = torch.cuda.current_stream(device).cuda_stream
-            graphs = _graphs.setdefault(self, {})
-            key = (tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype, device, stream)
-            weights = _weights(self)
-            if graphs and next(iter(graphs.values())).weights != weights:
-                graphs.clear()  # every graph of the layer read the old weights; their memory goes back first
-            entry = graphs.get(key)
-            if entry is None:
-                entry = graphs[key] = _capture(self, hidden_states, eager, weights, stream)
-            entry.inputs.copy_(hidden_states)
-            entry.graph.replay()
-            return entry.output.clone()  # the caller's own tensor: the next replay overwrites `entry.output`
+    eager = layer_class.forward
 
-    ffn_block._eager_ffn_block = eager
-    ffn_block.__doc__ = f"{eager.__doc__} (replayed from a CUDA graph when decoding on CUDA)"
-    layer_class.ffn_block = ffn_block
+    @cache_kwarg
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        if not decode_graph_applies(self, hidden_states):
+            return eager(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        return _graphed_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+    forward._eager_forward = eager
+    forward.__doc__ = f"{eager.__doc__ or ''}(Replayed from CUDA graphs around the attention when decoding on CUDA.)"
+    layer_class.forward = forward
 
 
 def clear_decode_graphs(model: nn.Module) -> int:
-    """Free the CUDA graphs of `model`'s layers; returns how many there were."""
+    """Free the CUDA graphs of `model`'s layers; returns how many input shapes' graphs there were."""
     count = 0
     for module in model.modules():
-        count += len(_graphs.pop(module, {}))
+        record = _records.pop(module, None)
+        count += len(record.graphs) if record is not None else 0
     return count
