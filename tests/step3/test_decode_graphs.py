@@ -100,6 +100,27 @@ def test_a_layer_record_notices_every_change_a_capture_baked_in():
     assert changed(lambda: delattr(layer.mlp.gate, "top_k"))  # an attribute gone
 
 
+def test_a_step_copies_its_rope_tables_in_once_for_all_layers():
+    cos, sin = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    positions = decode_graphs._PositionInputs(cos, sin)
+    assert torch.equal(positions.cos, cos) and positions.cos is not cos
+
+    def copied(new_cos, new_sin) -> bool:
+        positions.cos.fill_(0)  # a marker: a load that copies overwrites it
+        positions.load(new_cos, new_sin)
+        return not bool((positions.cos == 0).all())
+
+    assert not copied(cos, sin)  # the next layers of the same step: nothing to copy
+    assert copied(cos.clone(), sin)  # the next step's tables
+    cos = cos.clone()
+    positions.load(cos, sin)
+    cos.mul_(2)  # changed in place since
+    assert copied(cos, sin) and torch.equal(positions.cos, cos)
+    with torch.inference_mode():  # no version counter: copied every time
+        frozen_cos, frozen_sin = cos.clone(), sin.clone()
+    assert copied(frozen_cos, frozen_sin) and copied(frozen_cos, frozen_sin)
+
+
 def test_block_fp8_layers_stay_eager():
     # An FP8 FFN's capture failed on an H100 (leaving the process's CUDA generator unusable): FP8 modules are eager.
     from step3_hf.fp8 import quantize_model

@@ -120,8 +120,7 @@ class _Graphs:
 
     before: torch.cuda.CUDAGraph  # input norm, q/k/v projections, RoPE
     hidden: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    positions: _PositionInputs
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     after: torch.cuda.CUDAGraph | None = None  # o_proj, residual, FFN half: captured at the first attention output
     attn_output: torch.Tensor | None = None
@@ -144,6 +143,34 @@ _records: weakref.WeakKeyDictionary[nn.Module, _LayerRecord] = weakref.WeakKeyDi
 # the number of live graphs that use it and forgotten when the last one goes: the allocator refuses (an internal
 # assert, then a CUDA random generator left in capture mode) a capture into a pool whose graphs are all gone.
 _pools: dict[tuple[torch.device, int], list] = {}
+# (cos and sin shapes, strides, dtype, device, stream) -> _PositionInputs: every layer's graphs read a step's RoPE
+# cos/sin from the same two tensors, so a step copies them in once, not once per layer.
+_positions: weakref.WeakValueDictionary[tuple, _PositionInputs] = weakref.WeakValueDictionary()
+
+
+class _PositionInputs:
+    """The cos/sin tensors the graphs of one shape read, and which step's cos/sin they hold."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = _static(cos), _static(sin)
+        self._source = (weakref.ref(cos), weakref.ref(sin), _version(cos), _version(sin))
+
+    def load(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        cos_ref, sin_ref, cos_version, sin_version = self._source
+        same = cos_ref() is cos and sin_ref() is sin and None not in (cos_version, sin_version)
+        if same and cos_version == _version(cos) and sin_version == _version(sin):
+            return  # an earlier layer of this step copied them
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self._source = (weakref.ref(cos), weakref.ref(sin), _version(cos), _version(sin))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version, or None (an inference tensor has none: then it is copied every time)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _allowed_module_types() -> tuple[type, ...]:
@@ -289,20 +316,24 @@ def _graphed_forward(layer, hidden_states, position_embeddings, attention_mask, 
     with torch.cuda.device(device):  # a replay launches on the current device's stream: the input's
         stream = torch.cuda.current_stream(device).cuda_stream
         graphs = _records[layer].graphs
-        key = (tuple(hidden_states.shape), hidden_states.stride(), tuple(cos.shape), cos.stride(), hidden_states.dtype,
-               cos.dtype, device, stream)  # fmt: skip
+        key = (tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype, tuple(cos.shape), cos.stride(),
+               tuple(sin.shape), sin.stride(), cos.dtype, device, stream)  # fmt: skip
+        position_key = key[3:]
+        positions = _positions.get(position_key)
+        if positions is None:
+            positions = _positions[position_key] = _PositionInputs(cos, sin)
+        else:
+            positions.load(cos, sin)
         entry = graphs.get(key)
         if entry is None:
-            hidden, static_cos, static_sin = _static(hidden_states), _static(cos), _static(sin)
-            graph, qkv = _capture(layer, _before, (hidden, static_cos, static_sin), stream)
-            entry = graphs[key] = _Graphs(graph, hidden, static_cos, static_sin, qkv)
+            hidden = _static(hidden_states)
+            graph, qkv = _capture(layer, _before, (hidden, positions.cos, positions.sin), stream)
+            entry = graphs[key] = _Graphs(graph, hidden, positions, qkv)
             while len(graphs) > MAX_SHAPES_PER_LAYER:
                 graphs.popitem(last=False)
         else:
             graphs.move_to_end(key)
             entry.hidden.copy_(hidden_states)
-            entry.cos.copy_(cos)
-            entry.sin.copy_(sin)
         entry.before.replay()
         query, key_states, value_states = entry.qkv
         # The cache gets its own copies: a cache may keep the tensors it is given, and the next replay overwrites them.
