@@ -18,7 +18,8 @@ same run (see `decode_step.step_bytes`).
     python benchmarks/generate.py --profile 128x1024     # GPU kernels and host time of a short default generate()
 
 `--eager-norms` and `--eager-rope` put back the eager RMSNorm and RoPE in place of their one-launch kernels;
-`--ffn-graphs` switches on the opt-in CUDA graphs of each layer's FFN half (`step3_hf.kernels.decode_graphs`).
+`--decode-graphs on|off` sets the CUDA graphs around each layer's attention (`step3_hf.kernels.decode_graphs`;
+default: the library's default).
 """
 
 import argparse
@@ -137,21 +138,22 @@ def main() -> None:
                         help="RMSNorm in eager torch (eight launches each) instead of the one-launch kernel")
     parser.add_argument("--eager-rope", action="store_true",
                         help="RoPE in eager torch (about ten launches per layer) instead of the one-launch kernel")
-    parser.add_argument("--ffn-graphs", action="store_true",
-                        help="replay each layer's FFN half from a CUDA graph (step3_hf.kernels.decode_graphs, opt-in)")
+    parser.add_argument("--decode-graphs", choices=["on", "off"],
+                        help="replay each layer's work around its attention from CUDA graphs (default: the library's)")
     args = parser.parse_args()
     if args.eager_norms:
         Step3RMSNorm.forward = Step3RMSNorm.forward._eager_forward
     if args.eager_rope:
         modeling_step3.apply_rotary_pos_emb = modeling_step3.apply_rotary_pos_emb._eager_function
-    decode_graphs.ENABLED = args.ffn_graphs
+    if args.decode_graphs is not None:
+        decode_graphs.ENABLED = args.decode_graphs == "on"
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, RMSNorm "
           f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}, "
           f"RoPE {'eager (--eager-rope)' if args.eager_rope else 'one launch'}, "
-          f"FFN halves {'CUDA graphs (--ffn-graphs)' if args.ffn_graphs else 'eager'}", flush=True)
+          f"decode layers {'from CUDA graphs around the attention' if decode_graphs.ENABLED else 'eager'}", flush=True)
     print(f"default kernels: attention {model.config._attn_implementation}, "
           f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
     default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation
