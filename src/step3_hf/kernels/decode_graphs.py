@@ -11,8 +11,8 @@ cache. So each layer's decode call runs as two CUDA graphs around it, as vLLM's 
 - after: `o_proj`, the residual, and the FFN half (`Step3DecoderLayer.ffn_block`: norm, router, routed and shared
   experts, residual).
 
-About thirty launches per layer become two replays, five small copies and the attention's own launches. A replay runs the
-kernels the eager call ran on the same inputs, so the layer's output is bitwise the eager one.
+About thirty launches per layer become two replays, five small copies and the attention's own launches. A replay runs
+the kernels the eager call ran on the same inputs, so the layer's output is bitwise the eager one.
 
 `use_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs the switch (`ENABLED`). A call is
 graphed only where the capture stays true:
