@@ -6,6 +6,8 @@ bf16, random weights, greedy. A decode step is `(time of 1 + N new tokens - time
 - default: `generate(input_ids, attention_mask, max_new_tokens=...)`, nothing else (the dynamic cache, and the
   kernels Step-3 picks on CUDA);
 - static: the same with `cache_implementation="static"` (transformers compiles the decode step);
+- default, eager layers: the default with the CUDA graphs around each layer's attention switched off
+  (`step3_hf.kernels.decode_graphs.ENABLED = False`), every launch issued eagerly;
 - stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache.
 
 Before the table, once: the static cache's compile time (first `generate()` call from a cold compiler minus a warm
@@ -35,6 +37,7 @@ from step3_hf.modeling_step3 import Step3RMSNorm
 
 VARIANTS = {
     "default": ({}, None, None),
+    "default, eager layers": ({}, None, None),  # the same with `decode_graphs.ENABLED = False`
     "static": ({"cache_implementation": "static"}, None, None),
     "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm"),
 }
@@ -174,12 +177,13 @@ def main() -> None:
             compile_line = f"static-cache generate() compile time: {type(err).__name__}: {str(err)[:80]}"
         print(compile_line, flush=True)
 
-    rows = []
+    rows, graphs = [], decode_graphs.ENABLED
     for shape in args.shapes:
         batch, prompt = parse_shape(shape)
         row = {"shape": shape}
         for name in args.variants:
             kwargs, attention, experts = VARIANTS[name]
+            decode_graphs.ENABLED = graphs and name != "default, eager layers"
             model.set_attn_implementation(attention or default_attention)
             model.set_experts_implementation(experts or default_experts)
             try:
