@@ -1,6 +1,6 @@
 """Split-KV decode attention against a float64 reference: on CPU through Triton's interpreter, and on CUDA.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import dataclasses
@@ -13,8 +13,6 @@ from triton_cases import (
     INTERPRETED,
     eager_when_interpreted,
     relative_error,
-    rerun_under_interpreter,
-    skip_if_interpreted,
 )
 
 from step3_hf.kernels import Float8StaticCache, decode_attention, quantize_float8
@@ -23,10 +21,6 @@ from step3_hf.kernels import Float8StaticCache, decode_attention, quantize_float
 decode_attention_module = importlib.import_module("step3_hf.kernels.decode_attention")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def reference_attention(query, key, value, scale, allowed):

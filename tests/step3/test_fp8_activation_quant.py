@@ -2,14 +2,14 @@
 against what its bytes mean (e4m3 rounded to nearest, ties to even; values within half a step of `x / scale`): on
 CPU through Triton's interpreter, and on CUDA; and `fp8_linear`'s cuBLAS path taking it.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
 
 import pytest
 import torch
-from triton_cases import CUDA_ONLY, DEVICES, INTERPRETED, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import CUDA_ONLY, DEVICES, INTERPRETED
 
 from step3_hf.fp8 import FP8_DTYPE, quantize_block_fp8
 from step3_hf.kernels.fp8_activation_quant import quantize_fp8_activations, quantize_fp8_activations_eager
@@ -19,10 +19,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Magnitudes (powers of ten) spread over the rows and groups: from the dtype's subnormals to near its largest value.
 MAGNITUDES = {torch.bfloat16: (-40, 37), torch.float16: (-7, 4), torch.float32: (-42, 37)}
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def activations(rows, width, dtype, device, seed=0):

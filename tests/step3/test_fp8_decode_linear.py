@@ -1,14 +1,14 @@
 """The block-FP8 decode linear against a float64 product with the dequantized weight: on CPU through Triton's
 interpreter, and on CUDA; and `fp8_block_linear`'s choice of it for decode-sized inputs.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import DEVICES, INTERPRETED, relative_error
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
@@ -17,10 +17,6 @@ fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
 # bf16 / fp16: one rounding of the output (the products and sums are fp32); fp32: the sums' order.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def quantized_linear(rows, out_features, in_features, block_size, dtype, device, seed=0):

@@ -1,7 +1,7 @@
 """The fused-MoE decode kernel against a float64 loop over tokens and choices: on CPU through Triton's interpreter,
 and on CUDA; its transformers dispatcher (`experts_implementation="moe_decode"`) and its hand-offs to grouped_mm.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
@@ -15,8 +15,6 @@ from triton_cases import (
     INTERPRETED,
     eager_when_interpreted,
     relative_error,
-    rerun_under_interpreter,
-    skip_if_interpreted,
 )
 
 from step3_hf import Step3Config
@@ -31,10 +29,6 @@ experts_module = importlib.import_module("step3_hf.kernels.transformers_experts"
 moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):

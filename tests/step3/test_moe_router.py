@@ -2,14 +2,14 @@
 through Triton's interpreter, and on CUDA; its tie rule, its bf16 rounding, and the installed router's choice
 between kernel and eager code.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, INTERPRETED, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import DEVICES, INTERPRETED
 
 from step3_hf import Step3Config
 from step3_hf.kernels import top_k_experts
@@ -18,10 +18,6 @@ from step3_hf.tiny_checkpoint import TINY_CONFIG
 
 router_module = importlib.import_module("step3_hf.kernels.moe_router")
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def random_probs(shape, seed):

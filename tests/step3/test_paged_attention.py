@@ -1,7 +1,7 @@
 """Continuous batching on the MFA kernel (`mfa_paged`): the ragged/paged kernel and the attention function against a
 float64 reference, `generate_batch` against `generate()`, and `step3-serve`'s default.
 
-The kernel cases run on CPU under Triton's interpreter in a subprocess (see `triton_cases.py`) and on CUDA; the
+The kernel cases run on CPU under Triton's interpreter in a subprocess (`test_triton_interpreter.py`) and on CUDA; the
 attention function and `generate_batch` also run here without the kernel (its SDPA path, what a CPU gets).
 """
 
@@ -16,7 +16,6 @@ from triton_cases import (
     INTERPRETED,
     eager_when_interpreted,
     relative_error,
-    rerun_under_interpreter,
     skip_if_interpreted,
 )
 
@@ -38,10 +37,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 MIXED = [(9, 1), (0, 7), (20, 3), (130, 1), (5, 12), (0, 1), (64, 4)]
 DECODE = [(9, 1), (20, 3), (130, 1), (0, 1), (64, 4), (200, 2)]
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def ragged_case(sequences, heads, kv_heads, head_dim, dtype, device, seed):

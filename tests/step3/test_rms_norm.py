@@ -1,14 +1,14 @@
 """The one-launch RMSNorm against a float64 recomputation and against the eager `Step3RMSNorm.forward`: on CPU through
 Triton's interpreter, and on CUDA; and the installed forward's choice between them.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, INTERPRETED, relative_error, rerun_under_interpreter, skip_if_interpreted
+from triton_cases import DEVICES, INTERPRETED, relative_error
 
 from step3_hf.kernels import rms_norm
 from step3_hf.modeling_step3 import Step3RMSNorm
@@ -16,10 +16,6 @@ from step3_hf.modeling_step3 import Step3RMSNorm
 rms_norm_module = importlib.import_module("step3_hf.kernels.rms_norm")
 EPS = 1e-5
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def reference(x, weight, eps=EPS):

@@ -2,7 +2,7 @@
 rotation by the positions' angles: on CPU through Triton's interpreter, and on CUDA; the installed function's choice
 between kernel and eager code; and a tiny Step-3 whose logits and greedy tokens do not change with the kernel.
 
-The CPU cases run under Triton's interpreter in a subprocess (see `triton_cases.py`).
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
 import importlib
@@ -14,8 +14,6 @@ from triton_cases import (
     INTERPRETED,
     eager_when_interpreted,
     relative_error,
-    rerun_under_interpreter,
-    skip_if_interpreted,
 )
 
 from step3_hf import Step3Config, Step3ForCausalLM, modeling_step3
@@ -28,10 +26,6 @@ eager_rotary = modeling_step3.apply_rotary_pos_emb._eager_function
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 THETA = 10000.0
 
-
-@skip_if_interpreted
-def test_cpu_cases_under_triton_interpreter():
-    rerun_under_interpreter(__file__)
 
 
 def rope_tables(head_dim, position_ids, dtype, device):

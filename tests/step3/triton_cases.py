@@ -2,14 +2,10 @@
 interpreter.
 
 `TRITON_INTERPRET=1` only takes effect if it is set before Triton is first imported, and other test modules import
-step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter,
-a kernel test file re-runs itself in a fresh interpreter-mode subprocess (`rerun_under_interpreter`), and its
-kernel cases run in this process only on CUDA.
+step3_hf (hence Triton) into the same pytest process. So unless this process already runs under the interpreter, a
+kernel test file's kernel cases run in this process only on CUDA, and `test_triton_interpreter.py` runs all the
+kernel files again in one interpreter-mode subprocess.
 """
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,18 +19,6 @@ CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUD
 DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=CUDA_ONLY)]
 
 skip_if_interpreted = pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
-
-
-def rerun_under_interpreter(test_file: str) -> None:
-    """Runs `test_file` in a pytest subprocess with `TRITON_INTERPRET=1`; fails with its output if any case fails."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(result.stdout[-4000:])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 def eager_when_interpreted(monkeypatch, *kernels: str) -> None:
