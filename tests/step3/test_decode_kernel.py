@@ -449,6 +449,33 @@ def test_unmasked_calls_take_the_kernel_only_where_it_agrees_with_sdpa(
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_masks_are_built_without_reading_the_device(monkeypatch, padded):
+    # SDPA's skip decision reads the padding mask on the host, a stall per decode step; for decode-sized queries the
+    # mfa_decode mask is built instead, and equals SDPA's built mask. Prefill keeps SDPA's skip.
+    from transformers.masking_utils import sdpa_mask
+
+    from step3_hf.kernels import mfa_decode_mask
+
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        attention_mask[1, :3] = 0
+    host_reads = []
+    read = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda tensor: host_reads.append(1) or read(tensor))
+    for q_length in (1, 4):
+        kwargs = dict(batch_size=2, q_length=q_length, kv_length=9, q_offset=9 - q_length, kv_offset=0,
+                      attention_mask=attention_mask.bool(), device="cpu")  # fmt: skip
+        mask = mfa_decode_mask(**kwargs)
+        assert not host_reads
+        want = sdpa_mask(**kwargs, allow_is_causal_skip=False)
+        assert mask.dtype == torch.bool and mask.shape == (2, 1, q_length, 9) and torch.equal(mask, want)
+    prefill = dict(batch_size=2, q_length=9, kv_length=9, q_offset=0, kv_offset=0, attention_mask=attention_mask.bool(),
+                   device="cpu")  # fmt: skip
+    assert (mfa_decode_mask(**prefill) is None) is not padded  # SDPA's causal skip, decided on the host
+    assert host_reads
+
+
 def left_padded_batch(device):
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=device)

@@ -28,6 +28,7 @@ from .transformers_attention import (
     MFA_DECODE_ATTENTION,
     decode_kernel_preferred,
     mfa_decode_attention_forward,
+    mfa_decode_mask,
     register,
 )
 from .transformers_paged_attention import PAGED_MFA_ATTENTION, paged_mfa_attention_forward, register_paged
@@ -57,6 +58,7 @@ __all__ = [
     "MFA_DECODE_ATTENTION",
     "decode_kernel_preferred",
     "mfa_decode_attention_forward",
+    "mfa_decode_mask",
     "PAGED_MFA_ATTENTION",
     "paged_decode_attention",
     "paged_mfa_attention_forward",

@@ -1,6 +1,6 @@
 """`attn_implementation="mfa_decode"`: the split-KV decode kernel for decode steps, SDPA for everything else.
 
-Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask builder, its
+Registered with transformers' `AttentionInterface` and, with SDPA's boolean mask builder (`mfa_decode_mask`), its
 `AttentionMaskInterface`, so `from_pretrained(..., attn_implementation="mfa_decode")` and `generate()` use it with
 dynamic, static and `Float8StaticCache` caches. Each call takes the kernel only when the kernel computes exactly
 what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolean (or no) mask shared by the
@@ -20,7 +20,13 @@ from .decode_attention import MAX_QUERY_ROWS, decode_attention
 from .triton_support import kernel_available, triton
 from .float8_kv_cache import Float8KV
 
-__all__ = ["MFA_DECODE_ATTENTION", "MAX_DECODE_TOKENS", "decode_kernel_preferred", "mfa_decode_attention_forward"]
+__all__ = [
+    "MFA_DECODE_ATTENTION",
+    "MAX_DECODE_TOKENS",
+    "decode_kernel_preferred",
+    "mfa_decode_attention_forward",
+    "mfa_decode_mask",
+]
 
 MFA_DECODE_ATTENTION = "mfa_decode"
 # New tokens per sequence that still count as decoding (speculative drafts, a few tokens of chunked input); above
@@ -93,7 +99,18 @@ def mfa_decode_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def mfa_decode_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's boolean mask, built rather than skipped for decode-sized queries. Deciding whether SDPA may skip the mask
+    reads the padding mask on the host (`_ignore_causal_mask_sdpa`), which stalls every decode step until the device
+    has caught up; the kernel reads a `(batch, 1, q, kv)` boolean mask at the cost of one byte per key and sequence.
+    Prefill keeps SDPA's skip (its flash kernel takes no mask), at one host read per prompt."""
+    q_length = kwargs["q_length"] if "q_length" in kwargs else args[1]
+    if q_length <= MAX_DECODE_TOKENS:
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
 def register() -> None:
     """Make `attn_implementation="mfa_decode"` known to transformers (idempotent)."""
     AttentionInterface.register(MFA_DECODE_ATTENTION, mfa_decode_attention_forward)
-    AttentionMaskInterface.register(MFA_DECODE_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(MFA_DECODE_ATTENTION, mfa_decode_mask)
