@@ -8,6 +8,7 @@ each layer keeps at most `MAX_SHAPES_PER_LAYER` shapes, and calls the graphs mus
 logits, gradients) run eagerly.
 """
 
+import copy
 import gc
 
 import pytest
@@ -26,7 +27,10 @@ CPU = torch.device("cpu")
 def tiny_model(dtype=torch.float32, device="cpu", **overrides) -> Step3ForCausalLM:
     torch.manual_seed(0)
     config = Step3Config(**{**TINY_CONFIG, **overrides})
-    return Step3ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = Step3ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    if device == "cpu":  # CUDA's default, moe_decode, captures; CPU's default, grouped_mm, may not (below)
+        model.set_experts_implementation("batched_mm")
+    return model
 
 
 def eager_forward(layer, *args, **kwargs):
@@ -97,7 +101,38 @@ def test_a_layer_record_notices_every_change_a_capture_baked_in():
 
     assert changed(add_hook)
     assert changed(handle.remove)
+    top_k = layer.mlp.gate.top_k
     assert changed(lambda: delattr(layer.mlp.gate, "top_k"))  # an attribute gone
+    assert changed(lambda: setattr(layer.mlp.gate, "top_k", top_k))
+    assert changed(lambda: setattr(layer.mlp.gate, "jitter", 0.1))  # an attribute added
+    assert changed(lambda: setattr(layer, "mlp", copy.deepcopy(layer.mlp)))  # a direct child of the layer replaced
+    assert changed(lambda: setattr(layer, "input_layernorm", copy.deepcopy(layer.input_layernorm)))
+
+    # The same submodule object never goes unnoticed through a reused `id`: replaced twice between two calls.
+    record = decode_graphs._record(layer, CPU)
+    for _ in range(2):
+        layer.self_attn.o_proj = torch.nn.Linear(o_proj.in_features, o_proj.out_features)
+    assert decode_graphs._record(layer, CPU) is not record
+
+    # Forward calls themselves change nothing a capture baked in (or every step would capture again).
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        model(ids, output_router_logits=True)  # installs transformers' recording hooks: one change
+        record = decode_graphs._record(layer, CPU)
+        for _ in range(3):
+            model(ids)
+            model(ids, output_router_logits=True)
+    assert decode_graphs._record(layer, CPU) is record
+
+
+def test_only_experts_implementations_that_capture_are_graphed():
+    model = tiny_model()
+    layer = model.model.layers[1]
+    assert decode_graphs._record(layer, CPU).graphable
+    for implementation, graphable in (("eager", False), ("grouped_mm", False), ("batched_mm", True)):
+        model.set_experts_implementation(implementation)  # a config setting: the record is taken again
+        assert decode_graphs._record(layer, CPU).graphable is graphable, implementation
+    assert decode_graphs.layer_graphable(model.model.layers[0], CPU)  # a dense layer has no experts
 
 
 def test_a_step_copies_its_rope_tables_in_once_for_all_layers():
@@ -151,10 +186,11 @@ def test_cpu_calls_run_eagerly():
     model = tiny_model()
     layer = model.model.layers[1]
     hidden = torch.randn(2, 1, model.config.hidden_size)
+    decode_graphs.clear_decode_graphs(model)
     with torch.no_grad():
         assert not decode_graphs.decode_graph_applies(layer, hidden)
-        model(torch.tensor([[1, 2, 3]]))
-    assert not decode_graphs._records.get(layer, None) or not decode_graphs._records[layer].graphs
+        model(torch.tensor([[1]]))  # decode-sized
+    assert layer not in decode_graphs._records  # not even looked at: CPU calls stop at the first check
 
 
 # ----- CUDA ----------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(INTERPRETED, reason="already running under the i
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, dict]:
-    """file -> {"passed": n, "failed": [test: message], "skipped": n, "output": the subprocess's output's end}."""
+    """file -> {"passed": [test], "failed": [test: message], "skipped": n, "output": the subprocess's output's end},
+    and "returncode" -> the subprocess's exit status."""
     report = tmp_path_factory.mktemp("interpreted") / "junit.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     files = [str(HERE / name) for name in KERNEL_TEST_FILES]
@@ -43,7 +44,7 @@ def interpreted(tmp_path_factory) -> dict[str, dict]:
         env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     output = result.stdout[-6000:] + result.stderr[-2000:]
-    outcomes = {name: {"passed": 0, "failed": [], "skipped": 0, "output": output} for name in KERNEL_TEST_FILES}
+    outcomes = {name: {"passed": [], "failed": [], "skipped": 0, "output": output} for name in KERNEL_TEST_FILES}
     if report.exists():
         for case in ElementTree.parse(report).iter("testcase"):
             name = case.get("classname", "").rsplit(".", 1)[-1] + ".py"
@@ -55,12 +56,21 @@ def interpreted(tmp_path_factory) -> dict[str, dict]:
             elif case.find("skipped") is not None:
                 outcomes[name]["skipped"] += 1
             else:
-                outcomes[name]["passed"] += 1
-    return outcomes
+                outcomes[name]["passed"].append(case.get("name"))
+    return {**outcomes, "returncode": result.returncode, "output": output}
 
 
 @pytest.mark.parametrize("test_file", KERNEL_TEST_FILES)
 def test_cpu_cases_under_triton_interpreter(interpreted, test_file):
     outcome = interpreted[test_file]
     assert not outcome["failed"], "\n".join(outcome["failed"]) + "\n" + outcome["output"]
-    assert outcome["passed"] > 0, f"no case of {test_file} ran under the interpreter:\n{outcome['output']}"
+    # the kernel cases are the ones parametrised over the interpreter's device
+    kernel_cases = [name for name in outcome["passed"] if "cpu" in name]
+    assert kernel_cases, f"no kernel case of {test_file} ran under the interpreter:\n{outcome['output']}"
+
+
+def test_the_interpreted_session_ends_cleanly(interpreted):
+    # 1 = some case failed (reported per file above); anything else is an error outside the cases (collection,
+    # a crash, an interruption) that no file's outcome would show.
+    failed = any(interpreted[name]["failed"] for name in KERNEL_TEST_FILES)
+    assert interpreted["returncode"] == (1 if failed else 0), interpreted["output"]

@@ -53,6 +53,7 @@ except ImportError:  # then any hook keeps the layer eager
     _active_collector = None
 
 __all__ = [
+    "CAPTURABLE_EXPERTS",
     "ENABLED",
     "MAX_GRAPH_TOKENS",
     "MAX_SHAPES_PER_LAYER",
@@ -66,6 +67,9 @@ __all__ = [
 ENABLED = True
 # Tokens per call up to which a layer is graphed: the decode range of the experts kernel.
 MAX_GRAPH_TOKENS = MAX_MOE_DECODE_TOKENS
+# Experts implementations whose decode calls can be captured: no host read of routing counts (transformers' "eager"
+# loop and its grouped_mm fallback read them on the host).
+CAPTURABLE_EXPERTS = ("moe_decode", "batched_mm")
 # Input shapes whose graphs a layer keeps; the least recently used go first (a server's batch sizes vary). Each shape
 # holds its graphs' inputs and outputs: about 95 KB per decode token and layer at the released widths (hidden in and
 # out, 64x256 query heads out, attention output in), 5.8 MB per token for 61 layers, 370 MB at batch 64.
@@ -81,11 +85,12 @@ def _getter(keys: tuple):
 
 
 class _Snapshot:
-    """What a capture baked in from a layer's modules, re-read cheaply on every call: each module's submodules,
-    parameters and buffers (by identity), plain attributes, hook counts and instance `forward`, and each tensor's
-    address. A few microseconds per layer where walking `named_parameters()` took a hundred."""
+    """What a capture baked in from a layer and its modules, re-read cheaply on every call: each module's submodules,
+    parameters and buffers (by identity), plain attributes and their number, hook counts and instance `forward`, and
+    each tensor's address. A few microseconds per layer where walking `named_parameters()` took a hundred."""
 
     def __init__(self, modules: list[nn.Module]):
+        self._modules = modules  # held, so that a module compared by `id` cannot be replaced by another at that id
         self._dicts = [module.__dict__ for module in modules]
         self._plain, self._slots, self._hooks, self._tensors = [], [], [], []
         for attributes in self._dicts:
@@ -105,6 +110,7 @@ class _Snapshot:
             [get(attributes) for attributes, get in self._plain],
             [tuple(map(id, get(slot))) for slot, get in self._slots],
             list(map(len, self._hooks)),
+            list(map(len, self._dicts)),  # an attribute added or deleted
             ["forward" in attributes for attributes in self._dicts],
             [tensor.data_ptr() for tensor in self._tensors],
         )
@@ -132,6 +138,7 @@ class _Graphs:
 @dataclass
 class _LayerRecord:
     snapshot: _Snapshot
+    experts_implementation: str | None
     graphable: bool  # `layer_graphable` when the snapshot was taken
     recording_hooks: bool  # some module has an output-recording hook: eager while outputs are recorded
     graphs: OrderedDict = field(default_factory=OrderedDict)  # (shape, strides, dtype, device, stream) -> _Graphs
@@ -199,6 +206,12 @@ def _layer_modules(layer: nn.Module) -> list[nn.Module]:
     return list(layer.modules())[1:]
 
 
+def _experts_implementation(layer: nn.Module) -> str | None:
+    """The routed experts' implementation (a config setting, not a module attribute), None for a dense layer."""
+    experts = getattr(layer.mlp, "experts", None)
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None) if experts is not None else None
+
+
 def _hooks_inert(module: nn.Module) -> bool:
     """No hook that a replay would skip: none, or only transformers' output recording while nothing is recorded."""
     if getattr(module, "_hf_hook", None) is not None or module._forward_pre_hooks or module._backward_hooks:
@@ -212,8 +225,11 @@ def _recording() -> bool:
 
 def layer_graphable(layer: nn.Module, device: torch.device) -> bool:
     """Whether replays of `layer`'s decode call compute what its eager call would, on `device`: Step-3's own modules
-    with plain linears, their weights plain parameters on `device`, and no hook (but transformers' output recording,
-    checked per call) or instance `forward` a replay would skip."""
+    with plain linears, routed experts whose implementation captures (`CAPTURABLE_EXPERTS`), their weights plain
+    parameters on `device`, and no hook (but transformers' output recording, checked per call) or instance `forward`
+    a replay would skip."""
+    if getattr(layer.mlp, "experts", None) is not None and _experts_implementation(layer) not in CAPTURABLE_EXPERTS:
+        return False
     allowed = _allowed_module_types()
     for module in _layer_modules(layer):
         plain_linear = type(module) is nn.Linear  # not a subclass: FP8Linear is one
@@ -229,11 +245,13 @@ def layer_graphable(layer: nn.Module, device: torch.device) -> bool:
 
 def _record(layer: nn.Module, device: torch.device) -> _LayerRecord:
     """The layer's record, taken again (its graphs dropped) when anything a capture baked in changed."""
-    record = _records.get(layer)
-    if record is None or not record.snapshot.unchanged():
+    record, implementation = _records.get(layer), _experts_implementation(layer)
+    stale = record is None or record.experts_implementation != implementation or not record.snapshot.unchanged()
+    if stale:
         modules = _layer_modules(layer)
         record = _records[layer] = _LayerRecord(
-            snapshot=_Snapshot(modules),
+            snapshot=_Snapshot([layer, *modules]),  # the layer too: its own submodules (an `mlp` replaced) and settings
+            experts_implementation=implementation,
             graphable=layer_graphable(layer, device),
             recording_hooks=any(module._forward_hooks for module in modules),
         )
@@ -298,7 +316,8 @@ def _capture(layer: nn.Module, piece, inputs: tuple, stream: int) -> tuple[torch
     pool = _pool(device, stream)
     try:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool[0]):
+        # On the input's device: torch's default capture stream belongs to whichever device captured first.
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool[0], stream=side):
             output = piece(layer, *inputs)
     except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
         # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
