@@ -21,14 +21,15 @@ graphed only where the capture stays true:
   inside another capture), decode-sized (up to `MAX_DECODE_TOKENS` new tokens per sequence, `MAX_GRAPH_TOKENS` in
   all);
 - the layer is made only of Step-3's own modules with plain linears (a block-FP8 layer, a peft adapter, which can be
-  switched off between calls, or a remote FFN of AFD runs eagerly), on the input's device, with no hooks that would
+  switched off between calls, or a remote FFN of AFD runs eagerly), its experts in an implementation that captures
+  (`CAPTURABLE_EXPERTS`), on the input's device, with no hooks that would
   have to run (accelerate's device hooks; transformers' output-recording hooks while outputs are being recorded) and
   no `forward` replaced on an instance;
 - graphs are kept per input shape, strides, dtype, device and CUDA stream (a graph is replayed only on the stream
   it was made for, so graphs replayed on different streams never share memory), the `MAX_SHAPES_PER_LAYER` most
   recent per layer; a layer's graphs are all captured again when one of its modules, weights (a tensor replaced,
-  moved or cast), hooks or plain attributes (a router's `top_k`) changed. Weights changed in place are read as
-  they are.
+  moved or cast), hooks, plain attributes (a router's `top_k`) or experts implementation changed. Weights changed
+  in place are read as they are.
 
 Graphs live as long as their layer. `clear_decode_graphs(model)` frees a model's graphs earlier, e.g. after moving it
 off the GPU.
