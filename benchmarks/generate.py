@@ -35,11 +35,12 @@ from step3_hf import modeling_step3
 from step3_hf.kernels import decode_graphs
 from step3_hf.modeling_step3 import Step3RMSNorm
 
+# name -> (generate kwargs, attention, experts (None: Step-3's default), decode graphs allowed)
 VARIANTS = {
-    "default": ({}, None, None),
-    "default, eager layers": ({}, None, None),  # the same with `decode_graphs.ENABLED = False`
-    "static": ({"cache_implementation": "static"}, None, None),
-    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm"),
+    "default": ({}, None, None, True),
+    "default, eager layers": ({}, None, None, False),
+    "static": ({"cache_implementation": "static"}, None, None, True),
+    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm", True),
 }
 
 
@@ -182,8 +183,8 @@ def main() -> None:
         batch, prompt = parse_shape(shape)
         row = {"shape": shape}
         for name in args.variants:
-            kwargs, attention, experts = VARIANTS[name]
-            decode_graphs.ENABLED = graphs and name != "default, eager layers"
+            kwargs, attention, experts, graphed = VARIANTS[name]
+            decode_graphs.ENABLED = graphs and graphed
             model.set_attn_implementation(attention or default_attention)
             model.set_experts_implementation(experts or default_experts)
             try:

@@ -10,12 +10,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-# The longest files first: under `--dist loadfile` a worker takes a whole file at a time, in collection order, and a
-# long file taken last sets the wall time while the other workers idle. The interpreter run of the kernel files takes
-# about 4 minutes of a 2-core CI machine, the AFD launches about 3.
-_FIRST = ("test_triton_interpreter.py", "test_afd.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: _FIRST.index(item.path.name) if item.path.name in _FIRST else len(_FIRST))

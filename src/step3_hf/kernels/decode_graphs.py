@@ -338,9 +338,8 @@ def _graphed_forward(layer, hidden_states, position_embeddings, attention_mask, 
     with torch.cuda.device(device):  # a replay launches on the current device's stream: the input's
         stream = torch.cuda.current_stream(device).cuda_stream
         graphs = _records[layer].graphs
-        key = (tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype, tuple(cos.shape), cos.stride(),
-               tuple(sin.shape), sin.stride(), cos.dtype, device, stream)  # fmt: skip
-        position_key = key[3:]
+        position_key = (tuple(cos.shape), cos.stride(), tuple(sin.shape), sin.stride(), cos.dtype, device, stream)
+        key = (tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype, *position_key)
         positions = _positions.get(position_key)
         if positions is None:
             positions = _positions[position_key] = _PositionInputs(cos, sin)
