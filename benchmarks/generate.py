@@ -8,6 +8,8 @@ bf16, random weights, greedy. A decode step is `(time of 1 + N new tokens - time
 - static: the same with `cache_implementation="static"` (transformers compiles the decode step);
 - default, eager layers: the default with the CUDA graphs around each layer's attention switched off
   (`step3_hf.kernels.decode_graphs.ENABLED = False`), every launch issued eagerly;
+- default, stop check per step: the default with `generate()`'s stop check read at every step, as transformers does
+  on CUDA (`step3_hf.deferred_stop_check.DEVICE_TYPES = ()`): the host waits for each step before issuing the next;
 - stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache.
 
 Before the table, once: the static cache's compile time (first `generate()` call from a cold compiler minus a warm
@@ -21,26 +23,39 @@ same run (see `decode_step.step_bytes`).
 
 `--eager-norms` and `--eager-rope` put back the eager RMSNorm and RoPE in place of their one-launch kernels;
 `--decode-graphs on|off` sets the CUDA graphs around each layer's attention (`step3_hf.kernels.decode_graphs`;
-default: the library's default).
+default: the library's default); `--stop-check deferred|per-step` the stop check (default: the library's, deferred on
+CUDA).
 """
 
 import argparse
 import time
+from typing import NamedTuple
 
 import torch
 from decode_attention import machine_and_ceiling
 from decode_step import build_model, step_bytes
 
-from step3_hf import modeling_step3
+from step3_hf import deferred_stop_check, modeling_step3
 from step3_hf.kernels import decode_graphs
 from step3_hf.modeling_step3 import Step3RMSNorm
 
-# name -> (generate kwargs, attention, experts (None: Step-3's default), decode graphs allowed)
+
+class Variant(NamedTuple):
+    """One column: `generate()`'s arguments and the library switches it runs under."""
+
+    generate_kwargs: dict
+    attention: str | None = None  # None: Step-3's default
+    experts: str | None = None  # None: Step-3's default
+    decode_graphs: bool = True  # allowed (where the library's setting has them)
+    deferred_stop_check: bool = True  # allowed (likewise)
+
+
 VARIANTS = {
-    "default": ({}, None, None, True),
-    "default, eager layers": ({}, None, None, False),
-    "static": ({"cache_implementation": "static"}, None, None, True),
-    "stock (sdpa + grouped_mm)": ({}, "sdpa", "grouped_mm", True),
+    "default": Variant({}),
+    "default, eager layers": Variant({}, decode_graphs=False),
+    "default, stop check per step": Variant({}, deferred_stop_check=False),
+    "static": Variant({"cache_implementation": "static"}),
+    "stock (sdpa + grouped_mm)": Variant({}, "sdpa", "grouped_mm"),
 }
 
 
@@ -144,6 +159,8 @@ def main() -> None:
                         help="RoPE in eager torch (about ten launches per layer) instead of the one-launch kernel")
     parser.add_argument("--decode-graphs", choices=["on", "off"],
                         help="replay each layer's work around its attention from CUDA graphs (default: the library's)")
+    parser.add_argument("--stop-check", choices=["deferred", "per-step"],
+                        help="generate()'s stop check read a step late or at every step (default: the library's)")
     args = parser.parse_args()
     if args.eager_norms:
         Step3RMSNorm.forward = Step3RMSNorm.forward._eager_forward
@@ -151,13 +168,16 @@ def main() -> None:
         modeling_step3.apply_rotary_pos_emb = modeling_step3.apply_rotary_pos_emb._eager_function
     if args.decode_graphs is not None:
         decode_graphs.ENABLED = args.decode_graphs == "on"
+    if args.stop_check is not None:
+        deferred_stop_check.DEVICE_TYPES = ("cuda",) if args.stop_check == "deferred" else ()
     bandwidth = machine_and_ceiling("generate.py")
     model = build_model("cuda")
     model.generation_config.pad_token_id = 0
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, RMSNorm "
           f"{'eager (--eager-norms)' if args.eager_norms else 'one launch'}, "
           f"RoPE {'eager (--eager-rope)' if args.eager_rope else 'one launch'}, "
-          f"decode layers {'from CUDA graphs around the attention' if decode_graphs.ENABLED else 'eager'}", flush=True)
+          f"decode layers {'from CUDA graphs around the attention' if decode_graphs.ENABLED else 'eager'}, "
+          f"stop check {'deferred' if 'cuda' in deferred_stop_check.DEVICE_TYPES else 'per step'}", flush=True)
     print(f"default kernels: attention {model.config._attn_implementation}, "
           f"experts {model.config._experts_implementation}", flush=True)  # fmt: skip
     default_attention, default_experts = model.config._attn_implementation, model.config._experts_implementation
@@ -178,17 +198,20 @@ def main() -> None:
             compile_line = f"static-cache generate() compile time: {type(err).__name__}: {str(err)[:80]}"
         print(compile_line, flush=True)
 
-    rows, graphs = [], decode_graphs.ENABLED
+    rows, graphs, deferring = [], decode_graphs.ENABLED, deferred_stop_check.DEVICE_TYPES
     for shape in args.shapes:
         batch, prompt = parse_shape(shape)
         row = {"shape": shape}
         for name in args.variants:
-            kwargs, attention, experts, graphed = VARIANTS[name]
-            decode_graphs.ENABLED = graphs and graphed
-            model.set_attn_implementation(attention or default_attention)
-            model.set_experts_implementation(experts or default_experts)
+            variant = VARIANTS[name]
+            decode_graphs.ENABLED = graphs and variant.decode_graphs
+            deferred_stop_check.DEVICE_TYPES = deferring if variant.deferred_stop_check else ()
+            model.set_attn_implementation(variant.attention or default_attention)
+            model.set_experts_implementation(variant.experts or default_experts)
             try:
-                row[name] = decode_step_seconds(model, batch, prompt, args.new_tokens, args.reps, **kwargs)
+                row[name] = decode_step_seconds(
+                    model, batch, prompt, args.new_tokens, args.reps, **variant.generate_kwargs
+                )
             except Exception as err:  # report, keep measuring the others
                 row[name] = f"{type(err).__name__}: {str(err)[:80]}"
             print(f"  {shape} {name}: {row[name]}", flush=True)

@@ -22,6 +22,7 @@ from transformers import (
 from . import kernels  # noqa: F401  registers attn_implementation="mfa_decode"
 from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
+from .deferred_stop_check import use_deferred_stop_check
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.decode_graphs import use_decode_graphs
@@ -54,6 +55,8 @@ use_fused_top_k(Step3TopKRouter)
 use_fused_rotary(modeling_step3)
 # ... replays each layer's work around its attention from CUDA graphs in eager decoding (decode_graphs) ...
 use_decode_graphs(Step3DecoderLayer)
+# ... lets `generate()` issue each step before the last one ends (the stop flag read a step late) ...
+use_deferred_stop_check(Step3ForCausalLM)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
 Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 
