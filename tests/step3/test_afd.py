@@ -232,6 +232,29 @@ def test_static_cache_of_another_batch_and_cuda_graphs_on_cpu_are_refused(checkp
         model.use_cuda_graphs()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_of_the_attention_phase_give_the_eager_tokens(checkpoint):
+    """Replayed attention phases (one graph per layer and micro-batch, static cache) against the same model eager."""
+    reader = CheckpointReader(checkpoint)
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(reader, device="cuda", dtype=torch.bfloat16)
+    shard = Step3FFNShard.from_checkpoint(reader, Placement(1, 1), 0, device="cuda", dtype=torch.bfloat16)
+    model = attention.connect(InProcessConnector([shard]), micro_batches=3, wire="raw")
+    ids, mask = (t.cuda() for t in left_pad(PROMPTS))
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  pad_token_id=PAD, eos_token_id=None, cache_implementation="static",
+                                  disable_compile=True)  # fmt: skip
+
+    eager = generate()
+    model.use_cuda_graphs()
+    graphed = generate()
+    assert model.attention_graphs._graphs, "no attention phase was replayed"
+    assert graphed.tolist() == eager.tolist()
+
+
 def test_in_process_connector_times_attention_wire_and_ffn_apart(checkpoint):
     from step3_hf.afd.timing import PhaseTimer
 

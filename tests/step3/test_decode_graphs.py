@@ -271,6 +271,36 @@ def test_cuda_generate_with_graphs_gives_the_eager_tokens(cache, monkeypatch):
 
 @cuda
 @pytest.mark.gpu
+def test_cuda_graphs_outlive_cleared_cublas_workspaces(monkeypatch):
+    """torch.compile's CUDA graph trees (compiled static-cache `generate()`) free cuBLAS's workspaces. Graphs that
+    had baked in an eager call's workspace then wrote into freed memory: an illegal memory access on an H100 at
+    Step-3 widths. Here: captured graphs, the workspaces freed and their memory handed out again, then a compiled
+    static-cache `generate()` between two default ones; the replays' tokens are the eager ones and the memory handed
+    out is left alone."""
+    model = tiny_model(torch.bfloat16, "cuda", hidden_size=512, share_q_dim=512, moe_intermediate_size=512,
+                       intermediate_size=1024)  # fmt: skip
+    ids = torch.randint(3, 256, (8, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    decode_graphs.clear_decode_graphs(model)
+    with torch.no_grad():
+        graphed = model.generate(ids, **kwargs)
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        filler = torch.full((64, 1024, 1024), 7.0, device="cuda", dtype=torch.bfloat16)  # takes the freed memory
+        assert torch.equal(model.generate(ids, **kwargs), graphed)
+        torch.cuda.synchronize()
+        assert bool((filler == 7.0).all()), "a replay wrote into memory it no longer owned"
+        del filler
+        model.generate(ids, cache_implementation="static", **kwargs)  # compiled, under CUDA graph trees
+        torch.cuda.empty_cache()
+        after_compile = model.generate(ids, **kwargs)
+        monkeypatch.setattr(decode_graphs, "ENABLED", False)
+        eager = model.generate(ids, **kwargs)
+    assert torch.equal(graphed, eager) and torch.equal(after_compile, eager)
+
+
+@cuda
+@pytest.mark.gpu
 def test_cuda_replaced_weight_is_captured_again():
     model = tiny_model(torch.bfloat16, "cuda")
     layer = model.model.layers[1]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from ..kernels.cuda_graph_capture import capture_cuda_graph
 from .pipeline import attention_phase, is_static
 
 
@@ -82,15 +83,7 @@ class AttentionGraphs:
         def phase():
             return attention_phase(layer, inputs.hidden, inputs.cos_sin, inputs.mask, cache)
 
-        # Warm up on a side stream (Triton compiles, the allocator settles), as torch.cuda.graphs asks. This run
-        # writes this step's keys and values, as the replay below does again with the same inputs.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            phase()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = phase()
+        # Warmed up on a side stream first; this run writes this step's keys and values, as the replay does again.
+        graph, outputs = capture_cuda_graph(phase, torch.device("cuda", torch.cuda.current_device()), self._pool)
         self._pool = graph.pool()
         return graph, outputs

@@ -45,6 +45,7 @@ from operator import itemgetter
 import torch
 from torch import nn
 
+from .cuda_graph_capture import CudaGraphCaptureError, capture_cuda_graph
 from .transformers_attention import MAX_DECODE_TOKENS
 from .transformers_experts import MAX_MOE_DECODE_TOKENS
 
@@ -307,20 +308,11 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 def _capture(layer: nn.Module, piece, inputs: tuple, stream: int) -> tuple[torch.cuda.CUDAGraph, object]:
     """A CUDA graph of `piece(layer, *inputs)` in the stream's pool, and its output tensors."""
     device = inputs[0].device
-    # Outside the capture, and outside the `try`: Triton compiles, cuBLAS sets up its workspaces, and an input the
-    # eager call refuses (a dtype the weights do not have) is reported as the eager call reports it.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        piece(layer, *inputs)
-    torch.cuda.current_stream(device).wait_stream(side)
     pool = _pool(device, stream)
     try:
-        graph = torch.cuda.CUDAGraph()
-        # On the input's device: torch's default capture stream belongs to whichever device captured first.
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool[0], stream=side):
-            output = piece(layer, *inputs)
-    except RuntimeError as err:  # e.g. a kernel that synchronises with the host cannot be captured
+        graph, output = capture_cuda_graph(lambda: piece(layer, *inputs), device, pool[0])
+    except CudaGraphCaptureError as err:  # e.g. a kernel that synchronises with the host cannot be captured
+        # An error of the eager warm-up (a dtype the weights do not have) propagates as the eager call reports it.
         # Not hidden behind an eager fallback: a failed capture can leave the process's CUDA state (its random
         # generator among it) unusable.
         raise RuntimeError(
