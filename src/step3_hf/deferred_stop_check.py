@@ -8,14 +8,18 @@ step, together 5.1 ms of an 11 ms step (docs/performance.md, the profile).
 transformers ships `DeferredStopCheck`, which copies the flag to pinned memory and reads it one step late, so the host
 stays a step ahead; a run stopped by an end-of-sequence token decodes one step more, which `generate` takes back off
 the output. transformers enables it on MPS only. `use_deferred_stop_check(model_class)`, which `step3_hf` runs at
-import for its generating classes, enables it while such a model samples on a device in `DEVICE_TYPES`, unless:
+import for `Step3ForCausalLM` (and so for the VL classes built on it; AFD's attention model is not one), enables it
+while such a model decodes on a device in `DEVICE_TYPES`, unless:
 
 - the cache outlives the call (`return_dict_in_generate`, or a cache the caller passed in): undoing the extra step
   would then rewrite that cache, so such calls keep the per-step check;
 - the model is an assistant of assisted generation, as upstream.
 
-Tokens then reach a streamer one step late, as on MPS. Private names used: `DeferredStopCheck.is_supported` and
-`GenerationMixin._sample` (docs/compatibility.md).
+Tokens then reach a streamer one step late, as on MPS. When sampling, the step taken back has drawn from the random
+generator and called the logits processors once more: the run's own tokens are the same, but a later sampled call
+continues from another point of the random stream than with the per-step check (as on MPS upstream).
+
+Private names used: `DeferredStopCheck.is_supported` and `GenerationMixin._sample` (docs/compatibility.md).
 """
 
 from __future__ import annotations
@@ -35,12 +39,11 @@ _sampling_step3 = contextvars.ContextVar("sampling_step3", default=False)
 
 
 def _defers(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
-    return (
-        _sampling_step3.get()
-        and torch.device(device).type in DEVICE_TYPES
-        and not is_assistant
-        and not cache_is_returned
-    )
+    sampling_step3 = _sampling_step3.get()
+    # Read once: `_sample` asks once, after the prefill; a `generate()` of another model nested inside this one (in a
+    # logits processor, a streamer) must not inherit the answer. `_sample`'s wrapper restores the flag on return.
+    _sampling_step3.set(False)
+    return sampling_step3 and torch.device(device).type in DEVICE_TYPES and not is_assistant and not cache_is_returned
 
 
 def _install_policy() -> None:

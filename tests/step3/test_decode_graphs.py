@@ -8,6 +8,7 @@ each layer keeps at most `MAX_SHAPES_PER_LAYER` shapes, and calls the graphs mus
 logits, gradients) run eagerly.
 """
 
+import contextlib
 import copy
 import gc
 
@@ -17,6 +18,7 @@ import torch
 import step3_hf  # noqa: F401
 from step3_hf import Step3Config, Step3ForCausalLM
 from step3_hf.kernels import decode_graphs
+from step3_hf.kernels.cuda_graph_capture import CudaGraphCaptureError, capture_cuda_graph
 from step3_hf.modeling_step3 import Step3DecoderLayer
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
@@ -193,6 +195,49 @@ def test_cpu_calls_run_eagerly():
     assert layer not in decode_graphs._records  # not even looked at: CPU calls stop at the first check
 
 
+def test_a_capture_allocates_its_cublas_workspace_in_its_pool(monkeypatch):
+    """cuBLAS's workspaces are cleared after the eager warm-up and before the capture, so that the capture allocates
+    its own inside the graph's pool, and again after it, also when the capture fails (see cuda_graph_capture.py).
+    On CPU: torch.cuda's stream and graph calls are recorded instead of run."""
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def recorded(name):
+        events.append(f"{name} begins")
+        yield
+        events.append(f"{name} ends")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: recorded("eager"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, stream=None: recorded("capture"))
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
+
+    capture_cuda_graph(lambda: events.append("run"), torch.device("cuda"))
+    assert events == ["eager begins", "run", "eager ends", "clear", "capture begins", "run", "capture ends", "clear"]
+
+    events.clear()
+    calls = []
+
+    def fails_when_captured():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(CudaGraphCaptureError, match="not permitted when stream is capturing"):
+        capture_cuda_graph(fails_when_captured, torch.device("cuda"))
+    assert events[-2:] == ["capture begins", "clear"]
+
+
 # ----- CUDA ----------------------------------------------------------------------------------------------------
 def decode_logits(model, ids, steps: int, cache=None):
     """Prefill, then `steps` greedy decode steps (on a new dynamic cache unless given one): every step's logits."""
@@ -284,6 +329,7 @@ def test_cuda_graphs_outlive_cleared_cublas_workspaces(monkeypatch):
     decode_graphs.clear_decode_graphs(model)
     with torch.no_grad():
         graphed = model.generate(ids, **kwargs)
+        assert all(len(graphs_of(layer)) == 1 for layer in model.model.layers)
         torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
         filler = torch.full((64, 1024, 1024), 7.0, device="cuda", dtype=torch.bfloat16)  # takes the freed memory

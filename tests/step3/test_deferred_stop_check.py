@@ -1,6 +1,8 @@
 """`generate()`'s stop check deferred by a step for Step-3 on CUDA: the same tokens, one extra step, no effect on
 other models or on calls that return their cache."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -153,35 +155,52 @@ def test_other_models_and_other_devices_keep_upstreams_choice(monkeypatch, cpu_e
     assert counting.deferred == 0
 
 
-def test_the_policy_reads_device_assistant_and_returned_cache(monkeypatch):
+def test_the_policy_reads_device_assistant_and_returned_cache_once_per_sampling():
+    def supported_in_step3_sampling(*args):
+        token = deferred_stop_check._sampling_step3.set(True)
+        try:
+            return generation_utils.DeferredStopCheck.is_supported(*args)
+        finally:
+            deferred_stop_check._sampling_step3.reset(token)
+
+    assert supported_in_step3_sampling(torch.device("cuda", 0), None, False, False)
+    assert not supported_in_step3_sampling(torch.device("cpu"), None, False, False)
+    assert not supported_in_step3_sampling(torch.device("cuda"), None, True, False)  # the cache outlives the call
+    assert not supported_in_step3_sampling(torch.device("cuda"), None, False, True)  # an assistant
+    # Read once: a generate() nested in this one (in a logits processor, a streamer) keeps upstream's choice.
     token = deferred_stop_check._sampling_step3.set(True)
     try:
         supported = generation_utils.DeferredStopCheck.is_supported
-        assert supported(torch.device("cuda", 0), None, False, False)
-        assert not supported(torch.device("cpu"), None, False, False)
-        assert not supported(torch.device("cuda"), None, True, False)
-        assert not supported(torch.device("cuda"), None, False, True)
+        assert supported(torch.device("cuda"), None, False, False)
+        assert not supported(torch.device("cuda"), None, False, False)
     finally:
         deferred_stop_check._sampling_step3.reset(token)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generate_defers_and_matches_the_per_step_check(model, monkeypatch):
-    gpu = model.to("cuda", torch.bfloat16)
-    try:
-        config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-        with torch.no_grad():
-            free = gpu.generate(PROMPTS.cuda(), attention_mask=MASK.cuda(), generation_config=config)
-        eos = int(free[0, PROMPTS.shape[1] + 2])
-        results = []
-        for device_types in ((), ("cuda",)):
-            monkeypatch.setattr(deferred_stop_check, "DEVICE_TYPES", device_types)
-            counting = _Counting(monkeypatch)
-            config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    prompts, mask = PROMPTS.cuda(), MASK.cuda()
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        free = gpu.generate(prompts, attention_mask=mask, generation_config=config)[:, PROMPTS.shape[1] :].tolist()
+    shared = [token for token in free[0][1:6] if token in free[1][:8] and token != PAD]
+    if not shared:
+        pytest.skip(f"no shared early token in {free}")
+    results = []
+    for device_types in ((), ("cuda",)):
+        monkeypatch.setattr(deferred_stop_check, "DEVICE_TYPES", device_types)
+        counting = _Counting(monkeypatch)
+        forwards = []
+        handle = gpu.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=shared[0])
+        try:
             with torch.no_grad():
-                out = gpu.generate(PROMPTS.cuda(), attention_mask=MASK.cuda(), generation_config=config)
-            results.append((out.tolist(), counting.deferred))
-        assert results[0][1] == 0 and results[1][1] == 1
-        assert results[1][0] == results[0][0]
-    finally:
-        model.to("cpu", torch.float32)
+                out = gpu.generate(prompts, attention_mask=mask, generation_config=config)
+        finally:
+            handle.remove()
+        results.append((out.tolist(), counting.deferred, len(forwards)))
+    (synced, synced_checks, synced_forwards), (deferred, deferred_checks, deferred_forwards) = results
+    assert (synced_checks, deferred_checks) == (0, 1)
+    assert len(synced[0]) < PROMPTS.shape[1] + 10, "the end-of-sequence token must stop the run early"
+    assert deferred == synced and deferred_forwards == synced_forwards + 1

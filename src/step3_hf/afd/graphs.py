@@ -84,6 +84,6 @@ class AttentionGraphs:
             return attention_phase(layer, inputs.hidden, inputs.cos_sin, inputs.mask, cache)
 
         # Warmed up on a side stream first; this run writes this step's keys and values, as the replay does again.
-        graph, outputs = capture_cuda_graph(phase, torch.device("cuda", torch.cuda.current_device()), self._pool)
+        graph, outputs = capture_cuda_graph(phase, inputs.hidden.device, self._pool)
         self._pool = graph.pool()
         return graph, outputs

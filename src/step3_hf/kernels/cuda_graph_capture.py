@@ -9,6 +9,10 @@ trees call that around every recording (`cache_implementation="static"` in `gene
 wrote into freed memory: an illegal memory access on an H100, once the memory went back to the driver. Clearing the
 workspaces right before the capture, as the graph trees do, makes the capture allocate its workspace inside the pool,
 which lives as long as its graphs. Clearing them again afterwards keeps eager calls out of the pool.
+
+The clear is process-wide, as the graph trees' is: a graph captured elsewhere (a user's own `torch.cuda.graph`) that
+baked in an eager call's workspace would replay into freed memory after any capture here, as it would after a
+compiled `generate()`.
 """
 
 from __future__ import annotations
