@@ -78,7 +78,9 @@ def _generate(model, device_types, monkeypatch, **kwargs):
     try:
         config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD)
         with torch.no_grad():
-            out = model.generate(PROMPTS, attention_mask=MASK, generation_config=config, **kwargs)
+            out = model.generate(
+                PROMPTS.to(model.device), attention_mask=MASK.to(model.device), generation_config=config, **kwargs
+            )
     finally:
         handle.remove()
     return out, counting.deferred, len(forwards)
@@ -177,30 +179,14 @@ def test_the_policy_reads_device_assistant_and_returned_cache_once_per_sampling(
         deferred_stop_check._sampling_step3.reset(token)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generate_defers_and_matches_the_per_step_check(model, monkeypatch):
     gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    prompts, mask = PROMPTS.cuda(), MASK.cuda()
-    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    with torch.no_grad():
-        free = gpu.generate(prompts, attention_mask=mask, generation_config=config)[:, PROMPTS.shape[1] :].tolist()
-    shared = [token for token in free[0][1:6] if token in free[1][:8] and token != PAD]
-    if not shared:
-        pytest.skip(f"no shared early token in {free}")
-    results = []
-    for device_types in ((), ("cuda",)):
-        monkeypatch.setattr(deferred_stop_check, "DEVICE_TYPES", device_types)
-        counting = _Counting(monkeypatch)
-        forwards = []
-        handle = gpu.register_forward_pre_hook(lambda module, args: forwards.append(1))
-        config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=shared[0])
-        try:
-            with torch.no_grad():
-                out = gpu.generate(prompts, attention_mask=mask, generation_config=config)
-        finally:
-            handle.remove()
-        results.append((out.tolist(), counting.deferred, len(forwards)))
-    (synced, synced_checks, synced_forwards), (deferred, deferred_checks, deferred_forwards) = results
+    eos = _eos_that_stops_early(gpu, monkeypatch)
+    synced, synced_checks, synced_forwards = _generate(gpu, (), monkeypatch, eos_token_id=eos)
+    deferred, deferred_checks, deferred_forwards = _generate(gpu, ("cuda",), monkeypatch, eos_token_id=eos)
     assert (synced_checks, deferred_checks) == (0, 1)
-    assert len(synced[0]) < PROMPTS.shape[1] + 10, "the end-of-sequence token must stop the run early"
-    assert deferred == synced and deferred_forwards == synced_forwards + 1
+    assert synced.shape[1] < PROMPTS.shape[1] + 10, "the end-of-sequence token must stop the run early"
+    assert deferred.tolist() == synced.tolist()
+    assert deferred_forwards == synced_forwards + 1
