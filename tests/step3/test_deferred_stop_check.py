@@ -101,10 +101,20 @@ def _eos_that_stops_early(model, monkeypatch):
     pytest.skip(f"no shared early token in {new}")
 
 
-def test_deferred_check_gives_the_same_tokens_and_decodes_one_step_more(model, monkeypatch, cpu_events):
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_deferred_check_gives_the_same_tokens_and_decodes_one_step_more(model, monkeypatch, device):
+    if device == "cpu":
+        monkeypatch.setattr(torch, "Event", _HostEvent)
+    else:
+        model = copy.deepcopy(model).to(device, torch.bfloat16)
     eos = _eos_that_stops_early(model, monkeypatch)
     synced, synced_checks, synced_forwards = _generate(model, (), monkeypatch, eos_token_id=eos)
-    deferred, deferred_checks, deferred_forwards = _generate(model, ("cpu",), monkeypatch, eos_token_id=eos)
+    deferred, deferred_checks, deferred_forwards = _generate(model, (device,), monkeypatch, eos_token_id=eos)
     assert (synced_checks, deferred_checks) == (0, 1)
     assert synced.shape[1] < PROMPTS.shape[1] + 10, "the end-of-sequence token must stop the run early"
     assert deferred.tolist() == synced.tolist()
@@ -177,16 +187,3 @@ def test_the_policy_reads_device_assistant_and_returned_cache_once_per_sampling(
         assert not supported(torch.device("cuda"), None, False, False)
     finally:
         deferred_stop_check._sampling_step3.reset(token)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_generate_defers_and_matches_the_per_step_check(model, monkeypatch):
-    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    eos = _eos_that_stops_early(gpu, monkeypatch)
-    synced, synced_checks, synced_forwards = _generate(gpu, (), monkeypatch, eos_token_id=eos)
-    deferred, deferred_checks, deferred_forwards = _generate(gpu, ("cuda",), monkeypatch, eos_token_id=eos)
-    assert (synced_checks, deferred_checks) == (0, 1)
-    assert synced.shape[1] < PROMPTS.shape[1] + 10, "the end-of-sequence token must stop the run early"
-    assert deferred.tolist() == synced.tolist()
-    assert deferred_forwards == synced_forwards + 1
