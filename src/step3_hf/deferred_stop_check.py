@@ -38,7 +38,7 @@ DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 _sampling_step3 = contextvars.ContextVar("sampling_step3", default=False)
 
 
-def _defers(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
+def _defers(device: torch.device, cache_is_returned: bool, is_assistant: bool) -> bool:
     sampling_step3 = _sampling_step3.get()
     # Read once: `_sample` asks once, after the prefill; a `generate()` of another model nested inside this one (in a
     # logits processor, a streamer) must not inherit the answer. `_sample`'s wrapper restores the flag on return.
@@ -54,9 +54,8 @@ def _install_policy() -> None:
 
     @functools.wraps(upstream)
     def is_supported(device, cache, cache_is_returned, is_assistant):
-        return upstream(device, cache, cache_is_returned, is_assistant) or _defers(
-            device, cache, cache_is_returned, is_assistant
-        )
+        upstream_defers = upstream(device, cache, cache_is_returned, is_assistant)
+        return upstream_defers or _defers(device, cache_is_returned, is_assistant)
 
     is_supported._step3_upstream = upstream
     deferred.is_supported = staticmethod(is_supported)

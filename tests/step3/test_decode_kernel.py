@@ -22,7 +22,6 @@ decode_attention_module = importlib.import_module("step3_hf.kernels.decode_atten
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-
 def reference_attention(query, key, value, scale, allowed):
     """float64 softmax attention; `allowed` `[B, q, kv]` bool; returns `[B, q, Hq, D]`."""
     group = query.shape[1] // key.shape[1]

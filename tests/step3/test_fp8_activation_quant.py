@@ -20,7 +20,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 MAGNITUDES = {torch.bfloat16: (-40, 37), torch.float16: (-7, 4), torch.float32: (-42, 37)}
 
 
-
 def activations(rows, width, dtype, device, seed=0):
     """Random rows whose 128-column groups range from tiny to huge magnitudes, one all-zero row (of several) and one
     all-zero group."""

@@ -18,7 +18,6 @@ fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-
 def quantized_linear(rows, out_features, in_features, block_size, dtype, device, seed=0):
     """Activations, a block-FP8 weight with its scales (tile magnitudes varying by 100x, so that a scale read from
     the wrong tile shows), and the float64 reference product."""

@@ -30,7 +30,6 @@ moe_decode_module = importlib.import_module("step3_hf.kernels.moe_decode")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-
 def reference_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj):
     """float64, one (token, choice) at a time: `sum_k w * down @ (silu(gate @ x) * (up @ x))`."""
     inter = down_proj.shape[-1]

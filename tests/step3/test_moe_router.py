@@ -19,7 +19,6 @@ from step3_hf.tiny_checkpoint import TINY_CONFIG
 router_module = importlib.import_module("step3_hf.kernels.moe_router")
 
 
-
 def random_probs(shape, seed):
     """Softmax rows of random logits (fp32: ties among them do not occur at these sizes)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).softmax(-1)

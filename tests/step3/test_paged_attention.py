@@ -38,7 +38,6 @@ MIXED = [(9, 1), (0, 7), (20, 3), (130, 1), (5, 12), (0, 1), (64, 4)]
 DECODE = [(9, 1), (20, 3), (130, 1), (0, 1), (64, 4), (200, 2)]
 
 
-
 def ragged_case(sequences, heads, kv_heads, head_dim, dtype, device, seed):
     """Packed queries `[T, Hq, D]`, ragged keys/values `[K, Hkv, D]` (each sequence's cached then new tokens) and the
     cumulative lengths."""

@@ -17,7 +17,6 @@ rms_norm_module = importlib.import_module("step3_hf.kernels.rms_norm")
 EPS = 1e-5
 
 
-
 def reference(x, weight, eps=EPS):
     x = x.double()
     return weight.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -27,7 +27,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 THETA = 10000.0
 
 
-
 def rope_tables(head_dim, position_ids, dtype, device):
     """`cos`, `sin` `[B, S, D]` as the model's own rotary embedding returns them."""
     config = Step3Config(**{**TINY_CONFIG, "head_dim": head_dim, "rope_theta": THETA})

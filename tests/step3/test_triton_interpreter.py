@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from triton_cases import INTERPRETED
+from triton_cases import skip_if_interpreted
 
 HERE = Path(__file__).resolve().parent
 KERNEL_TEST_FILES = [
@@ -28,7 +28,7 @@ KERNEL_TEST_FILES = [
     "test_rotary.py",
 ]
 
-pytestmark = pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+pytestmark = skip_if_interpreted
 
 
 @pytest.fixture(scope="module")
