@@ -11,6 +11,8 @@ first, then the same weights quantized. Reported:
   - bf16: `mfa_decode` attention + `moe_decode` experts (the fastest bf16 path, `decode_step.py`);
   - fp8: the same kernels with FP8 weights (`moe_decode` on float8 experts, cuBLAS block-scaled GEMMs for the
     attention projections and the dense and shared MLPs, `step3_hf.kernels.fp8_linear`);
+  - fp8, float8 activations: the same with the decode linears' activations rounded to e4m3 per token and 128
+    columns and multiplied on float8 tensor cores (`fp8_linear.DECODE_ACTIVATIONS_FP8`);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
     `kernels` hub package, absent offline, in which case the cell says why), eager;
@@ -36,16 +38,18 @@ from decode_step import build_model, decode_step_fn, eager_seconds, step_bytes
 from generate import parse_shape
 
 from step3_hf.fp8 import quantize_model
+import step3_hf.kernels.fp8_linear as fp8_linear
 from step3_hf.kernels.fp8_linear import fp8_linear_path
 from step3_hf.kernels.transformers_experts import fp8_experts_path
 
 BLOCK_SIZE = (128, 128)
-# name -> (float8 KV cache, experts implementation, CUDA graph)
-BF16_VARIANTS = {"bf16": (False, "moe_decode", True)}
+# name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears)
+BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False)}
 FP8_VARIANTS = {
-    "fp8": (False, "moe_decode", True),
-    "fp8 + fp8 KV": (True, "moe_decode", True),
-    "fp8, transformers' experts": (False, "grouped_mm", False),
+    "fp8": (False, "moe_decode", True, False),
+    "fp8, float8 activations": (False, "moe_decode", True, True),
+    "fp8 + fp8 KV": (True, "moe_decode", True, False),
+    "fp8, transformers' experts": (False, "grouped_mm", False, False),
 }
 
 
@@ -53,9 +57,12 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_seconds(model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool) -> float | str:
+def decode_seconds(
+    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_activations: bool
+) -> float | str:
     model.set_attn_implementation("mfa_decode")
     model.set_experts_implementation(experts)
+    fp8_linear.DECODE_ACTIVATIONS_FP8 = float8_activations
     step = None
     try:
         step = decode_step_fn(model, batch, context, float8_kv, "cuda")
@@ -64,6 +71,7 @@ def decode_seconds(model, batch: int, context: int, float8_kv: bool, experts: st
     except Exception as err:  # report it in the table, keep measuring the others
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
+        fp8_linear.DECODE_ACTIVATIONS_FP8 = False
         del step
         torch.cuda.empty_cache()
 
@@ -85,8 +93,8 @@ def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dic
     for context in args.contexts:
         for batch in args.batches:
             row = rows.setdefault((batch, context), {})
-            for name, (float8_kv, experts, graph) in variants.items():
-                seconds = decode_seconds(model, batch, context, float8_kv, experts, graph)
+            for name, (float8_kv, experts, graph, float8_activations) in variants.items():
+                seconds = decode_seconds(model, batch, context, float8_kv, experts, graph, float8_activations)
                 weights, kv = step_bytes(model, batch, context, float8_kv)
                 row[name] = (seconds, (weights + kv) / bandwidth)
                 print(f"  B={batch} ctx={context} {name}: {seconds} (roofline {row[name][1] * 1e3:.2f} ms)", flush=True)

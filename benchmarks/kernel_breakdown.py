@@ -9,8 +9,8 @@ experts), bf16 and then quantized to block FP8 in memory. For each precision and
 - each linear shape of a layer on its own (replayed as a CUDA graph): bf16 `F.linear`, the FP8 linear through
   cuBLAS's block-scaled GEMM (activations quantized in one launch, `quantize_fp8_activations`, as `fp8_linear` runs
   it; and beside it with the eager quantization's ten-odd kernels, for comparison), and the Triton
-  `fp8_decode_linear` with its default launch and the best launch of a sweep, against weight bytes / copy
-  bandwidth.
+  `fp8_decode_linear` with its default launch, the same with float8 activations (`quantize_activations`, its
+  quantization launch included) and the best launch of a sweep, against weight bytes / copy bandwidth.
 
     python benchmarks/kernel_breakdown.py [--batches 16 64 256] [--context 4096]
 """
@@ -18,6 +18,7 @@ experts), bf16 and then quantized to block FP8 in memory. For each precision and
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import re
 from collections import defaultdict
@@ -109,10 +110,12 @@ def fp8_kernel_launches(rows: int, out: int, inp: int) -> list[DecodeLinearLaunc
 
 def linear_table(config, batches: list[int], bandwidth: float) -> None:
     """Each linear shape alone: bf16, the FP8 linear through cuBLAS (activations quantized in one launch, then with
-    the eager quantization), and `fp8_decode_linear` with its default launch and the best of a sweep."""
+    the eager quantization), and `fp8_decode_linear` with its default launch, with float8 activations, and the best
+    of a sweep."""
     print("\n### linears alone (µs; x = time / (weight bytes / copy bandwidth)), CUDA graph replay")
     print(f"  {'shape':18s} {'out x in':>13s} {'M':>5s} | {'bf16':>14s} | {'fp8 cuBLAS':>14s} | {'eager quant':>14s} | "
-          f"{'fp8_decode_linear':>17s} | the sweep's best 3 launches (block_m, block_n, block_k, split_k, warps, stages)")  # fmt: skip
+          f"{'fp8_decode_linear':>17s} | {'float8 activations':>18s} | the sweep's best 3 launches (block_m, block_n, "
+          "block_k, split_k, warps, stages)")  # fmt: skip
     for name, (out, inp) in linear_shapes(config).items():
         weight = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) * inp**-0.5
         w8, s8 = quantize_block_fp8(weight)
@@ -137,6 +140,10 @@ def linear_table(config, batches: list[int], bandwidth: float) -> None:
                 sweep.append((seconds, text, launch))
             error = relative_error(fp8_decode_linear(x[0][0], w8, s8, (128, 128)), ref)
             cells.append(sweep[0][1] + f" err {error:.0e}")
+            float8 = functools.partial(fp8_decode_linear, weight=w8, scale_inv=s8, block_size=(128, 128),
+                                       quantize_activations=True)  # fmt: skip
+            error = relative_error(float8(x[0][0]), ref)
+            cells.append(timed(float8, weight.numel())[1] + f" err {error:.0e}")
             for seconds, text, launch in sorted(sweep, key=lambda r: r[0])[:3]:
                 cells.append(f"{text} {tuple(launch)}")
             print(f"  {name:18s} {out:6d}x{inp:<6d} {m:5d} | " + " | ".join(cells), flush=True)

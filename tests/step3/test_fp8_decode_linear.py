@@ -11,6 +11,7 @@ import torch
 from triton_cases import DEVICES, INTERPRETED, relative_error
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
+from step3_hf.kernels.fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations_eager
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
 
 fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
@@ -57,6 +58,37 @@ def test_every_launch_gives_the_same_product(device):
         assert relative_error(fp8_decode_linear(x, weight, scale, (32, 32), launch).cpu(), reference) < 1e-5, launch
 
 
+def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """`x` as `quantize_fp8_activations` rounds it (e4m3 per row and 128 columns), in float64."""
+    quantized, scale = quantize_fp8_activations_eager(x.cpu())
+    groups = quantized.double().unflatten(-1, (-1, GROUP_SIZE)) * scale.double()[..., None]
+    return groups.flatten(-2)[: x.shape[0]]
+
+
+# (rows, out, in, block) with K a multiple of 128 and tiles at least 32 wide: one row, a partial row tile, 128-wide.
+A8_SHAPES = [(1, 40, 256, (16, 32)), (37, 64, 384, (32, 64)), (3, 130, 256, (128, 128))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", A8_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+def test_float8_activations_match_the_float64_product_of_both_dequantized_operands(device, dtype, shape):
+    """`quantize_activations`: the product of the activations as rounded per row and 128 columns with the
+    dequantized weight, for the default launch and split, row and column tiles; and that rounding really happened
+    (the weight-only product differs from it by about e4m3's precision)."""
+    rows, out_features, in_features, block_size = shape
+    x, weight, scale, weight_only_reference = quantized_linear(rows, out_features, in_features, block_size, dtype,
+                                                               device, seed=3)  # fmt: skip
+    w = dequantize_block_fp8(weight.cpu(), scale.cpu(), block_size, torch.float64)
+    reference = dequantized_activations(x) @ w.T
+    assert 1e-3 < relative_error(reference, weight_only_reference) < 6e-2
+    tolerance = 1e-5 if dtype == torch.float32 else TOLERANCE[dtype]
+    for launch in (None, DecodeLinearLaunch(16, 32, 32, 3), DecodeLinearLaunch(32, 16, 32, 1, num_warps=2)):
+        out = fp8_decode_linear(x, weight, scale, block_size, launch, quantize_activations=True)
+        assert out.shape == (rows, out_features) and out.dtype == dtype
+        assert relative_error(out.cpu(), reference) < tolerance, launch
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_split_reductions_with_a_partial_last_step(device):
     """K = 200 with 32-wide tiles: 7 steps, the last one partial, split 1, 2, 3 and 7 ways."""
@@ -71,8 +103,11 @@ def test_the_op_passes_torch_library_checks(device):
     """The fake (meta) function agrees with the op on shapes and dtypes, one split and several, and the op traces
     under AOT autograd. (`test_schema` is left out: it multiplies the float8 weight, which float8 does not do.)"""
     x, weight, scale, _ = quantized_linear(5, 50, 200, (32, 32), torch.bfloat16, device)
-    for launch in ((16, 32, 32, 1, 4, 3), (16, 32, 32, 3, 4, 3), (0, 0, 0, 0, 0, 0)):
-        torch.library.opcheck(torch.ops.step3_hf.fp8_decode_linear, (x, weight, scale, 32, 32, *launch),
+    wide = quantized_linear(5, 50, 256, (32, 32), torch.bfloat16, device)  # K a multiple of 128: fp8 activations
+    for args, launch in (((x, weight, scale), (16, 32, 32, 1, 4, 3, False)),
+                         ((x, weight, scale), (16, 32, 32, 3, 4, 3, False)), ((x, weight, scale), (0,) * 6 + (False,)),
+                         (wide[:3], (16, 32, 32, 3, 4, 3, True)), (wide[:3], (0,) * 6 + (True,))):  # fmt: skip
+        torch.library.opcheck(torch.ops.step3_hf.fp8_decode_linear, (*args, 32, 32, *launch),
                               test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
 
 
@@ -95,6 +130,11 @@ def test_bad_arguments_raise_clear_errors(device):
         fp8_decode_linear(x, weight, scale, (16, 16), DecodeLinearLaunch(16, 16, 48, 1))
     with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
         fp8_decode_linear(x.double(), weight, scale, (16, 16))
+    with pytest.raises(ValueError, match="K a multiple of 128 .* got K 64"):
+        fp8_decode_linear(x, weight, scale, (16, 16), quantize_activations=True)
+    wide = quantized_linear(2, 40, 128, (16, 16), torch.bfloat16, device)
+    with pytest.raises(ValueError, match="steps of at least 32; got K 128, steps of 16"):
+        fp8_decode_linear(*wide[:3], (16, 16), quantize_activations=True)
 
 
 def test_cpu_without_interpreter_is_refused():
@@ -125,6 +165,21 @@ def test_fp8_block_linear_takes_the_kernel_for_decode_sized_inference_only(devic
     odd = quantized_linear(2, 40, 72, (24, 24), torch.bfloat16, device)  # 24-wide tiles: steps of 8 would be needed
     fp8_linear.fp8_block_linear(odd[0], odd[1], odd[2], (24, 24))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_block_linear_rounds_activations_only_when_asked_and_able(device, monkeypatch):
+    """`DECODE_ACTIVATIONS_FP8` sends decode calls with whole 128-column groups and tiles at least 32 wide through
+    the float8-activation kernel, bit for bit its product; other calls, and every call when it is off, stay
+    weight-only."""
+    cases = {"able": ((4, 40, 256, (32, 32)), True), "K of 64": ((4, 40, 64, (16, 16)), False),
+             "16-wide tiles": ((4, 40, 128, (16, 16)), False)}  # fmt: skip
+    for flag in (False, True):
+        monkeypatch.setattr(fp8_linear, "DECODE_ACTIVATIONS_FP8", flag)
+        for name, ((rows, out_features, in_features, block), able) in cases.items():
+            x, weight, scale, _ = quantized_linear(rows, out_features, in_features, block, torch.bfloat16, device)
+            expected = fp8_decode_linear(x, weight, scale, block, quantize_activations=flag and able)
+            assert torch.equal(fp8_linear.fp8_block_linear(x, weight, scale, block), expected), (flag, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

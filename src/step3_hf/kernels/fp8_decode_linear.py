@@ -17,6 +17,10 @@ weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at
 5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the
 per-step widening and scaling cost more than the stream at 64 rows.
 
+`quantize_activations=True` rounds the activations to float8 per token and 128 columns first (one launch) and
+multiplies float8 by float8 on the tensor cores: no widening, and half the activation bytes per step (not yet timed on
+a GPU; `fp8_linear.DECODE_ACTIVATIONS_FP8` turns it on for the model's decode linears).
+
 The kernel sits behind a custom op, so compiled callers keep it inside their graph; it has no host
 synchronisation, so CUDA graphs capture it. With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU
 tensors (the tests do this).
@@ -30,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ..fp8 import FP8_DTYPE, scale_shape
+from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations
 from .moe_decode import _add_product, _load_k_tile
 from .triton_support import (
     SUPPORTED_DTYPES,
@@ -50,18 +55,21 @@ SUM_BLOCK = 1024
 PROGRAMS_PER_SM = 4
 # ... without splitting the reduction below this many steps per program.
 MIN_STEPS_PER_SPLIT = 4
+# The shallowest reduction step of a float8 x float8 tensor-core product (Hopper's FP8 MMA is 32 deep).
+MIN_FP8_DOT_K = 32
 
 
 @triton_jit
 def _fp8_decode_linear(
-    X, W, S, OUT,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_os, stride_om, stride_on,
-    rows, out_features, in_features, steps_per_split,
+    X, XS, W, S, OUT,
+    stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_sn, stride_sk, stride_os, stride_om,
+    stride_on, rows, out_features, in_features, steps_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
+    DOT_F32: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N weight rows x BLOCK_M rows of `x` over one split of the reduction, computed transposed
-    (`W @ x.T`: at decode the weight rows, not the few tokens, fill the tensor cores' long side)."""
+    (`W @ x.T`: at decode the weight rows, not the few tokens, fill the tensor cores' long side). Under A8, `x` is
+    float8 with one scale per row and GROUP columns (`XS`), and the products run on float8 tensor cores."""
     # int64: the output's offsets (split x rows x columns) may pass 2^31 for a caller's large inputs
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles vary fastest: they share
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight tiles
@@ -80,8 +88,13 @@ def _fp8_decode_linear(
         x = _load_k_tile(x_ptrs, m_ok, k_left, BLOCK_K, EVEN_K)
         # the step lies within one scale column: its fp32 product is scaled per weight row, exactly
         scale = tl.load(S + (offs_n // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=n_ok, other=0.0)
-        partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w.to(x.dtype), x, DOT_F32)
-        acc += partial * scale[:, None]
+        if A8:  # both operands float8: no widening; the step lies within one activation group too
+            x_scale = tl.load(XS + offs_m * stride_xsm + (k * BLOCK_K // GROUP) * stride_xsk, mask=m_ok, other=0.0)
+            partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, x, DOT_F32)
+            acc += partial * scale[:, None] * x_scale[None, :]
+        else:
+            partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w.to(x.dtype), x, DOT_F32)
+            acc += partial * scale[:, None]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     out_ptrs = OUT + split * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
@@ -154,10 +167,16 @@ def fp8_decode_linear(
     scale_inv: torch.Tensor,
     block_size: tuple[int, int],
     launch: DecodeLinearLaunch | None = None,
+    quantize_activations: bool = False,
 ) -> torch.Tensor:
     """`x @ (weight * scale_inv).T` for a block-FP8 `weight` `[N, K]` (float8 e4m3) with `scale_inv` `[ceil(N/b0),
     ceil(K/b1)]` float32, and `x` `[M, K]` bf16 / fp16 / fp32; returns `[M, N]` in `x`'s dtype (products and sums in
-    fp32). `launch` overrides the default launch parameters (`decode_linear_launch`)."""
+    fp32). `launch` overrides the default launch parameters (`decode_linear_launch`).
+
+    `quantize_activations` first rounds `x` to e4m3 per row and 128 columns (`quantize_fp8_activations`: the
+    release's dynamic activation scheme, as cuBLAS's path computes) and multiplies on float8 tensor cores instead of
+    widening the weight; it needs K a multiple of 128 and reduction steps of at least 32 (scale tiles a multiple of
+    32 wide)."""
     check_kernel_inputs("fp8_decode_linear", "x", x, {"weight": weight, "scale_inv": scale_inv})
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -177,7 +196,12 @@ def fp8_decode_linear(
     elif b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
                          f"width {b1}")  # fmt: skip
-    return _fp8_decode_linear_op(x, weight, scale_inv, b0, b1, *launch)
+    if quantize_activations:
+        block_k = launch.block_k or launch_block_k(b1)
+        if x.shape[1] % GROUP_SIZE or block_k < MIN_FP8_DOT_K:
+            raise ValueError(f"quantize_activations needs K a multiple of {GROUP_SIZE} and steps of at least "
+                             f"{MIN_FP8_DOT_K}; got K {x.shape[1]}, steps of {block_k}")  # fmt: skip
+    return _fp8_decode_linear_op(x, weight, scale_inv, b0, b1, *launch, quantize_activations)
 
 
 @kernel_op("step3_hf::fp8_decode_linear")
@@ -193,6 +217,7 @@ def _fp8_decode_linear_op(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    quantize_activations: bool,
 ) -> torch.Tensor:
     """The launch behind `fp8_decode_linear` (block_m 0: the default launch for this call)."""
     rows, in_features = x.shape
@@ -208,12 +233,16 @@ def _fp8_decode_linear_op(
     split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
     out = torch.empty(split_k, rows, out_features, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
+    if quantize_activations:
+        operand, operand_scale = quantize_fp8_activations(x)  # rows padded to a multiple of 4, read up to `rows`
+    else:
+        operand, operand_scale = x, scale_inv.new_empty(1, 1)  # no activation scales
     _fp8_decode_linear[grid](
-        x, weight, scale_inv, out, *x.stride(), *weight.stride(), *scale_inv.stride(), *out.stride(),
-        rows, out_features, in_features, steps_per_split,
+        operand, operand_scale, weight, scale_inv, out, *operand.stride(), *operand_scale.stride(), *weight.stride(),
+        *scale_inv.stride(), *out.stride(), rows, out_features, in_features, steps_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=in_features % block_k == 0,
-        DOT_F32=x.dtype == torch.float32 or interpreter_enabled(), SN=scale_n, SK=scale_k,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=(x.dtype == torch.float32 and not quantize_activations) or interpreter_enabled(), SN=scale_n,
+        SK=scale_k, A8=quantize_activations, GROUP=GROUP_SIZE, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]
@@ -223,5 +252,6 @@ def _fp8_decode_linear_op(
 
 
 @_fp8_decode_linear_op.register_fake
-def _(x, weight, scale_inv, scale_n, scale_k, block_m, block_n, block_k, split_k, num_warps, num_stages):
+def _(x, weight, scale_inv, scale_n, scale_k, block_m, block_n, block_k, split_k, num_warps, num_stages,
+      quantize_activations):
     return x.new_empty(x.shape[0], weight.shape[0])

@@ -6,7 +6,8 @@ the `kernels` package and a download. `fp8_block_linear` computes the same produ
 
 - decode-sized inputs (up to `MAX_DECODE_LINEAR_ROWS` rows, inference, CUDA or the Triton interpreter): the Triton
   weight-streaming kernel `fp8_decode_linear` (weight-only FP8, bf16 activations), which reads the float8 weight
-  once, with no activation-quantization kernels;
+  once, with no activation-quantization kernels (or, with `DECODE_ACTIVATIONS_FP8`, activations rounded to float8
+  and float8 tensor-core products);
 - larger inputs on Hopper and later: cuBLAS's block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations
   quantized per token and 128 columns in one launch by `quantize_fp8_activations`, the weight's 128 x 128 scales as
   they are), FP8 tensor cores for prefill;
@@ -26,7 +27,7 @@ from transformers.utils import logging
 
 from ..fp8 import dequantize_block_fp8
 from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
-from .fp8_decode_linear import fp8_decode_linear, launch_block_k
+from .fp8_decode_linear import MIN_FP8_DOT_K, fp8_decode_linear, launch_block_k
 from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
@@ -48,6 +49,10 @@ CUBLAS_BLOCK = GROUP_SIZE
 MAX_DECODE_LINEAR_ROWS = 64
 # False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
 USE_CUBLAS = True
+# True: `fp8_decode_linear` rounds the activations to e4m3 per row and 128 columns (as the cuBLAS path does) and
+# multiplies on float8 tensor cores instead of widening the weight. Off by default until a GPU run shows it faster
+# (`benchmarks/fp8_decode.py`'s "fp8, float8 activations", docs/step3.md).
+DECODE_ACTIVATIONS_FP8 = False
 # Why cuBLAS's block-scaled GEMM failed on first use in this process (then every call dequantizes), or None.
 _cublas_failure: str | None = None
 
@@ -77,6 +82,16 @@ def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> 
         and not (torch.is_grad_enabled() and x.requires_grad)
         and math.prod(x.shape[:-1]) <= MAX_DECODE_LINEAR_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def _float8_activations(x: torch.Tensor, block_size) -> bool:
+    """Whether `fp8_decode_linear` rounds this call's activations to float8 (`DECODE_ACTIVATIONS_FP8`, where the
+    kernel can: whole 128-column groups and scale tiles at least 32 wide)."""
+    return (
+        DECODE_ACTIVATIONS_FP8
+        and x.shape[-1] % GROUP_SIZE == 0
+        and (launch_block_k(int(block_size[1])) or 0) >= MIN_FP8_DOT_K
     )
 
 
@@ -121,7 +136,8 @@ def fp8_block_linear(
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     out = None
     if decode_kernel_applies(x, weight, block_size):
-        out = fp8_decode_linear(x, weight, scale_inv, block_size)
+        float8_activations = _float8_activations(x, block_size)
+        out = fp8_decode_linear(x, weight, scale_inv, block_size, quantize_activations=float8_activations)
     elif scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
         try:
             out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
