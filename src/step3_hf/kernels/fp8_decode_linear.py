@@ -46,7 +46,13 @@ from .triton_support import (
     triton_jit,
 )
 
-__all__ = ["DecodeLinearLaunch", "decode_linear_launch", "fp8_decode_linear", "launch_block_k"]
+__all__ = [
+    "DecodeLinearLaunch",
+    "decode_linear_launch",
+    "float8_activations_supported",
+    "fp8_decode_linear",
+    "launch_block_k",
+]
 
 # Elements per program of the split-sum kernel.
 SUM_BLOCK = 1024
@@ -141,6 +147,13 @@ def launch_block_k(scale_k: int) -> int | None:
     return None
 
 
+def float8_activations_supported(in_features: int, scale_k: int, block_k: int | None = None) -> bool:
+    """Whether `quantize_activations` can compute a reduction of `in_features` in steps of `block_k` (default: the
+    default launch's for scale tiles `scale_k` wide): whole 128-column activation groups, float8 MMA-deep steps."""
+    block_k = block_k or launch_block_k(scale_k) or 0
+    return in_features % GROUP_SIZE == 0 and block_k >= MIN_FP8_DOT_K
+
+
 def decode_linear_launch(
     rows: int, out_features: int, in_features: int, scale_k: int, device: torch.device | str, block_n: int = 64
 ) -> DecodeLinearLaunch:
@@ -196,11 +209,9 @@ def fp8_decode_linear(
     elif b1 % launch.block_k or launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
                          f"width {b1}")  # fmt: skip
-    if quantize_activations:
-        block_k = launch.block_k or launch_block_k(b1)
-        if x.shape[1] % GROUP_SIZE or block_k < MIN_FP8_DOT_K:
-            raise ValueError(f"quantize_activations needs K a multiple of {GROUP_SIZE} and steps of at least "
-                             f"{MIN_FP8_DOT_K}; got K {x.shape[1]}, steps of {block_k}")  # fmt: skip
+    if quantize_activations and not float8_activations_supported(x.shape[1], b1, launch.block_k):
+        raise ValueError(f"quantize_activations needs K a multiple of {GROUP_SIZE} and steps of at least "
+                         f"{MIN_FP8_DOT_K}; got K {x.shape[1]}, steps of {launch.block_k or launch_block_k(b1)}")
     return _fp8_decode_linear_op(x, weight, scale_inv, b0, b1, *launch, quantize_activations)
 
 
@@ -236,7 +247,7 @@ def _fp8_decode_linear_op(
     if quantize_activations:
         operand, operand_scale = quantize_fp8_activations(x)  # rows padded to a multiple of 4, read up to `rows`
     else:
-        operand, operand_scale = x, scale_inv.new_empty(1, 1)  # no activation scales
+        operand, operand_scale = x, scale_inv  # XS is never read without A8: no allocation on this path
     _fp8_decode_linear[grid](
         operand, operand_scale, weight, scale_inv, out, *operand.stride(), *operand_scale.stride(), *weight.stride(),
         *scale_inv.stride(), *out.stride(), rows, out_features, in_features, steps_per_split,

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from ..fp8 import dequantize_block_fp8
 from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
-from .fp8_decode_linear import MIN_FP8_DOT_K, fp8_decode_linear, launch_block_k
+from .fp8_decode_linear import float8_activations_supported, fp8_decode_linear, launch_block_k
 from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
@@ -85,16 +85,6 @@ def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> 
     )
 
 
-def _float8_activations(x: torch.Tensor, block_size) -> bool:
-    """Whether `fp8_decode_linear` rounds this call's activations to float8 (`DECODE_ACTIVATIONS_FP8`, where the
-    kernel can: whole 128-column groups and scale tiles at least 32 wide)."""
-    return (
-        DECODE_ACTIVATIONS_FP8
-        and x.shape[-1] % GROUP_SIZE == 0
-        and (launch_block_k(int(block_size[1])) or 0) >= MIN_FP8_DOT_K
-    )
-
-
 def _decode_kernel_runs(device: torch.device, block_size) -> bool:
     """`fp8_decode_linear` runs on `device` (a GPU of compute capability 8.9+, whose Triton has float8, or the
     interpreter) for scale tiles of `block_size`."""
@@ -136,8 +126,8 @@ def fp8_block_linear(
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     out = None
     if decode_kernel_applies(x, weight, block_size):
-        float8_activations = _float8_activations(x, block_size)
-        out = fp8_decode_linear(x, weight, scale_inv, block_size, quantize_activations=float8_activations)
+        float8 = DECODE_ACTIVATIONS_FP8 and float8_activations_supported(x.shape[-1], int(block_size[1]))
+        out = fp8_decode_linear(x, weight, scale_inv, block_size, quantize_activations=float8)
     elif scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
         try:
             out = _scaled_mm_linear(x.contiguous(), weight, scale_inv.float())
