@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.generation import utils as generation_utils
 from transformers.generation.streamers import BaseStreamer
+from triton_cases import CUDA_ONLY
 
 import step3_hf  # noqa: F401
 from step3_hf import deferred_stop_check
@@ -101,9 +102,7 @@ def _eos_that_stops_early(model, monkeypatch):
     pytest.skip(f"no shared early token in {new}")
 
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-)
+CUDA = pytest.param("cuda", marks=CUDA_ONLY)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
