@@ -9,10 +9,12 @@ first, then the same weights quantized. Reported:
 - a decode step (one new token per sequence against a static cache prefilled to the context, replayed as a CUDA
   graph) at each batch x context, in tokens/s, for
   - bf16: `mfa_decode` attention + `moe_decode` experts (the fastest bf16 path, `decode_step.py`);
-  - fp8: the same kernels with FP8 weights (`moe_decode` on float8 experts, cuBLAS block-scaled GEMMs for the
-    attention projections and the dense and shared MLPs, `step3_hf.kernels.fp8_linear`);
-  - fp8, float8 activations: the same with the decode linears' activations rounded to e4m3 per token and 128
-    columns and multiplied on float8 tensor cores (`fp8_linear.DECODE_ACTIVATIONS_FP8`);
+  - fp8: the same kernels with FP8 weights, as a loaded FP8 checkpoint computes by default (`moe_decode` on float8
+    experts; the attention projections and the dense and shared MLPs through `step3_hf.kernels.fp8_linear`: up to
+    64 rows `fp8_decode_linear` with the activations rounded to e4m3 per token and 128 columns and multiplied on
+    float8 tensor cores, above that cuBLAS's block-scaled GEMMs);
+  - fp8, bf16 activations: the same with the decode linears weight-only (`fp8_linear.DECODE_ACTIVATIONS_FP8 = False`:
+    the float8 weight widened to bf16 in registers, the activations as they are);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
     `kernels` hub package, absent offline, in which case the cell says why), eager;
@@ -46,10 +48,10 @@ BLOCK_SIZE = (128, 128)
 # name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears)
 BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False)}
 FP8_VARIANTS = {
-    "fp8": (False, "moe_decode", True, False),
-    "fp8, float8 activations": (False, "moe_decode", True, True),
-    "fp8 + fp8 KV": (True, "moe_decode", True, False),
-    "fp8, transformers' experts": (False, "grouped_mm", False, False),
+    "fp8": (False, "moe_decode", True, True),
+    "fp8, bf16 activations": (False, "moe_decode", True, False),
+    "fp8 + fp8 KV": (True, "moe_decode", True, True),
+    "fp8, transformers' experts": (False, "grouped_mm", False, True),
 }
 
 
@@ -62,7 +64,7 @@ def decode_seconds(
 ) -> float | str:
     model.set_attn_implementation("mfa_decode")
     model.set_experts_implementation(experts)
-    fp8_linear.DECODE_ACTIVATIONS_FP8 = float8_activations
+    default, fp8_linear.DECODE_ACTIVATIONS_FP8 = fp8_linear.DECODE_ACTIVATIONS_FP8, float8_activations
     step = None
     try:
         step = decode_step_fn(model, batch, context, float8_kv, "cuda")
@@ -71,7 +73,7 @@ def decode_seconds(
     except Exception as err:  # report it in the table, keep measuring the others
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
-        fp8_linear.DECODE_ACTIVATIONS_FP8 = False
+        fp8_linear.DECODE_ACTIVATIONS_FP8 = default
         del step
         torch.cuda.empty_cache()
 

@@ -347,6 +347,35 @@ def test_cuda_graphs_outlive_cleared_cublas_workspaces(monkeypatch):
 
 @cuda
 @pytest.mark.gpu
+def test_cuda_captured_matmuls_leave_freed_cublas_workspaces_alone():
+    """The capture's clears at their root: matmuls at Step-3 widths and decode rows (reductions cuBLAS splits through
+    its workspace) captured; then the workspaces freed, as torch.compile's graph trees free them, their memory given
+    back to the driver and handed out again to buffers that fill the GPU. The replays give the eager products and
+    leave those buffers alone."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device).manual_seed(5)
+    shapes = [(16, 7168, 2048), (16, 16384, 7168), (64, 7168, 256)]  # (rows, K, N): q_proj (low rank), o_proj, k_proj
+    operands = [(torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=generator),
+                 torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=generator)) for rows, k, n in shapes]
+    eager = [x @ w.T for x, w in operands]
+    captured = [capture_cuda_graph(lambda x=x, w=w: x @ w.T, device) for x, w in operands]
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    chunk = 32 << 20
+    free, _ = torch.cuda.mem_get_info(device)
+    fillers = [torch.full((chunk,), 7, dtype=torch.uint8, device=device) for _ in range((free - (2 << 30)) // chunk)]
+    for graph, _ in captured:
+        graph.replay()
+    torch.cuda.synchronize()
+    for (_, out), expected in zip(captured, eager):
+        torch.testing.assert_close(out, expected)
+    assert all(bool((filler == 7).all()) for filler in fillers), "a replay wrote into memory it no longer owned"
+    del fillers
+    torch.cuda.empty_cache()
+
+
+@cuda
+@pytest.mark.gpu
 def test_cuda_replaced_weight_is_captured_again():
     model = tiny_model(torch.bfloat16, "cuda")
     layer = model.model.layers[1]

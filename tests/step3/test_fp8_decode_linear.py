@@ -65,6 +65,11 @@ def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
     return groups.flatten(-2)[: x.shape[0]]
 
 
+# fp32 output: Hopper's float8 MMA adds the products within a step with about 14 bits (DeepSeek-V3's report, 3.3.2),
+# H100 2026-12-07: 3e-5 to 9e-5 here; the interpreter's fp32 sums stay within 1e-5.
+FLOAT8_MMA_FP32_TOLERANCE = 1e-5 if INTERPRETED else 2e-4
+
+
 # (rows, out, in, block) with K a multiple of 128 and tiles at least 32 wide: one row, a partial row tile, 128-wide.
 A8_SHAPES = [(1, 40, 256, (16, 32)), (20, 48, 256, (32, 64)), (3, 130, 256, (128, 128))]
 
@@ -82,7 +87,7 @@ def test_float8_activations_match_the_float64_product_of_both_dequantized_operan
     w = dequantize_block_fp8(weight.cpu(), scale.cpu(), block_size, torch.float64)
     reference = dequantized_activations(x) @ w.T
     assert 1e-3 < relative_error(reference, weight_only_reference) < 6e-2
-    tolerance = 1e-5 if dtype == torch.float32 else TOLERANCE[dtype]
+    tolerance = FLOAT8_MMA_FP32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
     for launch in (None, DecodeLinearLaunch(16, 32, 32, 3), DecodeLinearLaunch(32, 16, 32, 1, num_warps=2)):
         out = fp8_decode_linear(x, weight, scale, block_size, launch, quantize_activations=True)
         assert out.shape == (rows, out_features) and out.dtype == dtype

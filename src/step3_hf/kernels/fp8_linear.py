@@ -5,9 +5,9 @@ capability 8.9 or higher) computes through the `kernels-community/finegrained-fp
 the `kernels` package and a download. `fp8_block_linear` computes the same product without them:
 
 - decode-sized inputs (up to `MAX_DECODE_LINEAR_ROWS` rows, inference, CUDA or the Triton interpreter): the Triton
-  weight-streaming kernel `fp8_decode_linear` (weight-only FP8, bf16 activations), which reads the float8 weight
-  once, with no activation-quantization kernels (or, with `DECODE_ACTIVATIONS_FP8`, activations rounded to float8
-  and float8 tensor-core products);
+  weight-streaming kernel `fp8_decode_linear`, which reads the float8 weight once; by default
+  (`DECODE_ACTIVATIONS_FP8`) it rounds the activations to float8 per token and 128 columns in one launch and
+  multiplies on float8 tensor cores, else it widens the weight to the bf16 activations (weight-only FP8);
 - larger inputs on Hopper and later: cuBLAS's block-scaled FP8 GEMM (`torch.nn.functional.scaled_mm`, activations
   quantized per token and 128 columns in one launch by `quantize_fp8_activations`, the weight's 128 x 128 scales as
   they are), FP8 tensor cores for prefill;
@@ -49,10 +49,11 @@ CUBLAS_BLOCK = GROUP_SIZE
 MAX_DECODE_LINEAR_ROWS = 64
 # False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
 USE_CUBLAS = True
-# True: `fp8_decode_linear` rounds the activations to e4m3 per row and 128 columns (as the cuBLAS path does) and
-# multiplies on float8 tensor cores instead of widening the weight. Off by default until a GPU run shows it faster
-# (`benchmarks/fp8_decode.py`'s "fp8, float8 activations", docs/step3.md).
-DECODE_ACTIVATIONS_FP8 = False
+# True: `fp8_decode_linear` rounds the activations to e4m3 per row and 128 columns (as the cuBLAS path above
+# `MAX_DECODE_LINEAR_ROWS` does, the release's dynamic activation scheme) and multiplies on float8 tensor cores
+# instead of widening the weight: a 2-3% faster decode step at batch 16 and 64 on an H100 (docs/step3.md). False:
+# weight-only, bf16 activations.
+DECODE_ACTIVATIONS_FP8 = True
 # Why cuBLAS's block-scaled GEMM failed on first use in this process (then every call dequantizes), or None.
 _cublas_failure: str | None = None
 
