@@ -15,13 +15,16 @@ first, then the same weights quantized. Reported:
     float8 tensor cores, above that cuBLAS's block-scaled GEMMs);
   - fp8, bf16 activations: the same with the decode linears weight-only (`fp8_linear.DECODE_ACTIVATIONS_FP8 = False`:
     the float8 weight widened to bf16 in registers, the activations as they are);
+  - fp8, float8 activations in the experts too: the routed experts' activations rounded to float8 as well
+    (`transformers_experts.EXPERTS_ACTIVATIONS_FP8`, `moe_decode(..., quantize_activations=True)`);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
     `kernels` hub package, absent offline, in which case the cell says why), eager;
 - each against its roofline = (weight bytes the step reads + KV bytes) / device-copy bandwidth measured in the same
   run (routed experts counted with the probability that at least one token of the batch picks them);
 - prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8 (bf16 experts through
-  `grouped_mm`, FP8 experts through `moe_decode` on the float8 weights; the path and launch are printed).
+  `grouped_mm`, FP8 experts through `moe_decode` on the float8 weights; the path and launch are printed), and FP8
+  with float8 activations in the experts too.
 
     python benchmarks/fp8_decode.py [--batches 16 64 256] [--contexts 4096 16384] [--prefill 1x4096 4x4096]
     python benchmarks/fp8_decode.py --quick      # batch 16 and 64 at 4K, prefill 1x2048: under 3 minutes
@@ -41,18 +44,22 @@ from generate import parse_shape
 
 from step3_hf.fp8 import quantize_model
 import step3_hf.kernels.fp8_linear as fp8_linear
+import step3_hf.kernels.transformers_experts as transformers_experts
 from step3_hf.kernels.fp8_linear import fp8_linear_path
 from step3_hf.kernels.transformers_experts import fp8_experts_path
 
 BLOCK_SIZE = (128, 128)
-# name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears)
-BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False)}
+# name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears, and in
+# the experts)
+BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False, False)}
 FP8_VARIANTS = {
-    "fp8": (False, "moe_decode", True, True),
-    "fp8, bf16 activations": (False, "moe_decode", True, False),
-    "fp8 + fp8 KV": (True, "moe_decode", True, True),
-    "fp8, transformers' experts": (False, "grouped_mm", False, True),
+    "fp8": (False, "moe_decode", True, True, False),
+    "fp8, bf16 activations": (False, "moe_decode", True, False, False),
+    "fp8, float8 activations in the experts too": (False, "moe_decode", True, True, True),
+    "fp8 + fp8 KV": (True, "moe_decode", True, True, False),
+    "fp8, transformers' experts": (False, "grouped_mm", False, True, False),
 }
+FLOAT8_EXPERTS = "fp8, float8 activations in the experts too"
 
 
 def weight_bytes(model) -> int:
@@ -60,11 +67,14 @@ def weight_bytes(model) -> int:
 
 
 def decode_seconds(
-    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_activations: bool
+    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_activations: bool,
+    float8_expert_activations: bool,
 ) -> float | str:
     model.set_attn_implementation("mfa_decode")
     model.set_experts_implementation(experts)
-    default, fp8_linear.DECODE_ACTIVATIONS_FP8 = fp8_linear.DECODE_ACTIVATIONS_FP8, float8_activations
+    defaults = fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8
+    fp8_linear.DECODE_ACTIVATIONS_FP8 = float8_activations
+    transformers_experts.EXPERTS_ACTIVATIONS_FP8 = float8_expert_activations
     step = None
     try:
         step = decode_step_fn(model, batch, context, float8_kv, "cuda")
@@ -73,7 +83,7 @@ def decode_seconds(
     except Exception as err:  # report it in the table, keep measuring the others
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
-        fp8_linear.DECODE_ACTIVATIONS_FP8 = default
+        fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = defaults
         del step
         torch.cuda.empty_cache()
 
@@ -95,8 +105,9 @@ def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dic
     for context in args.contexts:
         for batch in args.batches:
             row = rows.setdefault((batch, context), {})
-            for name, (float8_kv, experts, graph, float8_activations) in variants.items():
-                seconds = decode_seconds(model, batch, context, float8_kv, experts, graph, float8_activations)
+            for name, settings in variants.items():
+                float8_kv = settings[0]
+                seconds = decode_seconds(model, batch, context, *settings)
                 weights, kv = step_bytes(model, batch, context, float8_kv)
                 row[name] = (seconds, (weights + kv) / bandwidth)
                 print(f"  B={batch} ctx={context} {name}: {seconds} (roofline {row[name][1] * 1e3:.2f} ms)", flush=True)
@@ -136,6 +147,11 @@ def main() -> None:
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
+    transformers_experts.EXPERTS_ACTIVATIONS_FP8, default = True, transformers_experts.EXPERTS_ACTIVATIONS_FP8
+    for shape in args.prefill:
+        prefill[(FLOAT8_EXPERTS, shape)] = prefill_seconds(model, *shape)
+        print(f"  prefill {FLOAT8_EXPERTS} {shape}: {prefill[(FLOAT8_EXPERTS, shape)]}", flush=True)
+    transformers_experts.EXPERTS_ACTIVATIONS_FP8 = default
 
     path = fp8_linear_path(q_proj.weight, q_proj.block_size)  # after the runs: a failure on first use shows here
     names = [*BF16_VARIANTS, *FP8_VARIANTS]
@@ -157,11 +173,11 @@ def main() -> None:
         speedup = f"{bf16 / fp8:.2f}x" if not isinstance(bf16, str) and not isinstance(fp8, str) else "n/a"
         print(f"| {context} | {batch} | " + " | ".join(cells) + f" | {speedup} |")
     print("\nPrefill tokens/s (ms):\n")
-    print("| shape | bf16 | fp8 |")
-    print("|---|---|---|")
+    print(f"| shape | bf16 | fp8 | {FLOAT8_EXPERTS} |")
+    print("|---|---|---|---|")
     for shape in args.prefill:
         cells = []
-        for label in ("bf16", "fp8"):
+        for label in ("bf16", "fp8", FLOAT8_EXPERTS):
             value = prefill[(label, shape)]
             cells.append(value if isinstance(value, str) else f"{shape[0] * shape[1] / value:,.0f} ({value * 1e3:.1f})")
         print(f"| {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")

@@ -17,10 +17,11 @@ The last three are replayed as CUDA graphs. Bytes read = the weights of the expe
 
 `--sweep` first times the kernel's launch parameters (block sizes, warps, stages) at each batch; `--sweep-fp8` does
 the same on the weights quantized to block FP8, and prints a last table per batch: ours on FP8 weights (default and
-best launch) beside bf16 `grouped_mm` (the experts path transformers uses), against the FP8 roofline: the larger of
-the hit experts' float8 bytes / the copy bandwidth and the FLOPs / a bf16 cuBLAS GEMM's rate measured in the same run
-(the kernel widens float8 to bf16 for the tensor cores). Batches of more than 32 rows per expert on average
-(prefill, e.g. 2048 tokens and up) sweep the rows per block too (64 and 128).
+best launch, and the default launch with the activations rounded to float8 for float8 tensor-core products,
+`quantize_activations`) beside bf16 `grouped_mm` (the experts path transformers uses), against the FP8 roofline: the
+larger of the hit experts' float8 bytes / the copy bandwidth and the FLOPs / a bf16 cuBLAS GEMM's rate measured in
+the same run (the weight-only kernel widens float8 to bf16 for the tensor cores). Batches of more than 32 rows per
+expert on average (prefill, e.g. 2048 tokens and up) sweep the rows per block too (64 and 128).
 """
 
 from __future__ import annotations
@@ -145,13 +146,25 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         print(f"  {label} B={batch}: default launch {launch} {default_us}; "
               f"ceiling {read / bandwidth * 1e6:.1f} us", flush=True)  # fmt: skip
         if fp8:
+
+            def float8_activations(hidden, index, weights):
+                return moe_decode(hidden, index, weights, **weights_kwargs, quantize_activations=True)
+
             with torch.no_grad():
+                try:
+                    float8 = timed_per_call(float8_activations, inputs)
+                    float8_out = float8_activations(*inputs[0])
+                except Exception as err:  # report it in the table
+                    float8, float8_out = f"{type(err).__name__}: {str(err)[:60]}", None
                 config._experts_implementation = "grouped_mm"
+                bf16 = experts(*inputs[0])
                 grouped = timed_per_call(experts, inputs)
-                # FP8 rounding of the weights, against bf16
-                error = float("nan") if ours is None else relative_error(ours, experts(*inputs[0]))
+                # FP8 rounding of the weights (and of the activations), against bf16
+                error = float("nan") if ours is None else relative_error(ours, bf16)
+                float8_error = float("nan") if float8_out is None else relative_error(float8_out, bf16)
+            print(f"  {label} B={batch}: float8 activations, default launch: {float8}", flush=True)
             table[batch] = dict(read=read, default=default, best=results[0] if results else None, grouped=grouped,
-                                error=error)  # fmt: skip
+                                error=error, float8=float8, float8_error=float8_error)  # fmt: skip
             torch.cuda.empty_cache()
     return table
 
@@ -160,18 +173,23 @@ def print_fp8_table(config: Step3Config, table: dict, bandwidth: float, flop_rat
     print(f"\nRouted experts of one Step-3 MoE layer, block-FP8 weights (ours) and bf16 (grouped_mm); us per call; "
           f"roofline = max(float8 bytes of the hit experts / {bandwidth / 1e12:.2f} TB/s copy, FLOPs / "
           f"{flop_rate / 1e12:.0f} TFLOP/s bf16 cuBLAS GEMM)\n")  # fmt: skip
-    print("| tokens | float8 read (GB) | TFLOP | ours FP8, default launch | ours FP8, best launch | bf16 grouped_mm | "
-          "roofline (bytes / compute) | best / roofline | FP8 vs bf16 error |")  # fmt: skip
-    print("|---" * 9 + "|")
+    print("| tokens | float8 read (GB) | TFLOP | ours FP8, default launch | ours FP8, best launch | "
+          "ours FP8, float8 activations | bf16 grouped_mm | roofline (bytes / compute) | best / roofline | "
+          "float8 activations / roofline | FP8 vs bf16 error | float8 activations vs bf16 error |")  # fmt: skip
+    print("|---" * 12 + "|")
     for batch, row in table.items():
         flops = expert_flops(config, batch)
         roofline = max(row["read"] / bandwidth, flops / flop_rate)
         default = "failed" if row["default"] is None else f"{row['default'] * 1e6:,.0f}"
         best = "n/a" if row["best"] is None else f"{row['best'][0] * 1e6:,.0f} ({row['best'][1]})"
         ratio = "n/a" if row["best"] is None else f"{row['best'][0] / roofline:.2f}x"
-        print(f"| {batch} | {row['read'] / 1e9:.2f} | {flops / 1e12:.2f} | {default} | {best} | "
+        float8, float8_ratio = row["float8"], "n/a"
+        if not isinstance(float8, str):
+            float8, float8_ratio = f"{float8 * 1e6:,.0f}", f"{float8 / roofline:.2f}x"
+        print(f"| {batch} | {row['read'] / 1e9:.2f} | {flops / 1e12:.2f} | {default} | {best} | {float8} | "
               f"{row['grouped'] * 1e6:,.0f} | {roofline * 1e6:,.0f} ({row['read'] / bandwidth * 1e6:,.0f} / "
-              f"{flops / flop_rate * 1e6:,.0f}) | {ratio} | {row['error']:.1e} |")  # fmt: skip
+              f"{flops / flop_rate * 1e6:,.0f}) | {ratio} | {float8_ratio} | {row['error']:.1e} | "
+              f"{row['float8_error']:.1e} |")  # fmt: skip
 
 
 def main() -> None:

@@ -8,10 +8,9 @@ import importlib
 
 import pytest
 import torch
-from triton_cases import DEVICES, INTERPRETED, relative_error
+from triton_cases import DEVICES, FLOAT8_MMA_FP32_TOLERANCE, INTERPRETED, dequantized_activations, relative_error
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
-from step3_hf.kernels.fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations_eager
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
 
 fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
@@ -56,18 +55,6 @@ def test_every_launch_gives_the_same_product(device):
     for launch in (default, DecodeLinearLaunch(16, 32, 32, 1), DecodeLinearLaunch(32, 64, 16, 5),
                    DecodeLinearLaunch(16, 16, 32, 8, num_warps=2, num_stages=2)):  # fmt: skip
         assert relative_error(fp8_decode_linear(x, weight, scale, (32, 32), launch).cpu(), reference) < 1e-5, launch
-
-
-def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """`x` as `quantize_fp8_activations` rounds it (e4m3 per row and 128 columns), in float64."""
-    quantized, scale = quantize_fp8_activations_eager(x.cpu())
-    groups = quantized.double().unflatten(-1, (-1, GROUP_SIZE)) * scale.double()[..., None]
-    return groups.flatten(-2)[: x.shape[0]]
-
-
-# fp32 output: Hopper's float8 MMA adds the products within a step with about 14 bits (DeepSeek-V3's report, 3.3.2),
-# H100 2026-12-07: 3e-5 to 9e-5 here; the interpreter's fp32 sums stay within 1e-5.
-FLOAT8_MMA_FP32_TOLERANCE = 1e-5 if INTERPRETED else 2e-4
 
 
 # (rows, out, in, block) with K a multiple of 128 and tiles at least 32 wide: one row, a partial row tile, 128-wide.

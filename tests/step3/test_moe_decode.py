@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from triton_cases import (
     DEVICES,
+    FLOAT8_MMA_FP32_TOLERANCE,
     HAS_CUDA,
     INTERPRETED,
+    dequantized_activations,
     eager_when_interpreted,
     relative_error,
 )
@@ -432,6 +434,63 @@ def test_fp8_weights_match_the_dequantized_float64_loop(device, dtype):
     assert out.dtype == dtype and relative_error(out, ref) < TOLERANCE[dtype]
 
 
+def reference_float8_activations(x, index, weights, gate_up, down, dtype):
+    """float64 of `quantize_activations`: the tokens rounded to e4m3 per row and 128 columns, each pair's
+    intermediate activation rounded to `dtype` (as the kernel stores it) and then to e4m3 the same way."""
+    inter = down.shape[-1]
+    tokens = dequantized_activations(x)
+    pairs = [(token, k, int(index[token, k])) for token in range(x.shape[0]) for k in range(index.shape[1])]
+    activated = torch.stack([F.silu(p[:inter]) * p[inter:] for p in (gate_up[e] @ tokens[t] for t, _, e in pairs)])
+    activated = dequantized_activations(activated.to(dtype))
+    out = torch.zeros(tokens.shape, dtype=torch.float64)
+    for (token, k, expert), row in zip(pairs, activated):
+        out[token] += weights[token, k].double().cpu() * (down[expert] @ row)
+    return out
+
+
+# (hidden, intermediate, scale tiles, launch): the decode launch, 16-row blocks with 32-deep steps in 128-wide
+# tiles, and the prefill launch (64-row blocks, 8 warps).
+A8_CASES = {"decode": (256, 128, (32, 64), {}),
+            "16 rows, 32 deep": (128, 256, (128, 128), dict(block_m=16, block_k=32)),
+            "prefill": (256, 128, (64, 128), dict(PREFILL_LAUNCH))}  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", A8_CASES)
+def test_fp8_float8_activations_match_the_float64_loop_of_the_rounded_operands(device, dtype, case):
+    """`quantize_activations`: the float64 loop over the rounded tokens and intermediate activations and the
+    dequantized weights; and that the rounding really happened (the weight-only loop differs by e4m3's precision).
+    20 tokens x top-3 over 8 experts, expert 0 in every token (two 16-row blocks)."""
+    hidden, inter, block, launch = A8_CASES[case]
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(hidden, inter, 8, block,
+                                                                                          device, 21)  # fmt: skip
+    x, index, weights, _, _ = random_experts(20, hidden, inter, 8, 3, dtype, device, seed=22)
+    out = moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                     block_size=block, quantize_activations=True, **launch)  # fmt: skip
+    ref = reference_float8_activations(x, index.cpu(), weights, gate_up_ref, down_ref, dtype)
+    weight_only = reference_experts(x.double().cpu(), index.cpu(), weights.double().cpu(), gate_up_ref, down_ref)
+    assert 1e-3 < relative_error(ref, weight_only) < 0.1
+    tolerance = FLOAT8_MMA_FP32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
+    assert out.dtype == dtype and relative_error(out.cpu(), ref) < tolerance
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_float8_activations_refuse_what_they_cannot_compute(device):
+    ((gate_up, gate_up_scale), (down, down_scale)), _ = fp8_experts(192, 128, 4, (64, 64), device, 23)
+    x, index, weights, bf16_gate_up, bf16_down = random_experts(3, 192, 128, 4, 2, torch.float32, device, seed=23)
+    with pytest.raises(ValueError, match="multiples of 128.*got FP8 weights, hidden 192, intermediate 128"):
+        moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                   block_size=(64, 64), quantize_activations=True)  # fmt: skip
+    with pytest.raises(ValueError, match="needs block-FP8 weights.*got torch.float32 weights"):
+        moe_decode(x, index, weights, bf16_gate_up, bf16_down, quantize_activations=True)
+    ((gate_up, gate_up_scale), (down, down_scale)), _ = fp8_experts(256, 128, 4, (64, 64), device, 24)
+    x, index, weights, _, _ = random_experts(3, 256, 128, 4, 2, torch.float32, device, seed=24)
+    with pytest.raises(ValueError, match="steps of 32 to 128 columns; .* steps of 16"):
+        moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                   block_size=(64, 64), quantize_activations=True, block_k=16)  # fmt: skip
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_bad_arguments_raise_clear_errors(device):
     ((gate_up, gate_up_scale), (down, down_scale)), _ = fp8_experts(48, 32, 4, (16, 16), device, 15)
@@ -455,24 +514,24 @@ def test_fp8_bad_arguments_raise_clear_errors(device):
         call(torch.ones(4, 4, 2, device=device), torch.ones(4, 3, 2, device=device), (16, 24))
 
 
-def fp8_experts_module(device, num_tokens):
-    """transformers' own `FP8Experts` (hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
+def fp8_experts_module(device, num_tokens, hidden=64, inter=32, block=(16, 16)):
+    """transformers' own `FP8Experts` (by default hidden 64, 6 experts of 32, top-2, 16 x 16 tiles) with
     `experts_implementation="moe_decode"`, a routed batch, its float64 reference and the dequantized float64 weights
     `(gate_up, down)` it comes from."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
     from transformers.integrations.moe import use_experts_implementation
 
-    config = Step3Config(**{**TINY_CONFIG, "moe_intermediate_size": 32, "hidden_size": 64})
+    config = Step3Config(**{**TINY_CONFIG, "moe_intermediate_size": inter, "hidden_size": hidden})
     config._experts_implementation = MOE_DECODE_EXPERTS
-    block = (16, 16)
     cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS)
     experts = cls(config=config, block_size=block).to(device)
-    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(64, 32, 6, block, device, 5)
+    ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(hidden, inter, 6, block,
+                                                                                          device, 5)  # fmt: skip
     with torch.no_grad():
         for name, value in (("gate_up_proj", gate_up), ("gate_up_proj_scale_inv", gate_up_scale),
                             ("down_proj", down), ("down_proj_scale_inv", down_scale)):  # fmt: skip
             getattr(experts, name).data = value
-    x, index, weights, _, _ = random_experts(num_tokens, 64, 32, 6, 2, torch.float32, device, seed=6)
+    x, index, weights, _, _ = random_experts(num_tokens, hidden, inter, 6, 2, torch.float32, device, seed=6)
     dequantized = (gate_up_ref.to(device), down_ref.to(device))
     return experts, x, index, weights, reference_experts(x.double(), index, weights.double(), *dequantized), dequantized
 
@@ -502,6 +561,36 @@ def test_fp8_experts_module_dispatches_to_the_kernel_and_by_expert(device, kerne
     assert kernel_calls == [6]  # only the no-grad call took the kernel
     assert experts_module.fp8_experts_path(experts, x, 2).startswith("expert by expert")
     assert relative_error(decoded, ref) < 1e-5 and relative_error(by_expert.detach(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_experts_round_activations_only_when_asked_and_able(device, monkeypatch):
+    """`EXPERTS_ACTIVATIONS_FP8` has the module's kernel calls round their activations where the widths allow it
+    (hidden and intermediate 128, 32 x 64 tiles), bit for bit the direct call's product; 64-wide experts, and every
+    call while it is off, stay weight-only."""
+    asked = []
+    kernel = experts_module.moe_decode
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs["quantize_activations"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "moe_decode", recorded)
+    widths = {True: dict(hidden=128, inter=128, block=(32, 64)), False: dict(hidden=64, inter=32, block=(16, 16))}
+    for flag in (False, True):
+        monkeypatch.setattr(experts_module, "EXPERTS_ACTIVATIONS_FP8", flag)
+        for able, sizes in widths.items():
+            experts, x, index, weights, _, _ = fp8_experts_module(device, num_tokens=5, **sizes)
+            asked.clear()
+            with torch.no_grad():
+                out = experts(x, index, weights)
+            assert asked == [flag and able], (flag, able)
+            expected = kernel(x, index, weights, experts.gate_up_proj, experts.down_proj,
+                              gate_up_scale=experts.gate_up_proj_scale_inv, down_scale=experts.down_proj_scale_inv,
+                              block_size=experts.block_size, quantize_activations=flag and able)  # fmt: skip
+            assert torch.equal(out, expected), (flag, able)
+            path = experts_module.fp8_experts_path(experts, x, 2)
+            assert ("float8 activations" in path) == (flag and able), path
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -553,7 +642,8 @@ def test_fp8_prefill_takes_the_kernel_in_token_slices(device, kernel_calls, monk
     monkeypatch.setattr(experts_module, "MAX_MOE_DECODE_TOKENS", 4)  # the bf16 hand-off to grouped_mm: not for FP8
     monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 10)
     with torch.no_grad():
-        assert "moe_decode on the float8 weights, 3 call(s)" in experts_module.fp8_experts_path(experts, x, 2)
+        path = experts_module.fp8_experts_path(experts, x, 2)
+        assert "moe_decode on the float8 weights, float32 activations, 3 call(s)" in path
         sliced = experts(x, index, weights)
         assert kernel_calls == [10, 10, 4]
         monkeypatch.setattr(experts_module, "MAX_FP8_EXPERTS_TOKENS", 24)

@@ -44,3 +44,18 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """`|out - ref| / |ref|` in float64, after checking that `out` is finite."""
     assert torch.isfinite(out).all()
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# fp32 products of float8 x float8 operands: Hopper's float8 warp-group MMA adds them with fewer bits than fp32 within
+# a step (H100, 2026-12-07: 3e-5 to 9e-5 off float64 with 64-column tiles, 4e-8 with 32-column ones, on the same
+# operands); the interpreter's fp32 sums stay within 1e-5.
+FLOAT8_MMA_FP32_TOLERANCE = 1e-5 if INTERPRETED else 2e-4
+
+
+def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """`x` as `quantize_fp8_activations` rounds it (e4m3 per row and 128 columns), in float64 on the CPU."""
+    from step3_hf.kernels.fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations_eager
+
+    quantized, scale = quantize_fp8_activations_eager(x.cpu())
+    groups = quantized.double().unflatten(-1, (-1, GROUP_SIZE)) * scale.double()[..., None]
+    return groups.flatten(-2)[: x.shape[0]]

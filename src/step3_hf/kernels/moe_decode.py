@@ -22,7 +22,10 @@ alone were ~17 (issue 21: a decode step is bound by the host issuing launches).
 Block-FP8 expert weights (float8 e4m3 with one float32 `scale_inv` per `[SN, SK]` tile, transformers' `FP8Experts`)
 run through the same kernels: each `BLOCK_K` step lies within one scale column, so a step's float8 tile is widened
 exactly to the activations' dtype, multiplied, and the fp32 partial product scaled per output row; weights are read
-as one byte each.
+as one byte each. With `quantize_activations` the kernels' inputs (the tokens, then the intermediate activation) are
+first rounded to e4m3 per row and 128 columns (`quantize_fp8_activations`, one launch each: the release's dynamic
+activation scheme), and each step multiplies float8 by float8 on the tensor cores, its fp32 product scaled per
+weight row and per activation row: no widening, and tensor cores twice as fast as bf16's for a prefill.
 
 The kernels take any token count. `default_launch` picks the launch from the average rows per expert: the decode
 launch above, or for prefill-sized calls (the FP8 experts' prefill; bf16 prefill goes to `grouped_mm`), where the
@@ -37,7 +40,9 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations
 from .triton_support import (
+    MIN_FP8_DOT_K,
     check_kernel_inputs,
     interpreter_enabled,
     kernel_available,
@@ -53,6 +58,7 @@ __all__ = [
     "align_pairs_to_blocks",
     "default_block_m",
     "default_launch",
+    "float8_activations_supported",
     "moe_decode",
 ]
 
@@ -92,15 +98,30 @@ def _add_product(acc, a, w, DOT_F32: tl.constexpr):
 
 
 @triton_jit
+def _row_scales(AS, rows, rows_ok, k, stride_asm, stride_ask, A8: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP: tl.constexpr):  # fmt: skip
+    """Under A8, the float8 activation rows' scales for this K step (which lies within one group); else unused."""
+    if A8:
+        return tl.load(AS + rows * stride_asm + (k * BLOCK_K // GROUP) * stride_ask, mask=rows_ok, other=0.0)
+    return tl.zeros(rows.shape, tl.float32)
+
+
+@triton_jit
 def _add_scaled_product(acc, a, w, S, rows_ok, k, DOT_F32: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SN: tl.constexpr, SK: tl.constexpr, offs_rows, stride_sn, stride_sk):  # fmt: skip
-    """`acc + a @ w.T`, with block-FP8 `w` widened to `a`'s dtype and the product scaled by each weight row's tile
+                        SN: tl.constexpr, SK: tl.constexpr, offs_rows, stride_sn, stride_sk, a_scale,
+                        A8: tl.constexpr):  # fmt: skip
+    """`acc + a @ w.T`, with block-FP8 `w` widened to `a`'s dtype (under A8, float8 `a` and `w` multiplied as they
+    are, and the product scaled by `a_scale` per row of `a` too) and the product scaled by each weight row's tile
     scale for this K step (`S` points at the expert's scales)."""
     if FP8:
         scale = tl.load(S + (offs_rows // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=rows_ok, other=0.0)
         partial = tl.zeros(acc.shape, tl.float32)
-        partial = _add_product(partial, a, w.to(a.dtype), DOT_F32)
-        acc += partial * scale[None, :]
+        if A8:
+            partial = _add_product(partial, a, w, DOT_F32)
+            acc += partial * scale[None, :] * a_scale[:, None]
+        else:
+            partial = _add_product(partial, a, w.to(a.dtype), DOT_F32)
+            acc += partial * scale[None, :]
     else:
         acc = _add_product(acc, a, w, DOT_F32)
     return acc
@@ -108,13 +129,15 @@ def _add_scaled_product(acc, a, w, S, rows_ok, k, DOT_F32: tl.constexpr, FP8: tl
 
 @triton_jit
 def _gate_up_swiglu(
-    X, W, S, SORTED_PAIR, BLOCK_EXPERT, INTER,
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_is, stride_in,
-    num_pairs, num_experts, hidden, inter, top_k,
+    X, XS, W, S, SORTED_PAIR, BLOCK_EXPERT, INTER,
+    stride_xt, stride_xh, stride_xst, stride_xsh, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+    stride_is, stride_in, num_pairs, num_experts, hidden, inter, top_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
+    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr,
+    GROUP: tl.constexpr,
 ):  # fmt: skip
-    """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up)."""
+    """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up). Under
+    A8, X is float8 with one scale per token and GROUP columns (XS)."""
     pid_n = tl.program_id(0)
     expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
     if expert >= num_experts:  # a block past the last expert's rows: no work
@@ -137,10 +160,11 @@ def _gate_up_swiglu(
         x = _load_k_tile(x_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
         gate = _load_k_tile(gate_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
         up = _load_k_tile(up_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        x_scale = _row_scales(XS, token, row_ok, k, stride_xst, stride_xsh, A8, BLOCK_K, GROUP)
         acc_gate = _add_scaled_product(acc_gate, x, gate, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK,
-                                       offs_n, stride_sn, stride_sk)  # fmt: skip
+                                       offs_n, stride_sn, stride_sk, x_scale, A8)  # fmt: skip
         acc_up = _add_scaled_product(acc_up, x, up, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK,
-                                     inter + offs_n, stride_sn, stride_sk)  # fmt: skip
+                                     inter + offs_n, stride_sn, stride_sk, x_scale, A8)  # fmt: skip
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
@@ -152,13 +176,15 @@ def _gate_up_swiglu(
 
 @triton_jit
 def _down_weighted(
-    INTER, W, S, SORTED_PAIR, BLOCK_EXPERT, ROUTING, OUT,
-    stride_is, stride_in, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_os, stride_oh,
-    num_pairs, num_experts, hidden, inter,
+    INTER, IS, W, S, SORTED_PAIR, BLOCK_EXPERT, ROUTING, OUT,
+    stride_is, stride_in, stride_iss, stride_isn, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+    stride_os, stride_oh, num_pairs, num_experts, hidden, inter,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
+    DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr,
+    GROUP: tl.constexpr,
 ):  # fmt: skip
-    """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights."""
+    """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights.
+    Under A8, INTER is float8 with one scale per pair and GROUP columns (IS)."""
     pid_n = tl.program_id(0)
     expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
     if expert >= num_experts:
@@ -176,8 +202,9 @@ def _down_weighted(
         k_left = inter - k * BLOCK_K
         a = _load_k_tile(a_ptrs, row_ok, k_left, BLOCK_K, EVEN_K)
         w = _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
+        a_scale = _row_scales(IS, safe_pair, row_ok, k, stride_iss, stride_isn, A8, BLOCK_K, GROUP)
         acc = _add_scaled_product(acc, a, w, scales, n_ok, k, DOT_F32, FP8, BLOCK_K, SN, SK, offs_n,
-                                  stride_sn, stride_sk)  # fmt: skip
+                                  stride_sn, stride_sk, a_scale, A8)  # fmt: skip
         a_ptrs += BLOCK_K * stride_in
         w_ptrs += BLOCK_K * stride_wk
 
@@ -379,6 +406,7 @@ def moe_decode(
     down_scale: torch.Tensor | None = None,
     block_size: tuple[int, int] | None = None,
     expert_parallel: bool = False,
+    quantize_activations: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -400,6 +428,8 @@ def moe_decode(
             capped to `b1`, which it must divide.
         expert_parallel: the weights are this rank's `E` experts of a larger set: a choice whose id lies outside
             `[0, E)` (transformers' expert-parallel sentinel `E`) is routed elsewhere and adds nothing here.
+        quantize_activations: block-FP8 weights only: round the tokens and the intermediate activation to e4m3 per
+            row and 128 columns and multiply on float8 tensor cores (`float8_activations_supported` says where).
         block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block; output columns
             and reduction depth per program; warps; pipelining depth); those left None come from `default_launch`,
             which depends on the rows per expert (decode or prefill sized).
@@ -450,14 +480,26 @@ def moe_decode(
         dtypes = {hidden_states.dtype}
     else:
         dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
+    if quantize_activations and not (fp8 and float8_activations_supported(hidden, inter, block_k)):
+        raise ValueError(
+            f"quantize_activations needs block-FP8 weights, hidden and intermediate sizes that are multiples of "
+            f"{GROUP_SIZE} and steps of {MIN_FP8_DOT_K} to {GROUP_SIZE} columns; got "
+            f"{'FP8' if fp8 else gate_up_proj.dtype} weights, hidden {hidden}, intermediate {inter}, steps of {block_k}"
+        )
     if len(dtypes) != 1 or hidden_states.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"hidden_states and expert weights must share one of {SUPPORTED_DTYPES}, got {sorted(map(str, dtypes))}"
         )
     return _moe_decode_op(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
-        block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel,
+        block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations,
     )  # fmt: skip
+
+
+def float8_activations_supported(hidden: int, inter: int, block_k: int) -> bool:
+    """Whether `quantize_activations` computes experts of these widths in steps of `block_k` (after its cap to the
+    scale tile): whole 128-column activation groups, steps within one group and at least a float8 MMA deep."""
+    return hidden % GROUP_SIZE == 0 and inter % GROUP_SIZE == 0 and MIN_FP8_DOT_K <= block_k <= GROUP_SIZE
 
 
 def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block_size, block_k) -> tuple[int, ...]:
@@ -502,6 +544,7 @@ def _moe_decode_op(
     scale_n: int,
     scale_k: int,
     expert_parallel: bool,
+    quantize_activations: bool,
 ) -> torch.Tensor:
     """The alignment and the two launches behind `moe_decode`, on arguments it has checked."""
     num_tokens, hidden = hidden_states.shape
@@ -520,27 +563,32 @@ def _moe_decode_op(
         expert_ids = torch.where((expert_ids < 0) | (expert_ids >= num_experts), num_experts, expert_ids)
     sorted_pair_ids, block_expert = align_pairs_to_blocks(expert_ids, num_experts + int(expert_parallel), block_m)
     num_blocks = block_expert.numel()
-    dot_f32 = hidden_states.dtype == torch.float32 or interpreter_enabled()
+    a8 = quantize_activations
+    dot_f32 = (hidden_states.dtype == torch.float32 and not a8) or interpreter_enabled()
     fp8 = gate_up_scale is not None
-    launch = dict(num_warps=num_warps, num_stages=num_stages, FP8=fp8, SN=scale_n, SK=scale_k, DOT_F32=dot_f32)
-    # Without scales the kernels never read them (FP8 is a compile-time constant): an existing tensor stands in for
-    # the pointer, with zero strides, and nothing is allocated for it.
+    launch = dict(num_warps=num_warps, num_stages=num_stages, FP8=fp8, SN=scale_n, SK=scale_k, DOT_F32=dot_f32,
+                  A8=a8, GROUP=GROUP_SIZE)  # fmt: skip
+    # Without scales the kernels never read them (FP8 and A8 are compile-time constants): an existing tensor stands
+    # in for the pointer, with zero strides, and nothing is allocated for it.
     gate_up_scale = gate_up_scale if fp8 else top_k_weights
     down_scale = down_scale if fp8 else gate_up_scale
+    # Under A8: float8 rows (padded to a multiple of 4, read up to the real ones) and their per-group scales.
+    x, x_scale = quantize_fp8_activations(hidden_states) if a8 else (hidden_states, top_k_weights)
 
     activated = torch.empty(num_pairs, inter, dtype=hidden_states.dtype, device=device)
     _gate_up_swiglu[(triton.cdiv(inter, block_n), num_blocks)](
-        hidden_states, gate_up_proj, gate_up_scale, sorted_pair_ids, block_expert, activated,
-        *hidden_states.stride(), *gate_up_proj.stride(), *_scale_strides(gate_up_scale), *activated.stride(),
-        num_pairs, num_experts, hidden, inter, top_k,
+        x, x_scale, gate_up_proj, gate_up_scale, sorted_pair_ids, block_expert, activated,
+        *x.stride(), *_operand_scale_strides(x_scale, a8), *gate_up_proj.stride(), *_scale_strides(gate_up_scale),
+        *activated.stride(), num_pairs, num_experts, hidden, inter, top_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
+    a, a_scale = quantize_fp8_activations(activated) if a8 else (activated, top_k_weights)
     routing = top_k_weights.reshape(-1).contiguous()
     partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
-        activated, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
-        *activated.stride(), *down_proj.stride(), *_scale_strides(down_scale), *partial.stride(),
-        num_pairs, num_experts, hidden, inter,
+        a, a_scale, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
+        *a.stride(), *_operand_scale_strides(a_scale, a8), *down_proj.stride(), *_scale_strides(down_scale),
+        *partial.stride(), num_pairs, num_experts, hidden, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch,
     )  # fmt: skip
     # The top-k partial rows of each token: summed in fp32, then rounded once, in one launch.
@@ -556,9 +604,13 @@ def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
     return tuple(scale.stride()) if scale.dim() == 3 else (0, 0, 0)
 
 
+def _operand_scale_strides(scale: torch.Tensor, a8: bool) -> tuple[int, int]:
+    return tuple(scale.stride()) if a8 else (0, 0)
+
+
 @_moe_decode_op.register_fake
 def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale, block_m,
-      block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel):  # fmt: skip
+      block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations):  # fmt: skip
     return torch.empty_like(hidden_states)
 
 

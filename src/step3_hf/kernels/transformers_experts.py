@@ -14,7 +14,8 @@ transformers' FP8 experts functions: `fp8_moe_decode_experts_forward` runs the k
 scales for inference calls of any size (also on a range of the experts, expert-parallel, as an AFD FFN rank holds):
 a prefill is one grouped launch per slice of at most `MAX_FP8_EXPERTS_TOKENS` tokens, with the kernel's prefill
 launch (`moe_decode.default_launch`). Only calls the kernel cannot take (a gradient, a device without the kernel, a
-layout it does not compute) run expert by expert through `fp8_linear.fp8_block_linear`.
+layout it does not compute) run expert by expert through `fp8_linear.fp8_block_linear`. `EXPERTS_ACTIVATIONS_FP8`
+has the kernel round the activations to float8 and multiply on float8 tensor cores, where the widths allow it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
-from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, default_launch, moe_decode
+from .moe_decode import (
+    SUPPORTED_ACTIVATIONS,
+    SUPPORTED_DTYPES,
+    default_launch,
+    float8_activations_supported,
+    moe_decode,
+)
 from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
@@ -53,6 +60,10 @@ MAX_GROUPED_MM_TOKENS = 16384
 # `[tokens * top_k, I]` in the activations' dtype and `[tokens * top_k, H]` fp32: at Step-3's widths (top-3, H 7168,
 # I 5120, bf16) 8192 tokens take 0.89 GiB. Each token's result depends on its own row alone.
 MAX_FP8_EXPERTS_TOKENS = 8192
+# True: FP8 experts' calls of `moe_decode` round the tokens and the intermediate activation to e4m3 per row and 128
+# columns (the release's dynamic activation scheme) and multiply float8 by float8 (`quantize_activations`), where
+# the widths allow it. False: weight-only, the float8 weights widened to the activations' dtype.
+EXPERTS_ACTIVATIONS_FP8 = False
 
 
 def _layout_unsupported(experts: torch.nn.Module) -> str | None:
@@ -152,6 +163,7 @@ def fp8_moe_decode_experts_forward(
             activation=self.config.hidden_act, gate_up_scale=self.gate_up_proj_scale_inv,
             down_scale=self.down_proj_scale_inv, block_size=self.block_size,
             expert_parallel=getattr(self, "_is_expert_parallel", False),  # e.g. an AFD FFN rank's range of experts
+            quantize_activations=_rounds_activations(self, index.numel()),
         )  # fmt: skip
 
     return _in_token_slices(forward, MAX_FP8_EXPERTS_TOKENS, hidden_states, top_k_index, top_k_weights)
@@ -192,6 +204,15 @@ def _fp8_call_takes(hidden_states: torch.Tensor, top_k_weights: torch.Tensor | N
     )
 
 
+def _rounds_activations(experts: torch.nn.Module, num_pairs: int) -> bool:
+    """Whether an FP8 experts call of `num_pairs` (token, choice) pairs rounds its activations to float8:
+    `EXPERTS_ACTIVATIONS_FP8`, where the widths and the default launch's reduction steps allow it."""
+    if not EXPERTS_ACTIVATIONS_FP8:
+        return False
+    block_k = min(default_launch(num_pairs, experts.num_experts)["block_k"], int(experts.block_size[1]))
+    return float8_activations_supported(experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1], block_k)
+
+
 def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> str:
     """Which path `fp8_moe_decode_experts_forward` takes for `experts` (an `FP8Experts`) on a call of `hidden_states`
     with `top_k` choices per token, and the kernel's launch (for reports)."""
@@ -199,10 +220,12 @@ def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_
         return "expert by expert (fp8_block_linear per hit expert)"
     tokens = hidden_states.shape[0]
     slices = -(-tokens // MAX_FP8_EXPERTS_TOKENS)
-    launch = default_launch(min(tokens, MAX_FP8_EXPERTS_TOKENS) * top_k, experts.num_experts)
+    pairs = min(tokens, MAX_FP8_EXPERTS_TOKENS) * top_k
+    launch = default_launch(pairs, experts.num_experts)
+    activations = "float8" if _rounds_activations(experts, pairs) else str(hidden_states.dtype).removeprefix("torch.")
     return (
-        f"Triton moe_decode on the float8 weights, {slices} call(s) of at most {MAX_FP8_EXPERTS_TOKENS} tokens, "
-        f"launch {launch}"
+        f"Triton moe_decode on the float8 weights, {activations} activations, {slices} call(s) of at most "
+        f"{MAX_FP8_EXPERTS_TOKENS} tokens, launch {launch}"
     )
 
 

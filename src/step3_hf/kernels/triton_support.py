@@ -19,6 +19,7 @@ except ImportError:  # the package works without Triton; only its kernels need i
     tl = None
 
 __all__ = [
+    "MIN_FP8_DOT_K",
     "SUPPORTED_DTYPES",
     "check_kernel_inputs",
     "float8_kernel_available",
@@ -37,6 +38,8 @@ _Launcher = TypeVar("_Launcher", bound=Callable)
 
 # The floating-point dtypes the kernels compute on.
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The shallowest reduction step of a float8 x float8 tensor-core product (Hopper's FP8 MMA is 32 deep).
+MIN_FP8_DOT_K = 32
 
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, so the kernels of this package, defined when it is imported,
