@@ -9,22 +9,22 @@ first, then the same weights quantized. Reported:
 - a decode step (one new token per sequence against a static cache prefilled to the context, replayed as a CUDA
   graph) at each batch x context, in tokens/s, for
   - bf16: `mfa_decode` attention + `moe_decode` experts (the fastest bf16 path, `decode_step.py`);
-  - fp8: the same kernels with FP8 weights, as a loaded FP8 checkpoint computes by default (`moe_decode` on float8
-    experts; the attention projections and the dense and shared MLPs through `step3_hf.kernels.fp8_linear`: up to
-    64 rows `fp8_decode_linear` with the activations rounded to e4m3 per token and 128 columns and multiplied on
-    float8 tensor cores, above that cuBLAS's block-scaled GEMMs);
-  - fp8, bf16 activations: the same with the decode linears weight-only (`fp8_linear.DECODE_ACTIVATIONS_FP8 = False`:
-    the float8 weight widened to bf16 in registers, the activations as they are);
-  - fp8, float8 activations in the experts too: the routed experts' activations rounded to float8 as well
-    (`transformers_experts.EXPERTS_ACTIVATIONS_FP8`, `moe_decode(..., quantize_activations=True)`);
+  - fp8: the same kernels with FP8 weights, as a loaded FP8 checkpoint computes by default, the activations rounded
+    to e4m3 per token and 128 columns and multiplied on float8 tensor cores (`moe_decode(...,
+    quantize_activations=True)` on the float8 experts; the attention projections and the dense and shared MLPs
+    through `step3_hf.kernels.fp8_linear`: up to 64 rows `fp8_decode_linear`, above that cuBLAS's block-scaled
+    GEMMs);
+  - fp8, bf16 activations: the same weight-only where that is an option (`fp8_linear.DECODE_ACTIVATIONS_FP8` and
+    `transformers_experts.EXPERTS_ACTIVATIONS_FP8` False: the float8 weights widened to bf16 in registers, the
+    activations as they are; cuBLAS above 64 rows still rounds them);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
     `kernels` hub package, absent offline, in which case the cell says why), eager;
 - each against its roofline = (weight bytes the step reads + KV bytes) / device-copy bandwidth measured in the same
   run (routed experts counted with the probability that at least one token of the batch picks them);
 - prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8 (bf16 experts through
-  `grouped_mm`, FP8 experts through `moe_decode` on the float8 weights; the path and launch are printed), and FP8
-  with float8 activations in the experts too.
+  `grouped_mm`, FP8 experts through `moe_decode` on the float8 weights; the path and launch are printed), FP8 also
+  with bf16 activations in the experts.
 
     python benchmarks/fp8_decode.py [--batches 16 64 256] [--contexts 4096 16384] [--prefill 1x4096 4x4096]
     python benchmarks/fp8_decode.py --quick      # batch 16 and 64 at 4K, prefill 1x2048: under 3 minutes
@@ -52,14 +52,13 @@ BLOCK_SIZE = (128, 128)
 # name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears, and in
 # the experts)
 BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False, False)}
+BF16_ACTIVATIONS = "fp8, bf16 activations"
 FP8_VARIANTS = {
-    "fp8": (False, "moe_decode", True, True, False),
-    "fp8, bf16 activations": (False, "moe_decode", True, False, False),
-    "fp8, float8 activations in the experts too": (False, "moe_decode", True, True, True),
-    "fp8 + fp8 KV": (True, "moe_decode", True, True, False),
-    "fp8, transformers' experts": (False, "grouped_mm", False, True, False),
+    "fp8": (False, "moe_decode", True, True, True),
+    BF16_ACTIVATIONS: (False, "moe_decode", True, False, False),
+    "fp8 + fp8 KV": (True, "moe_decode", True, True, True),
+    "fp8, transformers' experts": (False, "grouped_mm", False, True, True),
 }
-FLOAT8_EXPERTS = "fp8, float8 activations in the experts too"
 
 
 def weight_bytes(model) -> int:
@@ -147,10 +146,10 @@ def main() -> None:
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
-    transformers_experts.EXPERTS_ACTIVATIONS_FP8, default = True, transformers_experts.EXPERTS_ACTIVATIONS_FP8
+    transformers_experts.EXPERTS_ACTIVATIONS_FP8, default = False, transformers_experts.EXPERTS_ACTIVATIONS_FP8
     for shape in args.prefill:
-        prefill[(FLOAT8_EXPERTS, shape)] = prefill_seconds(model, *shape)
-        print(f"  prefill {FLOAT8_EXPERTS} {shape}: {prefill[(FLOAT8_EXPERTS, shape)]}", flush=True)
+        prefill[(BF16_ACTIVATIONS, shape)] = prefill_seconds(model, *shape)
+        print(f"  prefill {BF16_ACTIVATIONS} {shape}: {prefill[(BF16_ACTIVATIONS, shape)]}", flush=True)
     transformers_experts.EXPERTS_ACTIVATIONS_FP8 = default
 
     path = fp8_linear_path(q_proj.weight, q_proj.block_size)  # after the runs: a failure on first use shows here
@@ -173,11 +172,11 @@ def main() -> None:
         speedup = f"{bf16 / fp8:.2f}x" if not isinstance(bf16, str) and not isinstance(fp8, str) else "n/a"
         print(f"| {context} | {batch} | " + " | ".join(cells) + f" | {speedup} |")
     print("\nPrefill tokens/s (ms):\n")
-    print(f"| shape | bf16 | fp8 | {FLOAT8_EXPERTS} |")
+    print(f"| shape | bf16 | fp8 | {BF16_ACTIVATIONS} |")
     print("|---|---|---|---|")
     for shape in args.prefill:
         cells = []
-        for label in ("bf16", "fp8", FLOAT8_EXPERTS):
+        for label in ("bf16", "fp8", BF16_ACTIVATIONS):
             value = prefill[(label, shape)]
             cells.append(value if isinstance(value, str) else f"{shape[0] * shape[1] / value:,.0f} ({value * 1e3:.1f})")
         print(f"| {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")

@@ -646,6 +646,10 @@ class Step3VocabProjection(nn.Linear):
 
 # Shortest static cache `generate` allocates by default (positions): one compiled decode graph serves all shorter runs.
 STATIC_CACHE_MIN_LENGTH = 256
+# Prompt tokens (batch x length) that a default dynamic-cache `generate` prefills in one forward; beyond it the prompt
+# runs in chunks of about this many tokens (transformers' `prefill_chunk_size`). Each layer's activations grow with
+# the tokens at once: at Step-3's widths 262,144 of them asked for one 9 GiB block, 1,048,576 for 32 GiB (H100).
+PREFILL_TOKENS_PER_CHUNK = 65536
 
 
 class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
@@ -663,17 +667,32 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
-        """`GenerationMixin.generate`; a static cache without a set `max_cache_len` is sized to the next power of two
-        of prompt plus new tokens (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph
-        while only the prompt length or `max_new_tokens` change (transformers reuses a cache at least as long)."""
+        """`GenerationMixin.generate`, with two defaults where the caller set none:
+
+        - a static cache without a set `max_cache_len` is sized to the next power of two of prompt plus new tokens
+          (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph while only the prompt
+          length or `max_new_tokens` change (transformers reuses a cache at least as long);
+        - a dynamic-cache prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in
+          chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded. Not with raw
+          images, which transformers does not split, nor on a static cache, whose chunks it would compile."""
         config = generation_config if generation_config is not None else self.generation_config
         static = kwargs.get("cache_implementation", config.cache_implementation) == "static"
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if static and kwargs.get("max_cache_len", config.max_cache_len) is None:
-            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
             if prompt is not None and new_tokens is not None:
                 needed = prompt.shape[1] + new_tokens
                 kwargs["max_cache_len"] = max(STATIC_CACHE_MIN_LENGTH, 1 << (needed - 1).bit_length())
+        chunkable = (
+            not static
+            and prompt is not None
+            and prompt.shape[0] * prompt.shape[1] > PREFILL_TOKENS_PER_CHUNK
+            and kwargs.get("prefill_chunk_size", config.prefill_chunk_size) is None
+            and kwargs.get("use_cache", config.use_cache) is not False
+            and all(kwargs.get(name) is None for name in ("pixel_values", "patch_pixel_values"))
+        )
+        if chunkable:
+            kwargs["prefill_chunk_size"] = max(1, PREFILL_TOKENS_PER_CHUNK // prompt.shape[0])
         return super().generate(inputs, generation_config, **kwargs)
 
     @can_return_tuple

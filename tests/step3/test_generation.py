@@ -70,6 +70,39 @@ def test_static_cache_equals_dynamic_cache(model):
     version.parse(transformers.__version__) < version.parse("5.24"),
     reason="transformers < 5.24 hands the paged cache to the attention function instead of the model",
 )
+def forward_lengths(model, monkeypatch, budget, ids, mask, **kwargs):
+    """The greedy tokens, and the positions of each forward `generate` ran, with `PREFILL_TOKENS_PER_CHUNK =
+    budget`."""
+    from step3_hf import modeling_step3
+
+    monkeypatch.setattr(modeling_step3, "PREFILL_TOKENS_PER_CHUNK", budget)
+    lengths = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)  # fmt: skip
+    try:
+        tokens = greedy(model, ids, mask, **kwargs)
+    finally:
+        hook.remove()
+    return tokens, lengths
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, monkeypatch):
+    """A prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in chunks of that many
+    tokens' worth of positions, left padding included, with the tokens of one prefill; a prompt within it, a static
+    cache, a chunk size the caller set and `use_cache=False` are left alone."""
+    ids, mask = left_pad(PROMPTS)  # 3 x 7 = 21 tokens
+    decode = [1] * 11  # 12 new tokens: the prefill gives the first
+    whole, lengths = forward_lengths(model, monkeypatch, 21, ids, mask)
+    assert lengths == [7, *decode]
+    for budget, chunks in ((20, [6, 1]), (6, [2, 2, 2, 1])):  # chunks of budget // 3 positions
+        chunked, lengths = forward_lengths(model, monkeypatch, budget, ids, mask)
+        assert lengths == [*chunks, *decode] and chunked.tolist() == whole.tolist(), budget
+    assert forward_lengths(model, monkeypatch, 6, ids, mask, prefill_chunk_size=4)[1] == [4, 3, *decode]
+    static, lengths = forward_lengths(model, monkeypatch, 6, ids, mask, cache_implementation="static")
+    assert lengths == [7, *decode] and static.tolist() == whole.tolist()
+    assert forward_lengths(model, monkeypatch, 6, ids, mask, use_cache=False)[1] == list(range(7, 19))
+
+
 def test_continuous_batching_equals_generate(model):
     config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     # Explicit cache sizes: the defaults are inferred from free accelerator memory.

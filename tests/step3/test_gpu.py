@@ -192,6 +192,7 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
     from transformers.integrations.finegrained_fp8 import FP8Experts
 
     import step3_hf.kernels.fp8_linear as fp8_linear
+    import step3_hf.kernels.transformers_experts as transformers_experts
     from step3_hf.kernels import MOE_DECODE_EXPERTS, Step3FP8Linear
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -217,14 +218,16 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
         monkeypatch.setattr(fp8_linear, "USE_CUBLAS", False)
         monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", decode_rows)
         monkeypatch.setattr(fp8_linear, "DECODE_ACTIVATIONS_FP8", False)
+        monkeypatch.setattr(transformers_experts, "EXPERTS_ACTIVATIONS_FP8", False)
         with torch.no_grad():
             logits = model(input_ids.cuda()).logits.double().cpu()
         assert ((logits - reference).norm() / reference.norm()).item() < (2e-2 if length == 1 else 4e-2), length
-        # The default: the decode kernel (1 token) and cuBLAS's GEMMs (300) round the activations to e4m3 per 128
-        # columns: ~2.5% per product, compounded over the layers of this random model (an emulation of the same math
-        # on CPU: 7% at 1 token, 12% at 300).
+        # The default: the decode kernel (1 token), cuBLAS's GEMMs (300) and the experts round the activations to e4m3
+        # per 128 columns: ~2.5% per product, compounded over the layers of this random model (an emulation of the
+        # same math on CPU: 7% at 1 token, 12% at 300).
         monkeypatch.setattr(fp8_linear, "USE_CUBLAS", True)
         monkeypatch.setattr(fp8_linear, "DECODE_ACTIVATIONS_FP8", True)
+        monkeypatch.setattr(transformers_experts, "EXPERTS_ACTIVATIONS_FP8", True)
         paths = {"decode kernel": decode_rows, "cuBLAS": 0}  # cuBLAS at 1 token too, not the decode kernel
         if not fp8_linear.scaled_mm_supported(attention.q_proj.weight, (128, 128)):
             del paths["cuBLAS"]

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from triton_cases import (
     DEVICES,
-    FLOAT8_MMA_FP32_TOLERANCE,
     HAS_CUDA,
     INTERPRETED,
     dequantized_activations,
@@ -448,6 +447,9 @@ def reference_float8_activations(x, index, weights, gate_up, down, dtype):
     return out
 
 
+# fp32 on CUDA: the float8 MMA's sums (`FLOAT8_MMA_FP32_TOLERANCE`) move the few intermediate values near an e4m3
+# rounding boundary across it, a whole e4m3 step each (H100, 2026-12-07: 1.2e-3 with the prefill launch).
+A8_TOLERANCE = {torch.float32: 1e-5 if INTERPRETED else 5e-3, torch.bfloat16: TOLERANCE[torch.bfloat16]}
 # (hidden, intermediate, scale tiles, launch): the decode launch, 16-row blocks with 32-deep steps in 128-wide
 # tiles, and the prefill launch (64-row blocks, 8 warps).
 A8_CASES = {"decode": (256, 128, (32, 64), {}),
@@ -471,8 +473,7 @@ def test_fp8_float8_activations_match_the_float64_loop_of_the_rounded_operands(d
     ref = reference_float8_activations(x, index.cpu(), weights, gate_up_ref, down_ref, dtype)
     weight_only = reference_experts(x.double().cpu(), index.cpu(), weights.double().cpu(), gate_up_ref, down_ref)
     assert 1e-3 < relative_error(ref, weight_only) < 0.1
-    tolerance = FLOAT8_MMA_FP32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
-    assert out.dtype == dtype and relative_error(out.cpu(), ref) < tolerance
+    assert out.dtype == dtype and relative_error(out.cpu(), ref) < A8_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)
