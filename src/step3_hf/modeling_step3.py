@@ -673,8 +673,9 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
           (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph while only the prompt
           length or `max_new_tokens` change (transformers reuses a cache at least as long);
         - a dynamic-cache prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in
-          chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded. Not with raw
-          images, which transformers does not split, nor on a static cache, whose chunks it would compile."""
+          chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded. Not from
+          `inputs_embeds` or with raw images, which transformers does not split, nor on a static cache, whose chunks
+          it would compile."""
         config = generation_config if generation_config is not None else self.generation_config
         static = kwargs.get("cache_implementation", config.cache_implementation) == "static"
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -689,7 +690,7 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
             and prompt.shape[0] * prompt.shape[1] > PREFILL_TOKENS_PER_CHUNK
             and kwargs.get("prefill_chunk_size", config.prefill_chunk_size) is None
             and kwargs.get("use_cache", config.use_cache) is not False
-            and all(kwargs.get(name) is None for name in ("pixel_values", "patch_pixel_values"))
+            and all(kwargs.get(name) is None for name in ("inputs_embeds", "pixel_values", "patch_pixel_values"))
         )
         if chunkable:
             kwargs["prefill_chunk_size"] = max(1, PREFILL_TOKENS_PER_CHUNK // prompt.shape[0])

@@ -58,7 +58,8 @@ MAX_MOE_DECODE_TOKENS = 512
 MAX_GROUPED_MM_TOKENS = 16384
 # Tokens per `moe_decode` call on FP8 experts, which run every inference call through the kernel. Its temporaries are
 # `[tokens * top_k, I]` in the activations' dtype and `[tokens * top_k, H]` fp32: at Step-3's widths (top-3, H 7168,
-# I 5120, bf16) 8192 tokens take 0.89 GiB. Each token's result depends on its own row alone.
+# I 5120, bf16) 8192 tokens take 0.89 GiB, and the float8 copies of the tokens and of the intermediate 0.17 GiB more.
+# Each token's result depends on its own row alone.
 MAX_FP8_EXPERTS_TOKENS = 8192
 # True: FP8 experts' calls of `moe_decode` round the tokens and the intermediate activation to e4m3 per row and 128
 # columns (the release's dynamic activation scheme) and multiply float8 by float8 (`quantize_activations`), where
