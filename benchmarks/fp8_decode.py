@@ -147,10 +147,12 @@ def main() -> None:
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
     transformers_experts.EXPERTS_ACTIVATIONS_FP8, default = False, transformers_experts.EXPERTS_ACTIVATIONS_FP8
-    for shape in args.prefill:
-        prefill[(BF16_ACTIVATIONS, shape)] = prefill_seconds(model, *shape)
-        print(f"  prefill {BF16_ACTIVATIONS} {shape}: {prefill[(BF16_ACTIVATIONS, shape)]}", flush=True)
-    transformers_experts.EXPERTS_ACTIVATIONS_FP8 = default
+    try:
+        for shape in args.prefill:
+            prefill[(BF16_ACTIVATIONS, shape)] = prefill_seconds(model, *shape)
+            print(f"  prefill {BF16_ACTIVATIONS} {shape}: {prefill[(BF16_ACTIVATIONS, shape)]}", flush=True)
+    finally:
+        transformers_experts.EXPERTS_ACTIVATIONS_FP8 = default
 
     path = fp8_linear_path(q_proj.weight, q_proj.block_size)  # after the runs: a failure on first use shows here
     names = [*BF16_VARIANTS, *FP8_VARIANTS]

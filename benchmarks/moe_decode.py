@@ -173,9 +173,9 @@ def print_fp8_table(config: Step3Config, table: dict, bandwidth: float, flop_rat
     print(f"\nRouted experts of one Step-3 MoE layer, block-FP8 weights (ours) and bf16 (grouped_mm); us per call; "
           f"roofline = max(float8 bytes of the hit experts / {bandwidth / 1e12:.2f} TB/s copy, FLOPs / "
           f"{flop_rate / 1e12:.0f} TFLOP/s bf16 cuBLAS GEMM)\n")  # fmt: skip
-    print("| tokens | float8 read (GB) | TFLOP | ours FP8, default launch | ours FP8, best launch | "
-          "ours FP8, float8 activations | bf16 grouped_mm | roofline (bytes / compute) | best / roofline | "
-          "float8 activations / roofline | FP8 vs bf16 error | float8 activations vs bf16 error |")  # fmt: skip
+    print("| tokens | float8 read (GB) | TFLOP | ours FP8 weight-only, default launch | ours FP8 weight-only, best "
+          "launch | ours FP8, float8 activations (the model's default) | bf16 grouped_mm | roofline (bytes / compute) "
+          "| best / roofline | float8 activations / roofline | FP8 vs bf16 error | float8 activations vs bf16 error |")
     print("|---" * 12 + "|")
     for batch, row in table.items():
         flops = expert_flops(config, batch)

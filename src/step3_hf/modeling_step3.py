@@ -652,6 +652,27 @@ STATIC_CACHE_MIN_LENGTH = 256
 PREFILL_TOKENS_PER_CHUNK = 65536
 
 
+def _default_prefill_chunk_size(prompt: torch.Tensor | None, config: GenerationConfig, kwargs: dict) -> int | None:
+    """`generate`'s chunk size for a dynamic-cache prefill of `prompt`: about `PREFILL_TOKENS_PER_CHUNK` tokens of the
+    rows the prefill runs (beams and returned sequences included), or None where the prompt fits in one, the caller
+    chose (also None), another cache is asked for (a static one's chunks would be compiled) or passed in, the prefill
+    is not `_prefill`'s (assisted decoding), or transformers cannot split the inputs (`inputs_embeds`, raw images)."""
+    def value(name: str):
+        return kwargs.get(name, getattr(config, name, None))
+
+    if prompt is None or "prefill_chunk_size" in kwargs or config.prefill_chunk_size is not None:
+        return None
+    rows = prompt.shape[0] * max(value("num_beams") or 1, value("num_return_sequences") or 1)
+    elsewhere = ("inputs_embeds", "pixel_values", "patch_pixel_values", "past_key_values", "cache", "assistant_model")
+    if rows * prompt.shape[1] <= PREFILL_TOKENS_PER_CHUNK or value("cache_implementation") not in (None, "dynamic"):
+        return None
+    if value("use_cache") is False or value("prompt_lookup_num_tokens") is not None:
+        return None
+    if any(kwargs.get(name) is not None for name in elsewhere):
+        return None
+    return max(1, PREFILL_TOKENS_PER_CHUNK // rows)
+
+
 class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
     """Step-3 language model with its (untied) LM head, loading the official text-only layout."""
 
@@ -672,10 +693,9 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         - a static cache without a set `max_cache_len` is sized to the next power of two of prompt plus new tokens
           (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph while only the prompt
           length or `max_new_tokens` change (transformers reuses a cache at least as long);
-        - a dynamic-cache prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in
-          chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded. Not from
-          `inputs_embeds` or with raw images, which transformers does not split, nor on a static cache, whose chunks
-          it would compile."""
+        - a dynamic-cache prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (rows x length) is prefilled in
+          chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded
+          (`_default_prefill_chunk_size` says where)."""
         config = generation_config if generation_config is not None else self.generation_config
         static = kwargs.get("cache_implementation", config.cache_implementation) == "static"
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -684,16 +704,9 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
             if prompt is not None and new_tokens is not None:
                 needed = prompt.shape[1] + new_tokens
                 kwargs["max_cache_len"] = max(STATIC_CACHE_MIN_LENGTH, 1 << (needed - 1).bit_length())
-        chunkable = (
-            not static
-            and prompt is not None
-            and prompt.shape[0] * prompt.shape[1] > PREFILL_TOKENS_PER_CHUNK
-            and kwargs.get("prefill_chunk_size", config.prefill_chunk_size) is None
-            and kwargs.get("use_cache", config.use_cache) is not False
-            and all(kwargs.get(name) is None for name in ("inputs_embeds", "pixel_values", "patch_pixel_values"))
-        )
-        if chunkable:
-            kwargs["prefill_chunk_size"] = max(1, PREFILL_TOKENS_PER_CHUNK // prompt.shape[0])
+        chunk = _default_prefill_chunk_size(prompt, config, kwargs)
+        if chunk is not None:
+            kwargs["prefill_chunk_size"] = chunk
         return super().generate(inputs, generation_config, **kwargs)
 
     @can_return_tuple

@@ -364,6 +364,7 @@ def test_cuda_captured_matmuls_leave_freed_cublas_workspaces_alone():
     chunk = 32 << 20
     free, _ = torch.cuda.mem_get_info(device)
     fillers = [torch.full((chunk,), 7, dtype=torch.uint8, device=device) for _ in range((free - (2 << 30)) // chunk)]
+    assert fillers, f"{free} bytes free: too few to hand the freed workspaces out again"
     for graph, _ in captured:
         graph.replay()
     torch.cuda.synchronize()

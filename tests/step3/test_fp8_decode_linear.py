@@ -125,8 +125,11 @@ def test_bad_arguments_raise_clear_errors(device):
     with pytest.raises(ValueError, match="K a multiple of 128 .* got K 64"):
         fp8_decode_linear(x, weight, scale, (16, 16), quantize_activations=True)
     wide = quantized_linear(2, 40, 128, (16, 16), torch.bfloat16, device)
-    with pytest.raises(ValueError, match="steps of at least 32; got K 128, steps of 16"):
+    with pytest.raises(ValueError, match="steps of 32 to 128; got K 128, steps of 16"):
         fp8_decode_linear(*wide[:3], (16, 16), quantize_activations=True)
+    deep = quantized_linear(2, 40, 256, (256, 256), torch.bfloat16, device)  # a 256-deep step spans two groups
+    with pytest.raises(ValueError, match="steps of 32 to 128; got K 256, steps of 256"):
+        fp8_decode_linear(*deep[:3], (256, 256), DecodeLinearLaunch(16, 32, 256, 1), quantize_activations=True)
 
 
 def test_cpu_without_interpreter_is_refused():

@@ -66,10 +66,6 @@ def test_static_cache_equals_dynamic_cache(model):
     assert static.tolist() == dynamic.tolist()
 
 
-@pytest.mark.skipif(
-    version.parse(transformers.__version__) < version.parse("5.24"),
-    reason="transformers < 5.24 hands the paged cache to the attention function instead of the model",
-)
 def forward_lengths(model, monkeypatch, budget, ids, mask, **kwargs):
     """The greedy tokens, and the positions of each forward `generate` ran, with `PREFILL_TOKENS_PER_CHUNK =
     budget`."""
@@ -89,7 +85,7 @@ def forward_lengths(model, monkeypatch, budget, ids, mask, **kwargs):
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, monkeypatch):
     """A prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in chunks of that many
     tokens' worth of positions, left padding included, with the tokens of one prefill; a prompt within it, a static
-    cache, a chunk size the caller set and `use_cache=False` are left alone."""
+    cache, a chunk size the caller set (also None) and `use_cache=False` are left alone."""
     ids, mask = left_pad(PROMPTS)  # 3 x 7 = 21 tokens
     decode = [1] * 11  # 12 new tokens: the prefill gives the first
     whole, lengths = forward_lengths(model, monkeypatch, 21, ids, mask)
@@ -98,11 +94,20 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, monkey
         chunked, lengths = forward_lengths(model, monkeypatch, budget, ids, mask)
         assert lengths == [*chunks, *decode] and chunked.tolist() == whole.tolist(), budget
     assert forward_lengths(model, monkeypatch, 6, ids, mask, prefill_chunk_size=4)[1] == [4, 3, *decode]
+    assert forward_lengths(model, monkeypatch, 6, ids, mask, prefill_chunk_size=None)[1] == [7, *decode]
+    # Beams multiply the rows the prefill runs: 3 x 2 rows, chunks of 20 // 6 positions.
+    beams, lengths = forward_lengths(model, monkeypatch, 20, ids, mask, num_beams=2)
+    assert lengths == [3, 3, 1, *decode] and beams.tolist() == forward_lengths(model, monkeypatch, 42, ids, mask,
+                                                                                num_beams=2)[0].tolist()  # fmt: skip
     static, lengths = forward_lengths(model, monkeypatch, 6, ids, mask, cache_implementation="static")
     assert lengths == [7, *decode] and static.tolist() == whole.tolist()
     assert forward_lengths(model, monkeypatch, 6, ids, mask, use_cache=False)[1] == list(range(7, 19))
 
 
+@pytest.mark.skipif(
+    version.parse(transformers.__version__) < version.parse("5.24"),
+    reason="transformers < 5.24 hands the paged cache to the attention function instead of the model",
+)
 def test_continuous_batching_equals_generate(model):
     config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     # Explicit cache sizes: the defaults are inferred from free accelerator memory.

@@ -463,11 +463,15 @@ A8_CASES = {"decode": (256, 128, (32, 64), {}),
 def test_fp8_float8_activations_match_the_float64_loop_of_the_rounded_operands(device, dtype, case):
     """`quantize_activations`: the float64 loop over the rounded tokens and intermediate activations and the
     dequantized weights; and that the rounding really happened (the weight-only loop differs by e4m3's precision).
-    20 tokens x top-3 over 8 experts, expert 0 in every token (two 16-row blocks)."""
+    20 tokens x top-3 over 8 experts, expert 0 in every token (two 16-row blocks), rows and groups of different
+    magnitudes."""
     hidden, inter, block, launch = A8_CASES[case]
     ((gate_up, gate_up_scale), (down, down_scale)), (gate_up_ref, down_ref) = fp8_experts(hidden, inter, 8, block,
                                                                                           device, 21)  # fmt: skip
     x, index, weights, _, _ = random_experts(20, hidden, inter, 8, 3, dtype, device, seed=22)
+    # Rows and 128-column groups 100x apart in size, so that a scale read from the wrong row or group shows.
+    spread = torch.logspace(-1, 1, 20)[:, None] * torch.logspace(1, -1, hidden // 128).repeat_interleave(128)
+    x = x * spread.to(x)
     out = moe_decode(x, index, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
                      block_size=block, quantize_activations=True, **launch)  # fmt: skip
     ref = reference_float8_activations(x, index.cpu(), weights, gate_up_ref, down_ref, dtype)
@@ -592,6 +596,9 @@ def test_fp8_experts_round_activations_only_when_asked_and_able(device, monkeypa
             assert torch.equal(out, expected), (flag, able)
             path = experts_module.fp8_experts_path(experts, x, 2)
             assert ("float8 activations" in path) == (flag and able), path
+    experts.block_size = None  # transformers allows it: `moe_decode`'s clear error, not a TypeError on the way
+    with pytest.raises(ValueError, match="need gate_up_scale, down_scale and block_size together"), torch.no_grad():
+        experts(x, index, weights)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,9 +31,22 @@ import torch
 import torch.nn.functional as F
 
 from ..fp8 import FP8_DTYPE, FP8_MAX
-from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, kernel_op, tl, triton, triton_jit
+from .triton_support import (
+    MIN_FP8_DOT_K,
+    SUPPORTED_DTYPES,
+    check_kernel_inputs,
+    kernel_op,
+    tl,
+    triton,
+    triton_jit,
+)
 
-__all__ = ["GROUP_SIZE", "quantize_fp8_activations", "quantize_fp8_activations_eager"]
+__all__ = [
+    "GROUP_SIZE",
+    "float8_products_supported",
+    "quantize_fp8_activations",
+    "quantize_fp8_activations_eager",
+]
 
 # Columns per scale (cuBLAS's BlockWise1x128), and the multiple cuBLAS wants the row count to be.
 GROUP_SIZE = 128
@@ -42,6 +55,12 @@ ROW_MULTIPLE = 4
 MIN_AMAX = 1e-12
 # Rows per program: a [BLOCK_M, GROUP_SIZE] tile, whose BLOCK_M scales are one contiguous store.
 BLOCK_M = 16
+
+
+def float8_products_supported(block_k: int, *widths: int) -> bool:
+    """Whether activations rounded per row and `GROUP_SIZE` columns can be multiplied as float8 in reductions over
+    `widths`, in steps of `block_k`: whole groups, each step within one group and at least a float8 MMA deep."""
+    return all(width % GROUP_SIZE == 0 for width in widths) and MIN_FP8_DOT_K <= block_k <= GROUP_SIZE
 
 
 def _padded_rows(rows: int | torch.SymInt) -> int | torch.SymInt:

@@ -1,12 +1,12 @@
-"""A block-FP8 linear for decode-sized inputs: a Triton kernel that reads the float8 weight once and the activations
-as they are.
+"""A block-FP8 linear for decode-sized inputs: a Triton kernel that reads the float8 weight once, with the activations
+as they are (weight-only) or rounded to float8 (`quantize_activations`, the model's default).
 
 At decode a linear's input has a few dozen rows, so the product is a read of the weight, and the job is to keep enough
 bytes in flight. cuBLAS's block-scaled FP8 GEMM (`fp8_linear.py`) first quantizes the activations (one launch,
 `fp8_activation_quant.py`; nine-odd eager kernels per call when these measurements were made, about 600 µs per decode
 step of a 4-layer Step-3) and then runs tiles sized for compute: on an H100 at 16-64 rows it took 1.5-9.4x the
-weight-read time per Step-3 linear, the small ones worst (`benchmarks/kernel_breakdown.py`). This kernel reads the
-activations as they are (weight-only FP8: no activation rounding), widens each float8 tile to the activations' dtype in
+weight-read time per Step-3 linear, the small ones worst (`benchmarks/kernel_breakdown.py`). Weight-only, this kernel
+reads the activations as they are (no activation rounding), widens each float8 tile to the activations' dtype in
 registers, and scales each `BLOCK_K` step's fp32 partial product by its weight rows' tile scales (each step lies within
 one scale column). Small tiles and a split of the reduction over programs (`split_k`, partial sums added in fp32
 afterwards) give every SM several programs, which is what hides the memory latency; programs of the same weight tile and
@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from ..fp8 import FP8_DTYPE, scale_shape
-from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations
+from .fp8_activation_quant import GROUP_SIZE, float8_products_supported, quantize_fp8_activations
 from .moe_decode import _add_product, _load_k_tile
 from .triton_support import (
     MIN_FP8_DOT_K,
@@ -153,8 +153,7 @@ def launch_block_k(scale_k: int) -> int | None:
 def float8_activations_supported(in_features: int, scale_k: int, block_k: int | None = None) -> bool:
     """Whether `quantize_activations` can compute a reduction of `in_features` in steps of `block_k` (default: the
     default launch's for scale tiles `scale_k` wide): whole 128-column activation groups, float8 MMA-deep steps."""
-    block_k = block_k or launch_block_k(scale_k) or 0
-    return in_features % GROUP_SIZE == 0 and block_k >= MIN_FP8_DOT_K
+    return float8_products_supported(block_k or launch_block_k(scale_k) or 0, in_features)
 
 
 def decode_linear_launch(
@@ -213,8 +212,8 @@ def fp8_decode_linear(
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16 dividing the scale tile "
                          f"width {b1}")  # fmt: skip
     if quantize_activations and not float8_activations_supported(x.shape[1], b1, launch.block_k):
-        raise ValueError(f"quantize_activations needs K a multiple of {GROUP_SIZE} and steps of at least "
-                         f"{MIN_FP8_DOT_K}; got K {x.shape[1]}, steps of {launch.block_k or launch_block_k(b1)}")
+        raise ValueError(f"quantize_activations needs K a multiple of {GROUP_SIZE} and steps of {MIN_FP8_DOT_K} to "
+                         f"{GROUP_SIZE}; got K {x.shape[1]}, steps of {launch.block_k or launch_block_k(b1)}")
     return _fp8_decode_linear_op(x, weight, scale_inv, b0, b1, *launch, quantize_activations)
 
 

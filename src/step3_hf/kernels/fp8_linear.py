@@ -47,7 +47,8 @@ CUBLAS_BLOCK = GROUP_SIZE
 # Rows up to which `fp8_decode_linear` computes; above it cuBLAS's FP8 tensor-core GEMM is faster (H100 sweep of
 # Step-3's linears, docs/step3.md: at 256 rows cuBLAS won every large shape).
 MAX_DECODE_LINEAR_ROWS = 64
-# False: every FP8 linear computes weight-only (dequantized per call, bf16 activations, no activation rounding).
+# False: FP8 linears above `MAX_DECODE_LINEAR_ROWS` rows compute weight-only (dequantized per call, bf16
+# activations, no activation rounding); decode-sized ones still take `fp8_decode_linear`.
 USE_CUBLAS = True
 # True: `fp8_decode_linear` rounds the activations to e4m3 per row and 128 columns (as the cuBLAS path above
 # `MAX_DECODE_LINEAR_ROWS` does, the release's dynamic activation scheme) and multiplies on float8 tensor cores
@@ -154,7 +155,9 @@ def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
     and cuBLAS or the dequantized weight (and why) for larger ones."""
     decode = ""
     if _decode_kernel_runs(weight.device, block_size):
-        decode = f"Triton fp8_decode_linear up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
+        float8 = DECODE_ACTIVATIONS_FP8 and float8_activations_supported(weight.shape[1], int(block_size[1]))
+        activations = "float8 activations" if float8 else "activations as they are"
+        decode = f"Triton fp8_decode_linear ({activations}) up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
     if scaled_mm_supported(weight, block_size):
         return decode + "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
     reason = _cublas_failure or ("USE_CUBLAS is off" if not USE_CUBLAS else "not CUDA 9.0+ with 128 x 128 tiles")

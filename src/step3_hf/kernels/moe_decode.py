@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations
+from .fp8_activation_quant import GROUP_SIZE, float8_products_supported, quantize_fp8_activations
 from .triton_support import (
     MIN_FP8_DOT_K,
     check_kernel_inputs,
@@ -58,7 +58,6 @@ __all__ = [
     "align_pairs_to_blocks",
     "default_block_m",
     "default_launch",
-    "float8_activations_supported",
     "moe_decode",
 ]
 
@@ -429,7 +428,7 @@ def moe_decode(
         expert_parallel: the weights are this rank's `E` experts of a larger set: a choice whose id lies outside
             `[0, E)` (transformers' expert-parallel sentinel `E`) is routed elsewhere and adds nothing here.
         quantize_activations: block-FP8 weights only: round the tokens and the intermediate activation to e4m3 per
-            row and 128 columns and multiply on float8 tensor cores (`float8_activations_supported` says where).
+            row and 128 columns and multiply on float8 tensor cores (`float8_products_supported` says where).
         block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block; output columns
             and reduction depth per program; warps; pipelining depth); those left None come from `default_launch`,
             which depends on the rows per expert (decode or prefill sized).
@@ -480,11 +479,12 @@ def moe_decode(
         dtypes = {hidden_states.dtype}
     else:
         dtypes = {hidden_states.dtype, gate_up_proj.dtype, down_proj.dtype}
-    if quantize_activations and not (fp8 and float8_activations_supported(hidden, inter, block_k)):
+    if quantize_activations and not (fp8 and float8_products_supported(block_k, hidden, inter)):
         raise ValueError(
             f"quantize_activations needs block-FP8 weights, hidden and intermediate sizes that are multiples of "
             f"{GROUP_SIZE} and steps of {MIN_FP8_DOT_K} to {GROUP_SIZE} columns; got "
             f"{'FP8' if fp8 else gate_up_proj.dtype} weights, hidden {hidden}, intermediate {inter}, steps of {block_k}"
+            + (f" (block_k capped to the scale tile width {block_size[1]})" if fp8 else "")
         )
     if len(dtypes) != 1 or hidden_states.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
@@ -494,12 +494,6 @@ def moe_decode(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
         block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations,
     )  # fmt: skip
-
-
-def float8_activations_supported(hidden: int, inter: int, block_k: int) -> bool:
-    """Whether `quantize_activations` computes experts of these widths in steps of `block_k` (after its cap to the
-    scale tile): whole 128-column activation groups, steps within one group and at least a float8 MMA deep."""
-    return hidden % GROUP_SIZE == 0 and inter % GROUP_SIZE == 0 and MIN_FP8_DOT_K <= block_k <= GROUP_SIZE
 
 
 def _check_fp8_experts(gate_up_proj, down_proj, gate_up_scale, down_scale, block_size, block_k) -> tuple[int, ...]:

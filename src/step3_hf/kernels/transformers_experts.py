@@ -26,13 +26,8 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 from transformers.utils import logging
 
-from .moe_decode import (
-    SUPPORTED_ACTIVATIONS,
-    SUPPORTED_DTYPES,
-    default_launch,
-    float8_activations_supported,
-    moe_decode,
-)
+from .fp8_activation_quant import float8_products_supported
+from .moe_decode import SUPPORTED_ACTIVATIONS, SUPPORTED_DTYPES, default_launch, moe_decode
 from .triton_support import float8_kernel_available, kernel_available
 
 __all__ = [
@@ -209,10 +204,11 @@ def _fp8_call_takes(hidden_states: torch.Tensor, top_k_weights: torch.Tensor | N
 def _rounds_activations(experts: torch.nn.Module, num_pairs: int) -> bool:
     """Whether an FP8 experts call of `num_pairs` (token, choice) pairs rounds its activations to float8:
     `EXPERTS_ACTIVATIONS_FP8`, where the widths and the default launch's reduction steps allow it."""
-    if not EXPERTS_ACTIVATIONS_FP8:
+    block_size = getattr(experts, "block_size", None)
+    if not EXPERTS_ACTIVATIONS_FP8 or block_size is None:  # no block size: `moe_decode`'s error to raise
         return False
-    block_k = min(default_launch(num_pairs, experts.num_experts)["block_k"], int(experts.block_size[1]))
-    return float8_activations_supported(experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1], block_k)
+    block_k = min(default_launch(num_pairs, experts.num_experts)["block_k"], int(block_size[1]))
+    return float8_products_supported(block_k, experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1])
 
 
 def fp8_experts_path(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> str:
