@@ -3,8 +3,10 @@
 Same 4-layer Step-3 at the released widths as `decode_step.py` (bf16, random weights). `moe_decode`'s experts
 function runs an inference prefill through grouped_mm in slices of `MAX_GROUPED_MM_TOKENS` tokens; here that is
 compared with one call over all tokens (the limit raised past the prompt), on the same prompts: peak memory above
-the weights, and whether the greedy tokens agree; and the sliced experts with transformers' `prefill_chunk_size`,
-which runs the prompt through the whole model a chunk of positions at a time.
+the weights, and whether the greedy tokens agree. Both run the prompt in one forward (`prefill_chunk_size=None`).
+Then with transformers' `prefill_chunk_size`, which runs the prompt through the whole model a chunk of positions at
+a time: as `generate()` chooses it by default (`PREFILL_TOKENS_PER_CHUNK` tokens' worth of positions, for prompts
+above that many tokens), and at `--chunk` positions.
 
     python benchmarks/prefill_memory.py [--shapes 64x2048 128x1024] [--new-tokens 4]
 """
@@ -16,6 +18,7 @@ import torch
 from decode_step import build_model
 
 from step3_hf.kernels import transformers_experts
+from step3_hf.modeling_step3 import PREFILL_TOKENS_PER_CHUNK
 
 
 def peak_generate(model, input_ids, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
@@ -46,7 +49,9 @@ def main() -> None:
         batch, prompt = (int(v) for v in shape.split("x"))
         input_ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
         results = {}
-        variants = (("whole", 10**12, {}), ("sliced", sliced_limit, {}),
+        variants = (("whole", 10**12, {"prefill_chunk_size": None}),
+                    ("sliced", sliced_limit, {"prefill_chunk_size": None}),
+                    ("default (chunked by generate)", sliced_limit, {}),
                     ("sliced, prefill_chunk_size", sliced_limit, {"prefill_chunk_size": args.chunk}))  # fmt: skip
         for name, limit, kwargs in variants:
             transformers_experts.MAX_GROUPED_MM_TOKENS = limit
@@ -62,8 +67,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     print(f"\nPeak memory of generate() above the weights (GiB), experts' grouped_mm whole vs in slices of "
           f"{sliced_limit} tokens\n")  # fmt: skip
-    print(f"| batch x prompt | whole | sliced | sliced + prefill_chunk_size={args.chunk} | same greedy tokens |")
-    print("|---|---|---|---|---|")
+    print(f"| batch x prompt | whole | sliced | default (sliced, chunked above {PREFILL_TOKENS_PER_CHUNK} tokens) | "
+          f"sliced + prefill_chunk_size={args.chunk} | same greedy tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for shape, *peaks, same in rows:
         cells = [f"{v:.2f}" if isinstance(v, float) else v for v in peaks]
         print(f"| {shape} | " + " | ".join(cells) + f" | {same} |")
