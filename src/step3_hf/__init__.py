@@ -24,6 +24,7 @@ from . import modeling_step3
 from .configuration_step3 import Step3Config, Step3VisionConfig, Step3VLConfig
 from .deferred_stop_check import use_deferred_stop_check
 from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProcessorPil
+from .kv_cache import use_in_place_kv_cache
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.decode_graphs import use_decode_graphs
 from .kernels.moe_router import use_fused_top_k
@@ -57,6 +58,8 @@ use_fused_rotary(modeling_step3)
 use_decode_graphs(Step3DecoderLayer)
 # ... lets `generate()` issue each step before the last one ends (the stop flag read a step late) ...
 use_deferred_stop_check(Step3ForCausalLM)
+# ... appends each step's keys and values in place in `generate()`'s dynamic cache (no copy of the cache per step) ...
+use_in_place_kv_cache(Step3ForCausalLM)
 # ... and runs continuous batching (`generate_batch`, `step3-serve`) on the same kernel when its attention is mfa_decode.
 Step3PreTrainedModel.init_continuous_batching = init_continuous_batching
 

@@ -5,9 +5,12 @@ import torch
 import transformers
 from packaging import version
 from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import step3_hf  # noqa: F401
+from step3_hf import Step3ForCausalLM
+from step3_hf.kv_cache import InPlaceDynamicCache
 from step3_hf.modeling_step3 import _CACHE_NAME
 from step3_hf.tiny_checkpoint import write_tiny_checkpoint
 
@@ -64,6 +67,31 @@ def test_static_cache_equals_dynamic_cache(model):
     dynamic = greedy(model, ids, mask)
     static = greedy(model, ids, mask, cache_implementation="static")
     assert static.tolist() == dynamic.tolist()
+
+
+@pytest.mark.parametrize("search", ["greedy", "beams", "assisted"])
+def test_generate_uses_it_by_default_with_transformers_tokens(model, search, monkeypatch):
+    """Left-padded prompts, greedy, beam search (reordered caches) and assisted decoding (cropped caches): the tokens
+    of transformers' own `DynamicCache`; the cache `generate()` made is ours (an assistant's own is left alone)."""
+    ids, mask = left_pad(PROMPTS[:2])
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = {"beams": dict(num_beams=3), "assisted": dict(assistant_model=model), "greedy": {}}[search]
+    if search == "assisted":
+        ids, mask = ids[1:], mask[1:]  # assisted decoding takes one sequence
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True,
+                                  **kwargs)  # fmt: skip
+
+    ours = generate()
+    cache = getattr(ours, "past_key_values", None) or getattr(ours, "cache", None)
+    assert type(cache) is InPlaceDynamicCache
+    upstream = Step3ForCausalLM._prepare_cache_for_generation._step3_upstream
+    monkeypatch.setattr(Step3ForCausalLM, "_prepare_cache_for_generation", upstream)
+    theirs = generate()
+    assert type(getattr(theirs, "past_key_values", None) or getattr(theirs, "cache", None)) is DynamicCache
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
 
 
 def forward_lengths(model, monkeypatch, budget, ids, mask, **kwargs):
