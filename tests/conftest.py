@@ -10,3 +10,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The longest files on a 2-core CI machine (Triton's interpreter in a subprocess, several-process launches), longest
+# first: xdist hands out files in collection order, and collected late they ran on one worker after the other had
+# finished everything else (`.ci/run` took about a minute longer).
+LONGEST_FILES = ("test_triton_interpreter.py", "test_afd.py", "test_model_common.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order
