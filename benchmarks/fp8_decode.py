@@ -35,6 +35,7 @@ The table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -65,24 +66,32 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def float8_activations(linears: bool, experts: bool):
+    """Whether the decode linears and the experts round their activations to float8, for the duration."""
+    defaults = fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8
+    fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = linears, experts
+    try:
+        yield
+    finally:
+        fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = defaults
+
+
 def decode_seconds(
-    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_activations: bool,
-    float8_expert_activations: bool,
+    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_linears: bool,
+    float8_experts: bool,
 ) -> float | str:
     model.set_attn_implementation("mfa_decode")
     model.set_experts_implementation(experts)
-    defaults = fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8
-    fp8_linear.DECODE_ACTIVATIONS_FP8 = float8_activations
-    transformers_experts.EXPERTS_ACTIVATIONS_FP8 = float8_expert_activations
     step = None
     try:
-        step = decode_step_fn(model, batch, context, float8_kv, "cuda")
-        with torch.no_grad():
-            return timed_per_call(step, [()]) if graph else eager_seconds(step, reps=3)
+        with float8_activations(float8_linears, float8_experts):
+            step = decode_step_fn(model, batch, context, float8_kv, "cuda")
+            with torch.no_grad():
+                return timed_per_call(step, [()]) if graph else eager_seconds(step, reps=3)
     except Exception as err:  # report it in the table, keep measuring the others
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
-        fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = defaults
         del step
         torch.cuda.empty_cache()
 
@@ -146,13 +155,10 @@ def main() -> None:
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
-    transformers_experts.EXPERTS_ACTIVATIONS_FP8, default = False, transformers_experts.EXPERTS_ACTIVATIONS_FP8
-    try:
+    with float8_activations(linears=False, experts=False):  # prefill linears run cuBLAS, which rounds them anyway
         for shape in args.prefill:
             prefill[(BF16_ACTIVATIONS, shape)] = prefill_seconds(model, *shape)
             print(f"  prefill {BF16_ACTIVATIONS} {shape}: {prefill[(BF16_ACTIVATIONS, shape)]}", flush=True)
-    finally:
-        transformers_experts.EXPERTS_ACTIVATIONS_FP8 = default
 
     path = fp8_linear_path(q_proj.weight, q_proj.block_size)  # after the runs: a failure on first use shows here
     names = [*BF16_VARIANTS, *FP8_VARIANTS]

@@ -52,7 +52,7 @@ MAX_DECODE_LINEAR_ROWS = 64
 USE_CUBLAS = True
 # True: `fp8_decode_linear` rounds the activations to e4m3 per row and 128 columns (as the cuBLAS path above
 # `MAX_DECODE_LINEAR_ROWS` does, the release's dynamic activation scheme) and multiplies on float8 tensor cores
-# instead of widening the weight: a 2-3% faster decode step at batch 16 and 64 on an H100 (docs/step3.md). False:
+# instead of widening the weight: a 2.5-3.5% faster decode step at batch 16 and 64 on an H100 (docs/step3.md). False:
 # weight-only, bf16 activations.
 DECODE_ACTIVATIONS_FP8 = True
 # Why cuBLAS's block-scaled GEMM failed on first use in this process (then every call dequantizes), or None.
@@ -119,6 +119,12 @@ def _scaled_mm_linear(
     return out[:rows]
 
 
+def _rounds_activations(weight: torch.Tensor, block_size) -> bool:
+    """Whether `fp8_decode_linear` rounds the activations of this weight's decode calls to float8
+    (`DECODE_ACTIVATIONS_FP8`, where its width and scale tiles allow it)."""
+    return DECODE_ACTIVATIONS_FP8 and float8_activations_supported(weight.shape[1], int(block_size[1]))
+
+
 def fp8_block_linear(
     x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -128,7 +134,7 @@ def fp8_block_linear(
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     out = None
     if decode_kernel_applies(x, weight, block_size):
-        float8 = DECODE_ACTIVATIONS_FP8 and float8_activations_supported(x.shape[-1], int(block_size[1]))
+        float8 = _rounds_activations(weight, block_size)
         out = fp8_decode_linear(x, weight, scale_inv, block_size, quantize_activations=float8)
     elif scaled_mm_supported(weight, block_size) and not needs_grad and x.dtype in (torch.bfloat16, torch.float16):
         try:
@@ -155,8 +161,7 @@ def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
     and cuBLAS or the dequantized weight (and why) for larger ones."""
     decode = ""
     if _decode_kernel_runs(weight.device, block_size):
-        float8 = DECODE_ACTIVATIONS_FP8 and float8_activations_supported(weight.shape[1], int(block_size[1]))
-        activations = "float8 activations" if float8 else "activations as they are"
+        activations = "float8 activations" if _rounds_activations(weight, block_size) else "activations as they are"
         decode = f"Triton fp8_decode_linear ({activations}) up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
     if scaled_mm_supported(weight, block_size):
         return decode + "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"

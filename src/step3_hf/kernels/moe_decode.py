@@ -572,7 +572,7 @@ def _moe_decode_op(
     activated = torch.empty(num_pairs, inter, dtype=hidden_states.dtype, device=device)
     _gate_up_swiglu[(triton.cdiv(inter, block_n), num_blocks)](
         x, x_scale, gate_up_proj, gate_up_scale, sorted_pair_ids, block_expert, activated,
-        *x.stride(), *_operand_scale_strides(x_scale, a8), *gate_up_proj.stride(), *_scale_strides(gate_up_scale),
+        *x.stride(), *_strides(x_scale, a8, 2), *gate_up_proj.stride(), *_strides(gate_up_scale, fp8, 3),
         *activated.stride(), num_pairs, num_experts, hidden, inter, top_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, **launch,
     )  # fmt: skip
@@ -581,7 +581,7 @@ def _moe_decode_op(
     partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
     _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
         a, a_scale, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
-        *a.stride(), *_operand_scale_strides(a_scale, a8), *down_proj.stride(), *_scale_strides(down_scale),
+        *a.stride(), *_strides(a_scale, a8, 2), *down_proj.stride(), *_strides(down_scale, fp8, 3),
         *partial.stride(), num_pairs, num_experts, hidden, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0, **launch,
     )  # fmt: skip
@@ -594,12 +594,9 @@ def _moe_decode_op(
     return out
 
 
-def _scale_strides(scale: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(scale.stride()) if scale.dim() == 3 else (0, 0, 0)
-
-
-def _operand_scale_strides(scale: torch.Tensor, a8: bool) -> tuple[int, int]:
-    return tuple(scale.stride()) if a8 else (0, 0)
+def _strides(scales: torch.Tensor, read: bool, dims: int) -> tuple[int, ...]:
+    """The strides of scales the kernel reads; zeros for the stand-in tensor of scales it never reads."""
+    return tuple(scales.stride()) if read else (0,) * dims
 
 
 @_moe_decode_op.register_fake
