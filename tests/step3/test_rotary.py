@@ -17,7 +17,7 @@ from triton_cases import (
 )
 
 from step3_hf import Step3Config, Step3ForCausalLM, modeling_step3
-from step3_hf.kernels import apply_rotary
+from step3_hf.kernels import apply_rotary, decode_graphs
 from step3_hf.modeling_step3 import Step3RotaryEmbedding
 from step3_hf.tiny_checkpoint import TINY_CONFIG
 
@@ -240,6 +240,8 @@ def test_a_tiny_step3_decodes_the_same_with_the_kernel(device, monkeypatch):
     """Logits of a left-padded batch (per-sequence positions, prefill and decode) and greedy tokens equal the eager
     function's, and the kernel ran in every layer of every step."""
     eager_when_interpreted(monkeypatch, "rms_norm", "top_k")
+    # a CUDA graph's replay issues the kernel without calling it from Python, which the count below needs
+    monkeypatch.setattr(decode_graphs, "ENABLED", False)
     torch.manual_seed(0)
     config = Step3Config(**TINY_CONFIG)
     model = Step3ForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
