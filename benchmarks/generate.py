@@ -10,6 +10,8 @@ bf16, random weights, greedy. A decode step is `(time of 1 + N new tokens - time
   (`step3_hf.kernels.decode_graphs.ENABLED = False`), every launch issued eagerly;
 - default, stop check per step: the default with `generate()`'s stop check read at every step, as transformers does
   on CUDA (`step3_hf.deferred_stop_check.DEVICE_TYPES = ()`): the host waits for each step before issuing the next;
+- default, transformers' DynamicCache: the default with `step3_hf.kv_cache.ENABLED = False`, the cache that appends
+  with `torch.cat` in place of Step-3's in-place one;
 - stock: what a user of a built-in MoE model gets, SDPA attention and `grouped_mm` experts, dynamic cache.
 
 Before the table, once: the static cache's compile time (first `generate()` call from a cold compiler minus a warm
@@ -35,7 +37,7 @@ import torch
 from decode_attention import machine_and_ceiling
 from decode_step import build_model, step_bytes
 
-from step3_hf import deferred_stop_check, modeling_step3
+from step3_hf import deferred_stop_check, kv_cache, modeling_step3
 from step3_hf.kernels import decode_graphs
 from step3_hf.modeling_step3 import Step3RMSNorm
 
@@ -48,12 +50,14 @@ class Variant(NamedTuple):
     experts: str | None = None  # None: Step-3's default
     decode_graphs: bool = True  # allowed (where the library's setting has them)
     deferred_stop_check: bool = True  # allowed (likewise)
+    in_place_cache: bool = True  # allowed (likewise)
 
 
 VARIANTS = {
     "default": Variant({}),
     "default, eager layers": Variant({}, decode_graphs=False),
     "default, stop check per step": Variant({}, deferred_stop_check=False),
+    "default, transformers' DynamicCache": Variant({}, in_place_cache=False),
     "static": Variant({"cache_implementation": "static"}),
     "stock (sdpa + grouped_mm)": Variant({}, "sdpa", "grouped_mm"),
 }
@@ -198,7 +202,7 @@ def main() -> None:
             compile_line = f"static-cache generate() compile time: {type(err).__name__}: {str(err)[:80]}"
         print(compile_line, flush=True)
 
-    rows, graphs, deferring = [], decode_graphs.ENABLED, deferred_stop_check.DEVICE_TYPES
+    rows, graphs, deferring, in_place = [], decode_graphs.ENABLED, deferred_stop_check.DEVICE_TYPES, kv_cache.ENABLED
     for shape in args.shapes:
         batch, prompt = parse_shape(shape)
         row = {"shape": shape}
@@ -206,6 +210,7 @@ def main() -> None:
             variant = VARIANTS[name]
             decode_graphs.ENABLED = graphs and variant.decode_graphs
             deferred_stop_check.DEVICE_TYPES = deferring if variant.deferred_stop_check else ()
+            kv_cache.ENABLED = in_place and variant.in_place_cache
             model.set_attn_implementation(variant.attention or default_attention)
             model.set_experts_implementation(variant.experts or default_experts)
             try:

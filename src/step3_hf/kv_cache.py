@@ -17,7 +17,7 @@ copied once per `SPARE_POSITIONS` steps instead of at every step. The rest is `D
 `InPlaceDynamicCache` is a `DynamicCache` whose full-attention layers are such layers. `use_in_place_kv_cache(
 model_class)`, which `step3_hf` runs at import for `Step3ForCausalLM`, makes its `generate()` create one where it
 would create a plain `DynamicCache` (no `cache_implementation`, or `"dynamic"`; not an offloaded or quantized one, nor
-a cache the caller passes).
+a cache the caller passes). `kv_cache.ENABLED = False` switches that off: transformers' `DynamicCache` again.
 
 Private name used: `GenerationMixin._prepare_cache_for_generation` (docs/compatibility.md).
 """
@@ -29,12 +29,16 @@ import functools
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-__all__ = ["SPARE_POSITIONS", "InPlaceDynamicCache", "InPlaceDynamicLayer", "use_in_place_kv_cache"]
+__all__ = ["ENABLED", "SPARE_POSITIONS", "InPlaceDynamicCache", "InPlaceDynamicLayer", "use_in_place_kv_cache"]
 
 # Positions a new buffer holds beyond the current ones: one copy of the cache per this many decode steps. Memory per
 # spare position and layer: batch x KV heads x head_dim x 2 (keys and values) elements (256 KiB at batch 256 for
 # Step-3's bf16 single key and value head of 256).
 SPARE_POSITIONS = 256
+
+# Whether `generate()` of a model class passed to `use_in_place_kv_cache` makes an `InPlaceDynamicCache` (read at
+# each call, so that benchmarks and users can compare it with transformers' `DynamicCache`).
+ENABLED = True
 
 
 def _append(cached: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +108,8 @@ def use_in_place_kv_cache(model_class: type) -> None:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         passed = {name: model_kwargs.get(name) for name in names}
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
-        if getattr(generation_config, "is_assistant", False):  # its cache records its past for rollbacks: leave it
+        # Switched off, or an assistant's cache, which records its past for rollbacks: left as transformers made it.
+        if not ENABLED or getattr(generation_config, "is_assistant", False):
             return result
         for name in names:
             cache = model_kwargs.get(name)

@@ -9,7 +9,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import step3_hf  # noqa: F401
-from step3_hf import Step3ForCausalLM
+from step3_hf import kv_cache
 from step3_hf.kv_cache import InPlaceDynamicCache
 from step3_hf.modeling_step3 import _CACHE_NAME
 from step3_hf.tiny_checkpoint import write_tiny_checkpoint
@@ -87,8 +87,7 @@ def test_generate_uses_it_by_default_with_transformers_tokens(model, search, mon
     ours = generate()
     cache = getattr(ours, "past_key_values", None) or getattr(ours, "cache", None)
     assert type(cache) is InPlaceDynamicCache
-    upstream = Step3ForCausalLM._prepare_cache_for_generation._step3_upstream
-    monkeypatch.setattr(Step3ForCausalLM, "_prepare_cache_for_generation", upstream)
+    monkeypatch.setattr(kv_cache, "ENABLED", False)
     theirs = generate()
     assert type(getattr(theirs, "past_key_values", None) or getattr(theirs, "cache", None)) is DynamicCache
     assert ours.sequences.tolist() == theirs.sequences.tolist()
