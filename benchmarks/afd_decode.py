@@ -572,7 +572,7 @@ def prediction(args, micro_batch_tokens: list[int], card: str = "H200", config: 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=["colocated", "afd"])
     parser.add_argument("--result")
@@ -605,7 +605,7 @@ def main() -> None:
                         help=f"inprocess: {QUICK['batches']} sequences, {QUICK['variants']}, {QUICK['steps']} steps")
     parser.add_argument("--trace", help="inprocess: write one step's CUDA-event timeline (JSON) here")
     parser.add_argument("--trace-batch", type=int, help="inprocess: the batch whose step is traced (default: the first)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     inprocess = args.connector == "inprocess"
     defaults = dict(layers=(61, 11), context=(4096, 1024), batches=([128, 256, 512], [64, 256, 1024, 2048, 4096, 8192]),
                     micro_batches=([3], [1, 3]))
