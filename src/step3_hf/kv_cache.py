@@ -29,6 +29,8 @@ import functools
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .modeling_step3 import _CACHE_NAME  # the cache's key in generate()'s model_kwargs: renamed in transformers 5.24
+
 __all__ = ["ENABLED", "SPARE_POSITIONS", "InPlaceDynamicCache", "InPlaceDynamicLayer", "use_in_place_kv_cache"]
 
 # Positions a new buffer holds beyond the current ones: one copy of the cache per this many decode steps. Memory per
@@ -102,20 +104,17 @@ def use_in_place_kv_cache(model_class: type) -> None:
     if getattr(prepare, "_step3_upstream", None) is not None:
         return
 
-    names = ("cache", "past_key_values")  # the key of recent transformers, and of earlier ones
-
     @functools.wraps(prepare)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        passed = {name: model_kwargs.get(name) for name in names}
+        passed = model_kwargs.get(_CACHE_NAME)
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
         # Switched off, or an assistant's cache, which records its past for rollbacks: left as transformers made it.
         if not ENABLED or getattr(generation_config, "is_assistant", False):
             return result
-        for name in names:
-            cache = model_kwargs.get(name)
-            created = cache is not None and cache is not passed[name]
-            if created and type(cache) is DynamicCache and not getattr(cache, "offloading", False):
-                model_kwargs[name] = InPlaceDynamicCache(config=self.config.get_text_config(decoder=True))
+        cache = model_kwargs.get(_CACHE_NAME)
+        created = cache is not None and cache is not passed
+        if created and type(cache) is DynamicCache and not getattr(cache, "offloading", False):
+            model_kwargs[_CACHE_NAME] = InPlaceDynamicCache(config=self.config.get_text_config(decoder=True))
         return result
 
     _prepare_cache_for_generation._step3_upstream = prepare
