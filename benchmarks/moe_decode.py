@@ -22,6 +22,7 @@ best launch, and the default launch with the activations rounded to float8 for f
 larger of the hit experts' float8 bytes / the copy bandwidth and the FLOPs / a bf16 cuBLAS GEMM's rate measured in
 the same run (the weight-only kernel widens float8 to bf16 for the tensor cores). Batches of more than 32 rows per
 expert on average (prefill, e.g. 2048 tokens and up) sweep the rows per block too (64 and 128).
+`--sweep-float8-activations` sweeps the model's default FP8 path (float8 activations), rows per block included.
 """
 
 from __future__ import annotations
@@ -97,16 +98,22 @@ def expert_flops(config: Step3Config, batch: int) -> float:
     return batch * config.moe_top_k * 2 * 3 * config.hidden_size * config.moe_intermediate_size
 
 
-def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float, fp8: bool) -> dict:
+def sweep(
+    experts: Step3Experts, config: Step3Config, batches: list[int], bandwidth: float, fp8: bool,
+    sweep_float8_activations: bool = False,
+) -> dict:
     """Times the kernel's launch parameters at each batch (decode sizes: the default rows per block; prefill sizes:
     64 and 128 rows); prints the fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per
     weight), and also times the default launch and bf16 `grouped_mm`. Returns, per batch, the FP8 rows of the last
-    table."""
+    table. With `sweep_float8_activations` (FP8 weights), the launches of the model's default FP8 path are swept instead,
+    the rows per block included (half, once and twice the default)."""
     weights_kwargs = {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
     if fp8:
         with torch.no_grad():  # the parameters require grad
             weights_kwargs = fp8_weights(experts)
-    label = "sweep fp8" if fp8 else "sweep"
+    if sweep_float8_activations:
+        weights_kwargs["quantize_activations"] = True
+    label = "sweep float8 activations" if sweep_float8_activations else "sweep fp8" if fp8 else "sweep"
     table = {}
     for batch in batches:
         inputs = [draw_inputs(config, batch, seed) for seed in range(ROUTINGS)]
@@ -115,6 +122,9 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         launch = default_launch(num_pairs, config.moe_num_experts)
         if launch == PREFILL_LAUNCH:  # prefill: compute-bound
             grid = ((64, 128), (64, 128), (64, 128), (4, 8), (3,))
+        elif sweep_float8_activations:
+            block_ms = tuple(sorted({max(16, launch["block_m"] // 2), launch["block_m"], 2 * launch["block_m"]}))
+            grid = (block_ms, (32, 64, 128), (128,), (4, 8), (3, 4, 5))
         else:
             block_m = launch["block_m"]
             grid = ((block_m,), *(((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else
@@ -145,7 +155,7 @@ def sweep(experts: Step3Experts, config: Step3Config, batches: list[int], bandwi
         default_us = "failed" if default is None else f"{default * 1e6:.1f} us"
         print(f"  {label} B={batch}: default launch {launch} {default_us}; "
               f"ceiling {read / bandwidth * 1e6:.1f} us", flush=True)  # fmt: skip
-        if fp8:
+        if fp8 and not sweep_float8_activations:
 
             def float8_activations(hidden, index, weights):
                 return moe_decode(hidden, index, weights, **weights_kwargs, quantize_activations=True)
@@ -198,6 +208,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--sweep", action="store_true", help="time the kernel's launch parameters first")
     parser.add_argument("--sweep-fp8", action="store_true", help="... also on block-FP8 weights")
+    parser.add_argument("--sweep-float8-activations", action="store_true",
+                        help="... on block-FP8 weights with float8 activations (the model's default), rows per block "
+                             "included")  # fmt: skip
     args = parser.parse_args()
     bandwidth = machine_and_ceiling("moe_decode.py")
     config = Step3Config()
@@ -212,6 +225,8 @@ def main() -> None:
         flop_rate = matmul_rate()
         print(f"compute ceiling: bf16 cuBLAS GEMM {flop_rate / 1e12:.0f} TFLOP/s", flush=True)
         fp8_table = sweep(experts, config, args.batches, bandwidth, fp8=True)
+    if args.sweep_float8_activations:
+        sweep(experts, config, args.batches, bandwidth, fp8=True, sweep_float8_activations=True)
 
     rows = []
     for batch in args.batches:
