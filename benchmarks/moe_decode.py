@@ -105,8 +105,8 @@ def sweep(
     """Times the kernel's launch parameters at each batch (decode sizes: the default rows per block; prefill sizes:
     64 and 128 rows); prints the fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per
     weight), and also times the default launch and bf16 `grouped_mm`. Returns, per batch, the FP8 rows of the last
-    table. With `sweep_float8_activations` (FP8 weights), the launches of the model's default FP8 path are swept instead,
-    the rows per block included (half, once and twice the default)."""
+    table. With `sweep_float8_activations` (FP8 weights), the launches of the model's default FP8 path are swept
+    instead, the rows per block included (half, once and twice the default)."""
     weights_kwargs = {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
     if fp8:
         with torch.no_grad():  # the parameters require grad
