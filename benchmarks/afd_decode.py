@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -227,13 +228,23 @@ def run_afd(args) -> None:
 # CUDA graph. The FFN runs Step-3's default experts kernel (moe_decode) except in "ffn:grouped_mm" (what the 2-GPU
 # runs above used); "ffn:fp8" holds the routed experts in block FP8 (128 x 128 tiles, as the FP8 release's FFN ranks
 # keep them), through moe_decode's FP8 path.
+@dataclass(frozen=True)
+class Variant:
+    cache: str  # generate()'s cache: "static" or "dynamic"
+    attention: str  # attn_implementation
+    graphs: bool  # the attention phases replayed from CUDA graphs
+    experts: str  # the FFN shard's experts_implementation, or "fp8": float8 experts through moe_decode
+    fused_qkv: bool = True  # q, k and v projections in one GEMM (the attention model's default)
+
+
 VARIANTS = {
-    "static+mfa_decode": ("static", "mfa_decode", False, "moe_decode"),
-    "dynamic+mfa_decode": ("dynamic", "mfa_decode", False, "moe_decode"),
-    "dynamic+sdpa": ("dynamic", "sdpa", False, "moe_decode"),  # the first 2-GPU runs' attention
-    "static+mfa_decode+graphs": ("static", "mfa_decode", True, "moe_decode"),
-    "static+mfa_decode,ffn:grouped_mm": ("static", "mfa_decode", False, "grouped_mm"),
-    "static+mfa_decode+graphs,ffn:fp8": ("static", "mfa_decode", True, "fp8"),
+    "static+mfa_decode": Variant("static", "mfa_decode", False, "moe_decode"),
+    "dynamic+mfa_decode": Variant("dynamic", "mfa_decode", False, "moe_decode"),
+    "dynamic+sdpa": Variant("dynamic", "sdpa", False, "moe_decode"),  # the first 2-GPU runs' attention
+    "static+mfa_decode+graphs": Variant("static", "mfa_decode", True, "moe_decode"),
+    "static+mfa_decode,ffn:grouped_mm": Variant("static", "mfa_decode", False, "grouped_mm"),
+    "static+mfa_decode+graphs,ffn:fp8": Variant("static", "mfa_decode", True, "fp8"),
+    "static+mfa_decode+graphs,ffn:fp8,separate q/k/v": Variant("static", "mfa_decode", True, "fp8", fused_qkv=False),
 }
 QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
@@ -350,6 +361,7 @@ def run_inprocess(args) -> None:
     """Both halves in this process (`InProcessConnector`): attention and FFN µs per micro-batch and layer against
     their rooflines and the cost model, for each cache / attention-implementation variant."""
     from step3_hf.afd import InProcessConnector, Placement, Step3AFDAttentionForCausalLM, Step3FFNShard
+    from step3_hf.kernels.fused_qkv import fuse_qkv_projections, unfuse_qkv_projections
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -381,7 +393,7 @@ def run_inprocess(args) -> None:
     ffn = Step3FFNShard.from_random(inprocess_config(args, args.ffn_layers), Placement(1, 1), 0, device=device,
                                     dtype=torch.bfloat16)
     ffn_fp8 = None  # the same draw with float8 experts, only when a variant asks for it
-    if any(VARIANTS[variant][3] == "fp8" for variant in args.variants):
+    if any(VARIANTS[variant].experts == "fp8" for variant in args.variants):
         ffn_fp8 = Step3FFNShard.from_random(inprocess_config(args, args.ffn_layers), Placement(1, 1), 0, device=device,
                                             dtype=torch.bfloat16, fp8_block_size=FP8_BLOCK_TINY if args.tiny else (128, 128))
         if device.type == "cuda":
@@ -409,7 +421,7 @@ def run_inprocess(args) -> None:
 
     for batch in args.batches:
         for variant in args.variants:
-            kind, attention, graphs, experts = VARIANTS[variant]
+            kind, attention, graphs, experts, fused_qkv = astuple(VARIANTS[variant])
             max_len = args.context + args.warmup + args.steps + 1
             layers = layers_that_fit(config, built, batch, max_len, kind, device)
             if layers < 1:
@@ -424,6 +436,8 @@ def run_inprocess(args) -> None:
                 if experts != "fp8":
                     ffn.set_experts_implementation(experts)
                 model.use_cuda_graphs(graphs)
+                if not fused_qkv:
+                    unfuse_qkv_projections(model)
                 row = inprocess_run(model, inprocess_config(args, layers), kind, batch, args.context, args, device, trace)
             except torch.cuda.OutOfMemoryError:
                 row = {"batch": batch, "oom": True}
@@ -431,6 +445,7 @@ def run_inprocess(args) -> None:
                 row = {"batch": batch, "error": f"{type(err).__name__}: {str(err)[:300]}"}
             finally:
                 model.use_cuda_graphs(False)
+                fuse_qkv_projections(model)  # the default again (a no-op on fused layers)
             row["variant"] = variant
             if not row.get("oom") and not row.get("error"):
                 tokens = row["micro_batch_tokens"]

@@ -18,6 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 LONGEST_FILES = ("test_triton_interpreter.py", "test_afd.py", "test_model_common.py", "test_serve.py")
 
 
+def pytest_configure(config):
+    # ... unless xdist reorders the files itself: `--dist loadfile` sorts them by their number of tests by default
+    # (`--loadscope-reorder`), which put the one-test interpreter file last, alone on one worker for its 200 s.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: position for position, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order

@@ -27,11 +27,13 @@ from .image_processing_step3_vl import Step3VLImageProcessor, Step3VLImageProces
 from .kv_cache import use_in_place_kv_cache
 from .kernels.defaults import default_attn_implementation, default_experts_implementation
 from .kernels.decode_graphs import use_decode_graphs
+from .kernels.fused_qkv import use_fused_qkv
 from .kernels.moe_router import use_fused_top_k
 from .kernels.rms_norm import use_fused_rms_norm
 from .kernels.rotary import use_fused_rotary
 from .kernels.transformers_paged_attention import init_continuous_batching
 from .modeling_step3 import (
+    Step3Attention,
     Step3DecoderLayer,
     Step3ForCausalLM,
     Step3Model,
@@ -54,6 +56,8 @@ use_fused_rms_norm(Step3RMSNorm)
 use_fused_top_k(Step3TopKRouter)
 # ... its rotary embedding of queries and keys in one kernel (about ten eager launches per layer) ...
 use_fused_rotary(modeling_step3)
+# ... its q, k and v projections in one GEMM where a model that only runs was fused (`fuse_qkv_projections`) ...
+use_fused_qkv(Step3Attention, modeling_step3)
 # ... replays each layer's work around its attention from CUDA graphs in eager decoding (decode_graphs) ...
 use_decode_graphs(Step3DecoderLayer)
 # ... lets `generate()` issue each step before the last one ends (the stop flag read a step late) ...

@@ -15,6 +15,7 @@ from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoint_layout import module_name, official_tensor_shapes
+from ..kernels.fused_qkv import fuse_qkv_projections
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import (
     _CACHE_NAME,
@@ -94,12 +95,13 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_checkpoint(
         cls, reader: CheckpointReader, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        attn_implementation: str | None = None, fp8_weights: bool | None = None,
+        attn_implementation: str | None = None, fp8_weights: bool | None = None, fuse_qkv: bool = True,
     ) -> "Step3AFDAttentionForCausalLM":
         """Read exactly the attention-side tensors of an official checkpoint.
 
         From a block-FP8 checkpoint the quantized linears load as one process loads them: `fp8_weights` keeps them
-        in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`."""
+        in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`.
+        `fuse_qkv`: each layer's q, k and v projections run as one GEMM (`kernels.fused_qkv`; the model only runs)."""
         config = reader.config
         device = torch.device(device)
         model = cls._empty(config, device, dtype, attn_implementation)
@@ -118,6 +120,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                                     reader.block_size)  # fmt: skip
                 else:
                     params[module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
+        if fuse_qkv:
+            fuse_qkv_projections(model)
         try:
             model.generation_config = GenerationConfig.from_pretrained(reader.path)
         except OSError:  # no generation_config.json: derive it from the top-level (possibly step3_vl) config
@@ -127,9 +131,10 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_random(
         cls, config: Step3Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-        std: float = 0.02, attn_implementation: str | None = None, seed: int = 0,
+        std: float = 0.02, attn_implementation: str | None = None, seed: int = 0, fuse_qkv: bool = True,
     ) -> "Step3AFDAttentionForCausalLM":
-        """Random weights (for benchmarks of real layer widths without a checkpoint)."""
+        """Random weights (for benchmarks of real layer widths without a checkpoint); `fuse_qkv` as in
+        `from_checkpoint`."""
         model = cls._empty(config, torch.device(device), dtype, attn_implementation)
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
@@ -138,6 +143,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
+        if fuse_qkv:
+            fuse_qkv_projections(model)
         return model
 
     def connect(self, connector: AttentionConnector, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):

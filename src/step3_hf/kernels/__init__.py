@@ -1,7 +1,8 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts) and its router's
 top-k, block-FP8 linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a
-one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), CUDA graphs of each layer's work around its
+one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), the q, k and v projections as one GEMM for
+models that only run (`fused_qkv.py`, the AFD attention side), CUDA graphs of each layer's work around its
 attention for eager decoding (`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`,
 `transformers_experts.py`).
 
