@@ -98,7 +98,11 @@ class StaticRowsCache:
                 f"the static cache holds {layer.keys.shape[0]} sequences but this forward has {self.batch}: use a "
                 "cache made for this batch"
             )
-        positions = torch.arange(key_states.shape[-2], device=layer.keys.device) + layer.cumulative_length
+        new_tokens = key_states.shape[-2]
+        if new_tokens == 1:  # decode: the position is the layer's length itself (no arange and add: two launches)
+            positions = layer.cumulative_length.reshape(1)
+        else:
+            positions = torch.arange(new_tokens, device=layer.keys.device) + layer.cumulative_length
         keys, values = layer.keys[rows], layer.values[rows]  # views: the writes land in the shared tensors
         keys.index_copy_(2, positions, key_states)
         values.index_copy_(2, positions, value_states)
