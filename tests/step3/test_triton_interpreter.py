@@ -26,6 +26,7 @@ KERNEL_TEST_FILES = [
     "test_fp8_activation_quant.py",
     "test_rms_norm.py",
     "test_rotary.py",
+    "test_fp8_wire.py",
 ]
 
 pytestmark = skip_if_interpreted

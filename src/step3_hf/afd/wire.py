@@ -14,6 +14,13 @@ from enum import Enum
 
 import torch
 
+from ..kernels.fp8_wire import (
+    decode_fp8_dispatch,
+    encode_fp8_dispatch,
+    fp8_wire_kernels_decode,
+    fp8_wire_kernels_take,
+)
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 
@@ -35,8 +42,10 @@ class WireFormat(str, Enum):
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric e4m3: `x ~ q * scale` with `scale = amax(|x|) / 448` per row (fp32)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    """Per-token symmetric e4m3: `x ~ q * scale` with `scale = amax(|x|) / 448` per row (fp32). The division by 448
+    is written as the product with its fp32 reciprocal, which is what CUDA computes for it: CPU, CUDA and the
+    one-launch kernel (`kernels/fp8_wire.py`) then give the same bytes."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) * (1 / FP8_MAX)
     return (x.float() / scale).to(FP8_DTYPE), scale
 
 
@@ -70,6 +79,8 @@ def encode_dispatch(
     hidden: torch.Tensor, top_k_index: torch.Tensor | None, top_k_weights: torch.Tensor | None, wire: WireFormat
 ) -> torch.Tensor:
     """`[n, H]` normed hidden states (+ `[n, k]` routing) -> one uint8 buffer laid out as `DispatchLayout` says."""
+    if wire is WireFormat.FP8 and fp8_wire_kernels_take(hidden, top_k_index):
+        return encode_fp8_dispatch(hidden, top_k_index, top_k_weights)  # the same bytes in one launch
     fields = []
     if top_k_index is not None:
         fields += [top_k_index.to(torch.int32), top_k_weights.to(torch.float32)]
@@ -86,6 +97,8 @@ def decode_dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Inverse of `encode_dispatch`: hidden states in the model's dtype and the routing (ids int64, weights)."""
     n, h, k = layout.num_tokens, layout.hidden_size, layout.top_k
+    if layout.wire is WireFormat.FP8 and fp8_wire_kernels_decode(buffer, layout.dtype):
+        return decode_fp8_dispatch(buffer, n, h, k, layout.dtype)  # the same tensors in one launch
     ids_b, weights_b, scale_b, values_b = torch.split(buffer, layout._field_bytes)
     top_k_index = top_k_weights = None
     if k:
