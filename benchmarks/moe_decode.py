@@ -106,7 +106,7 @@ def sweep(
     64 and 128 rows); prints the fastest few. With `fp8`, on the weights quantized to block FP8 (bytes read: one per
     weight), and also times the default launch and bf16 `grouped_mm`. Returns, per batch, the FP8 rows of the last
     table. With `sweep_float8_activations` (FP8 weights), the launches of the model's default FP8 path are swept
-    instead, the rows per block included (half, once and twice the default)."""
+    instead, the rows per block (half, once and twice the default) and the launch order included."""
     weights_kwargs = {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
     if fp8:
         with torch.no_grad():  # the parameters require grad
@@ -124,13 +124,13 @@ def sweep(
             grid = ((64, 128), (64, 128), (64, 128), (4, 8), (3,))
         elif sweep_float8_activations:
             block_ms = tuple(sorted({max(16, launch["block_m"] // 2), launch["block_m"], 2 * launch["block_m"]}))
-            grid = (block_ms, (32, 64, 128), (128,), (4, 8), (3, 4, 5))
+            grid = (block_ms, (64, 128), (128,), (4, 8), (3, 4), (False, True))
         else:
             block_m = launch["block_m"]
             grid = ((block_m,), *(((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else
                                   ((32, 64, 128), (128, 256), (4, 8), (3, 4))))  # fmt: skip
         results, default, ours = [], None, None
-        launches = [dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), p))
+        launches = [dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages", "expert_blocks_first"), p))
                     for p in itertools.product(*grid)]  # fmt: skip
         for params in [{}, *launches]:  # {}: moe_decode's default launch
 

@@ -451,9 +451,9 @@ def reference_float8_activations(x, index, weights, gate_up, down, dtype):
 # rounding boundary across it, a whole e4m3 step each (H100, 2026-12-07: 1.2e-3 with the prefill launch).
 A8_TOLERANCE = {torch.float32: 1e-5 if INTERPRETED else 5e-3, torch.bfloat16: TOLERANCE[torch.bfloat16]}
 # (hidden, intermediate, scale tiles, launch): the decode launch, 16-row blocks with 32-deep steps in 128-wide
-# tiles, and the prefill launch (64-row blocks, 8 warps).
+# tiles launched expert blocks first, and the prefill launch (64-row blocks, 8 warps).
 A8_CASES = {"decode": (256, 128, (32, 64), {}),
-            "16 rows, 32 deep": (128, 256, (128, 128), dict(block_m=16, block_k=32)),
+            "16 rows, 32 deep": (128, 256, (128, 128), dict(block_m=16, block_k=32, expert_blocks_first=True)),
             "prefill": (256, 128, (64, 128), dict(PREFILL_LAUNCH))}  # fmt: skip
 
 

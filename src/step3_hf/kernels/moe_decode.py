@@ -77,6 +77,17 @@ def _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M: tl.const
 
 
 @triton_jit
+def _program_ids(BLOCKS_FIRST: tl.constexpr):
+    """(output-column slice, expert block) of this program. BLOCKS_FIRST: the grid's first axis runs over the expert
+    blocks, so the programs launched together read the same column slice of every expert, and the blocks of one
+    expert read it at about the same time (the second from L2)."""
+    if BLOCKS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton_jit
 def _load_k_tile(ptrs, rows_ok, k_left, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """A `[rows, BLOCK_K]` tile of a K-contiguous operand: masked rows and, unless EVEN_K, the K tail read as 0."""
     mask = rows_ok[:, None]
@@ -133,12 +144,12 @@ def _gate_up_swiglu(
     stride_is, stride_in, num_pairs, num_experts, hidden, inter, top_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the intermediate dimension (gate and up). Under
     A8, X is float8 with one scale per token and GROUP columns (XS)."""
-    pid_n = tl.program_id(0)
-    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
+    pid_n, block = _program_ids(BLOCKS_FIRST)
+    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M)
     if expert >= num_experts:  # a block past the last expert's rows: no work
         return
     token = tl.where(row_ok, pair // top_k, 0)
@@ -180,12 +191,12 @@ def _down_weighted(
     stride_os, stride_oh, num_pairs, num_experts, hidden, inter,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, FP8: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
 ):  # fmt: skip
     """One program: rows of one expert block x one BLOCK_N slice of the hidden dimension, times routing weights.
     Under A8, INTER is float8 with one scale per pair and GROUP columns (IS)."""
-    pid_n = tl.program_id(0)
-    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, tl.program_id(1), num_pairs, BLOCK_M)
+    pid_n, block = _program_ids(BLOCKS_FIRST)
+    expert, pair, row_ok = _expert_block(BLOCK_EXPERT, SORTED_PAIR, block, num_pairs, BLOCK_M)
     if expert >= num_experts:
         return
     safe_pair = tl.where(row_ok, pair, 0)
@@ -215,12 +226,12 @@ def _down_weighted(
 # Average rows per expert up to which a call is decode-sized: memory-bound, so the launch reads each weight byte once.
 # Above it (prefill) the FLOPs rather than the weight bytes set the roofline.
 MAX_DECODE_ROWS_PER_EXPERT = 32
-DECODE_LAUNCH = dict(block_n=64, block_k=128, num_warps=4, num_stages=4)  # the H100 / H200 decode sweeps
+DECODE_LAUNCH = dict(block_n=64, block_k=128, num_warps=4, num_stages=4, expert_blocks_first=False)  # the sweeps
 # Prefill: 64-row blocks (every block but an expert's last one full) and 64 x 64 tiles over 8 warps, the largest that
 # Triton 3.8 compiles for sm_90 without register spills (`ptxas -v`: 128-row or 128-column tiles spill 0.7-3.5 KB
 # per thread in the gate/up kernel, which holds two accumulators). Not timed yet: `benchmarks/moe_decode.py
 # --sweep-fp8` prints the best launch beside it.
-PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)
+PREFILL_LAUNCH = dict(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3, expert_blocks_first=False)
 
 
 @triton_jit
@@ -411,6 +422,7 @@ def moe_decode(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    expert_blocks_first: bool | None = None,
 ) -> torch.Tensor:
     """`sum_k w[t, k] * down[e] @ (act(gate[e] @ x_t) * (up[e] @ x_t))` with `e = top_k_index[t, k]`, per token.
 
@@ -432,6 +444,8 @@ def moe_decode(
         block_m, block_n, block_k, num_warps, num_stages: Triton launch parameters (rows per block; output columns
             and reduction depth per program; warps; pipelining depth); those left None come from `default_launch`,
             which depends on the rows per expert (decode or prefill sized).
+        expert_blocks_first: the launch order: the programs of one output-column slice for every expert block
+            together (True), or all slices of one expert block together (False).
 
     Returns:
         `[T, H]` in `hidden_states`' dtype (products in fp32, the intermediate activation in the weights' dtype).
@@ -464,10 +478,11 @@ def moe_decode(
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise ValueError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
     fp8 = gate_up_scale is not None or down_scale is not None or block_size is not None
-    given = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    given = dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                 expert_blocks_first=expert_blocks_first)  # fmt: skip
     launch = default_launch(top_k_index.numel(), num_experts)
     launch.update({name: value for name, value in given.items() if value is not None})
-    block_m, block_n, block_k, num_warps, num_stages = (launch[name] for name in given)
+    block_m, block_n, block_k, num_warps, num_stages, expert_blocks_first = (launch[name] for name in given)
     for name in ("block_m", "block_n", "block_k"):
         if launch[name] < 16 or launch[name] & (launch[name] - 1):
             raise ValueError(f"`{name}` must be a power of two of at least 16 (tensor-core tiles), got {launch[name]}")
@@ -493,6 +508,7 @@ def moe_decode(
     return _moe_decode_op(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale,
         block_m, block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations,
+        bool(expert_blocks_first),
     )  # fmt: skip
 
 
@@ -539,6 +555,7 @@ def _moe_decode_op(
     scale_k: int,
     expert_parallel: bool,
     quantize_activations: bool,
+    expert_blocks_first: bool,
 ) -> torch.Tensor:
     """The alignment and the two launches behind `moe_decode`, on arguments it has checked."""
     num_tokens, hidden = hidden_states.shape
@@ -561,7 +578,12 @@ def _moe_decode_op(
     dot_f32 = (hidden_states.dtype == torch.float32 and not a8) or interpreter_enabled()
     fp8 = gate_up_scale is not None
     launch = dict(num_warps=num_warps, num_stages=num_stages, FP8=fp8, SN=scale_n, SK=scale_k, DOT_F32=dot_f32,
-                  A8=a8, GROUP=GROUP_SIZE)  # fmt: skip
+                  A8=a8, GROUP=GROUP_SIZE, BLOCKS_FIRST=expert_blocks_first)  # fmt: skip
+
+    def grid(columns: int) -> tuple[int, int]:
+        slices = triton.cdiv(columns, block_n)
+        return (num_blocks, slices) if expert_blocks_first else (slices, num_blocks)
+
     # Without scales the kernels never read them (FP8 and A8 are compile-time constants): an existing tensor stands
     # in for the pointer, with zero strides, and nothing is allocated for it.
     gate_up_scale = gate_up_scale if fp8 else top_k_weights
@@ -570,7 +592,7 @@ def _moe_decode_op(
     x, x_scale = quantize_fp8_activations(hidden_states) if a8 else (hidden_states, top_k_weights)
 
     activated = torch.empty(num_pairs, inter, dtype=hidden_states.dtype, device=device)
-    _gate_up_swiglu[(triton.cdiv(inter, block_n), num_blocks)](
+    _gate_up_swiglu[grid(inter)](
         x, x_scale, gate_up_proj, gate_up_scale, sorted_pair_ids, block_expert, activated,
         *x.stride(), *_strides(x_scale, a8, 2), *gate_up_proj.stride(), *_strides(gate_up_scale, fp8, 3),
         *activated.stride(), num_pairs, num_experts, hidden, inter, top_k,
@@ -579,7 +601,7 @@ def _moe_decode_op(
     a, a_scale = quantize_fp8_activations(activated) if a8 else (activated, top_k_weights)
     routing = top_k_weights.reshape(-1).contiguous()
     partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=device)
-    _down_weighted[(triton.cdiv(hidden, block_n), num_blocks)](
+    _down_weighted[grid(hidden)](
         a, a_scale, down_proj, down_scale, sorted_pair_ids, block_expert, routing, partial,
         *a.stride(), *_strides(a_scale, a8, 2), *down_proj.stride(), *_strides(down_scale, fp8, 3),
         *partial.stride(), num_pairs, num_experts, hidden, inter,
@@ -601,7 +623,8 @@ def _strides(scales: torch.Tensor, read: bool, dims: int) -> tuple[int, ...]:
 
 @_moe_decode_op.register_fake
 def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_scale, down_scale, block_m,
-      block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations):  # fmt: skip
+      block_n, block_k, num_warps, num_stages, scale_n, scale_k, expert_parallel, quantize_activations,
+      expert_blocks_first):  # fmt: skip
     return torch.empty_like(hidden_states)
 
 
