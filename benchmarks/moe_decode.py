@@ -124,7 +124,7 @@ def sweep(
             grid = ((64, 128), (64, 128), (64, 128), (4, 8), (3,))
         elif sweep_float8_activations:
             block_ms = tuple(sorted({max(16, launch["block_m"] // 2), launch["block_m"], 2 * launch["block_m"]}))
-            grid = (block_ms, (64, 128), (128,), (4, 8), (3, 4), (False, True))
+            grid = (block_ms, (64, 128), (128,), (4,), (3, 4), (False, True))
         else:
             block_m = launch["block_m"]
             grid = ((block_m,), *(((64, 128, 256), (128,), (4, 8), (3, 4, 5, 6)) if fp8 else
