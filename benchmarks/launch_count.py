@@ -14,7 +14,7 @@ the layer index dropped, so a row holds all layers of that kind.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/launch_count.py [--batch 4] [--unfused-align] [--json PATH]
 
-`--unfused-align` runs the MoE alignment through its torch ops (the path before issue 21) for a side-by-side count.
+`--unfused-align` also counts a step with the MoE alignment in torch ops (the path before issue 21), side by side.
 """
 
 from __future__ import annotations
@@ -108,46 +108,15 @@ def launches(events) -> Counter:
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=4, help="sequences decoded together (default 4)")
-    parser.add_argument("--prompt", type=int, default=5, help="prompt tokens before the counted step (default 5)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default bfloat16)")
-    parser.add_argument("--unfused-align", action="store_true", help="the MoE alignment in torch ops")
-    parser.add_argument("--by-op", action="store_true", help="also list each module's launches by name")
-    parser.add_argument("--json", help="also write {module: {launch: count}} to this file")
-    args = parser.parse_args(argv)
-    if not interpreter_enabled():
-        parser.error("Triton was imported before TRITON_INTERPRET=1 took effect; set it in the environment")
-    if args.unfused_align:
-        importlib.import_module("step3_hf.kernels.moe_decode").MAX_FUSED_ALIGN_PAIRS = 0
-
-    torch.manual_seed(0)
-    config = Step3Config(**TINY_CONFIG)
-    config._attn_implementation = MFA_DECODE_ATTENTION
-    config._experts_implementation = MOE_DECODE_EXPERTS
-    model = Step3ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
-    ids = torch.randint(1, config.vocab_size, (args.batch, args.prompt))
-    with torch.no_grad():
-        prefill = model(input_ids=ids, use_cache=True)
-        next_ids = prefill.logits[:, -1:].argmax(-1)
-        cache = prefill.past_key_values if hasattr(prefill, "past_key_values") else prefill.cache
-        count_triton_launches()
-        record_module_ranges(model)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            model(input_ids=next_ids, past_key_values=cache, use_cache=True)
-    counts = launches(profile.events())
-
+def print_counts(counts: Counter, title: str, num_moe: int, by_op: bool) -> None:
     per_module = Counter()
     for (module, _), n in counts.items():
         per_module[module] += n
-    num_moe = len(config.moe_layer_indices)
-    print(f"one decode step, {args.dtype}, batch {args.batch}, {config.num_hidden_layers} layers ({num_moe} MoE), "
-          f"{'torch' if args.unfused_align else 'one-launch'} MoE alignment")  # fmt: skip
+    print(title)
     print(f"{'launches':>9}  module (all layers of that kind)")
     for module in sorted(per_module):
         print(f"{per_module[module]:9d}  {module}")
-        if args.by_op:
+        if by_op:
             for (owner, name), n in sorted(counts.items()):
                 if owner == module:
                     print(f"{'':9}    {n:4d}  {name}")
@@ -155,13 +124,54 @@ def main(argv: list[str] | None = None) -> None:
     triton = sum(n for (_, name), n in counts.items() if name.startswith(TRITON))
     moe = sum(n for module, n in per_module.items() if ".mlp" in module and module.endswith(("gate", "experts")))
     print(f"{total:9d}  in all ({triton} Triton launches)")
-    print(f"{moe / num_moe:9.1f}  per MoE layer in its router and routed experts")
+    print(f"{moe / num_moe:9.1f}  per MoE layer in its router and routed experts\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4, help="sequences decoded together (default 4)")
+    parser.add_argument("--prompt", type=int, default=5, help="prompt tokens before the counted step (default 5)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default bfloat16)")
+    parser.add_argument("--unfused-align", action="store_true",
+                        help="also count a step with the MoE alignment in torch ops, side by side")  # fmt: skip
+    parser.add_argument("--by-op", action="store_true", help="also list each module's launches by name")
+    parser.add_argument("--json", help="also write {alignment: {module: {launch: count}}} to this file")
+    args = parser.parse_args(argv)
+    if not interpreter_enabled():
+        parser.error("Triton was imported before TRITON_INTERPRET=1 took effect; set it in the environment")
+
+    torch.manual_seed(0)
+    config = Step3Config(**TINY_CONFIG)
+    config._attn_implementation = MFA_DECODE_ATTENTION
+    config._experts_implementation = MOE_DECODE_EXPERTS
+    model = Step3ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
+    ids = torch.randint(1, config.vocab_size, (args.batch, args.prompt))
+    moe_decode = importlib.import_module("step3_hf.kernels.moe_decode")
+    alignments = {"one-launch alignment": moe_decode.MAX_FUSED_ALIGN_PAIRS}
+    if args.unfused_align:
+        alignments["torch alignment"] = 0  # no call takes the one-launch alignment
+    with torch.no_grad():
+        prefill = model(input_ids=ids, use_cache=True)
+        next_ids = prefill.logits[:, -1:].argmax(-1)
+        cache = prefill.past_key_values if hasattr(prefill, "past_key_values") else prefill.cache
+        count_triton_launches()
+        record_module_ranges(model)
+        tables = {}
+        for alignment, max_fused_pairs in alignments.items():  # one decode step each, one token further
+            moe_decode.MAX_FUSED_ALIGN_PAIRS = max_fused_pairs
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            counts = launches(profile.events())
+            num_moe = len(config.moe_layer_indices)
+            title = (f"one decode step, {args.dtype}, batch {args.batch}, {config.num_hidden_layers} layers "
+                     f"({num_moe} MoE), {alignment}")  # fmt: skip
+            print_counts(counts, title, num_moe, args.by_op)
+            tables[alignment] = {}
+            for (module, name), n in sorted(counts.items()):
+                tables[alignment].setdefault(module, {})[name] = n
     if args.json:
-        table = {}
-        for (module, name), n in sorted(counts.items()):
-            table.setdefault(module, {})[name] = n
         with open(args.json, "w") as f:
-            json.dump(table, f, indent=1)
+            json.dump(tables, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_fused_logits_equal_float64_and_the_three_projections(checkpoint):
         assert torch.equal(view, state[f"model.layers.0.self_attn.{name}.weight"])
 
 
+@pytest.mark.parametrize("checkpoint", [1], indirect=True, ids=["1kv"])  # the release's one KV head
 def test_generate_after_fusing_gives_the_same_tokens(checkpoint):
     model = load(checkpoint[0])
     with torch.no_grad():
@@ -83,6 +84,7 @@ def test_generate_after_fusing_gives_the_same_tokens(checkpoint):
     assert len(calls) == 6  # the prefill and five decode steps
 
 
+@pytest.mark.parametrize("checkpoint", [1], indirect=True, ids=["1kv"])
 def test_training_takes_the_three_projections(checkpoint):
     model = load(checkpoint[0]).train()
     fuse_qkv_projections(model)
@@ -126,6 +128,7 @@ def test_mixed_or_biased_projections_are_left_alone():
     assert fuse_qkv_projections(attention) == 0 and not hasattr(attention, "qkv_proj")
 
 
+@pytest.mark.parametrize("checkpoint", [1], indirect=True, ids=["1kv"])
 def test_unfusing_runs_the_three_projections_again(checkpoint):
     path, config, state = checkpoint
     model = load(path)

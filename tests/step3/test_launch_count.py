@@ -21,12 +21,13 @@ def launch_counts(tmp_path, *flags):
 
 
 def test_moe_layers_launch_four_expert_kernels_and_one_top_k(tmp_path):
-    counts = launch_counts(tmp_path)
+    both = launch_counts(tmp_path, "--unfused-align")  # one process: the default step, then the torch alignment's
+    counts = both["one-launch alignment"]
     moe_layers = 2  # the tiny config's
     kernels = ("_align_pairs", "_gate_up_swiglu", "_down_weighted", "_sum_choices")
     assert counts["model.layers.*.mlp.experts"] == {f"triton::{kernel}": moe_layers for kernel in kernels}
     router = counts["model.layers.*.mlp.gate"]
     assert router["triton::_top_k_experts"] == moe_layers and "aten::topk" not in router
-    unfused = launch_counts(tmp_path, "--unfused-align")["model.layers.*.mlp.experts"]
+    unfused = both["torch alignment"]["model.layers.*.mlp.experts"]
     assert "triton::_align_pairs" not in unfused and unfused["aten::cumsum"] == 2 * moe_layers
     assert sum(unfused.values()) > 3 * moe_layers + 10 * moe_layers
