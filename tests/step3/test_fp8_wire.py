@@ -87,7 +87,7 @@ def assert_same_dispatch(buffer, reference, layout):
 
 
 def _values_and_scales(buffer, layout):
-    n, h, k = layout.num_tokens, layout.hidden_size, layout.top_k
+    n, h = layout.num_tokens, layout.hidden_size
     _, _, scale, values = torch.split(buffer, layout._field_bytes)
     return values.view(torch.float8_e4m3fn).view(n, h), scale.view(torch.float32).view(n, 1)
 
