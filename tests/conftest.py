@@ -15,7 +15,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The longest files on a 2-core CI machine (Triton's interpreter in a subprocess, several-process launches), longest
 # first: xdist hands out files in collection order, and collected late they ran on one worker after the other had
 # finished everything else (`.ci/run` took about a minute longer).
-LONGEST_FILES = ("test_triton_interpreter.py", "test_afd.py", "test_model_common.py", "test_serve.py")
+# Measured on 2 cores (2026-12-07), longest first: with the rest after them, two workers finish close together.
+LONGEST_FILES = (
+    "test_triton_interpreter.py", "test_afd.py", "test_serve.py", "test_quotient_timm_conformance.py",
+    "test_model_common.py", "test_training.py", "test_quotient_train.py", "test_launch_count.py",
+    "test_parallel_decode.py", "test_request_validation.py", "test_inspect_checkpoint.py", "test_modeling.py",
+)  # fmt: skip
 
 
 def pytest_configure(config):
