@@ -21,7 +21,8 @@ import torch
 
 from ..fp8 import FP8_MAX
 from .fp8_activation_quant import MIN_AMAX, _e4m3_bytes, _max_keeping_nan
-from .triton_support import SUPPORTED_DTYPES, kernel_available, kernel_op, round_to_bfloat16, tl, triton, triton_jit
+from .rotary import _round
+from .triton_support import SUPPORTED_DTYPES, kernel_available, kernel_op, tl, triton, triton_jit
 
 __all__ = [
     "ENABLED",
@@ -73,15 +74,6 @@ def _e4m3_value(code):
 
 
 @triton_jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """`x` (fp32) rounded to nearest-even `DTYPE` (bf16 by hand: the interpreter truncates that cast)."""
-    if DTYPE == tl.bfloat16:
-        return round_to_bfloat16(x).to(DTYPE)
-    else:
-        return x.to(DTYPE)
-
-
-@triton_jit
 def _decode(IDS_IN, WEIGHTS_IN, SCALES_IN, VALUES_IN, HIDDEN, IDS, WEIGHTS, width, top_k,
             BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr):  # fmt: skip
     """One program: one token's hidden states and routing back in the model's dtypes."""
@@ -91,14 +83,15 @@ def _decode(IDS_IN, WEIGHTS_IN, SCALES_IN, VALUES_IN, HIDDEN, IDS, WEIGHTS, widt
     codes = tl.load(VALUES_IN + row * width + offs, mask=ok, other=0).to(tl.int32)
     scale = tl.load(SCALES_IN + row)
     DTYPE: tl.constexpr = HIDDEN.dtype.element_ty
-    tl.store(HIDDEN + row * width + offs, _round_to(_e4m3_value(codes) * scale, DTYPE), mask=ok)
+    tl.store(HIDDEN + row * width + offs, _round(_e4m3_value(codes) * scale, DTYPE).to(DTYPE), mask=ok)
     if ROUTED:
         k = tl.arange(0, BLOCK_K)
         k_ok = k < top_k
         ids = tl.load(IDS_IN + row * top_k + k, mask=k_ok, other=0)
         weights = tl.load(WEIGHTS_IN + row * top_k + k, mask=k_ok, other=0.0)
         tl.store(IDS + row * top_k + k, ids.to(tl.int64), mask=k_ok)
-        tl.store(WEIGHTS + row * top_k + k, _round_to(weights, WEIGHTS.dtype.element_ty), mask=k_ok)
+        WEIGHTS_DTYPE: tl.constexpr = WEIGHTS.dtype.element_ty
+        tl.store(WEIGHTS + row * top_k + k, _round(weights, WEIGHTS_DTYPE).to(WEIGHTS_DTYPE), mask=k_ok)
 
 
 def fp8_wire_kernels_take(hidden: torch.Tensor, top_k_index: torch.Tensor | None) -> bool:
