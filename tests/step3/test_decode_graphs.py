@@ -158,6 +158,31 @@ def test_a_step_copies_its_rope_tables_in_once_for_all_layers():
     assert copied(frozen_cos, frozen_sin) and copied(frozen_cos, frozen_sin)
 
 
+def test_a_step_folds_its_mask_once_for_all_layers(monkeypatch):
+    # Every layer of a step gets the same mask; the decode kernel's bounds of it are folded by the first layer that
+    # reads it and reused by the others (`decode_kv_bounds` runs the fold kernel, which needs a GPU: counted here).
+    folds = []
+    monkeypatch.setattr(decode_graphs, "decode_kv_bounds", lambda mask: folds.append(mask) or (mask.sum(), mask.sum()))
+    model = tiny_model()
+    model.config._attn_implementation = "mfa_decode"
+    first, second = model.model.layers[:2]
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    bounds = decode_graphs._kv_bounds(first, mask)
+    assert list(bounds) == ["decode_kv_bounds"] and len(folds) == 1
+    assert decode_graphs._kv_bounds(second, mask) == bounds and len(folds) == 1  # the next layers of the same step
+    decode_graphs._kv_bounds(first, mask.clone())  # the next step's mask
+    assert len(folds) == 2
+    mask[1, ..., 0] = False  # changed in place since
+    assert decode_graphs._kv_bounds(first, mask)["decode_kv_bounds"][0] == 9 and len(folds) == 3
+    with torch.inference_mode():  # no version counter: folded every time
+        frozen = mask.clone()
+    decode_graphs._kv_bounds(first, frozen), decode_graphs._kv_bounds(second, frozen)
+    assert len(folds) == 5
+    assert decode_graphs._kv_bounds(first, None) == {}
+    model.config._attn_implementation = "sdpa"  # another attention implementation reads no bounds
+    assert decode_graphs._kv_bounds(first, mask.clone()) == {} and len(folds) == 5
+
+
 def test_block_fp8_layers_stay_eager():
     # An FP8 FFN's capture failed on an H100 (leaving the process's CUDA generator unusable): FP8 modules are eager.
     from step3_hf.fp8 import quantize_model

@@ -114,6 +114,24 @@ def test_boolean_mask_left_padding_and_static_tail(device, num_splits, q_len):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bounds_folded_by_the_caller_are_read_as_given(device):
+    # A step's layers share one mask, so its caller folds the mask once (`kv_bounds_from_mask`) and passes the bounds
+    # to every layer: the same output, bit for bit. The kernel reads the bounds it is given: one position narrower
+    # attends as if that key were masked out.
+    query, key, value = random_case(3, 8, 1, 1, 96, 16, torch.float32, device, seed=11)
+    allowed = (torch.arange(96) >= torch.tensor([0, 20, 7])[:, None, None]) & (torch.arange(96) < 90)
+    mask = allowed[:, None].to(device)
+    start, end = decode_attention_module.kv_bounds_from_mask(mask[:, 0])
+    assert start.tolist() == [0, 20, 7] and end.tolist() == [90, 90, 90]
+    folded_here = decode_attention(query, key, value, attention_mask=mask, num_splits=3)
+    assert torch.equal(decode_attention(query, key, value, attention_mask=mask, kv_bounds=(start, end), num_splits=3),
+                       folded_here)  # fmt: skip
+    narrower = decode_attention(query, key, value, attention_mask=mask, kv_bounds=(start, end - 1), num_splits=3)
+    allowed[:, :, 89] = False
+    assert relative_error(narrower.cpu(), reference_attention(query.cpu(), key.cpu(), value.cpu(), 0.25, allowed)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_row_gives_zeros(device):
     query, key, value = random_case(2, 4, 1, 1, 80, 16, torch.float32, device, seed=1)
     mask = torch.ones(2, 1, 1, 80, dtype=torch.bool)
@@ -318,6 +336,12 @@ def test_bad_arguments_raise_clear_errors(device):
         decode_attention(query, key, value, attention_mask=torch.ones(2, 1, 1, 16, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="kv_lengths"):
         decode_attention(query, key, value, kv_lengths=torch.tensor([16, 16], device=device))
+    bounds = (torch.zeros(1, dtype=torch.int32, device=device), torch.full((1,), 16, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="pass the mask too"):
+        decode_attention(query, key, value, kv_bounds=bounds)
+    with pytest.raises(ValueError, match=r"`kv_bounds` end must be int32 \(1,\)"):
+        decode_attention(query, key, value, attention_mask=torch.ones(1, 1, 1, 16, dtype=torch.bool, device=device),
+                         kv_bounds=(bounds[0], bounds[1].long()))  # fmt: skip
     with pytest.raises(ValueError, match=r"\[0, 16\]"):  # longer than the cache (checked when given on the CPU)
         decode_attention(query, key, value, kv_lengths=torch.tensor([17]))
     with pytest.raises(ValueError, match="differs"):
@@ -505,6 +529,38 @@ def test_generate_matches_sdpa_with_left_padding(
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # 4 layers x every decode step
     assert len(kernel_calls) == 4 * (NEW_TOKENS - 1) and all(shape[2] == 1 for shape in kernel_calls)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_afd_step_folds_each_micro_batchs_mask_once_for_every_layer(checkpoint, device, kernel_calls, monkeypatch):
+    # The AFD attention side (both halves in process, static cache, two micro-batches) folds each micro-batch's mask
+    # into the kernel's bounds once per step, not once per layer, and generates what one process with SDPA does.
+    from transformers import AutoModelForCausalLM
+
+    from step3_hf.afd import InProcessConnector, Placement, Step3AFDAttentionForCausalLM, Step3FFNShard
+    from step3_hf.afd.checkpoint import CheckpointReader
+    from step3_hf.kernels import transformers_attention
+
+    folds = []
+    fold = transformers_attention.kv_bounds_from_mask
+    monkeypatch.setattr(transformers_attention, "kv_bounds_from_mask", lambda mask: folds.append(1) or fold(mask))
+    monkeypatch.setattr(decode_attention_module, "kv_bounds_from_mask", lambda mask: folds.append(1) or fold(mask))
+    ids, mask = left_padded_batch(device)
+    reader = CheckpointReader(checkpoint)
+    attention = Step3AFDAttentionForCausalLM.from_checkpoint(reader, device=device, dtype=torch.float32,
+                                                             attn_implementation="mfa_decode")  # fmt: skip
+    shard = Step3FFNShard.from_checkpoint(reader, Placement(1, 1), 0, device=device, dtype=torch.float32)
+    model = attention.connect(InProcessConnector([shard]), micro_batches=2, wire="raw")
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    one_process = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa").to(device).eval()
+    with torch.no_grad():
+        afd = model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs)
+        want = one_process.generate(ids, **kwargs)
+    assert afd.sequences.tolist() == want.sequences.tolist()
+    torch.testing.assert_close(torch.stack(afd.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
+    steps, layers = 2, model.config.num_hidden_layers
+    assert len(kernel_calls) == steps * 2 * layers and len(folds) == steps * 2  # not steps * 2 * layers
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,8 +3,9 @@ block, the post-attention norm and the router, replayed on decode steps against 
 
 A decode micro-batch is a few hundred small kernels (norms, rotary, projections, the cache write, the decode
 kernel, the router) whose launch can cost more host time than the GPU spends on them; a replay issues them at once.
-Each micro-batch has static input buffers (hidden states, rotary cos/sin, mask rows) that every layer's graph reads:
-the mask and cos/sin are copied in once per step, the hidden states before each replay. The cache is written in
+Each micro-batch has static input buffers (hidden states, rotary cos/sin, mask rows and the decode kernel's bounds of
+them) that every layer's graph reads: the mask, its bounds and cos/sin are copied in once per step, the hidden states
+before each replay. The cache is written in
 place through `StaticRowsCache`, whose update is device work only, and its lengths advance outside the graphs.
 The graphs are captured on the first decode step and captured again when the cache, the batch split or the layers
 change.
@@ -19,7 +20,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..kernels.cuda_graph_capture import capture_cuda_graph
-from .pipeline import attention_phase, is_static
+from .pipeline import attention_phase, is_static, step_kv_bounds
 
 
 @dataclass
@@ -27,6 +28,7 @@ class _Inputs:
     hidden: torch.Tensor
     cos_sin: tuple[torch.Tensor, torch.Tensor]
     mask: torch.Tensor | None
+    kv_bounds: dict  # {} or {"decode_kv_bounds": (start, end)} of `mask`
 
 
 class AttentionGraphs:
@@ -58,6 +60,7 @@ class AttentionGraphs:
                     hidden=torch.empty_like(hidden_states[r]),
                     cos_sin=tuple(torch.empty_like(t) for t in cs),
                     mask=None if mask is None else torch.empty_like(mask),
+                    kv_bounds={},
                 )
                 for r, mask, cs in zip(rows, masks, cos_sin)
             ]
@@ -66,6 +69,12 @@ class AttentionGraphs:
                 static.copy_(value)
             if mask is not None:
                 inputs.mask.copy_(mask)
+            bounds = step_kv_bounds(layers, inputs.mask)
+            if bounds.keys() != inputs.kv_bounds.keys():  # first step: these tensors become the static ones
+                inputs.kv_bounds = bounds
+            for name, pair in bounds.items():
+                for static, value in zip(inputs.kv_bounds[name], pair):
+                    static.copy_(value)
 
     def run(self, layer_idx: int, layer: nn.Module, m: int, hidden_states: torch.Tensor, cache):
         """Micro-batch `m` through layer `layer_idx`'s attention phase: (hidden states, normed, routing)."""
@@ -81,7 +90,7 @@ class AttentionGraphs:
 
     def _capture(self, layer: nn.Module, inputs: _Inputs, cache):
         def phase():
-            return attention_phase(layer, inputs.hidden, inputs.cos_sin, inputs.mask, cache)
+            return attention_phase(layer, inputs.hidden, inputs.cos_sin, inputs.mask, cache, **inputs.kv_bounds)
 
         # Warmed up on a side stream first; this run writes this step's keys and values, as the replay does again.
         graph, outputs = capture_cuda_graph(phase, inputs.hidden.device, self._pool)

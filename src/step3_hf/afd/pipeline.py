@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 
+from ..kernels.transformers_attention import DECODE_KV_BOUNDS, MFA_DECODE_ATTENTION, decode_kv_bounds
 from .placement import even_split
 from .timing import PhaseTimer
 
@@ -157,6 +158,15 @@ def micro_batch_caches(cache: Cache | None, batch: int, new_tokens: int, rows: l
     return shared, [shared.rows(r) for r in rows]
 
 
+def step_kv_bounds(layers: nn.ModuleList, mask: torch.Tensor | None) -> dict:
+    """`{"decode_kv_bounds": ...}` of one micro-batch's mask for every layer of the step, where the decode kernel
+    reads the mask (it would fold the mask again in each layer otherwise); else `{}`."""
+    if mask is None or layers[0].self_attn.config._attn_implementation != MFA_DECODE_ATTENTION:
+        return {}
+    bounds = decode_kv_bounds(mask)
+    return {} if bounds is None else {DECODE_KV_BOUNDS: bounds}
+
+
 def attention_phase(layer, hidden_states, cos_sin, mask, cache, **attention_kwargs):
     """One micro-batch through one layer's attention half: (new hidden states, normed `[n, H]`, routing)."""
     hidden_states = layer.attention_block(hidden_states, cos_sin, mask, cache=cache, **attention_kwargs)
@@ -192,6 +202,8 @@ def run_layers(
     inflight: list[object | None] = [None] * len(rows)
     if use_graphs:
         graphs.prepare(layers, cache, rows, masks, cos_sin, hidden_states)
+    else:
+        bounds = [step_kv_bounds(layers, mask) for mask in masks]
 
     def add_ffn_result(m: int, mlp) -> None:
         with timer.phase("wait"):
@@ -210,7 +222,7 @@ def run_layers(
                     states[m], normed, routing = graphs.run(layer_idx, layer, m, states[m], caches[m])
                 else:
                     states[m], normed, routing = attention_phase(
-                        layer, states[m], cos_sin[m], masks[m], caches[m], **attention_kwargs
+                        layer, states[m], cos_sin[m], masks[m], caches[m], **attention_kwargs, **bounds[m]
                     )
             inflight[m] = layer.mlp.send(normed, *routing)  # the connector times the wire (and an in-process FFN)
         if shared is not None:

@@ -340,6 +340,7 @@ def decode_attention(
     scale: float | None = None,
     attention_mask: torch.Tensor | None = None,
     kv_lengths: torch.Tensor | None = None,
+    kv_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     key_scale: torch.Tensor | None = None,
     value_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -365,6 +366,9 @@ def decode_attention(
         kv_lengths: optional `[B]` valid cache length per sequence (positions `[0, length)`, length <= kv_len),
             instead of a mask. Lengths given on the CPU are checked; on the device they are not (that would wait
             for it).
+        kv_bounds: optional `kv_bounds_from_mask(attention_mask[:, 0])` for this call's mask, when the caller has
+            it already: the layers of a step share one mask, so it can be folded once per step instead of once per
+            layer (three launches each). It must be that function's result for `attention_mask`.
         num_splits: cache slices per sequence and KV head (default: enough to fill the device).
         block_n, num_warps, num_stages: Triton launch parameters (cache positions per iteration, warps per
             program, software-pipelining depth: 3 by default, 2 with a mask and several new tokens; one more
@@ -412,6 +416,15 @@ def decode_attention(
         raise ValueError(f"query dtype {query.dtype} differs from the cache's {key.dtype}")
     if attention_mask is not None and kv_lengths is not None:
         raise ValueError("pass either `attention_mask` or `kv_lengths`, not both")
+    if kv_bounds is not None:
+        if attention_mask is None:
+            raise ValueError("`kv_bounds` are the bounds of an `attention_mask`: pass the mask too")
+        for name, bound in zip(("start", "end"), kv_bounds):
+            if bound.shape != (batch,) or bound.dtype != torch.int32 or bound.device != query.device:
+                raise ValueError(
+                    f"`kv_bounds` {name} must be int32 ({batch},) on {query.device}, got {bound.dtype} "
+                    f"{tuple(bound.shape)} on {bound.device}"
+                )
     if kv_lengths is not None and kv_lengths.shape != (batch,):
         raise ValueError(f"`kv_lengths` must have shape ({batch},), got {tuple(kv_lengths.shape)}")
     lengths_on_host = kv_lengths is not None and kv_lengths.device.type == "cpu"
@@ -450,8 +463,9 @@ def decode_attention(
     if not (math.isfinite(scale) and scale * math.log2(math.e) >= torch.finfo(torch.float32).tiny):
         raise ValueError(f"`scale` must be positive, finite and not below float32's range, got {scale}")
     return _decode_attention_op(
-        query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages
-    )
+        query, key, value, mask, kv_lengths, *(kv_bounds or (None, None)), key_scale, value_scale, scale, num_splits,
+        block_n, num_warps, num_stages,
+    )  # fmt: skip
 
 
 # A custom op, so that compiled models (transformers compiles static-cache generation on CUDA, with CUDA graphs) keep
@@ -463,6 +477,8 @@ def _decode_attention_op(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     kv_lengths: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
     key_scale: torch.Tensor | None,
     value_scale: torch.Tensor | None,
     scale: float,
@@ -471,7 +487,8 @@ def _decode_attention_op(
     num_warps: int,
     num_stages: int | None,
 ) -> torch.Tensor:
-    """The launches behind `decode_attention`, on arguments it has checked; `mask` is `[B, q_len, kv_len]`."""
+    """The launches behind `decode_attention`, on arguments it has checked; `mask` is `[B, q_len, kv_len]`, `kv_start`
+    and `kv_end` its bounds where the caller has them."""
     plan = _plan(query, key, value, mask, key_scale, value_scale, num_splits, block_n, num_warps, num_stages)
     batch, num_heads, q_len, head_dim = query.shape
     _, num_kv_heads, kv_len, _ = key.shape
@@ -479,7 +496,9 @@ def _decode_attention_op(
     rows = num_heads // num_kv_heads * q_len
     num_splits = plan.num_splits
     device = query.device
-    if mask is not None:
+    if kv_end is not None:  # the caller folded the mask
+        pass
+    elif mask is not None:
         kv_start, kv_end = kv_bounds_from_mask(mask)
     elif kv_lengths is not None:
         kv_start, kv_end = torch.zeros_like(kv_lengths), kv_lengths
@@ -586,6 +605,7 @@ def _launch_triton(
 
 
 @_decode_attention_op.register_fake
-def _(query, key, value, mask, kv_lengths, key_scale, value_scale, scale, num_splits, block_n, num_warps, num_stages):
+def _(query, key, value, mask, kv_lengths, kv_start, kv_end, key_scale, value_scale, scale, num_splits, block_n,
+      num_warps, num_stages):  # fmt: skip
     batch, num_heads, q_len, head_dim = query.shape
     return query.new_empty(batch, q_len, num_heads, head_dim)

@@ -11,7 +11,8 @@ cache. So each layer's decode call runs as two CUDA graphs around it, as vLLM's 
 - after: `o_proj`, the residual, and the FFN half (`Step3DecoderLayer.ffn_block`: norm, router, routed and shared
   experts, residual).
 
-About thirty launches per layer become two replays, five small copies and the attention's own launches. A replay runs
+About thirty launches per layer become two replays, five small copies and the attention's own launches; the decode
+kernel's bounds of the step's mask are folded once for all layers (`decode_kv_bounds`), not in each. A replay runs
 the kernels the eager call ran on the same inputs, so the layer's output is bitwise the eager one.
 
 `use_decode_graphs(Step3DecoderLayer)`, which `step3_hf` runs at import, installs the switch (`ENABLED`). A call is
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from .cuda_graph_capture import CudaGraphCaptureError, capture_cuda_graph
-from .transformers_attention import MAX_DECODE_TOKENS
+from .transformers_attention import DECODE_KV_BOUNDS, MAX_DECODE_TOKENS, MFA_DECODE_ATTENTION, decode_kv_bounds
 from .transformers_experts import MAX_MOE_DECODE_TOKENS
 
 try:  # transformers' switch for its output-recording hooks (private; docs/compatibility.md lists it)
@@ -157,6 +158,8 @@ _pools: dict[tuple[torch.device, int], list] = {}
 # (cos and sin shapes, strides, dtype, device, stream) -> _PositionInputs: every layer's graphs read a step's RoPE
 # cos/sin from the same two tensors, so a step copies them in once, not once per layer.
 _positions: weakref.WeakValueDictionary[tuple, _PositionInputs] = weakref.WeakValueDictionary()
+# (the step's mask, its version, `decode_kv_bounds` of it): every layer of a step gets the same mask tensor.
+_step_bounds: list = [lambda: None, None, None]
 
 
 class _PositionInputs:
@@ -174,6 +177,19 @@ class _PositionInputs:
         self.cos.copy_(cos)
         self.sin.copy_(sin)
         self._source = (weakref.ref(cos), weakref.ref(sin), _version(cos), _version(sin))
+
+
+def _kv_bounds(layer: nn.Module, attention_mask: torch.Tensor | None) -> dict:
+    """`{"decode_kv_bounds": ...}` for this layer's attention: the step's mask folded by the first layer that reads
+    it, reused by the others; `{}` where the layer's attention is not the decode kernel."""
+    if attention_mask is None or layer.self_attn.config._attn_implementation != MFA_DECODE_ATTENTION:
+        return {}
+    source, version, bounds = _step_bounds
+    current = _version(attention_mask)
+    if source() is not attention_mask or current is None or current != version:
+        bounds = decode_kv_bounds(attention_mask)
+        _step_bounds[:] = (weakref.ref(attention_mask), current, bounds)
+    return {} if bounds is None else {DECODE_KV_BOUNDS: bounds}
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -350,6 +366,7 @@ def _graphed_forward(layer, hidden_states, position_embeddings, attention_mask, 
         entry.before.replay()
         query, key_states, value_states = entry.qkv
         # The cache gets its own copies: a cache may keep the tensors it is given, and the next replay overwrites them.
+        kwargs = {**_kv_bounds(layer, attention_mask), **kwargs}
         attn_output, _ = layer.self_attn.attend(
             query, key_states.clone(), value_states.clone(), attention_mask, cache, **kwargs
         )

@@ -7,6 +7,10 @@ what SDPA would: a few new tokens per sequence, no dropout or gradient, a boolea
 heads, on CUDA (or on CPU under `TRITON_INTERPRET=1`). The kernel is a custom op
 (`torch.ops.step3_hf.decode_attention`), so compiled static-cache `generate()` keeps it inside its CUDA graphs.
 Step-3 models pick it by default where `decode_kernel_preferred()` holds.
+
+Every layer of a decode step gets the same mask, and the kernel first folds it into each sequence's first and last
+position to visit (three launches). A caller that runs the step's layers computes that once, `decode_kv_bounds(mask)`,
+and passes it to every layer's attention as the `decode_kv_bounds` keyword (the AFD pipeline, the decode graphs).
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .decode_attention import MAX_QUERY_ROWS, decode_attention
+from .decode_attention import MAX_QUERY_ROWS, decode_attention, kv_bounds_from_mask
 from .triton_support import kernel_available, triton
 from .float8_kv_cache import Float8KV
 
 __all__ = [
     "MFA_DECODE_ATTENTION",
     "MAX_DECODE_TOKENS",
+    "DECODE_KV_BOUNDS",
     "decode_kernel_preferred",
+    "decode_kv_bounds",
     "mfa_decode_attention_forward",
     "mfa_decode_mask",
 ]
@@ -34,6 +40,8 @@ MFA_DECODE_ATTENTION = "mfa_decode"
 MAX_DECODE_TOKENS = 4
 # Calls whose kwargs ask for something the kernel does not do.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+# The attention keyword that carries `decode_kv_bounds(attention_mask)` from the caller of a step's layers.
+DECODE_KV_BOUNDS = "decode_kv_bounds"
 
 
 def decode_kernel_preferred() -> bool:
@@ -74,6 +82,21 @@ def _kernel_takes(module, query, key, attention_mask, dropout, kwargs) -> bool:
     )
 
 
+def decode_kv_bounds(attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bounds the decode kernel folds `attention_mask` into (`kv_bounds_from_mask`), for a caller to compute once
+    per step and pass to every layer as `decode_kv_bounds`; None where the kernel would not read this mask."""
+    decode_mask = (
+        attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and attention_mask.ndim == 4
+        and attention_mask.shape[1] == 1
+        and attention_mask.shape[2] <= MAX_DECODE_TOKENS
+    )
+    if not decode_mask or attention_mask.numel() == 0 or not kernel_available(attention_mask.device):
+        return None
+    return kv_bounds_from_mask(attention_mask[:, 0])
+
+
 def mfa_decode_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -86,13 +109,16 @@ def mfa_decode_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: `query` `[B, Hq, q, D]`, cache `[B, Hkv, kv, D]` -> `([B, q, Hq, D], None)`."""
     if _kernel_takes(module, query, key, attention_mask, dropout, kwargs):
+        bounds = kwargs.get(DECODE_KV_BOUNDS)
+        if bounds is not None and bounds[0].shape != (query.shape[0],):  # a mask broadcast over the batch
+            bounds = None
         if isinstance(key, Float8KV):
             out = decode_attention(
-                query, key.data, value.data, scale=scaling, attention_mask=attention_mask,
+                query, key.data, value.data, scale=scaling, attention_mask=attention_mask, kv_bounds=bounds,
                 key_scale=key.scale, value_scale=value.scale,
             )  # fmt: skip
         else:
-            out = decode_attention(query, key, value, scale=scaling, attention_mask=attention_mask)
+            out = decode_attention(query, key, value, scale=scaling, attention_mask=attention_mask, kv_bounds=bounds)
         return out, None
     if isinstance(key, Float8KV):
         key, value = key.dequantize(query.dtype), value.dequantize(query.dtype)
