@@ -646,17 +646,18 @@ class Step3VocabProjection(nn.Linear):
 
 # Shortest static cache `generate` allocates by default (positions): one compiled decode graph serves all shorter runs.
 STATIC_CACHE_MIN_LENGTH = 256
-# Prompt tokens (batch x length) that a default dynamic-cache `generate` prefills in one forward; beyond it the prompt
+# Prompt tokens (batch x length) that a default `generate` prefills in one forward; beyond it the prompt
 # runs in chunks of about this many tokens (transformers' `prefill_chunk_size`). Each layer's activations grow with
 # the tokens at once: at Step-3's widths 262,144 of them asked for one 9 GiB block, 1,048,576 for 32 GiB (H100).
 PREFILL_TOKENS_PER_CHUNK = 65536
 
 
 def _default_prefill_chunk_size(prompt: torch.Tensor | None, config: GenerationConfig, kwargs: dict) -> int | None:
-    """`generate`'s chunk size for a dynamic-cache prefill of `prompt`: about `PREFILL_TOKENS_PER_CHUNK` tokens of the
-    rows the prefill runs (beams and returned sequences included), or None where the prompt fits in one, the caller
-    chose (also None), another cache is asked for (a static one's chunks would be compiled) or passed in, the prefill
-    is not `_prefill`'s (assisted decoding), or transformers cannot split the inputs (`inputs_embeds`, raw images)."""
+    """`generate`'s chunk size for the prefill of `prompt` into a dynamic or static cache: about
+    `PREFILL_TOKENS_PER_CHUNK` tokens of the rows the prefill runs (beams and returned sequences included), or None
+    where the prompt fits in one, the caller chose (also None), another cache is asked for or passed in, the prefill
+    is not `_prefill`'s (assisted decoding), or transformers cannot split the inputs (`inputs_embeds`, raw images).
+    Compiled static-cache generation compiles the chunks' shape once more (all chunks but the last have one)."""
     def value(name: str):
         return kwargs.get(name, getattr(config, name, None))
 
@@ -664,7 +665,9 @@ def _default_prefill_chunk_size(prompt: torch.Tensor | None, config: GenerationC
         return None
     rows = prompt.shape[0] * max(value("num_beams") or 1, value("num_return_sequences") or 1)
     elsewhere = ("inputs_embeds", "pixel_values", "patch_pixel_values", "past_key_values", "cache", "assistant_model")
-    if rows * prompt.shape[1] <= PREFILL_TOKENS_PER_CHUNK or value("cache_implementation") not in (None, "dynamic"):
+    if rows * prompt.shape[1] <= PREFILL_TOKENS_PER_CHUNK:
+        return None
+    if value("cache_implementation") not in (None, "dynamic", "static"):
         return None
     if value("use_cache") is False or value("prompt_lookup_num_tokens") is not None:
         return None
@@ -693,7 +696,7 @@ class Step3ForCausalLM(Step3PreTrainedModel, GenerationMixin):
         - a static cache without a set `max_cache_len` is sized to the next power of two of prompt plus new tokens
           (at least `STATIC_CACHE_MIN_LENGTH`), so that compiled decoding keeps its graph while only the prompt
           length or `max_new_tokens` change (transformers reuses a cache at least as long);
-        - a dynamic-cache prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (rows x length) is prefilled in
+        - a prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (rows x length) is prefilled in
           chunks of about that many (`prefill_chunk_size`), so that its activations stay bounded
           (`_default_prefill_chunk_size` says where)."""
         config = generation_config if generation_config is not None else self.generation_config

@@ -111,8 +111,8 @@ def forward_lengths(model, monkeypatch, budget, ids, mask, **kwargs):
 
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, monkeypatch):
     """A prompt of more than `PREFILL_TOKENS_PER_CHUNK` tokens (batch x length) is prefilled in chunks of that many
-    tokens' worth of positions, left padding included, with the tokens of one prefill; a prompt within it, a static
-    cache, a chunk size the caller set (also None) and `use_cache=False` are left alone."""
+    tokens' worth of positions, left padding included, with the tokens of one prefill, into a dynamic or a static
+    cache; a prompt within it, a chunk size the caller set (also None) and `use_cache=False` are left alone."""
     ids, mask = left_pad(PROMPTS)  # 3 x 7 = 21 tokens
     decode = [1] * 11  # 12 new tokens: the prefill gives the first
     whole, lengths = forward_lengths(model, monkeypatch, 21, ids, mask)
@@ -127,7 +127,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(model, monkey
     assert lengths == [3, 3, 1, *decode] and beams.tolist() == forward_lengths(model, monkeypatch, 42, ids, mask,
                                                                                 num_beams=2)[0].tolist()  # fmt: skip
     static, lengths = forward_lengths(model, monkeypatch, 6, ids, mask, cache_implementation="static")
-    assert lengths == [7, *decode] and static.tolist() == whole.tolist()
+    assert lengths == [2, 2, 2, 1, *decode] and static.tolist() == whole.tolist()
     assert forward_lengths(model, monkeypatch, 6, ids, mask, use_cache=False)[1] == list(range(7, 19))
 
 
