@@ -5,8 +5,8 @@ A decode micro-batch is a few hundred small kernels (norms, rotary, projections,
 kernel, the router) whose launch can cost more host time than the GPU spends on them; a replay issues them at once.
 Each micro-batch has static input buffers (hidden states, rotary cos/sin, mask rows and the decode kernel's bounds of
 them) that every layer's graph reads: the mask, its bounds and cos/sin are copied in once per step, the hidden states
-before each replay. The cache is written in
-place through `StaticRowsCache`, whose update is device work only, and its lengths advance outside the graphs.
+before each replay. The cache is written in place through `StaticRowsCache`, whose update is device work only, and
+its lengths advance outside the graphs.
 The graphs are captured on the first decode step and captured again when the cache, the batch split or the layers
 change.
 """
