@@ -72,6 +72,7 @@ class AttentionGraphs:
             bounds = step_kv_bounds(layers, inputs.mask)
             if bounds.keys() != inputs.kv_bounds.keys():  # first step: these tensors become the static ones
                 inputs.kv_bounds = bounds
+                continue
             for name, pair in bounds.items():
                 for static, value in zip(inputs.kv_bounds[name], pair):
                     static.copy_(value)

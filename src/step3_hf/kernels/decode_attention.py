@@ -496,10 +496,9 @@ def _decode_attention_op(
     rows = num_heads // num_kv_heads * q_len
     num_splits = plan.num_splits
     device = query.device
-    if kv_end is not None:  # the caller folded the mask
-        pass
-    elif mask is not None:
-        kv_start, kv_end = kv_bounds_from_mask(mask)
+    if mask is not None:
+        if kv_end is None:  # not folded by the caller
+            kv_start, kv_end = kv_bounds_from_mask(mask)
     elif kv_lengths is not None:
         kv_start, kv_end = torch.zeros_like(kv_lengths), kv_lengths
     else:  # the kernel takes [0, kv_len) for every sequence: no bounds tensors to fill (two launches less)

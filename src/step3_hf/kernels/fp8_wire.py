@@ -21,8 +21,7 @@ import torch
 
 from ..fp8 import FP8_MAX
 from .fp8_activation_quant import MIN_AMAX, _e4m3_bytes, _max_keeping_nan
-from .rotary import _round
-from .triton_support import SUPPORTED_DTYPES, kernel_available, kernel_op, tl, triton, triton_jit
+from .triton_support import SUPPORTED_DTYPES, kernel_available, kernel_op, round_to, tl, triton, triton_jit
 
 __all__ = [
     "ENABLED",
@@ -83,7 +82,7 @@ def _decode(IDS_IN, WEIGHTS_IN, SCALES_IN, VALUES_IN, HIDDEN, IDS, WEIGHTS, widt
     codes = tl.load(VALUES_IN + row * width + offs, mask=ok, other=0).to(tl.int32)
     scale = tl.load(SCALES_IN + row)
     DTYPE: tl.constexpr = HIDDEN.dtype.element_ty
-    tl.store(HIDDEN + row * width + offs, _round(_e4m3_value(codes) * scale, DTYPE).to(DTYPE), mask=ok)
+    tl.store(HIDDEN + row * width + offs, round_to(_e4m3_value(codes) * scale, DTYPE).to(DTYPE), mask=ok)
     if ROUTED:
         k = tl.arange(0, BLOCK_K)
         k_ok = k < top_k
@@ -91,7 +90,7 @@ def _decode(IDS_IN, WEIGHTS_IN, SCALES_IN, VALUES_IN, HIDDEN, IDS, WEIGHTS, widt
         weights = tl.load(WEIGHTS_IN + row * top_k + k, mask=k_ok, other=0.0)
         tl.store(IDS + row * top_k + k, ids.to(tl.int64), mask=k_ok)
         WEIGHTS_DTYPE: tl.constexpr = WEIGHTS.dtype.element_ty
-        tl.store(WEIGHTS + row * top_k + k, _round(weights, WEIGHTS_DTYPE).to(WEIGHTS_DTYPE), mask=k_ok)
+        tl.store(WEIGHTS + row * top_k + k, round_to(weights, WEIGHTS_DTYPE).to(WEIGHTS_DTYPE), mask=k_ok)
 
 
 def fp8_wire_kernels_take(hidden: torch.Tensor, top_k_index: torch.Tensor | None) -> bool:

@@ -26,7 +26,7 @@ from .triton_support import (
     install_dispatch,
     kernel_available,
     kernel_op,
-    round_to_bfloat16,
+    round_to,
     tl,
     triton,
     triton_jit,
@@ -36,17 +36,6 @@ __all__ = ["apply_rotary", "use_fused_rotary"]
 
 # The elements one program rotates: a block of heads of one token (the head dimension in two halves).
 _TILE = 4096
-
-
-@triton_jit
-def _round(x, DTYPE: tl.constexpr):
-    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32 (bf16 by hand: the interpreter truncates the cast)."""
-    if DTYPE == tl.bfloat16:
-        return round_to_bfloat16(x)
-    elif DTYPE == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
 
 
 @triton_jit
@@ -62,8 +51,8 @@ def _rotate_heads(X, OUT, first_head, num_heads, stride_xh, stride_xd, stride_oh
     x_hi = tl.load(x_ptrs + half * stride_xd, mask=ok, other=0.0).to(tl.float32)
     DTYPE: tl.constexpr = OUT.dtype.element_ty
     # rotate_half(x) = cat(-x_hi, x_lo); each product and the sum rounded to the output dtype, as in eager torch
-    out_lo = _round(_round(x_lo * cos_lo, DTYPE) + _round(-x_hi * sin_lo, DTYPE), DTYPE)
-    out_hi = _round(_round(x_hi * cos_hi, DTYPE) + _round(x_lo * sin_hi, DTYPE), DTYPE)
+    out_lo = round_to(round_to(x_lo * cos_lo, DTYPE) + round_to(-x_hi * sin_lo, DTYPE), DTYPE)
+    out_hi = round_to(round_to(x_hi * cos_hi, DTYPE) + round_to(x_lo * sin_hi, DTYPE), DTYPE)
     o_ptrs = OUT + heads[:, None].to(tl.int64) * stride_oh + offs[None, :] * stride_od
     tl.store(o_ptrs, out_lo.to(DTYPE), mask=ok)
     tl.store(o_ptrs + half * stride_od, out_hi.to(DTYPE), mask=ok)

@@ -28,6 +28,7 @@ __all__ = [
     "kernel_available",
     "kernel_op",
     "launches_on_input_device",
+    "round_to",
     "round_to_bfloat16",
     "tl",
     "triton",
@@ -66,6 +67,17 @@ def round_to_bfloat16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton_jit
+def round_to(x, DTYPE: tl.constexpr):
+    """`x` (fp32) rounded to nearest-even `DTYPE`, back in fp32 (bf16 by hand: the interpreter truncates the cast)."""
+    if DTYPE == tl.bfloat16:
+        return round_to_bfloat16(x)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
 
 
 def kernel_available(device: torch.device | str) -> bool:
