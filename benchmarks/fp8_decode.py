@@ -19,7 +19,9 @@ first, then the same weights quantized. Reported:
     activations as they are; cuBLAS above 64 rows still rounds them);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
-    `kernels` hub package, absent offline, in which case the cell says why), eager;
+    `kernels` hub package, absent offline, in which case the cell says why), eager. Offline, `--finegrained-fp8 DIR`
+    gives transformers that kernel from a local copy of its source (the `finegrained_fp8` package of
+    github.com/huggingface/kernels-community, `finegrained-fp8/torch-ext/finegrained_fp8`);
 - each against its roofline = (weight bytes the step reads + KV bytes) / device-copy bandwidth measured in the same
   run (routed experts counted with the probability that at least one token of the batch picks them);
 - prefill tokens/s (one forward over `--prefill` tokens, no cache), bf16 and FP8 (bf16 experts through
@@ -36,7 +38,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 from decode_attention import machine_and_ceiling, timed_per_call
@@ -109,6 +115,35 @@ def prefill_seconds(model, batch: int, length: int) -> float | str:
         torch.cuda.empty_cache()
 
 
+def use_local_finegrained_fp8(package: Path) -> str:
+    """Hand transformers the `kernels-community/finegrained-fp8` kernel from a local copy of its Python package, as
+    the `kernels` hub loader would from the Hub (which this offline machine cannot reach). Returns where it came from.
+
+    The package imports `._ops`, which the kernel's build generates (its op namespace); a module standing in for it
+    is registered first. transformers keeps the loaded kernel in `finegrained_fp8._FINEGRAINED_FP8` (private; listed
+    in docs/compatibility.md) and loads nothing once it is set."""
+    from transformers.integrations import finegrained_fp8
+
+    if not hasattr(finegrained_fp8, "_FINEGRAINED_FP8") or not hasattr(finegrained_fp8, "FineGrainedFP8"):
+        raise SystemExit("--finegrained-fp8: this transformers keeps its FP8 kernel elsewhere; tested on 5.17-5.25")
+    init = package / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--finegrained-fp8: {package} is not a Python package (no __init__.py)")
+    namespace = "_step3_bench_finegrained_fp8"
+    ops = types.ModuleType("finegrained_fp8._ops")
+    ops.ops = getattr(torch.ops, namespace)
+    ops.add_op_namespace_prefix = lambda name: f"{namespace}::{name}"
+    sys.modules[ops.__name__] = ops
+    spec = importlib.util.spec_from_file_location("finegrained_fp8", init, submodule_search_locations=[str(package)])
+    kernel = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = kernel
+    spec.loader.exec_module(kernel)
+    finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
+        matmul=kernel.matmul_2d, batched_matmul=kernel.matmul_batched, grouped_matmul=kernel.matmul_grouped
+    )
+    return str(package.resolve())
+
+
 def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dict, prefill: dict) -> None:
     for context in args.contexts:
         for batch in args.batches:
@@ -130,7 +165,11 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--prefill", type=parse_shape, nargs="+", default=[(1, 4096), (4, 4096)])
     parser.add_argument("--quick", action="store_true", help="batches 16 64, context 4096, prefill 1x2048")
+    parser.add_argument("--finegrained-fp8", type=Path, metavar="DIR",
+                        help="a local copy of the finegrained_fp8 package: transformers' FP8 experts kernel offline")
     args = parser.parse_args()
+    if args.finegrained_fp8 is not None:
+        print(f"transformers' FP8 kernel: finegrained_fp8 from {use_local_finegrained_fp8(args.finegrained_fp8)}")
     if args.quick:
         args.batches, args.contexts, args.prefill = [16, 64], [4096], [(1, 2048)]
     started = time.time()
