@@ -125,7 +125,8 @@ def use_local_finegrained_fp8(package: Path) -> str:
     from transformers.integrations import finegrained_fp8
 
     if not hasattr(finegrained_fp8, "_FINEGRAINED_FP8") or not hasattr(finegrained_fp8, "FineGrainedFP8"):
-        raise SystemExit("--finegrained-fp8: this transformers keeps its FP8 kernel elsewhere; tested on 5.17-5.25")
+        raise SystemExit("--finegrained-fp8: this transformers has no finegrained_fp8._FINEGRAINED_FP8 and "
+                         "FineGrainedFP8 (5.17 and 5.25 have both)")
     init = package / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"--finegrained-fp8: {package} is not a Python package (no __init__.py)")
