@@ -17,7 +17,10 @@ first, then the same weights quantized. Reported:
   - fp8, bf16 activations: the same weight-only where that is an option (`fp8_linear.DECODE_ACTIVATIONS_FP8` and
     `transformers_experts.EXPERTS_ACTIVATIONS_FP8` False: the float8 weights widened to bf16 in registers, the
     activations as they are; cuBLAS above 64 rows still rounds them);
+  - bf16 and fp8, fused q/k/v: the same with each layer's q_proj, k_proj and v_proj as one GEMM over their stacked
+    weights (`step3_hf.kernels.fused_qkv.fuse_qkv_projections(model)`, for models that only run);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
+  - fp8, eager: the fp8 column timed eagerly instead of replayed as one CUDA graph of the step, as the next column is;
   - fp8, transformers' experts: transformers' own FP8 experts path (`grouped_mm`; its Triton kernel comes from the
     `kernels` hub package, absent offline, in which case the cell says why), eager. Offline, `--finegrained-fp8 DIR`
     gives transformers that kernel from a local copy of its source (the `finegrained_fp8` package of
@@ -43,6 +46,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from decode_attention import machine_and_ceiling, timed_per_call
@@ -53,18 +57,35 @@ from step3_hf.fp8 import quantize_model
 import step3_hf.kernels.fp8_linear as fp8_linear
 import step3_hf.kernels.transformers_experts as transformers_experts
 from step3_hf.kernels.fp8_linear import fp8_linear_path
+from step3_hf.kernels.fused_qkv import fuse_qkv_projections, unfuse_qkv_projections
 from step3_hf.kernels.transformers_experts import fp8_experts_path
 
 BLOCK_SIZE = (128, 128)
-# name -> (float8 KV cache, experts implementation, CUDA graph, float8 activations in the decode linears, and in
-# the experts)
-BF16_VARIANTS = {"bf16": (False, "moe_decode", True, False, False)}
+
+
+class Variant(NamedTuple):
+    """One decode column: the cache, the experts path, how it is timed and what runs in float8."""
+
+    float8_kv: bool = False
+    experts: str = "moe_decode"
+    graph: bool = True  # replayed as one CUDA graph of the step, else timed eagerly
+    float8_linears: bool = True  # float8 activations in the decode linears (FP8 weights only)
+    float8_experts: bool = True  # and in the experts
+    fused_qkv: bool = False  # q_proj, k_proj and v_proj as one GEMM (`kernels.fused_qkv.fuse_qkv_projections`)
+
+
+BF16_VARIANTS = {
+    "bf16": Variant(float8_linears=False, float8_experts=False),
+    "bf16, fused q/k/v": Variant(float8_linears=False, float8_experts=False, fused_qkv=True),
+}
 BF16_ACTIVATIONS = "fp8, bf16 activations"
 FP8_VARIANTS = {
-    "fp8": (False, "moe_decode", True, True, True),
-    BF16_ACTIVATIONS: (False, "moe_decode", True, False, False),
-    "fp8 + fp8 KV": (True, "moe_decode", True, True, True),
-    "fp8, transformers' experts": (False, "grouped_mm", False, True, True),
+    "fp8": Variant(),
+    BF16_ACTIVATIONS: Variant(float8_linears=False, float8_experts=False),
+    "fp8, fused q/k/v": Variant(fused_qkv=True),
+    "fp8 + fp8 KV": Variant(float8_kv=True),
+    "fp8, eager": Variant(graph=False),  # like for like with the next, which runs eagerly
+    "fp8, transformers' experts": Variant(experts="grouped_mm", graph=False),
 }
 
 
@@ -83,22 +104,22 @@ def float8_activations(linears: bool, experts: bool):
         fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = defaults
 
 
-def decode_seconds(
-    model, batch: int, context: int, float8_kv: bool, experts: str, graph: bool, float8_linears: bool,
-    float8_experts: bool,
-) -> float | str:
+def decode_seconds(model, batch: int, context: int, variant: Variant) -> float | str:
     model.set_attn_implementation("mfa_decode")
-    model.set_experts_implementation(experts)
+    model.set_experts_implementation(variant.experts)
+    if variant.fused_qkv:
+        fuse_qkv_projections(model)
     step = None
     try:
-        with float8_activations(float8_linears, float8_experts):
-            step = decode_step_fn(model, batch, context, float8_kv, "cuda")
+        with float8_activations(variant.float8_linears, variant.float8_experts):
+            step = decode_step_fn(model, batch, context, variant.float8_kv, "cuda")
             with torch.no_grad():
-                return timed_per_call(step, [()]) if graph else eager_seconds(step, reps=3)
+                return timed_per_call(step, [()]) if variant.graph else eager_seconds(step, reps=3)
     except Exception as err:  # report it in the table, keep measuring the others
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
         del step
+        unfuse_qkv_projections(model)
         torch.cuda.empty_cache()
 
 
@@ -149,10 +170,9 @@ def measure(model, label: str, variants: dict, args, bandwidth: float, rows: dic
     for context in args.contexts:
         for batch in args.batches:
             row = rows.setdefault((batch, context), {})
-            for name, settings in variants.items():
-                float8_kv = settings[0]
-                seconds = decode_seconds(model, batch, context, *settings)
-                weights, kv = step_bytes(model, batch, context, float8_kv)
+            for name, variant in variants.items():
+                seconds = decode_seconds(model, batch, context, variant)
+                weights, kv = step_bytes(model, batch, context, variant.float8_kv)
                 row[name] = (seconds, (weights + kv) / bandwidth)
                 print(f"  B={batch} ctx={context} {name}: {seconds} (roofline {row[name][1] * 1e3:.2f} ms)", flush=True)
     for shape in args.prefill:
