@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from step3_hf import Step3Config, Step3ForCausalLM
-from step3_hf.fp8 import quantize_block_fp8
+from step3_hf.fp8 import quantize_block_fp8, quantize_model
 from step3_hf.kernels.fp8_linear import Step3FP8Linear
 from step3_hf.kernels.fused_qkv import fuse_qkv_projections, unfuse_qkv_projections
 from step3_hf.modeling_step3 import Step3Attention
@@ -119,6 +119,21 @@ def test_fp8_projections_stack_with_their_scales_on_whole_tiles(q_out, stacks):
     assert holder.qkv_proj.weight_scale_inv.shape == (4, 3)
     for got, want in zip(holder.qkv_proj(x).split(holder.qkv_sizes, dim=-1), expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp8_model_fuses_with_its_scales_and_keeps_its_logits(checkpoint):
+    """A model quantized to block FP8 in memory (`fp8_decode.py`'s fused columns) stacks each layer's float8
+    projections and scales, and its logits are the unfused model's, bit for bit (the same tiles, the same products)."""
+    path, config, _ = checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", experts_implementation="moe_decode")
+    quantize_model(model.eval(), (8, 8))
+    with torch.no_grad():
+        unfused = model(input_ids=IDS).logits
+    assert fuse_qkv_projections(model) == config.num_hidden_layers
+    stacked = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(stacked, Step3FP8Linear) and stacked.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, unfused)
 
 
 def test_mixed_or_biased_projections_are_left_alone():
