@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from .checkpoint_layout import VISION_PREFIXES, is_vision_tensor, official_names, official_tensor_shapes
 from .configuration_step3 import Step3Config
@@ -45,6 +46,8 @@ __all__ = [
     "quantize_state_dict",
     "save_fp8_weights",
 ]
+
+logger = logging.get_logger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -467,7 +470,8 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
     the FP8 layout: every linear `is_quantized_weight` names becomes an `FP8Linear` and every routed-experts module
     an `FP8Experts`, holding float8 weights and float32 scales (`quantize_block_fp8`, which takes the experts one
     at a time so that the float32 temporaries stay small). Norms, router, embeddings, head and vision tower are left
-    as they are; `config.quantization_config` is set, so `save_pretrained` writes the FP8 layout. Returns `model`."""
+    as they are; `config.quantization_config` is set, so `save_pretrained` writes the FP8 layout. On a CPU the FP8
+    experts compute through `moe_decode` (transformers' FP8 experts kernel needs a GPU). Returns `model`."""
     from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts, FP8Linear
     from transformers.integrations.moe import use_experts_implementation
 
@@ -503,7 +507,26 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
         del module, new
     model.config.quantization_config = fp8_quantization_config(block_size)
     use_fp8_kernels(model)
+    _compute_fp8_experts_off_the_gpu(model)
     return model
+
+
+def _compute_fp8_experts_off_the_gpu(model: torch.nn.Module) -> None:
+    """transformers' own FP8 experts functions call its Hub kernel, which runs on a GPU only (and on a CPU tries to
+    download it). A model quantized off a GPU, whose experts implementation is one of those, computes its FP8 experts
+    through `moe_decode`'s path instead (block-FP8 GEMMs per hit expert there), as a dequantizing load would compute
+    them: one log line says so."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from .kernels import MOE_DECODE_EXPERTS
+
+    devices = {module.gate_up_proj.device for module in model.modules() if isinstance(module, FP8Experts)}
+    implementation = getattr(model.config.get_text_config(), "_experts_implementation", None)
+    if implementation == MOE_DECODE_EXPERTS or not any(device.type == "cpu" for device in devices):
+        return
+    model.set_experts_implementation(MOE_DECODE_EXPERTS)
+    logger.warning(f"quantize_model: FP8 experts on the CPU compute through `{MOE_DECODE_EXPERTS}` (block-FP8 GEMMs "
+                   f"per expert) instead of `{implementation}`, whose FP8 kernel needs a GPU")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ command

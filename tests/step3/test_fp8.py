@@ -2,6 +2,7 @@
 FP8 support (dequantized on CPU), save round trip, the quantize command and the inspector."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -416,6 +417,29 @@ def test_quantize_model_in_memory_equals_the_streaming_quantizer(tmp_path):
     assert saved.keys() == streamed.keys() and all(same_bytes(saved[k], streamed[k]) for k in streamed)
     with pytest.raises(Fp8LayoutError, match="already quantized"):
         quantize_model(model, BLOCK)
+
+
+def test_a_model_quantized_on_the_cpu_computes_its_fp8_experts_there(tmp_path, caplog):
+    """transformers' FP8 experts functions need its Hub kernel and a GPU (on a CPU, grouped_mm tried to download
+    the kernel): a CPU model quantized in memory with transformers' default experts implementation computes through
+    `moe_decode`'s FP8 path, says so once, and gives the logits of one that asked for `moe_decode`."""
+    from step3_hf.fp8 import quantize_model
+
+    config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
+    write_official_checkpoint(tmp_path, random_official_state_dict(config, seed=3, std=0.08), config)
+    chosen = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_decode"), BLOCK)
+    default = AutoModelForCausalLM.from_pretrained(tmp_path)
+    transformers_choice = default.config._experts_implementation
+    assert transformers_choice != "moe_decode"
+    with caplog.at_level(logging.WARNING, logger="step3_hf.fp8"):
+        quantize_model(default, BLOCK)
+    assert default.config._experts_implementation == "moe_decode"
+    assert [r.message for r in caplog.records if r.name == "step3_hf.fp8"] == [
+        f"quantize_model: FP8 experts on the CPU compute through `moe_decode` (block-FP8 GEMMs per expert) instead "
+        f"of `{transformers_choice}`, whose FP8 kernel needs a GPU"
+    ]
+    with torch.no_grad():
+        assert torch.equal(default(IDS).logits, chosen(IDS).logits)
 
 
 def test_fp8_modules_load_and_save_byte_identical_where_transformers_keeps_float8(fp8_checkpoint, tmp_path, monkeypatch):
