@@ -107,10 +107,10 @@ def float8_activations(linears: bool, experts: bool):
 def decode_seconds(model, batch: int, context: int, variant: Variant) -> float | str:
     model.set_attn_implementation("mfa_decode")
     model.set_experts_implementation(variant.experts)
-    if variant.fused_qkv:
-        fuse_qkv_projections(model)
     step = None
     try:
+        if variant.fused_qkv:
+            fuse_qkv_projections(model)
         with float8_activations(variant.float8_linears, variant.float8_experts):
             step = decode_step_fn(model, batch, context, variant.float8_kv, "cuda")
             with torch.no_grad():

@@ -513,20 +513,20 @@ def quantize_model(model: torch.nn.Module, block_size: tuple[int, int] = DEFAULT
 
 def _compute_fp8_experts_off_the_gpu(model: torch.nn.Module) -> None:
     """transformers' own FP8 experts functions call its Hub kernel, which runs on a GPU only (and on a CPU tries to
-    download it). A model quantized off a GPU, whose experts implementation is one of those, computes its FP8 experts
-    through `moe_decode`'s path instead (block-FP8 GEMMs per hit expert there), as a dequantizing load would compute
-    them: one log line says so."""
+    download it). A model quantized with FP8 experts on the CPU, whose experts implementation is one of those,
+    computes them through `moe_decode`'s FP8 path instead (on a CPU, block-FP8 GEMMs per hit expert), as a
+    dequantizing load would: one log line says so."""
     from transformers.integrations.finegrained_fp8 import FP8Experts
 
     from .kernels import MOE_DECODE_EXPERTS
 
-    devices = {module.gate_up_proj.device for module in model.modules() if isinstance(module, FP8Experts)}
+    devices = {next(module.parameters()).device for module in model.modules() if isinstance(module, FP8Experts)}
     implementation = getattr(model.config.get_text_config(), "_experts_implementation", None)
     if implementation == MOE_DECODE_EXPERTS or not any(device.type == "cpu" for device in devices):
         return
     model.set_experts_implementation(MOE_DECODE_EXPERTS)
-    logger.warning(f"quantize_model: FP8 experts on the CPU compute through `{MOE_DECODE_EXPERTS}` (block-FP8 GEMMs "
-                   f"per expert) instead of `{implementation}`, whose FP8 kernel needs a GPU")  # fmt: skip
+    logger.warning(f"quantize_model: FP8 experts on the CPU: the model's experts compute through "
+                   f"`{MOE_DECODE_EXPERTS}` instead of `{implementation}`, whose FP8 kernel needs a GPU")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ command

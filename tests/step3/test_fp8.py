@@ -420,22 +420,20 @@ def test_quantize_model_in_memory_equals_the_streaming_quantizer(tmp_path):
 
 def test_a_model_quantized_on_the_cpu_computes_its_fp8_experts_there(tmp_path, caplog):
     """transformers' FP8 experts functions need its Hub kernel and a GPU (on a CPU, grouped_mm tried to download
-    the kernel): a CPU model quantized in memory with transformers' default experts implementation computes through
-    `moe_decode`'s FP8 path, says so once, and gives the logits of one that asked for `moe_decode`."""
+    the kernel): a CPU model quantized in memory with `grouped_mm` experts (transformers' choice on a CPU) computes
+    through `moe_decode`'s FP8 path, says so once, and gives the logits of one that asked for `moe_decode`."""
     from step3_hf.fp8 import quantize_model
 
     config = Step3Config(**{**TINY_CONFIG, **TINY_FP8_CONFIG})
     write_official_checkpoint(tmp_path, random_official_state_dict(config, seed=3, std=0.08), config)
     chosen = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_decode"), BLOCK)
-    default = AutoModelForCausalLM.from_pretrained(tmp_path)
-    transformers_choice = default.config._experts_implementation
-    assert transformers_choice != "moe_decode"
+    default = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="grouped_mm")  # transformers' CPU
     with caplog.at_level(logging.WARNING, logger="step3_hf.fp8"):
         quantize_model(default, BLOCK)
     assert default.config._experts_implementation == "moe_decode"
     assert [r.message for r in caplog.records if r.name == "step3_hf.fp8"] == [
-        f"quantize_model: FP8 experts on the CPU compute through `moe_decode` (block-FP8 GEMMs per expert) instead "
-        f"of `{transformers_choice}`, whose FP8 kernel needs a GPU"
+        "quantize_model: FP8 experts on the CPU: the model's experts compute through `moe_decode` instead of "
+        "`grouped_mm`, whose FP8 kernel needs a GPU"
     ]
     with torch.no_grad():
         assert torch.equal(default(IDS).logits, chosen(IDS).logits)
