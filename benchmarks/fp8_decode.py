@@ -119,7 +119,8 @@ def decode_seconds(model, batch: int, context: int, variant: Variant) -> float |
         return f"{type(err).__name__}: {str(err)[:90]}"
     finally:
         del step
-        unfuse_qkv_projections(model)
+        if variant.fused_qkv:
+            unfuse_qkv_projections(model)
         torch.cuda.empty_cache()
 
 
