@@ -236,6 +236,7 @@ class Variant:
     experts: str  # the FFN shard's experts_implementation, or "fp8": float8 experts through moe_decode
     fused_qkv: bool = True  # q, k and v projections in one GEMM (the attention model's default)
     wire_kernels: bool = True  # the FP8 wire encoded and decoded in one launch each (else eager torch)
+    decode_linears: bool = True  # the attention layers' bf16 linears through `decode_linear` (else cuBLAS)
 
 
 VARIANTS = {
@@ -247,6 +248,8 @@ VARIANTS = {
     "static+mfa_decode+graphs,ffn:fp8": Variant("static", "mfa_decode", True, "fp8"),
     "static+mfa_decode+graphs,ffn:fp8,separate q/k/v": Variant("static", "mfa_decode", True, "fp8", fused_qkv=False),
     "static+mfa_decode+graphs,ffn:fp8,eager wire": Variant("static", "mfa_decode", True, "fp8", wire_kernels=False),
+    "static+mfa_decode+graphs,ffn:fp8,cuBLAS linears": Variant("static", "mfa_decode", True, "fp8",
+                                                               decode_linears=False),
 }
 QUICK = dict(batches=[128, 512], variants=list(VARIANTS), steps=3, warmup=2)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_attention_groups=1,
@@ -363,7 +366,7 @@ def run_inprocess(args) -> None:
     """Both halves in this process (`InProcessConnector`): attention and FFN µs per micro-batch and layer against
     their rooflines and the cost model, for each cache / attention-implementation variant."""
     from step3_hf.afd import InProcessConnector, Placement, Step3AFDAttentionForCausalLM, Step3FFNShard
-    from step3_hf.kernels import fp8_wire
+    from step3_hf.kernels import decode_linear, fp8_wire
     from step3_hf.kernels.fused_qkv import fuse_qkv_projections, unfuse_qkv_projections
 
     device = torch.device(args.device)
@@ -424,7 +427,7 @@ def run_inprocess(args) -> None:
 
     for batch in args.batches:
         for variant in args.variants:
-            kind, attention, graphs, experts, fused_qkv, wire_kernels = astuple(VARIANTS[variant])
+            kind, attention, graphs, experts, fused_qkv, wire_kernels, decode_linears = astuple(VARIANTS[variant])
             max_len = args.context + args.warmup + args.steps + 1
             layers = layers_that_fit(config, built, batch, max_len, kind, device)
             if layers < 1:
@@ -442,6 +445,7 @@ def run_inprocess(args) -> None:
                 if not fused_qkv:
                     unfuse_qkv_projections(model)
                 fp8_wire.ENABLED = wire_kernels
+                decode_linear.ENABLED = decode_linears
                 row = inprocess_run(model, inprocess_config(args, layers), kind, batch, args.context, args, device, trace)
             except torch.cuda.OutOfMemoryError:
                 row = {"batch": batch, "oom": True}
@@ -451,6 +455,7 @@ def run_inprocess(args) -> None:
                 model.use_cuda_graphs(False)
                 fuse_qkv_projections(model)  # the defaults again (a no-op on fused layers)
                 fp8_wire.ENABLED = True
+                decode_linear.ENABLED = True
             row["variant"] = variant
             if not row.get("oom") and not row.get("error"):
                 tokens = row["micro_batch_tokens"]

@@ -12,11 +12,13 @@ first, then the same weights quantized. Reported:
   - fp8: the same kernels with FP8 weights, as a loaded FP8 checkpoint computes by default, the activations rounded
     to e4m3 per token and 128 columns and multiplied on float8 tensor cores (`moe_decode(...,
     quantize_activations=True)` on the float8 experts; the attention projections and the dense and shared MLPs
-    through `step3_hf.kernels.fp8_linear`: up to 64 rows `fp8_decode_linear`, above that cuBLAS's block-scaled
-    GEMMs);
+    through `step3_hf.kernels.fp8_linear`: up to 64 rows `fp8_decode_linear` (narrow linears up to 256), above that
+    cuBLAS's block-scaled GEMMs);
   - fp8, bf16 activations: the same weight-only where that is an option (`fp8_linear.DECODE_ACTIVATIONS_FP8` and
     `transformers_experts.EXPERTS_ACTIVATIONS_FP8` False: the float8 weights widened to bf16 in registers, the
     activations as they are; cuBLAS above 64 rows still rounds them);
+  - fp8, cuBLAS above 64 rows: the fp8 column without `fp8_linear.MAX_NARROW_LINEAR_ROWS` (narrow linears, the q, k
+    and v projections, on cuBLAS beyond 64 rows as every linear was before);
   - bf16 and fp8, fused q/k/v: the same with each layer's q_proj, k_proj and v_proj as one GEMM over their stacked
     weights (`step3_hf.kernels.fused_qkv.fuse_qkv_projections(model)`, for models that only run);
   - fp8 + fp8 KV: the same with `Float8StaticCache`;
@@ -72,6 +74,7 @@ class Variant(NamedTuple):
     float8_linears: bool = True  # float8 activations in the decode linears (FP8 weights only)
     float8_experts: bool = True  # and in the experts
     fused_qkv: bool = False  # q_proj, k_proj and v_proj as one GEMM (`kernels.fused_qkv.fuse_qkv_projections`)
+    narrow_kernel: bool = True  # narrow linears on `fp8_decode_linear` up to 256 rows (else cuBLAS above 64)
 
 
 BF16_VARIANTS = {
@@ -83,6 +86,7 @@ FP8_VARIANTS = {
     "fp8": Variant(),
     BF16_ACTIVATIONS: Variant(float8_linears=False, float8_experts=False),
     "fp8, fused q/k/v": Variant(fused_qkv=True),
+    "fp8, cuBLAS above 64 rows": Variant(narrow_kernel=False),
     "fp8 + fp8 KV": Variant(float8_kv=True),
     "fp8, eager": Variant(graph=False),  # like for like with the next, which runs eagerly
     "fp8, transformers' experts": Variant(experts="grouped_mm", graph=False),
@@ -94,14 +98,20 @@ def weight_bytes(model) -> int:
 
 
 @contextlib.contextmanager
-def float8_activations(linears: bool, experts: bool):
-    """Whether the decode linears and the experts round their activations to float8, for the duration."""
-    defaults = fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8
-    fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = linears, experts
+def float8_activations(linears: bool, experts: bool, narrow_kernel: bool = True):
+    """Whether the decode linears and the experts round their activations to float8, and whether narrow linears take
+    `fp8_decode_linear` beyond 64 rows, for the duration."""
+    settings = (fp8_linear, "DECODE_ACTIVATIONS_FP8", linears), (transformers_experts, "EXPERTS_ACTIVATIONS_FP8", experts)
+    if not narrow_kernel:
+        settings += ((fp8_linear, "MAX_NARROW_LINEAR_ROWS", 0),)
+    defaults = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
     try:
         yield
     finally:
-        fp8_linear.DECODE_ACTIVATIONS_FP8, transformers_experts.EXPERTS_ACTIVATIONS_FP8 = defaults
+        for module, name, value in defaults:
+            setattr(module, name, value)
 
 
 def decode_seconds(model, batch: int, context: int, variant: Variant) -> float | str:
@@ -111,7 +121,7 @@ def decode_seconds(model, batch: int, context: int, variant: Variant) -> float |
     try:
         if variant.fused_qkv:
             fuse_qkv_projections(model)
-        with float8_activations(variant.float8_linears, variant.float8_experts):
+        with float8_activations(variant.float8_linears, variant.float8_experts, variant.narrow_kernel):
             step = decode_step_fn(model, batch, context, variant.float8_kv, "cuda")
             with torch.no_grad():
                 return timed_per_call(step, [()]) if variant.graph else eager_seconds(step, reps=3)

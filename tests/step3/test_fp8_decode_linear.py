@@ -12,6 +12,7 @@ from triton_cases import DEVICES, FLOAT8_MMA_FP32_TOLERANCE, INTERPRETED, dequan
 
 from step3_hf.fp8 import dequantize_block_fp8, quantize_block_fp8
 from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, fp8_decode_linear
+from step3_hf.kernels.triton_support import sm_count
 
 fp8_linear = importlib.import_module("step3_hf.kernels.fp8_linear")
 # bf16 / fp16: one rounding of the output (the products and sums are fp32); fp32: the sums' order.
@@ -148,6 +149,7 @@ def test_fp8_block_linear_takes_the_kernel_for_decode_sized_inference_only(devic
     kernel = fp8_linear.fp8_decode_linear
     monkeypatch.setattr(fp8_linear, "fp8_decode_linear", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 8)
+    monkeypatch.setattr(fp8_linear, "MAX_NARROW_LINEAR_ROWS", 8)  # narrow linears: the next test
     x, weight, scale, reference = quantized_linear(8, 40, 64, (16, 16), torch.bfloat16, device)
     out = fp8_linear.fp8_block_linear(x[None], weight, scale, (16, 16))  # [1, 8, K]: 8 rows
     assert calls == [1] and out.shape == (1, 8, 40)
@@ -160,6 +162,27 @@ def test_fp8_block_linear_takes_the_kernel_for_decode_sized_inference_only(devic
     odd = quantized_linear(2, 40, 72, (24, 24), torch.bfloat16, device)  # 24-wide tiles: steps of 8 would be needed
     fp8_linear.fp8_block_linear(odd[0], odd[1], odd[2], (24, 24))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_narrow_linears_take_the_kernel_for_more_rows(device, monkeypatch):
+    """Past `MAX_DECODE_LINEAR_ROWS`, up to `MAX_NARROW_LINEAR_ROWS`, a linear whose 128 x 128 output tiles would
+    occupy fewer than `NARROW_TILES_PER_SM` of the SMs still takes the kernel; a wider one, or more rows, does not."""
+    calls = []
+    kernel = fp8_linear.fp8_decode_linear
+    monkeypatch.setattr(fp8_linear, "fp8_decode_linear", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 8)
+    monkeypatch.setattr(fp8_linear, "MAX_NARROW_LINEAR_ROWS", 16)
+    tiles_allowed = fp8_linear.NARROW_TILES_PER_SM * sm_count(device)  # 4 on CPU, 66 on an H100
+    narrow_out = 128 * (int(tiles_allowed) - (tiles_allowed == int(tiles_allowed)))  # the most tiles below the share
+    wide_out = narrow_out + 128  # one more tile: no longer fewer
+    for rows, out_features, expected in ((9, 40, True), (16, narrow_out, True), (16, wide_out, False),
+                                         (17, 40, False)):  # fmt: skip
+        x, weight, scale, reference = quantized_linear(rows, out_features, 64, (16, 16), torch.bfloat16, device)
+        calls.clear()
+        out = fp8_linear.fp8_block_linear(x, weight, scale, (16, 16))
+        assert (calls == [rows]) is expected, (rows, out_features)
+        assert relative_error(out.cpu(), reference) < 3e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)

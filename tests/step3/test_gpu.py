@@ -233,6 +233,7 @@ def test_fp8_checkpoint_computes_in_fp8_on_cuda_and_matches_the_dequantized_refe
             paths["cuBLAS"] = 0  # cuBLAS at 1 token too, not the decode kernel
         for path, rows in paths.items():
             monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", rows)
+            monkeypatch.setattr(fp8_linear, "MAX_NARROW_LINEAR_ROWS", rows)
             with torch.no_grad():
                 logits = model(input_ids.cuda()).logits.double().cpu()
             assert fp8_linear._cublas_failure is None, fp8_linear._cublas_failure
@@ -259,7 +260,8 @@ def test_fp8_block_linear_cublas_path_matches_dequantized_weights(monkeypatch):
     from step3_hf.kernels import fp8_block_linear
     from step3_hf.kernels.fp8_linear import scaled_mm_supported
 
-    monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 0)  # cuBLAS even for these few rows
+    monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 0)  # cuBLAS even for these few rows ...
+    monkeypatch.setattr(fp8_linear, "MAX_NARROW_LINEAR_ROWS", 0)  # ... of a narrow weight
 
     generator = torch.Generator().manual_seed(0)
     weight, scale = quantize_block_fp8(torch.randn(384, 512, generator=generator) * 0.05, (128, 128))

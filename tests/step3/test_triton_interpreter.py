@@ -23,6 +23,7 @@ KERNEL_TEST_FILES = [
     "test_moe_decode.py",
     "test_moe_router.py",
     "test_fp8_decode_linear.py",
+    "test_decode_linear.py",
     "test_fp8_activation_quant.py",
     "test_rms_norm.py",
     "test_rotary.py",

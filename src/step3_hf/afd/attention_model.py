@@ -15,6 +15,7 @@ from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoint_layout import module_name, official_tensor_shapes
+from ..kernels.decode_linear import use_decode_linears
 from ..kernels.fused_qkv import fuse_qkv_projections
 from ..configuration_step3 import Step3Config
 from ..modeling_step3 import (
@@ -42,6 +43,14 @@ def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:
         layer = Step3DecoderLayer(config, layer_idx)
     layer.mlp = RemoteFFN(config, layer_idx)
     return layer
+
+
+def _use_decode_kernels(model: nn.Module, fuse_qkv: bool) -> None:
+    """The attention side's decode linears: the layers' plain linears through the weight-streaming kernel (before the
+    fusion, so that the stacked q/k/v linear is one too), then q, k and v stacked where `fuse_qkv`."""
+    use_decode_linears(model.model.layers)
+    if fuse_qkv:
+        fuse_qkv_projections(model)
 
 
 def _set_fp8_linear(model: nn.Module, name: str, weight: torch.Tensor, scale: torch.Tensor, block_size) -> None:
@@ -101,7 +110,8 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
 
         From a block-FP8 checkpoint the quantized linears load as one process loads them: `fp8_weights` keeps them
         in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`.
-        `fuse_qkv`: each layer's q, k and v projections run as one GEMM (`kernels.fused_qkv`; the model only runs)."""
+        `fuse_qkv`: each layer's q, k and v projections run as one GEMM (`kernels.fused_qkv`; the model only runs).
+        The layers' bf16 linears compute decode-sized calls through `kernels.decode_linear` (`DecodeLinear`)."""
         config = reader.config
         device = torch.device(device)
         model = cls._empty(config, device, dtype, attn_implementation)
@@ -120,8 +130,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                                     reader.block_size)  # fmt: skip
                 else:
                     params[module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
-        if fuse_qkv:
-            fuse_qkv_projections(model)
+        _use_decode_kernels(model, fuse_qkv)
         try:
             model.generation_config = GenerationConfig.from_pretrained(reader.path)
         except OSError:  # no generation_config.json: derive it from the top-level (possibly step3_vl) config
@@ -143,8 +152,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
-        if fuse_qkv:
-            fuse_qkv_projections(model)
+        _use_decode_kernels(model, fuse_qkv)
         return model
 
     def connect(self, connector: AttentionConnector, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):

@@ -32,7 +32,6 @@ tensors (the tests do this).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -46,6 +45,7 @@ from .triton_support import (
     check_kernel_inputs,
     interpreter_enabled,
     kernel_op,
+    sm_count,
     tl,
     triton,
     triton_jit,
@@ -75,10 +75,12 @@ def _fp8_decode_linear(
     stride_on, rows, out_features, in_features, steps_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, A8: tl.constexpr, GROUP: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N weight rows x BLOCK_M rows of `x` over one split of the reduction, computed transposed
     (`W @ x.T`: at decode the weight rows, not the few tokens, fill the tensor cores' long side). Under A8, `x` is
-    float8 with one scale per row and GROUP columns (`XS`), and the products run on float8 tensor cores."""
+    float8 with one scale per row and GROUP columns (`XS`), and the products run on float8 tensor cores. Without
+    SCALED the weight is plain (bf16 / fp16 / fp32, `S` unread): `decode_linear`."""
     # int64: the output's offsets (split x rows x columns) may pass 2^31 for a caller's large inputs
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # row tiles vary fastest: they share
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight tiles
@@ -95,15 +97,19 @@ def _fp8_decode_linear(
         k_left = in_features - k * BLOCK_K
         w = _load_k_tile(w_ptrs, n_ok, k_left, BLOCK_K, EVEN_K)
         x = _load_k_tile(x_ptrs, m_ok, k_left, BLOCK_K, EVEN_K)
-        # the step lies within one scale column: its fp32 product is scaled per weight row, exactly
-        scale = tl.load(S + (offs_n // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=n_ok, other=0.0)
-        if A8:  # both operands float8: no widening; the step lies within one activation group too
-            x_scale = tl.load(XS + offs_m * stride_xsm + (k * BLOCK_K // GROUP) * stride_xsk, mask=m_ok, other=0.0)
-            partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, x, DOT_F32)
-            acc += partial * scale[:, None] * x_scale[None, :]
+        if not SCALED:
+            acc = _add_product(acc, w, x, DOT_F32)
         else:
-            partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w.to(x.dtype), x, DOT_F32)
-            acc += partial * scale[:, None]
+            # the step lies within one scale column: its fp32 product is scaled per weight row, exactly
+            scale = tl.load(S + (offs_n // SN) * stride_sn + (k * BLOCK_K // SK) * stride_sk, mask=n_ok, other=0.0)
+            if A8:  # both operands float8: no widening; the step lies within one activation group too
+                x_scale = tl.load(XS + offs_m * stride_xsm + (k * BLOCK_K // GROUP) * stride_xsk, mask=m_ok,
+                                  other=0.0)  # fmt: skip
+                partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w, x, DOT_F32)
+                acc += partial * scale[:, None] * x_scale[None, :]
+            else:
+                partial = _add_product(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), w.to(x.dtype), x, DOT_F32)
+                acc += partial * scale[:, None]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     out_ptrs = OUT + split * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
@@ -130,13 +136,6 @@ class DecodeLinearLaunch(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int | None) -> int:
-    if device_index is None:  # the interpreter on CPU: any modest count gives the same arithmetic
-        return 8
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def launch_block_k(scale_k: int) -> int | None:
@@ -169,7 +168,7 @@ def decode_linear_launch(
         raise ValueError(f"scale tiles {scale_k} wide: fp8_decode_linear steps through widths divisible by 16")
     tiles = max(1, triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n))
     steps = triton.cdiv(in_features, block_k)
-    sms = _sm_count(device.index if device.type == "cuda" else None)
+    sms = sm_count(device)
     programs = max(1, PROGRAMS_PER_SM * 16 // block_m) * sms
     wanted = max(1, min(steps // MIN_STEPS_PER_SPLIT, triton.cdiv(programs, tiles)))
     steps_per_split = triton.cdiv(steps, wanted)
@@ -241,25 +240,53 @@ def _fp8_decode_linear_op(
         block_m, block_n, block_k, split_k, num_warps, num_stages = decode_linear_launch(
             rows, out_features, in_features, scale_k, x.device
         )
-    steps = triton.cdiv(in_features, block_k)
-    steps_per_split = triton.cdiv(steps, split_k)
-    split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
-    out = torch.empty(split_k, rows, out_features, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
     if quantize_activations:
         operand, operand_scale = quantize_fp8_activations(x)  # rows padded to a multiple of 4, read up to `rows`
     else:
         operand, operand_scale = x, scale_inv  # XS is never read without A8: no allocation on this path
+    return launch_streaming_linear(
+        operand, operand_scale, weight, scale_inv, rows, x.dtype, DecodeLinearLaunch(
+            block_m, block_n, block_k, split_k, num_warps, num_stages
+        ), scale_n, scale_k, quantize_activations
+    )  # fmt: skip
+
+
+def launch_streaming_linear(
+    operand: torch.Tensor,
+    operand_scale: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor | None,
+    rows: int,
+    out_dtype: torch.dtype,
+    launch: DecodeLinearLaunch,
+    scale_n: int = 1,
+    scale_k: int = 1,
+    float8_operand: bool = False,
+) -> torch.Tensor:
+    """`operand[:rows] @ weight.T` `[rows, N]` in `out_dtype` through `_fp8_decode_linear` with `launch`: block-FP8
+    when `scale_inv` is given (tiles `scale_n` x `scale_k`; `float8_operand`: `operand` float8 with `operand_scale`),
+    a plain weight when it is None. The reduction's splits are summed in fp32 and rounded once."""
+    block_m, block_n, block_k, split_k, num_warps, num_stages = launch
+    out_features, in_features = weight.shape
+    steps = triton.cdiv(in_features, block_k)
+    steps_per_split = triton.cdiv(steps, split_k)
+    split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
+    out = torch.empty(split_k, rows, out_features, device=weight.device,
+                      dtype=out_dtype if split_k == 1 else torch.float32)  # fmt: skip
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
+    scaled = scale_inv is not None
+    scales = scale_inv if scaled else weight  # S and XS are never read without SCALED / A8
     _fp8_decode_linear[grid](
-        operand, operand_scale, weight, scale_inv, out, *operand.stride(), *operand_scale.stride(), *weight.stride(),
-        *scale_inv.stride(), *out.stride(), rows, out_features, in_features, steps_per_split,
+        operand, operand_scale if scaled else scales, weight, scales, out, *operand.stride(),
+        *(operand_scale if scaled else scales).stride()[:2], *weight.stride(), *scales.stride()[:2], *out.stride(),
+        rows, out_features, in_features, steps_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=in_features % block_k == 0,
-        DOT_F32=(x.dtype == torch.float32 and not quantize_activations) or interpreter_enabled(), SN=scale_n,
-        SK=scale_k, A8=quantize_activations, GROUP=GROUP_SIZE, num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=(out_dtype == torch.float32 and not float8_operand) or interpreter_enabled(), SN=scale_n,
+        SK=scale_k, A8=float8_operand, GROUP=GROUP_SIZE, SCALED=scaled, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]
-    summed = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)  # fp32 partial sums, one rounding
+    summed = torch.empty(rows, out_features, device=weight.device, dtype=out_dtype)  # fp32 partials, one rounding
     _sum_splits[(triton.cdiv(summed.numel(), SUM_BLOCK),)](out, summed, split_k, summed.numel(), BLOCK=SUM_BLOCK)
     return summed
 

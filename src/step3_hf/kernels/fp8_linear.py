@@ -28,7 +28,7 @@ from transformers.utils import logging
 from ..fp8 import dequantize_block_fp8
 from .fp8_activation_quant import GROUP_SIZE, quantize_fp8_activations, quantize_fp8_activations_eager
 from .fp8_decode_linear import float8_activations_supported, fp8_decode_linear, launch_block_k
-from .triton_support import float8_kernel_available, kernel_available
+from .triton_support import float8_kernel_available, kernel_available, sm_count
 
 __all__ = [
     "MAX_DECODE_LINEAR_ROWS",
@@ -47,6 +47,12 @@ CUBLAS_BLOCK = GROUP_SIZE
 # Rows up to which `fp8_decode_linear` computes; above it cuBLAS's FP8 tensor-core GEMM is faster (H100 sweep of
 # Step-3's linears, docs/step3.md: at 256 rows cuBLAS won every large shape).
 MAX_DECODE_LINEAR_ROWS = 64
+# Above that, up to this many rows, a narrow linear still takes `fp8_decode_linear`: cuBLAS's block-scaled GEMM computes
+# 128 x 128 output tiles, and the k and v projections (256 x 7168) give it 4 at 256 rows, for 132 SMs (55 µs each
+# on an H100, where the Triton kernel's split reduction took 15; docs/step3.md) ...
+MAX_NARROW_LINEAR_ROWS = 256
+# ... narrow meaning: fewer output tiles than this share of the SMs.
+NARROW_TILES_PER_SM = 0.5
 # False: FP8 linears above `MAX_DECODE_LINEAR_ROWS` rows compute weight-only (dequantized per call, bf16
 # activations, no activation rounding); decode-sized ones still take `fp8_decode_linear`.
 USE_CUBLAS = True
@@ -76,15 +82,24 @@ def scaled_mm_supported(weight: torch.Tensor, block_size) -> bool:
 
 
 def decode_kernel_applies(x: torch.Tensor, weight: torch.Tensor, block_size) -> bool:
-    """Whether `fp8_decode_linear` computes this call: inference on at most `MAX_DECODE_LINEAR_ROWS` rows of bf16 /
+    """Whether `fp8_decode_linear` computes this call: inference on decode-sized inputs (`_decode_sized`) of bf16 /
     fp16 activations, on a device the kernel runs on (a GPU of compute capability 8.9+, whose Triton has float8),
     with a scale tile width it steps through."""
     return (
         _decode_kernel_runs(x.device, block_size)
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and math.prod(x.shape[:-1]) <= MAX_DECODE_LINEAR_ROWS
+        and _decode_sized(math.prod(x.shape[:-1]), weight.shape[0], x.device)
         and x.dtype in (torch.bfloat16, torch.float16)
     )
+
+
+def _decode_sized(rows: int, out_features: int, device: torch.device) -> bool:
+    """Up to `MAX_DECODE_LINEAR_ROWS` rows, or up to `MAX_NARROW_LINEAR_ROWS` where cuBLAS's 128 x 128 output tiles
+    would occupy fewer than `NARROW_TILES_PER_SM` of the SMs."""
+    if rows <= MAX_DECODE_LINEAR_ROWS:
+        return True
+    tiles = -(-rows // CUBLAS_BLOCK) * -(-out_features // CUBLAS_BLOCK)
+    return rows <= MAX_NARROW_LINEAR_ROWS and tiles < NARROW_TILES_PER_SM * sm_count(device)
 
 
 def _decode_kernel_runs(device: torch.device, block_size) -> bool:
@@ -162,7 +177,8 @@ def fp8_linear_path(weight: torch.Tensor, block_size) -> str:
     decode = ""
     if _decode_kernel_runs(weight.device, block_size):
         activations = "float8 activations" if _rounds_activations(weight, block_size) else "activations as they are"
-        decode = f"Triton fp8_decode_linear ({activations}) up to {MAX_DECODE_LINEAR_ROWS} rows, above that "
+        decode = (f"Triton fp8_decode_linear ({activations}) up to {MAX_DECODE_LINEAR_ROWS} rows (narrow linears up to "
+                  f"{MAX_NARROW_LINEAR_ROWS}), above that ")
     if scaled_mm_supported(weight, block_size):
         return decode + "cuBLAS block-scaled FP8 GEMM (torch scaled_mm)"
     reason = _cublas_failure or ("USE_CUBLAS is off" if not USE_CUBLAS else "not CUDA 9.0+ with 128 x 128 tiles")

@@ -7,10 +7,10 @@ bytes: on the AFD attention side of the released widths (43-row micro-batches, H
 reads the same bytes in one launch.
 
 `fuse_qkv_projections(model)` stacks each attention layer's three weights into one `qkv_proj` linear of the same
-kind (`nn.Linear`, or `Step3FP8Linear` with its block scales) and makes the three projections' weights views of it:
-no memory is added, and the parameters and their names stay the checkpoint's (the stacked linear is not registered as
-a submodule). `use_fused_qkv(Step3Attention)`, which `step3_hf`
-runs at import, makes the attention's `project` run that one GEMM where a layer has a `qkv_proj` and no gradient is
+kind (`nn.Linear` or `DecodeLinear`, or `Step3FP8Linear` with its block scales) and makes the three projections'
+weights views of it: no memory is added, and the parameters and their names stay the checkpoint's (the stacked linear
+is not registered as a submodule). `use_fused_qkv(Step3Attention)`, which `step3_hf` runs at import, makes the
+attention's `project` run that one GEMM where a layer has a `qkv_proj` and no gradient is
 needed, and the three projections everywhere else. The stacked weight shares its storage with the three views, so a
 fused model is for inference, on the device it was fused on (moving it would move the views apart from the stacked
 weight): the AFD attention side fuses its layers when it is built, in place.
@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import nn
 
+from .decode_linear import DecodeLinear
 from .fp8_linear import Step3FP8Linear
 from .triton_support import install_dispatch
 
@@ -32,7 +33,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 def _stack_linear(linears: list[nn.Linear]) -> nn.Linear:
-    stacked = nn.Linear(linears[0].in_features, sum(p.out_features for p in linears), bias=False, device="meta")
+    stacked = type(linears[0])(linears[0].in_features, sum(p.out_features for p in linears), bias=False, device="meta")
     stacked.weight = nn.Parameter(torch.cat([p.weight.detach() for p in linears]), requires_grad=False)
     return stacked
 
@@ -59,7 +60,7 @@ def _stack(linears: list[nn.Module]) -> nn.Module | None:
     ):
         return None
     kind = kinds.pop()
-    if kind is nn.Linear:
+    if kind in (nn.Linear, DecodeLinear):
         return _stack_linear(linears)
     if kind is Step3FP8Linear and len({tuple(p.block_size) for p in linears}) == 1 and (
         len({p.activation_scheme for p in linears}) == 1

@@ -30,6 +30,7 @@ __all__ = [
     "launches_on_input_device",
     "round_to",
     "round_to_bfloat16",
+    "sm_count",
     "tl",
     "triton",
     "triton_jit",
@@ -94,6 +95,20 @@ def kernel_available(device: torch.device | str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compute_capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA `device` (queried once per GPU); 8 elsewhere (the interpreter on CPU, where
+    any modest count gives the same arithmetic)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    return _multiprocessor_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def float8_kernel_available(device: torch.device | str) -> bool:

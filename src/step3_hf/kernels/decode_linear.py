@@ -1,0 +1,113 @@
+"""A linear for decode-sized inputs with plain (bf16 / fp16) weights: the weight-streaming Triton kernel of
+`fp8_decode_linear`, without scales.
+
+At decode a linear's input has a few dozen rows, so the product is a read of the weight. cuBLAS took 1.17-1.30x the
+weight-read time on Step-3's large linears at 16-64 rows on an H100 (`benchmarks/kernel_breakdown.py`, docs/step3.md),
+where `moe_decode`, a kernel of the same design over the experts' weights, reads them at 1.02-1.05x. This launches the
+same program as `fp8_decode_linear` (`W @ x.T` in tiles of weight rows, the reduction split over programs until the
+grid fills the GPU, the splits summed in fp32 and rounded once) on an unscaled weight.
+
+`DecodeLinear` is `nn.Linear` computing through it on inference calls of at most `MAX_ROWS` rows on a GPU that runs the
+kernels, and through `F.linear` otherwise (training, prefill, CPU): the same parameters and state dict, so checkpoints,
+LoRA and device moves see an `nn.Linear`. `use_decode_linears(module)` switches a module's linears to it.
+
+The kernel sits behind a custom op (compiled callers keep it in their graph) and has no host synchronisation (CUDA
+graphs capture it). With `TRITON_INTERPRET=1` set before Triton is imported, it runs on CPU tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, launch_streaming_linear
+from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, kernel_available, kernel_op
+
+__all__ = ["ENABLED", "MAX_ROWS", "DecodeLinear", "decode_linear", "use_decode_linears"]
+
+# False: `DecodeLinear` computes through `F.linear` (cuBLAS) everywhere, for side-by-side timings.
+ENABLED = True
+# Rows up to which `DecodeLinear` takes the kernel (decode batches and AFD micro-batches); cuBLAS above.
+MAX_ROWS = 64
+# The reduction depth of a step: 128 bf16 columns, a 16 KB tile of 64 weight rows.
+BLOCK_K = 128
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, launch: DecodeLinearLaunch | None = None) -> torch.Tensor:
+    """`x @ weight.T` for `x` `[M, K]` and `weight` `[N, K]` of the same dtype (bf16, fp16 or fp32); returns `[M, N]`
+    in that dtype (products and sums in fp32). `launch` overrides the default launch (`decode_linear_launch`)."""
+    check_kernel_inputs("decode_linear", "x", x, {"weight": weight})
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share a dtype of bf16, fp16 or fp32; got {x.dtype} and {weight.dtype}")
+    if launch is None:  # chosen inside the op, where compiled callers do not trace the device query
+        launch = DecodeLinearLaunch(0, 0, 0, 0, 0, 0)
+    elif launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
+        raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16")
+    return _decode_linear_op(x, weight, *launch)
+
+
+@kernel_op("step3_hf::decode_linear")
+def _decode_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """The launch behind `decode_linear` (block_m 0: the default launch for this call)."""
+    rows, in_features = x.shape
+    if rows == 0:
+        return x.new_zeros(0, weight.shape[0])
+    launch = DecodeLinearLaunch(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    if block_m == 0:
+        launch = decode_linear_launch(rows, weight.shape[0], in_features, BLOCK_K, x.device)
+    return launch_streaming_linear(x, x, weight, None, rows, x.dtype, launch)
+
+
+@_decode_linear_op.register_fake
+def _(x, weight, block_m, block_n, block_k, split_k, num_warps, num_stages):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def decode_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `DecodeLinear` computes this call through the kernel: inference on at most `MAX_ROWS` rows of bf16 /
+    fp16 activations of the weight's dtype, on a device the kernels run on."""
+    return (
+        ENABLED
+        and kernel_available(x.device)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and math.prod(x.shape[:-1]) <= MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) computing decode-sized inference calls through `decode_linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not decode_linear_applies(input, self.weight):
+            return F.linear(input, self.weight, self.bias)
+        out = decode_linear(input.reshape(-1, input.shape[-1]), self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*input.shape[:-1], -1)
+
+
+def use_decode_linears(module: nn.Module) -> int:
+    """Switch every plain `nn.Linear` inside `module` to `DecodeLinear` (a subclass with no state of its own: only
+    `forward` changes); returns how many."""
+    count = 0
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = DecodeLinear
+            count += 1
+    return count

@@ -1,0 +1,98 @@
+"""The plain-weight decode linear against a float64 product, on CPU through Triton's interpreter and on CUDA; and
+`DecodeLinear`, the `nn.Linear` that takes it for decode-sized inference calls.
+
+The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
+"""
+
+import pytest
+import torch
+from torch import nn
+from triton_cases import DEVICES, INTERPRETED, relative_error
+
+from step3_hf.kernels import decode_linear as decode_linear_module
+from step3_hf.kernels.decode_linear import DecodeLinear, decode_linear, use_decode_linears
+from step3_hf.kernels.fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch
+
+# bf16 / fp16: one rounding of the output (the products and sums are fp32); fp32: the sums' order.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def operands(rows, out_features, in_features, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight *= torch.logspace(-1, 1, in_features)[None, :]  # magnitudes that vary along K: a mis-summed split shows
+    x = torch.randn(rows, in_features, generator=generator)
+    reference = x.double() @ weight.double().T
+    return x.to(device, dtype), weight.to(device, dtype), reference
+
+
+# (rows, out, in): one row, partial tiles in N and K, more rows than one tile, a K of many steps.
+SHAPES = [(1, 40, 72), (5, 50, 200), (37, 64, 96), (3, 130, 1280)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_the_float64_product(device, dtype, shape):
+    x, weight, reference = operands(*shape, dtype, device)
+    out = decode_linear(x, weight)
+    assert out.shape == shape[:2] and out.dtype == dtype
+    assert relative_error(out.cpu(), reference) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_launch_gives_the_same_product(device):
+    """Split reductions, column tiles and row tiles change the order of fp32 sums only."""
+    x, weight, reference = operands(20, 96, 1024, torch.float32, device, seed=1)
+    default = decode_linear_launch(20, 96, 1024, 128, device)
+    assert default.split_k > 1  # a small weight is split to fill the GPU
+    for launch in (default, DecodeLinearLaunch(16, 32, 32, 1), DecodeLinearLaunch(32, 64, 16, 5),
+                   DecodeLinearLaunch(16, 16, 64, 8, num_warps=2, num_stages=2)):  # fmt: skip
+        assert relative_error(decode_linear(x, weight, launch).cpu(), reference) < 1e-5, launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_operands_are_refused_by_name(device):
+    x, weight, _ = operands(4, 16, 32, torch.float32, device)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weight \[N, K\]"):
+        decode_linear(x, weight[:, :16])
+    with pytest.raises(ValueError, match="share a dtype"):
+        decode_linear(x, weight.double())
+    with pytest.raises(ValueError, match="block_k 24"):
+        decode_linear(x, weight, DecodeLinearLaunch(16, 16, 24, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_linear_module_keeps_nn_linear_and_takes_the_kernel_only_for_decode_inference(device, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=True), nn.ReLU(), nn.Linear(48, 32, bias=False)).to(device)
+    model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = model.double()
+    x = torch.randn(3, 5, 64, device=device, dtype=torch.float64)
+    expected = reference(x)
+    model.to(torch.bfloat16)
+    assert use_decode_linears(model) == 2 and use_decode_linears(model) == 0  # only plain nn.Linear, once
+    assert all(isinstance(m, nn.Linear) for m in (model[0], model[2])) and type(model[0]) is DecodeLinear
+    assert model.state_dict().keys() == before.keys()
+    calls = []
+    kernel = decode_linear_module.decode_linear
+    monkeypatch.setattr(decode_linear_module, "decode_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    with torch.no_grad():
+        out = model(x.to(torch.bfloat16))
+    assert calls == [(15, 64), (15, 48)]  # 15 rows: the kernel, the leading dimensions flattened
+    assert relative_error(out.double().cpu(), expected.cpu()) < 2e-2
+    calls.clear()
+    with torch.no_grad():  # above MAX_ROWS: cuBLAS (F.linear)
+        model(torch.randn(decode_linear_module.MAX_ROWS + 1, 64, device=device, dtype=torch.bfloat16))
+    model(x.to(torch.bfloat16)).sum().backward()  # training: F.linear, with gradients
+    assert calls == [] and model[0].weight.grad is not None
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the CPU without the interpreter: no kernel")
+def test_without_a_kernel_device_decode_linear_is_nn_linear():
+    layer = nn.Linear(16, 8).to(torch.bfloat16)
+    use_decode_linears(layer)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
