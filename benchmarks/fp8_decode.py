@@ -101,7 +101,8 @@ def weight_bytes(model) -> int:
 def float8_activations(linears: bool, experts: bool, narrow_kernel: bool = True):
     """Whether the decode linears and the experts round their activations to float8, and whether narrow linears take
     `fp8_decode_linear` beyond 64 rows, for the duration."""
-    settings = (fp8_linear, "DECODE_ACTIVATIONS_FP8", linears), (transformers_experts, "EXPERTS_ACTIVATIONS_FP8", experts)
+    settings = ((fp8_linear, "DECODE_ACTIVATIONS_FP8", linears),
+                (transformers_experts, "EXPERTS_ACTIVATIONS_FP8", experts))
     if not narrow_kernel:
         settings += ((fp8_linear, "MAX_NARROW_LINEAR_ROWS", 0),)
     defaults = [(module, name, getattr(module, name)) for module, name, _ in settings]
