@@ -30,8 +30,9 @@ __all__ = ["ENABLED", "MAX_ROWS", "DecodeLinear", "decode_linear", "use_decode_l
 
 # False: `DecodeLinear` computes through `F.linear` (cuBLAS) everywhere, for side-by-side timings.
 ENABLED = True
-# Rows up to which `DecodeLinear` takes the kernel (decode batches and AFD micro-batches); cuBLAS above.
-MAX_ROWS = 64
+# Rows up to which `DecodeLinear` takes the kernel (decode batches and AFD micro-batches of up to 768 sequences);
+# cuBLAS above.
+MAX_ROWS = 256
 # The reduction depth of a step: 128 bf16 columns, a 16 KB tile of 64 weight rows.
 BLOCK_K = 128
 
