@@ -96,3 +96,35 @@ def test_without_a_kernel_device_decode_linear_is_nn_linear():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_afd_attention_side_with_decode_linears_generates_what_cublas_does(device, tmp_path, monkeypatch):
+    """`decode_linears=True`: the attention layers' q/k/v (stacked), wq and o_proj run through the kernel in every
+    micro-batch, and the in-process AFD model generates the tokens and logits it does without."""
+    from step3_hf.afd import InProcessConnector, Placement, Step3AFDAttentionForCausalLM, Step3FFNShard
+    from step3_hf.afd.checkpoint import CheckpointReader
+    from step3_hf.tiny_checkpoint import write_tiny_checkpoint
+
+    reader = CheckpointReader(write_tiny_checkpoint(tmp_path, seed=3))
+    shard = Step3FFNShard.from_checkpoint(reader, Placement(1, 1), 0, device=device, dtype=torch.float32)
+    calls = []
+    kernel = decode_linear_module.decode_linear
+    monkeypatch.setattr(decode_linear_module, "decode_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    ids = torch.tensor([[1, 17, 33, 90], [1, 8, 9, 10], [1, 5, 6, 7]], device=device)
+    outputs = {}
+    for decode_linears in (False, True):
+        attention = Step3AFDAttentionForCausalLM.from_checkpoint(reader, device=device, dtype=torch.float32,
+                                                                 decode_linears=decode_linears)  # fmt: skip
+        model = attention.connect(InProcessConnector([shard]), micro_batches=2, wire="raw")
+        calls.clear()
+        with torch.no_grad():
+            outputs[decode_linears] = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                                     eos_token_id=None, output_logits=True,
+                                                     return_dict_in_generate=True)  # fmt: skip
+        layers = attention.config.num_hidden_layers
+        # 3 forwards (the prompt, 2 decode steps) x 2 micro-batches x layers x (q/k/v, wq, o_proj)
+        assert len(calls) == (3 * 2 * layers * 3 if decode_linears else 0)
+    assert outputs[True].sequences.tolist() == outputs[False].sequences.tolist()
+    torch.testing.assert_close(torch.stack(outputs[True].logits), torch.stack(outputs[False].logits), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip

@@ -173,11 +173,8 @@ def test_narrow_linears_take_the_kernel_for_more_rows(device, monkeypatch):
     monkeypatch.setattr(fp8_linear, "fp8_decode_linear", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
     monkeypatch.setattr(fp8_linear, "MAX_DECODE_LINEAR_ROWS", 8)
     monkeypatch.setattr(fp8_linear, "MAX_NARROW_LINEAR_ROWS", 16)
-    tiles_allowed = fp8_linear.NARROW_TILES_PER_SM * sm_count(device)  # 4 on CPU, 66 on an H100
-    narrow_out = 128 * (int(tiles_allowed) - (tiles_allowed == int(tiles_allowed)))  # the most tiles below the share
-    wide_out = narrow_out + 128  # one more tile: no longer fewer
-    for rows, out_features, expected in ((9, 40, True), (16, narrow_out, True), (16, wide_out, False),
-                                         (17, 40, False)):  # fmt: skip
+    monkeypatch.setattr(fp8_linear, "NARROW_TILES_PER_SM", 4 / sm_count(device))  # narrow: at most 3 tiles
+    for rows, out_features, expected in ((9, 40, True), (16, 384, True), (16, 385, False), (17, 40, False)):
         x, weight, scale, reference = quantized_linear(rows, out_features, 64, (16, 16), torch.bfloat16, device)
         calls.clear()
         out = fp8_linear.fp8_block_linear(x, weight, scale, (16, 16))

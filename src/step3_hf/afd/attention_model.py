@@ -45,10 +45,12 @@ def _attention_half(config: Step3Config, layer_idx: int) -> Step3DecoderLayer:
     return layer
 
 
-def _use_decode_kernels(model: nn.Module, fuse_qkv: bool) -> None:
-    """The attention side's decode linears: the layers' plain linears through the weight-streaming kernel (before the
-    fusion, so that the stacked q/k/v linear is one too), then q, k and v stacked where `fuse_qkv`."""
-    use_decode_linears(model.model.layers)
+def _use_decode_kernels(model: nn.Module, fuse_qkv: bool, decode_linears: bool) -> None:
+    """The attention side's decode linears: where `decode_linears`, the layers' plain linears through the
+    weight-streaming kernel (before the fusion, so that the stacked q/k/v linear is one too); where `fuse_qkv`, q, k
+    and v stacked."""
+    if decode_linears:
+        use_decode_linears(model.model.layers)
     if fuse_qkv:
         fuse_qkv_projections(model)
 
@@ -105,13 +107,15 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     def from_checkpoint(
         cls, reader: CheckpointReader, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
         attn_implementation: str | None = None, fp8_weights: bool | None = None, fuse_qkv: bool = True,
+        decode_linears: bool = False,
     ) -> "Step3AFDAttentionForCausalLM":
         """Read exactly the attention-side tensors of an official checkpoint.
 
         From a block-FP8 checkpoint the quantized linears load as one process loads them: `fp8_weights` keeps them
         in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`.
         `fuse_qkv`: each layer's q, k and v projections run as one GEMM (`kernels.fused_qkv`; the model only runs).
-        The layers' bf16 linears compute decode-sized calls through `kernels.decode_linear` (`DecodeLinear`)."""
+        `decode_linears`: the layers' bf16 linears compute decode-sized calls through the weight-streaming kernel
+        (`kernels.decode_linear.DecodeLinear`; opt-in: not yet timed on a GPU against cuBLAS)."""
         config = reader.config
         device = torch.device(device)
         model = cls._empty(config, device, dtype, attn_implementation)
@@ -130,7 +134,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                                     reader.block_size)  # fmt: skip
                 else:
                     params[module_name(name)].copy_(reader.read(name, dtype=dtype, device=device))
-        _use_decode_kernels(model, fuse_qkv)
+        _use_decode_kernels(model, fuse_qkv, decode_linears)
         try:
             model.generation_config = GenerationConfig.from_pretrained(reader.path)
         except OSError:  # no generation_config.json: derive it from the top-level (possibly step3_vl) config
@@ -141,9 +145,10 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
     def from_random(
         cls, config: Step3Config, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
         std: float = 0.02, attn_implementation: str | None = None, seed: int = 0, fuse_qkv: bool = True,
+        decode_linears: bool = False,
     ) -> "Step3AFDAttentionForCausalLM":
-        """Random weights (for benchmarks of real layer widths without a checkpoint); `fuse_qkv` as in
-        `from_checkpoint`."""
+        """Random weights (for benchmarks of real layer widths without a checkpoint); `fuse_qkv` and `decode_linears`
+        as in `from_checkpoint`."""
         model = cls._empty(config, torch.device(device), dtype, attn_implementation)
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
@@ -152,7 +157,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
-        _use_decode_kernels(model, fuse_qkv)
+        _use_decode_kernels(model, fuse_qkv, decode_linears)
         return model
 
     def connect(self, connector: AttentionConnector, *, micro_batches: int = 3, wire: WireFormat = WireFormat.FP8):

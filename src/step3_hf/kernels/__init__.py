@@ -1,6 +1,7 @@
 """Fast Step-3 decoding: a Triton split-KV decode-attention kernel (with a Gluon variant for Hopper) and the plan
 that picks between them, a float8 KV cache, a fused-MoE decode kernel (also for block-FP8 experts) and its router's
-top-k, block-FP8 linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), a
+top-k, block-FP8 linears (a weight-streaming kernel for decode, a one-launch activation quantization for cuBLAS), the
+same weight-streaming kernel for plain bf16 linears (`decode_linear.py`, opt-in on the AFD attention side), a
 one-launch RMSNorm, a one-launch RoPE of queries and keys (`rotary.py`), the q, k and v projections as one GEMM for
 models that only run (`fused_qkv.py`, the AFD attention side), CUDA graphs of each layer's work around its
 attention for eager decoding (`decode_graphs.py`), and their transformers hookup (`transformers_attention.py`,
@@ -14,6 +15,7 @@ with transformers.
 from .decode_attention import decode_attention
 from .decode_attention_plan import default_num_splits
 from .decode_graphs import clear_decode_graphs, use_decode_graphs
+from .decode_linear import DecodeLinear, use_decode_linears
 from .float8_kv_cache import Float8KV, Float8StaticCache, Float8StaticLayer, quantize_float8
 from .fp8_activation_quant import quantize_fp8_activations
 from .fp8_decode_linear import fp8_decode_linear
@@ -76,6 +78,8 @@ __all__ = [
     "Step3FP8Linear",
     "fp8_block_linear",
     "fp8_decode_linear",
+    "DecodeLinear",
+    "use_decode_linears",
     "clear_decode_graphs",
     "rms_norm",
     "use_decode_graphs",

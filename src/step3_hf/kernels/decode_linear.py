@@ -49,44 +49,37 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, launch: DecodeLinearLau
         launch = DecodeLinearLaunch(0, 0, 0, 0, 0, 0)
     elif launch.block_k < 16 or launch.block_k & (launch.block_k - 1):
         raise ValueError(f"block_k {launch.block_k} must be a power of two of at least 16")
-    return _decode_linear_op(x, weight, *launch)
+    return _decode_linear_op(x, weight, list(launch))
 
 
 @kernel_op("step3_hf::decode_linear")
-def _decode_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    block_m: int,
-    block_n: int,
-    block_k: int,
-    split_k: int,
-    num_warps: int,
-    num_stages: int,
-) -> torch.Tensor:
-    """The launch behind `decode_linear` (block_m 0: the default launch for this call)."""
+def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, launch: list[int]) -> torch.Tensor:
+    """The launch behind `decode_linear`: `launch` is a `DecodeLinearLaunch`'s fields (all 0: the default launch for
+    this call)."""
     rows, in_features = x.shape
     if rows == 0:
         return x.new_zeros(0, weight.shape[0])
-    launch = DecodeLinearLaunch(block_m, block_n, block_k, split_k, num_warps, num_stages)
-    if block_m == 0:
-        launch = decode_linear_launch(rows, weight.shape[0], in_features, BLOCK_K, x.device)
-    return launch_streaming_linear(x, x, weight, None, rows, x.dtype, launch)
+    chosen = DecodeLinearLaunch(*launch)
+    if chosen.block_m == 0:
+        chosen = decode_linear_launch(rows, weight.shape[0], in_features, BLOCK_K, x.device)
+    return launch_streaming_linear(x, x, weight, None, rows, x.dtype, chosen)
 
 
 @_decode_linear_op.register_fake
-def _(x, weight, block_m, block_n, block_k, split_k, num_warps, num_stages):
+def _(x, weight, launch):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def decode_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `DecodeLinear` computes this call through the kernel: inference on at most `MAX_ROWS` rows of bf16 /
-    fp16 activations of the weight's dtype, on a device the kernels run on."""
+    """Whether `DecodeLinear` computes this call through the kernel: inference on at most `MAX_ROWS` rows of
+    activations of the weight's dtype (bf16, fp16, or fp32 with exact fp32 products), on a device the kernels run
+    on."""
     return (
         ENABLED
         and kernel_available(x.device)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and math.prod(x.shape[:-1]) <= MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype in SUPPORTED_DTYPES
         and weight.dtype == x.dtype
     )
 

@@ -48,11 +48,14 @@ CUBLAS_BLOCK = GROUP_SIZE
 # Step-3's linears, docs/step3.md: at 256 rows cuBLAS won every large shape).
 MAX_DECODE_LINEAR_ROWS = 64
 # Above that, up to this many rows, a narrow linear still takes `fp8_decode_linear`: cuBLAS's block-scaled GEMM computes
-# 128 x 128 output tiles, and the k and v projections (256 x 7168) give it 4 at 256 rows, for 132 SMs (55 µs each
-# on an H100, where the Triton kernel's split reduction took 15; docs/step3.md) ...
+# 128 x 128 output tiles, and the k and v projections (256 x 7168) give it 4 at 256 rows, for 132 SMs on an H100.
+# There, at 256 rows, cuBLAS took 55.3 µs per projection and the kernel (weight-only, with the launch that is now its
+# default) 14.8 µs (2026-12-06, docs/results/h100_2026-12-06c/kernel_breakdown_fp8_v2_sweep.log; cuBLAS's activations
+# were then quantized in eager torch, since in one launch) ...
 MAX_NARROW_LINEAR_ROWS = 256
-# ... narrow meaning: fewer output tiles than this share of the SMs.
-NARROW_TILES_PER_SM = 0.5
+# ... narrow meaning: fewer output tiles than this share of the SMs (8.25 on an H100: the k and v projections, not the
+# q projection's 32 tiles at 256 rows, where the two were about even in that log).
+NARROW_TILES_PER_SM = 1 / 16
 # False: FP8 linears above `MAX_DECODE_LINEAR_ROWS` rows compute weight-only (dequantized per call, bf16
 # activations, no activation rounding); decode-sized ones still take `fp8_decode_linear`.
 USE_CUBLAS = True
