@@ -4,6 +4,8 @@
 The CPU cases run under Triton's interpreter in a subprocess (`test_triton_interpreter.py`).
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -66,11 +68,9 @@ def test_bad_operands_are_refused_by_name(device):
 def test_decode_linear_module_keeps_nn_linear_and_takes_the_kernel_only_for_decode_inference(device, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48, bias=True), nn.ReLU(), nn.Linear(48, 32, bias=False)).to(device)
-    model.to(torch.bfloat16 if device == "cuda" else torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = model.double()
     x = torch.randn(3, 5, 64, device=device, dtype=torch.float64)
-    expected = reference(x)
+    expected = copy.deepcopy(model).double()(x)
     model.to(torch.bfloat16)
     assert use_decode_linears(model) == 2 and use_decode_linears(model) == 0  # only plain nn.Linear, once
     assert all(isinstance(m, nn.Linear) for m in (model[0], model[2])) and type(model[0]) is DecodeLinear
@@ -87,6 +87,8 @@ def test_decode_linear_module_keeps_nn_linear_and_takes_the_kernel_only_for_deco
         model(torch.randn(decode_linear_module.MAX_ROWS + 1, 64, device=device, dtype=torch.bfloat16))
     model(x.to(torch.bfloat16)).sum().backward()  # training: F.linear, with gradients
     assert calls == [] and model[0].weight.grad is not None
+    with torch.no_grad():  # no rows: an empty result, as nn.Linear gives
+        assert model(torch.empty(0, 5, 64, device=device, dtype=torch.bfloat16)).shape == (0, 5, 32)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the CPU without the interpreter: no kernel")

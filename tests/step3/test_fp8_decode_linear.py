@@ -182,6 +182,17 @@ def test_narrow_linears_take_the_kernel_for_more_rows(device, monkeypatch):
         assert relative_error(out.cpu(), reference) < 3e-2
 
 
+def test_on_an_h100_the_narrow_linears_are_the_k_and_v_projections(monkeypatch):
+    """The defaults on 132 SMs: Step-3's k and v projections (256 outputs) take the kernel up to 256 rows; its q
+    projection (2048) and o_proj (7168) take cuBLAS from 65 rows."""
+    monkeypatch.setattr(fp8_linear, "sm_count", lambda device: 132)
+    narrow = {(rows, out): fp8_linear._decode_sized(rows, out, "cuda") for rows in (64, 65, 128, 256, 257)
+              for out in (256, 2048, 7168)}  # fmt: skip
+    assert [key for key, takes in narrow.items() if takes] == [
+        (64, 256), (64, 2048), (64, 7168), (65, 256), (128, 256), (256, 256)
+    ]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_block_linear_rounds_activations_only_when_asked_and_able(device, monkeypatch):
     """`DECODE_ACTIVATIONS_FP8` sends decode calls with whole 128-column groups and tiles at least 32 wide through

@@ -114,7 +114,7 @@ class Step3AFDAttentionForCausalLM(Step3PreTrainedModel, GenerationMixin):
         From a block-FP8 checkpoint the quantized linears load as one process loads them: `fp8_weights` keeps them
         in float8 with their scales (`Step3FP8Linear`; default: on CUDA), else they are dequantized to `dtype`.
         `fuse_qkv`: each layer's q, k and v projections run as one GEMM (`kernels.fused_qkv`; the model only runs).
-        `decode_linears`: the layers' bf16 linears compute decode-sized calls through the weight-streaming kernel
+        `decode_linears`: the layers' plain linears compute decode-sized calls through the weight-streaming kernel
         (`kernels.decode_linear.DecodeLinear`; opt-in: not yet timed on a GPU against cuBLAS)."""
         config = reader.config
         device = torch.device(device)

@@ -1,9 +1,9 @@
-"""A linear for decode-sized inputs with plain (bf16 / fp16) weights: the weight-streaming Triton kernel of
+"""A linear for decode-sized inputs with plain (bf16 / fp16 / fp32) weights: the weight-streaming Triton kernel of
 `fp8_decode_linear`, without scales.
 
-At decode a linear's input has a few dozen rows, so the product is a read of the weight. cuBLAS took 1.17-1.30x the
-weight-read time on Step-3's large linears at 16-64 rows on an H100 (`benchmarks/kernel_breakdown.py`, docs/step3.md),
-where `moe_decode`, a kernel of the same design over the experts' weights, reads them at 1.02-1.05x. This launches the
+At decode a linear's input has a few dozen rows, so the product is a read of the weight. cuBLAS took 1.20-1.30x the
+weight-read time on `o_proj` and the dense gate + up at 16-64 rows on an H100 (docs/step3.md's linears table,
+`docs/results/h100_2026-12-06c/kernel_breakdown_fp8_v2_sweep.log`), where `moe_decode`, a kernel of the same design over the experts' weights, reads them at 1.02-1.05x. This launches the
 same program as `fp8_decode_linear` (`W @ x.T` in tiles of weight rows, the reduction split over programs until the
 grid fills the GPU, the splits summed in fp32 and rounded once) on an unscaled weight.
 
@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8_decode_linear import DecodeLinearLaunch, decode_linear_launch, launch_streaming_linear
-from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, kernel_available, kernel_op
+from .triton_support import SUPPORTED_DTYPES, check_kernel_inputs, compute_capability, kernel_available, kernel_op
 
 __all__ = ["ENABLED", "MAX_ROWS", "DecodeLinear", "decode_linear", "use_decode_linears"]
 
 # False: `DecodeLinear` computes through `F.linear` (cuBLAS) everywhere, for side-by-side timings.
 ENABLED = True
-# Rows up to which `DecodeLinear` takes the kernel (decode batches and AFD micro-batches of up to 768 sequences);
-# cuBLAS above.
-MAX_ROWS = 256
-# The reduction depth of a step: 128 bf16 columns, a 16 KB tile of 64 weight rows.
-BLOCK_K = 128
+# Rows up to which `DecodeLinear` takes the kernel (decode batches, AFD micro-batches of batches up to 192); cuBLAS
+# above, where the FP8 form of the program took 5-9x the weight-read time at 256 rows (docs/step3.md).
+MAX_ROWS = 64
+# Bytes of a weight row per reduction step: 128 bf16 columns (a 16 KB tile of 64 rows), 64 fp32 ones.
+STEP_BYTES = 256
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, launch: DecodeLinearLaunch | None = None) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, launch: list[int]) 
         return x.new_zeros(0, weight.shape[0])
     chosen = DecodeLinearLaunch(*launch)
     if chosen.block_m == 0:
-        chosen = decode_linear_launch(rows, weight.shape[0], in_features, BLOCK_K, x.device)
+        chosen = decode_linear_launch(rows, weight.shape[0], in_features, STEP_BYTES // x.element_size(), x.device)
     return launch_streaming_linear(x, x, weight, None, rows, x.dtype, chosen)
 
 
@@ -71,12 +71,14 @@ def _(x, weight, launch):
 
 
 def decode_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `DecodeLinear` computes this call through the kernel: inference on at most `MAX_ROWS` rows of
-    activations of the weight's dtype (bf16, fp16, or fp32 with exact fp32 products), on a device the kernels run
-    on."""
+    """Whether `DecodeLinear` computes this call through the kernel: inference outside autocast on at most `MAX_ROWS`
+    rows of activations of the weight's dtype (bf16, fp16, or fp32 with exact fp32 products), on a device the kernels
+    run on (a GPU of compute capability 8.0+, or the interpreter)."""
     return (
         ENABLED
         and kernel_available(x.device)
+        and (x.device.type != "cuda" or compute_capability(x.device) >= (8, 0))
+        and not torch.is_autocast_enabled(x.device.type)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and math.prod(x.shape[:-1]) <= MAX_ROWS
         and x.dtype in SUPPORTED_DTYPES
@@ -93,7 +95,7 @@ class DecodeLinear(nn.Linear):
         out = decode_linear(input.reshape(-1, input.shape[-1]), self.weight)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*input.shape[:-1], -1)
+        return out.view(*input.shape[:-1], self.out_features)
 
 
 def use_decode_linears(module: nn.Module) -> int:

@@ -14,7 +14,8 @@ different row tiles run next to each other, so a weight tile read for one row ti
 
 Measured (H100, `benchmarks/kernel_breakdown.py`, docs/step3.md): at 16 rows the best launches took 1.3-2.9x the
 weight-read time on Step-3's linears (19x on the 1.8 MB k and v projections), at 64 rows 1.9-3.9x, at 256 rows
-5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows. Not at the bandwidth yet: the
+5-9x (where cuBLAS is faster); so `fp8_linear` gives it inputs of up to 64 rows, and up to 256 rows only to narrow
+linears, whose few output tiles leave cuBLAS's GEMM most of the GPU idle. Not at the bandwidth yet: the
 per-step widening and scaling cost more than the stream at 64 rows.
 
 `quantize_activations=True` rounds the activations to float8 per token and 128 columns first (one launch) and

@@ -4,7 +4,8 @@ transformers' `FP8Linear` (which replaces those `nn.Linear`s when a block-FP8 ch
 capability 8.9 or higher) computes through the `kernels-community/finegrained-fp8` hub kernel or DeepGEMM, which need
 the `kernels` package and a download. `fp8_block_linear` computes the same product without them:
 
-- decode-sized inputs (up to `MAX_DECODE_LINEAR_ROWS` rows, inference, CUDA or the Triton interpreter): the Triton
+- decode-sized inputs (up to `MAX_DECODE_LINEAR_ROWS` rows, narrow linears up to `MAX_NARROW_LINEAR_ROWS`; inference,
+  CUDA or the Triton interpreter): the Triton
   weight-streaming kernel `fp8_decode_linear`, which reads the float8 weight once; by default
   (`DECODE_ACTIVATIONS_FP8`) it rounds the activations to float8 per token and 128 columns in one launch and
   multiplies on float8 tensor cores, else it widens the weight to the bf16 activations (weight-only FP8);
@@ -53,8 +54,9 @@ MAX_DECODE_LINEAR_ROWS = 64
 # default) 14.8 µs (2026-12-06, docs/results/h100_2026-12-06c/kernel_breakdown_fp8_v2_sweep.log; cuBLAS's activations
 # were then quantized in eager torch, since in one launch) ...
 MAX_NARROW_LINEAR_ROWS = 256
-# ... narrow meaning: fewer output tiles than this share of the SMs (8.25 on an H100: the k and v projections, not the
-# q projection's 32 tiles at 256 rows, where the two were about even in that log).
+# ... narrow meaning: fewer output tiles than this share of the SMs (8.25 on an H100: the k and v projections). The q
+# projection (32 tiles at 256 rows) stays on cuBLAS: 64.6 µs there against the kernel's 43.6 µs in that log, but that
+# cuBLAS time included the eager quantization, and what is left of the difference since is not measured.
 NARROW_TILES_PER_SM = 1 / 16
 # False: FP8 linears above `MAX_DECODE_LINEAR_ROWS` rows compute weight-only (dequantized per call, bf16
 # activations, no activation rounding); decode-sized ones still take `fp8_decode_linear`.

@@ -22,6 +22,7 @@ __all__ = [
     "MIN_FP8_DOT_K",
     "SUPPORTED_DTYPES",
     "check_kernel_inputs",
+    "compute_capability",
     "float8_kernel_available",
     "install_dispatch",
     "interpreter_enabled",
@@ -97,6 +98,12 @@ def _compute_capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def compute_capability(device: torch.device | str) -> tuple[int, int]:
+    """A CUDA `device`'s compute capability, queried once per GPU (callers ask on every decode step)."""
+    device = torch.device(device)
+    return _compute_capability(torch.cuda.current_device() if device.index is None else device.index)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -119,7 +126,7 @@ def float8_kernel_available(device: torch.device | str) -> bool:
         return False
     if device.type != "cuda":
         return True
-    return _compute_capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 9)
+    return compute_capability(device) >= (8, 9)
 
 
 def check_kernel_inputs(op: str, name: str, tensor: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
