@@ -12,8 +12,8 @@ first, then the same weights quantized. Reported:
   - fp8: the same kernels with FP8 weights, as a loaded FP8 checkpoint computes by default, the activations rounded
     to e4m3 per token and 128 columns and multiplied on float8 tensor cores (`moe_decode(...,
     quantize_activations=True)` on the float8 experts; the attention projections and the dense and shared MLPs
-    through `step3_hf.kernels.fp8_linear`: up to 64 rows `fp8_decode_linear` (the k and v projections up to 256), above that
-    cuBLAS's block-scaled GEMMs);
+    through `step3_hf.kernels.fp8_linear`: up to 64 rows `fp8_decode_linear` (the k and v projections up to 256),
+    above that cuBLAS's block-scaled GEMMs);
   - fp8, bf16 activations: the same weight-only where that is an option (`fp8_linear.DECODE_ACTIVATIONS_FP8` and
     `transformers_experts.EXPERTS_ACTIVATIONS_FP8` False: the float8 weights widened to bf16 in registers, the
     activations as they are; cuBLAS above 64 rows still rounds them);

@@ -3,9 +3,10 @@
 
 At decode a linear's input has a few dozen rows, so the product is a read of the weight. cuBLAS took 1.20-1.30x the
 weight-read time on `o_proj` and the dense gate + up at 16-64 rows on an H100 (docs/step3.md's linears table,
-`docs/results/h100_2026-12-06c/kernel_breakdown_fp8_v2_sweep.log`), where `moe_decode`, a kernel of the same design over the experts' weights, reads them at 1.02-1.05x. This launches the
-same program as `fp8_decode_linear` (`W @ x.T` in tiles of weight rows, the reduction split over programs until the
-grid fills the GPU, the splits summed in fp32 and rounded once) on an unscaled weight.
+`docs/results/h100_2026-12-06c/kernel_breakdown_fp8_v2_sweep.log`), where `moe_decode`, a kernel of the same design
+over the experts' weights, reads them at 1.02-1.05x. This launches the same program as `fp8_decode_linear` (`W @ x.T`
+in tiles of weight rows, the reduction split over programs until the grid fills the GPU, the splits summed in fp32 and
+rounded once) on an unscaled weight.
 
 `DecodeLinear` is `nn.Linear` computing through it on inference calls of at most `MAX_ROWS` rows on a GPU that runs the
 kernels, and through `F.linear` otherwise (training, prefill, CPU): the same parameters and state dict, so checkpoints,
