@@ -98,7 +98,7 @@ def weight_bytes(model) -> int:
 
 
 @contextlib.contextmanager
-def float8_activations(linears: bool, experts: bool, narrow_kernel: bool = True):
+def kernel_switches(linears: bool, experts: bool, narrow_kernel: bool = True):
     """Whether the decode linears and the experts round their activations to float8, and whether narrow linears take
     `fp8_decode_linear` beyond 64 rows, for the duration."""
     settings = ((fp8_linear, "DECODE_ACTIVATIONS_FP8", linears),
@@ -122,7 +122,7 @@ def decode_seconds(model, batch: int, context: int, variant: Variant) -> float |
     try:
         if variant.fused_qkv:
             fuse_qkv_projections(model)
-        with float8_activations(variant.float8_linears, variant.float8_experts, variant.narrow_kernel):
+        with kernel_switches(variant.float8_linears, variant.float8_experts, variant.narrow_kernel):
             step = decode_step_fn(model, batch, context, variant.float8_kv, "cuda")
             with torch.no_grad():
                 return timed_per_call(step, [()]) if variant.graph else eager_seconds(step, reps=3)
@@ -227,7 +227,7 @@ def main() -> None:
     print(f"weights: bf16 {memory['bf16'] / 1e9:.2f} GB, fp8 {memory['fp8'] / 1e9:.2f} GB "
           f"({memory['fp8'] / memory['bf16']:.3f}x)", flush=True)  # fmt: skip
     measure(model, "fp8", FP8_VARIANTS, args, bandwidth, rows, prefill)
-    with float8_activations(linears=False, experts=False):  # prefill linears run cuBLAS, which rounds them anyway
+    with kernel_switches(linears=False, experts=False):  # prefill linears run cuBLAS, which rounds them anyway
         for shape in args.prefill:
             prefill[(BF16_ACTIVATIONS, shape)] = prefill_seconds(model, *shape)
             print(f"  prefill {BF16_ACTIVATIONS} {shape}: {prefill[(BF16_ACTIVATIONS, shape)]}", flush=True)

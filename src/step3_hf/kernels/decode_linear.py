@@ -63,7 +63,7 @@ def _decode_linear_op(x: torch.Tensor, weight: torch.Tensor, launch: list[int]) 
     chosen = DecodeLinearLaunch(*launch)
     if chosen.block_m == 0:
         chosen = decode_linear_launch(rows, weight.shape[0], in_features, STEP_BYTES // x.element_size(), x.device)
-    return launch_streaming_linear(x, x, weight, None, rows, x.dtype, chosen)
+    return launch_streaming_linear(x, None, weight, None, rows, x.dtype, chosen)
 
 
 @_decode_linear_op.register_fake
@@ -75,15 +75,15 @@ def decode_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `DecodeLinear` computes this call through the kernel: inference outside autocast on at most `MAX_ROWS`
     rows of activations of the weight's dtype (bf16, fp16, or fp32 with exact fp32 products), on a device the kernels
     run on (a GPU of compute capability 8.0+, or the interpreter)."""
-    return (
+    return (  # the shape and dtype first: every call of a DecodeLinear asks, and most prefill calls stop there
         ENABLED
-        and kernel_available(x.device)
-        and (x.device.type != "cuda" or compute_capability(x.device) >= (8, 0))
-        and not torch.is_autocast_enabled(x.device.type)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and math.prod(x.shape[:-1]) <= MAX_ROWS
         and x.dtype in SUPPORTED_DTYPES
         and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and kernel_available(x.device)
+        and (x.device.type != "cuda" or compute_capability(x.device) >= (8, 0))
+        and not torch.is_autocast_enabled(x.device.type)
     )
 
 

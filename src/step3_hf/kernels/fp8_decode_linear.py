@@ -244,7 +244,7 @@ def _fp8_decode_linear_op(
     if quantize_activations:
         operand, operand_scale = quantize_fp8_activations(x)  # rows padded to a multiple of 4, read up to `rows`
     else:
-        operand, operand_scale = x, scale_inv  # XS is never read without A8: no allocation on this path
+        operand, operand_scale = x, None
     return launch_streaming_linear(
         operand, operand_scale, weight, scale_inv, rows, x.dtype, DecodeLinearLaunch(
             block_m, block_n, block_k, split_k, num_warps, num_stages
@@ -254,7 +254,7 @@ def _fp8_decode_linear_op(
 
 def launch_streaming_linear(
     operand: torch.Tensor,
-    operand_scale: torch.Tensor,
+    operand_scale: torch.Tensor | None,
     weight: torch.Tensor,
     scale_inv: torch.Tensor | None,
     rows: int,
@@ -265,8 +265,8 @@ def launch_streaming_linear(
     float8_operand: bool = False,
 ) -> torch.Tensor:
     """`operand[:rows] @ weight.T` `[rows, N]` in `out_dtype` through `_fp8_decode_linear` with `launch`: block-FP8
-    when `scale_inv` is given (tiles `scale_n` x `scale_k`; `float8_operand`: `operand` float8 with `operand_scale`),
-    a plain weight when it is None. The reduction's splits are summed in fp32 and rounded once."""
+    when `scale_inv` is given (tiles `scale_n` x `scale_k`; `float8_operand`: `operand` float8 with `operand_scale`,
+    else None), a plain weight when it is None. The reduction's splits are summed in fp32 and rounded once."""
     block_m, block_n, block_k, split_k, num_warps, num_stages = launch
     out_features, in_features = weight.shape
     steps = triton.cdiv(in_features, block_k)
@@ -275,15 +275,16 @@ def launch_streaming_linear(
     out = torch.empty(split_k, rows, out_features, device=weight.device,
                       dtype=out_dtype if split_k == 1 else torch.float32)  # fmt: skip
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), split_k)
-    scaled = scale_inv is not None
-    scales = scale_inv if scaled else weight  # S and XS are never read without SCALED / A8
+    # S is never read without SCALED, XS never without A8: the weight stands in for what is absent
+    scales = weight if scale_inv is None else scale_inv
+    operand_scales = scales if operand_scale is None else operand_scale
     _fp8_decode_linear[grid](
-        operand, operand_scale if scaled else scales, weight, scales, out, *operand.stride(),
-        *(operand_scale if scaled else scales).stride()[:2], *weight.stride(), *scales.stride()[:2], *out.stride(),
-        rows, out_features, in_features, steps_per_split,
+        operand, operand_scales, weight, scales, out, *operand.stride(), *operand_scales.stride(), *weight.stride(),
+        *scales.stride(), *out.stride(), rows, out_features, in_features, steps_per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=in_features % block_k == 0,
         DOT_F32=(out_dtype == torch.float32 and not float8_operand) or interpreter_enabled(), SN=scale_n,
-        SK=scale_k, A8=float8_operand, GROUP=GROUP_SIZE, SCALED=scaled, num_warps=num_warps, num_stages=num_stages,
+        SK=scale_k, A8=float8_operand, GROUP=GROUP_SIZE, SCALED=scale_inv is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]
